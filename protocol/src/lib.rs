@@ -38,6 +38,7 @@ mod request;
 mod result;
 mod wire;
 
+pub use diffusionx_diffusion::NoiseLevel;
 pub use error::{DecodeError, ValidationError};
 pub use field::Field;
 pub use frame::{Codec, Direction, FrameHeader, HEADER_LEN, MAGIC, Message, MessageType, VERSION};
@@ -48,7 +49,7 @@ pub use limits::{LATENT_CHANNELS, Limits, VAE_SCALE};
 pub use load::LoadReport;
 pub use message::{ClientMessage, ServerMessage};
 pub use progress::{Queued, StepProgress};
-pub use request::{ImageFormat, NoiseLevel, OutputFormat, RefineRequest, Resolution, Scheduler};
+pub use request::{ImageFormat, OutputFormat, RefineRequest, Resolution, Scheduler};
 pub use result::{EncodedImage, PhaseTimings, RefineResult};
 
 /// The ALPN protocol id a kiosk and a gateway negotiate in the TLS 1.3 handshake. The digit is

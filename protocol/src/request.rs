@@ -1,5 +1,7 @@
 //! The refine request: everything the gateway needs to redo the end of a kiosk's preview.
 
+use diffusionx_diffusion::NoiseLevel;
+
 use crate::error::{DecodeError, ValidationError};
 use crate::field::Field;
 use crate::ids::{DeviceId, JobId, SessionId};
@@ -34,56 +36,6 @@ impl Resolution {
             min: limits.min_side_px,
             max: limits.max_side_px,
         })
-    }
-}
-
-/// How much of the preview the gateway redoes: the img2img strength, in basis points
-/// (1/10000), so both sides compute the step count with exact integer arithmetic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NoiseLevel(u16);
-
-impl NoiseLevel {
-    /// The full level: the preview is replaced by noise (plain text-to-image).
-    pub const MAX_BP: u16 = 10_000;
-
-    /// A level of `bp` basis points, 1..=10000.
-    pub fn from_bp(bp: u16) -> Result<Self, ValidationError> {
-        if (1..=Self::MAX_BP).contains(&bp) {
-            Ok(Self(bp))
-        } else {
-            Err(ValidationError::NoiseLevel(bp))
-        }
-    }
-
-    /// The level nearest to `fraction` (0 < fraction <= 1).
-    pub fn from_fraction(fraction: f32) -> Result<Self, ValidationError> {
-        let bp = (fraction * f32::from(Self::MAX_BP)).round();
-        if !(1.0..=f32::from(Self::MAX_BP)).contains(&bp) {
-            return Err(ValidationError::NoiseLevel(if bp > 1.0 {
-                u16::MAX
-            } else {
-                0
-            }));
-        }
-        // In 1..=10000 after the check above, so the cast is exact.
-        Self::from_bp(bp as u16)
-    }
-
-    /// Basis points.
-    pub fn bp(self) -> u16 {
-        self.0
-    }
-
-    /// The level as a fraction in (0, 1].
-    pub fn fraction(self) -> f32 {
-        f32::from(self.0) / f32::from(Self::MAX_BP)
-    }
-
-    /// Denoising steps this level runs out of a `steps`-step schedule:
-    /// `floor(steps * bp / 10000)`, diffusers' `int(steps * strength)` without rounding error.
-    pub fn denoising_steps(self, steps: u16) -> u16 {
-        let n = u32::from(steps) * u32::from(self.0) / u32::from(Self::MAX_BP);
-        u16::try_from(n).expect("steps * bp / 10000 <= steps")
     }
 }
 
@@ -315,7 +267,8 @@ impl RefineRequest {
             width: reader.u16(Field::Resolution)?,
             height: reader.u16(Field::Resolution)?,
         };
-        let noise_level = NoiseLevel::from_bp(reader.u16(Field::NoiseLevel)?)?;
+        let bp = reader.u16(Field::NoiseLevel)?;
+        let noise_level = NoiseLevel::from_bp(bp).ok_or(ValidationError::NoiseLevel(bp))?;
         let steps = reader.u16(Field::Steps)?;
         let guidance_scale = reader.f32(Field::GuidanceScale)?;
         let scheduler = Scheduler::from_code(reader.u8(Field::Scheduler)?)?;

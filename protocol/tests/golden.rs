@@ -1,4 +1,5 @@
 //! The golden frames of `docs/protocol.md` are exactly what this crate writes and reads.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Every over-limit or malformed field gives its own specific error, found from the bytes
 //! already present and before anything is allocated for it.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
 mod support;
 

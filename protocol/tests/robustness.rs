@@ -1,5 +1,6 @@
 //! Round trips of every message shape, and a deterministic mutation run showing the decoder
 //! answers every corrupted frame without panicking (the fuzz target explores further).
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
 mod support;
 
