@@ -96,6 +96,13 @@ fn fuzz(runs: Option<&str>) -> Result<()> {
     if !has_fuzz {
         run(Command::new(env!("CARGO")).args(["install", "--locked", "cargo-fuzz"]))?;
     }
+    let corpus = root().join("protocol/fuzz/corpus/decode");
+    std::fs::create_dir_all(&corpus)?;
+    // The committed seeds are the golden frames of docs/protocol.md; the corpus grows from them.
+    for seed in std::fs::read_dir(root().join("protocol/fuzz/seeds"))? {
+        let seed = seed?;
+        std::fs::copy(seed.path(), corpus.join(seed.file_name()))?;
+    }
     // cargo-fuzz needs nightly flags; RUSTC_BOOTSTRAP lets the one stable toolchain accept them.
     run(Command::new(env!("CARGO"))
         .current_dir(root().join("protocol"))
