@@ -10,7 +10,8 @@ pub enum BetaSchedule {
 }
 
 /// `alphas_cumprod` of a diffusion model's training schedule, computed the way diffusers does
-/// (betas in f32 through torch's `linspace`, the cumulative product accumulated in f64).
+/// (betas in f32 through torch's `linspace`, the cumulative product accumulated in f64), bit for
+/// bit at every timestep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoiseSchedule {
     alphas_cumprod: Vec<f32>,
@@ -87,7 +88,9 @@ impl NoiseSchedule {
 }
 
 /// torch's float32 `linspace`: the first half counts up from `start`, the second half down
-/// from `end`, so both ends are exact.
+/// from `end`, so both ends are exact. torch's CPU kernel is compiled with floating-point
+/// contraction, so each value is one fused multiply-add (`start + step * i` rounded once);
+/// `mul_add` is that operation, correctly rounded on every platform.
 fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     if steps == 1 {
         return vec![start];
@@ -97,9 +100,9 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     (0..steps)
         .map(|i| {
             if i < half {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (steps - 1 - i) as f32
+                (-step).mul_add((steps - 1 - i) as f32, end)
             }
         })
         .collect()

@@ -15,7 +15,11 @@ pub enum TimestepSpacing {
 }
 
 /// The integer timesteps, descending, of an `n`-step schedule over `train` training timesteps,
-/// as diffusers' DDIM-family schedulers compute them.
+/// as diffusers' DDIM computes them (numpy's `linspace`, `arange` and half-to-even rounding,
+/// reproduced operation for operation).
+///
+/// diffusers' `trailing` spacing is broken for some counts (61 of 1000, for one: numpy's `arange`
+/// then yields `n + 1` values, the last one -1); this function keeps the first `n` values then.
 pub fn timesteps(
     train: usize,
     n: usize,
@@ -30,39 +34,57 @@ pub fn timesteps(
             let ratio = train / n;
             (0..n).rev().map(|k| k * ratio + steps_offset).collect()
         }
-        TimestepSpacing::Trailing => {
-            let ratio = train as f64 / n as f64;
-            (0..n)
-                .map(|k| round_half_even(train as f64 - k as f64 * ratio) as usize - 1)
-                .collect()
-        }
-        TimestepSpacing::Linspace => {
-            let last = (train - 1) as f64;
-            (0..n)
-                .rev()
-                .map(|k| {
-                    let x = if n == 1 {
-                        0.0
-                    } else {
-                        last * k as f64 / (n - 1) as f64
-                    };
-                    round_half_even(x) as usize
-                })
-                .collect()
-        }
+        TimestepSpacing::Trailing => trailing(train, n)
+            .into_iter()
+            .take(n)
+            .map(|t| (t.max(1.0) - 1.0) as usize)
+            .collect(),
+        TimestepSpacing::Linspace => numpy_linspace(0.0, (train - 1) as f64, n, true)
+            .into_iter()
+            .rev()
+            .map(|x| x.round_ties_even() as usize)
+            .collect(),
     };
     ts.iter_mut().for_each(|t| *t = (*t).min(train - 1));
     ts
 }
 
-/// numpy's `round`: halves go to the even neighbour.
-fn round_half_even(x: f64) -> f64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 {
-        2.0 * (x / 2.0).round()
+/// `np.arange(train, 0, -train / n).round()`: the trailing timesteps plus one, as f64. numpy
+/// computes the length as `ceil(train / (train / n))` and fills `start + i * delta` with
+/// `delta = (start - step) - start`.
+pub(crate) fn trailing(train: usize, n: usize) -> Vec<f64> {
+    let start = train as f64;
+    let step = -(train as f64 / n as f64);
+    let len = ((0.0 - start) / step).ceil() as usize;
+    let delta = (start + step) - start;
+    (0..len)
+        .map(|i| match i {
+            0 => start,
+            1 => start + step,
+            _ => start + i as f64 * delta,
+        })
+        .map(f64::round_ties_even)
+        .collect()
+}
+
+/// numpy's `linspace(start, stop, num, endpoint)` in f64: `k * step + start`, the last value
+/// `stop` exactly when `endpoint`.
+pub(crate) fn numpy_linspace(start: f64, stop: f64, num: usize, endpoint: bool) -> Vec<f64> {
+    let div = if endpoint { num.saturating_sub(1) } else { num };
+    let delta = stop - start;
+    let mut y: Vec<f64> = if div > 0 {
+        let step = delta / div as f64;
+        (0..num).map(|k| k as f64 * step + start).collect()
     } else {
-        r
+        (0..num).map(|k| k as f64 * delta + start).collect()
+    };
+    if endpoint
+        && num > 1
+        && let Some(last) = y.last_mut()
+    {
+        *last = stop;
     }
+    y
 }
 
 /// Where an img2img run starts in a schedule (diffusers' `get_timesteps` with `strength`).
