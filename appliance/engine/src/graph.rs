@@ -1,0 +1,172 @@
+//! One ONNX graph on tract: parsed once, optimized once per input shape, run many times.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use crate::error::EngineError;
+
+/// A parsed graph and its plans, one per set of input shapes. tract needs seconds to optimize
+/// a UNet, so plans are built once (at start-up for the configured resolutions) and kept.
+pub(crate) struct Graph {
+    name: &'static str,
+    model: InferenceModel,
+    inputs: Vec<(String, Option<DatumType>, Option<usize>)>,
+    outputs: Vec<String>,
+    plans: Mutex<HashMap<Vec<TVec<usize>>, Arc<TypedSimplePlan>>>,
+}
+
+impl Graph {
+    /// Parses the ONNX file at `path`.
+    pub(crate) fn load(name: &'static str, path: &Path) -> Result<Self, EngineError> {
+        let model = tract_onnx::onnx()
+            .model_for_path(path)
+            .map_err(|e| EngineError::tract(name, "parsing the ONNX file", e))?;
+        let outlets = model
+            .input_outlets()
+            .map_err(|e| EngineError::tract(name, "inputs", e))?;
+        let mut inputs = Vec::new();
+        for (ix, outlet) in outlets.iter().enumerate() {
+            let fact = model
+                .input_fact(ix)
+                .map_err(|e| EngineError::tract(name, "inputs", e))?;
+            let rank = fact
+                .shape
+                .rank()
+                .concretize()
+                .and_then(|r| usize::try_from(r).ok());
+            inputs.push((
+                model.node(outlet.node).name.clone(),
+                fact.datum_type.concretize(),
+                rank,
+            ));
+        }
+        let outlets = model
+            .output_outlets()
+            .map_err(|e| EngineError::tract(name, "outputs", e))?;
+        let outputs = outlets
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .unwrap_or(&model.node(o.node).name)
+                    .to_string()
+            })
+            .collect();
+        Ok(Self {
+            name,
+            model,
+            inputs,
+            outputs,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The element type the graph declares for input `input`.
+    pub(crate) fn input_type(&self, input: &str) -> Result<DatumType, EngineError> {
+        self.inputs
+            .iter()
+            .find(|(n, _, _)| n == input)
+            .and_then(|(_, dt, _)| *dt)
+            .ok_or_else(|| self.shape_error(format!("has no typed input {input:?}")))
+    }
+
+    /// The rank the graph declares for input `input`, if it declares one.
+    pub(crate) fn input_rank(&self, input: &str) -> Option<usize> {
+        self.inputs
+            .iter()
+            .find(|(n, _, _)| n == input)
+            .and_then(|(_, _, rank)| *rank)
+    }
+
+    fn shape_error(&self, reason: String) -> EngineError {
+        let inputs: Vec<&str> = self.inputs.iter().map(|(n, _, _)| n.as_str()).collect();
+        EngineError::Graph {
+            graph: self.name,
+            reason: format!("{reason} (inputs: {inputs:?})"),
+        }
+    }
+
+    /// Orders `named` inputs as the graph declares them.
+    fn order(&self, mut named: Vec<(&str, Tensor)>) -> Result<TVec<Tensor>, EngineError> {
+        let mut ordered = TVec::new();
+        for (name, _, _) in &self.inputs {
+            let at = named
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| self.shape_error(format!("input {name:?} was not supplied")))?;
+            ordered.push(named.swap_remove(at).1);
+        }
+        Ok(ordered)
+    }
+
+    /// The plan for these input shapes, built now if it is new.
+    fn plan(&self, inputs: &[Tensor]) -> Result<Arc<TypedSimplePlan>, EngineError> {
+        let key: Vec<TVec<usize>> = inputs.iter().map(|t| t.shape().into()).collect();
+        let mut plans = self
+            .plans
+            .lock()
+            .expect("a plan build never panics while holding the lock");
+        if let Some(plan) = plans.get(&key) {
+            return Ok(plan.clone());
+        }
+        let mut model = self.model.clone();
+        for (ix, tensor) in inputs.iter().enumerate() {
+            model
+                .set_input_fact(
+                    ix,
+                    InferenceFact::dt_shape(tensor.datum_type(), tensor.shape()),
+                )
+                .map_err(|e| EngineError::tract(self.name, "setting input shapes", e))?;
+        }
+        let plan = model
+            .into_optimized()
+            .map_err(|e| EngineError::tract(self.name, "optimizing", e))?
+            .into_runnable()
+            .map_err(|e| EngineError::tract(self.name, "planning", e))?;
+        plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// Builds the plan for these inputs without running it (start-up warm-up).
+    pub(crate) fn prepare(&self, named: Vec<(&str, Tensor)>) -> Result<(), EngineError> {
+        self.plan(&self.order(named)?).map(|_| ())
+    }
+
+    /// Runs the graph and returns output `output` as f32 values with its shape.
+    pub(crate) fn run(
+        &self,
+        named: Vec<(&str, Tensor)>,
+        output: &str,
+    ) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+        let inputs = self.order(named)?;
+        let plan = self.plan(&inputs)?;
+        let at = self
+            .outputs
+            .iter()
+            .position(|n| n == output)
+            .ok_or_else(|| {
+                self.shape_error(format!(
+                    "has no output {output:?} (outputs: {:?})",
+                    self.outputs
+                ))
+            })?;
+        let values: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let mut outputs = plan
+            .run(values)
+            .map_err(|e| EngineError::tract(self.name, "running", e))?;
+        let tensor = outputs.swap_remove(at).into_tensor();
+        let tensor = tensor
+            .cast_to::<f32>()
+            .map_err(|e| EngineError::tract(self.name, "reading the output", e))?;
+        let data = tensor
+            .try_as_plain_ram()
+            .and_then(|view| view.as_slice::<f32>())
+            .map_err(|e| EngineError::tract(self.name, "reading the output", e))?
+            .to_vec();
+        Ok((tensor.shape().to_vec(), data))
+    }
+}

@@ -1,0 +1,25 @@
+//! The kiosk's edge diffusion engine: from a prompt to a preview image on the CPU.
+//!
+//! This crate owns the Tiny-SD pipeline on tract: loading and checking a model folder (optimum's
+//! ONNX layout plus our manifest), CLIP tokenization, the text encoder, the denoising loop with
+//! classifier-free guidance on the shared schedulers of `diffusionx-diffusion`, img2img from a
+//! latent, live previews, cancellation between steps, and the VAE decode. It wraps every tract
+//! error in [`EngineError`]. It never touches the network, the display or the clock, and it
+//! never decides policy (steps, resolution, noise level): callers pass those in.
+
+mod cache;
+mod error;
+mod folder;
+mod graph;
+pub mod npy;
+mod pipeline;
+mod preview;
+mod tokenizer;
+
+pub use error::EngineError;
+pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};
+pub use pipeline::{
+    EngineConfig, Generation, Outcome, Pipeline, Progress, Request, Start, Timings,
+};
+pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
+pub use tokenizer::{CONTEXT, ClipTokenizer};

@@ -1,0 +1,521 @@
+//! The Tiny-SD pipeline: prompt -> text embeddings -> denoising loop -> latent -> image.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diffusionx_diffusion::{
+    NoiseLevel, STREAM_INITIAL, STREAM_RENOISE, Scheduler, SchedulerConfig, SchedulerKind,
+    gaussian_noise, lcm_step_stream,
+};
+use tract_onnx::prelude::*;
+
+use crate::cache::TextCache;
+use crate::error::EngineError;
+use crate::folder::ModelFolder;
+use crate::graph::Graph;
+use crate::preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
+use crate::tokenizer::{CONTEXT, ClipTokenizer};
+
+/// Latent channels of the SD-1.x VAE.
+const CHANNELS: usize = 4;
+/// Image pixels per latent cell.
+const VAE_SCALE: usize = 8;
+
+/// How the engine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Threads for tract's matrix products; 1 runs everything on the calling thread.
+    pub threads: usize,
+    /// Check every file's SHA-256 against the manifest when loading.
+    pub verify_hashes: bool,
+    /// Prompts whose embeddings are kept between rounds.
+    pub text_cache_entries: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            verify_hashes: true,
+            text_cache_entries: 8,
+        }
+    }
+}
+
+/// Where the denoising starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// Text to image from Gaussian noise: drawn from the seed unless given (`[4, h/8, w/8]`).
+    Noise(Option<Vec<f32>>),
+    /// img2img from a latent (scaled, `[4, h/8, w/8]`) re-noised to `noise_level`; the noise
+    /// is drawn from the seed unless given.
+    Latent {
+        /// The clean latent to start from.
+        latent: Vec<f32>,
+        /// How much of it to redo.
+        noise_level: NoiseLevel,
+        /// The re-noising noise, if not from the seed.
+        noise: Option<Vec<f32>>,
+    },
+}
+
+/// One generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (empty for none).
+    pub negative_prompt: String,
+    /// Seed of every noise the run draws.
+    pub seed: u64,
+    /// Image width in pixels, a multiple of 64 in 256..=768 on the kiosk.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Steps of the full schedule (img2img runs the last part of it).
+    pub steps: u16,
+    /// Classifier-free guidance scale; at most 1 disables guidance (one UNet batch, no
+    /// negative prompt).
+    pub guidance_scale: f32,
+    /// The scheduler.
+    pub scheduler: SchedulerKind,
+    /// Where to start.
+    pub start: Start,
+    /// Per-step noise for schedulers that draw it (LCM), instead of drawing it from the seed.
+    pub step_noise: Option<Vec<Vec<f32>>>,
+    /// Decode the final latent with the VAE (a preview that will be refined may skip it).
+    pub decode: bool,
+}
+
+/// Reported after every denoising step.
+#[derive(Debug)]
+pub struct Progress<'a> {
+    /// Steps done, 1..=total.
+    pub step: usize,
+    /// Steps this run takes.
+    pub total: usize,
+    /// The scheduler's prediction of the clean latent after this step (`[4, h/8, w/8]`).
+    pub denoised: &'a [f32],
+    /// The sample after this step (what the next step denoises), `[4, h/8, w/8]`.
+    pub sample: &'a [f32],
+    latent_height: usize,
+    latent_width: usize,
+}
+
+impl Progress<'_> {
+    /// A cheap RGB preview of the predicted clean latent, at 1/8 of the image size.
+    pub fn preview(&self) -> RgbImage {
+        latent_to_rgb(self.denoised, self.latent_height, self.latent_width)
+    }
+}
+
+/// Where a run's time went.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// Tokenizing and text encoding (zero when cached).
+    pub text: Duration,
+    /// All denoising steps.
+    pub denoise: Duration,
+    /// The VAE decode.
+    pub decode: Duration,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The final latent, scaled (what the gateway takes), `[4, h/8, w/8]`.
+    pub latent: Vec<f32>,
+    /// `[channels, height, width]` of the latent.
+    pub latent_shape: [usize; 3],
+    /// The decoded image, when the request asked for it.
+    pub image: Option<RgbImage>,
+    /// The decoded image as the VAE gave it, `(x / 2 + 0.5)` clamped to [0, 1], `[3, H, W]`.
+    pub image_f32: Option<Vec<f32>>,
+    /// Denoising steps run.
+    pub steps_run: usize,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The run finished.
+    Finished(Generation),
+    /// The progress callback asked to stop after `after_step` steps.
+    Cancelled {
+        /// Steps finished before stopping.
+        after_step: usize,
+    },
+}
+
+/// A loaded Tiny-SD pipeline.
+pub struct Pipeline {
+    folder: ModelFolder,
+    tokenizer: ClipTokenizer,
+    text_encoder: Graph,
+    unet: Graph,
+    vae_decoder: Graph,
+    scheduler_config: SchedulerConfig,
+    text_cache: Mutex<TextCache>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("folder", &self.folder.root())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Opens and checks the model folder at `root`, parses its graphs and sets tract's threads.
+    pub fn load(root: &Path, config: &EngineConfig) -> Result<Self, EngineError> {
+        let folder = ModelFolder::open(root, config.verify_hashes)?;
+        if config.threads > 1 {
+            tract_linalg::multithread::set_default_executor(
+                tract_linalg::multithread::Executor::multithread(config.threads),
+            );
+        }
+        let scheduler_path = folder.path("scheduler/scheduler_config.json");
+        let text = std::fs::read_to_string(&scheduler_path)
+            .map_err(|e| EngineError::io(&scheduler_path, e))?;
+        let scheduler_config =
+            SchedulerConfig::from_json(&text).map_err(|e| EngineError::Config {
+                path: scheduler_path,
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            tokenizer: ClipTokenizer::from_folder(&folder.path("tokenizer"))?,
+            text_encoder: Graph::load("text_encoder", &folder.path("text_encoder/model.onnx"))?,
+            unet: Graph::load("unet", &folder.path("unet/model.onnx"))?,
+            vae_decoder: Graph::load("vae_decoder", &folder.path("vae_decoder/model.onnx"))?,
+            scheduler_config,
+            text_cache: Mutex::new(TextCache::new(config.text_cache_entries)),
+            folder,
+        })
+    }
+
+    /// The model folder.
+    pub fn folder(&self) -> &ModelFolder {
+        &self.folder
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// The folder's scheduler configuration.
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_config
+    }
+
+    /// Forgets the cached prompt embeddings (at the end of a visitor session).
+    pub fn clear_text_cache(&self) {
+        self.text_cache.lock().expect("cache lock").clear();
+    }
+
+    /// Prompts whose embeddings are cached.
+    pub fn cached_prompts(&self) -> usize {
+        self.text_cache.lock().expect("cache lock").len()
+    }
+
+    /// Builds every plan a `width` x `height` run needs (text encoder, UNet at batch 1 and 2,
+    /// VAE decoder), so the first visitor does not wait for tract's optimizer.
+    pub fn prepare(&self, width: usize, height: usize) -> Result<(), EngineError> {
+        let (h, w) = latent_size(width, height)?;
+        let embedding = self.encode_text("")?;
+        let hidden = embedding.len() / CONTEXT;
+        self.text_encoder
+            .prepare(vec![("input_ids", self.ids_tensor(&[0; CONTEXT])?)])?;
+        for batch in [1, 2] {
+            self.unet.prepare(self.unet_inputs(
+                &vec![0.0; batch * CHANNELS * h * w],
+                batch,
+                (h, w),
+                1.0,
+                &vec![0.0; batch * CONTEXT * hidden],
+            )?)?;
+        }
+        let latent = Tensor::from_shape(&[1, CHANNELS, h, w], &vec![0.0f32; CHANNELS * h * w])
+            .map_err(|e| EngineError::tract("vae_decoder", "input", e))?;
+        self.vae_decoder.prepare(vec![("latent_sample", latent)])
+    }
+
+    /// The text encoder's last hidden state for `text`, `[77, hidden]`, cached per session.
+    pub fn encode_text(&self, text: &str) -> Result<Arc<Vec<f32>>, EngineError> {
+        if let Some(hit) = self.text_cache.lock().expect("cache lock").get(text) {
+            return Ok(hit);
+        }
+        let ids = self.tokenizer.encode(text)?;
+        let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        let (shape, data) = self.text_encoder.run(
+            vec![("input_ids", self.ids_tensor(&ids)?)],
+            "last_hidden_state",
+        )?;
+        if shape.len() != 3 || shape[1] != CONTEXT {
+            return Err(EngineError::Graph {
+                graph: "text_encoder",
+                reason: format!("last_hidden_state has shape {shape:?}, expected [1, 77, hidden]"),
+            });
+        }
+        let embedding = Arc::new(data);
+        self.text_cache
+            .lock()
+            .expect("cache lock")
+            .insert(text, embedding.clone());
+        Ok(embedding)
+    }
+
+    fn ids_tensor(&self, ids: &[i64]) -> Result<Tensor, EngineError> {
+        let err = |e| EngineError::tract("text_encoder", "input_ids", e);
+        match self.text_encoder.input_type("input_ids")? {
+            DatumType::I32 => {
+                let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+                Tensor::from_shape(&[1, ids.len()], &ids).map_err(err)
+            }
+            _ => Tensor::from_shape(&[1, ids.len()], ids).map_err(err),
+        }
+    }
+
+    fn unet_inputs(
+        &self,
+        sample: &[f32],
+        batch: usize,
+        (h, w): (usize, usize),
+        timestep: f32,
+        embeddings: &[f32],
+    ) -> Result<Vec<(&'static str, Tensor)>, EngineError> {
+        let err = |e| EngineError::tract("unet", "inputs", e);
+        let hidden = embeddings.len() / (batch * CONTEXT);
+        let sample = Tensor::from_shape(&[batch, CHANNELS, h, w], sample).map_err(err)?;
+        let embeddings = Tensor::from_shape(&[batch, CONTEXT, hidden], embeddings).map_err(err)?;
+        // optimum exports the timestep as a scalar; other exporters as a [batch] vector.
+        let shape: &[usize] = if self.unet.input_rank("timestep") == Some(0) {
+            &[]
+        } else {
+            &[batch]
+        };
+        let count = shape.iter().product::<usize>();
+        let timestep = match self.unet.input_type("timestep")? {
+            DatumType::I64 => Tensor::from_shape(shape, &vec![timestep.round() as i64; count]),
+            DatumType::I32 => Tensor::from_shape(shape, &vec![timestep.round() as i32; count]),
+            _ => Tensor::from_shape(shape, &vec![timestep; count]),
+        }
+        .map_err(err)?;
+        Ok(vec![
+            ("sample", sample),
+            ("timestep", timestep),
+            ("encoder_hidden_states", embeddings),
+        ])
+    }
+
+    /// Runs `request`, calling `progress` after every step; the callback stops the run by
+    /// returning `ControlFlow::Break`.
+    pub fn generate(
+        &self,
+        request: &Request,
+        progress: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>,
+    ) -> Result<Outcome, EngineError> {
+        let (h, w) = latent_size(request.width, request.height)?;
+        let len = CHANNELS * h * w;
+        let guided = request.guidance_scale > 1.0;
+
+        let started = Instant::now();
+        let cond = self.encode_text(&request.prompt)?;
+        let embeddings: Vec<f32> = if guided {
+            let uncond = self.encode_text(&request.negative_prompt)?;
+            uncond.iter().chain(cond.iter()).copied().collect()
+        } else {
+            cond.to_vec()
+        };
+        let text_time = started.elapsed();
+
+        let started = Instant::now();
+        let (mut scheduler, mut sample) = self.start(request, len)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let batch = if guided { 2 } else { 1 };
+        let mut scaled = vec![0.0f32; len];
+        for (i, &t) in timesteps.iter().enumerate() {
+            scheduler.scale_model_input(&sample, i, &mut scaled);
+            let input: Vec<f32> = if guided {
+                [&scaled[..], &scaled[..]].concat()
+            } else {
+                scaled.clone()
+            };
+            let (_, out) = self.unet.run(
+                self.unet_inputs(&input, batch, (h, w), t, &embeddings)?,
+                "out_sample",
+            )?;
+            let noise_pred: Vec<f32> = if guided {
+                let (uncond, cond) = out.split_at(len);
+                uncond
+                    .iter()
+                    .zip(cond)
+                    .map(|(u, c)| u + request.guidance_scale * (c - u))
+                    .collect()
+            } else {
+                out
+            };
+            let step_noise = self.step_noise(request, &scheduler, i, len)?;
+            let step = scheduler.step(&noise_pred, i, &mut sample, step_noise.as_deref());
+            let report = Progress {
+                step: i + 1,
+                total: timesteps.len(),
+                denoised: step.pred_original_sample,
+                sample: &sample,
+                latent_height: h,
+                latent_width: w,
+            };
+            if progress(&report).is_break() {
+                return Ok(Outcome::Cancelled { after_step: i + 1 });
+            }
+        }
+        let denoise_time = started.elapsed();
+
+        let started = Instant::now();
+        let (image, image_f32) = if request.decode {
+            let pixels = self.decode(&sample, h, w)?;
+            (
+                Some(decoded_to_rgb(&pixels, h * VAE_SCALE, w * VAE_SCALE)),
+                Some(
+                    pixels
+                        .iter()
+                        .map(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0))
+                        .collect(),
+                ),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Outcome::Finished(Generation {
+            latent: sample,
+            latent_shape: [CHANNELS, h, w],
+            image,
+            image_f32,
+            steps_run: timesteps.len(),
+            timings: Timings {
+                text: text_time,
+                denoise: denoise_time,
+                decode: started.elapsed(),
+            },
+        }))
+    }
+
+    /// The scheduler for `request` and the first sample to denoise.
+    fn start(&self, request: &Request, len: usize) -> Result<(Scheduler, Vec<f32>), EngineError> {
+        let noise = |given: &Option<Vec<f32>>, stream: u64| -> Result<Vec<f32>, EngineError> {
+            match given {
+                Some(noise) if noise.len() == len => Ok(noise.clone()),
+                Some(noise) => Err(EngineError::InvalidRequest(format!(
+                    "noise has {} values, the latent needs {len}",
+                    noise.len()
+                ))),
+                None => {
+                    let mut noise = vec![0.0; len];
+                    gaussian_noise(request.seed, stream, &mut noise);
+                    Ok(noise)
+                }
+            }
+        };
+        match &request.start {
+            Start::Noise(given) => {
+                let scheduler = Scheduler::new(
+                    request.scheduler,
+                    &self.scheduler_config,
+                    usize::from(request.steps),
+                )
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+                let sigma = scheduler.init_noise_sigma();
+                let sample = noise(given, STREAM_INITIAL)?
+                    .iter()
+                    .map(|x| x * sigma)
+                    .collect();
+                Ok((scheduler, sample))
+            }
+            Start::Latent {
+                latent,
+                noise_level,
+                noise: given,
+            } => {
+                if latent.len() != len {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "latent has {} values, {}x{} needs {len}",
+                        latent.len(),
+                        request.width,
+                        request.height
+                    )));
+                }
+                let scheduler = Scheduler::for_img2img(
+                    request.scheduler,
+                    &self.scheduler_config,
+                    usize::from(request.steps),
+                    *noise_level,
+                )
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+                let mut sample = vec![0.0; len];
+                scheduler.add_noise(latent, &noise(given, STREAM_RENOISE)?, &mut sample);
+                Ok((scheduler, sample))
+            }
+        }
+    }
+
+    fn step_noise(
+        &self,
+        request: &Request,
+        scheduler: &Scheduler,
+        step: usize,
+        len: usize,
+    ) -> Result<Option<Vec<f32>>, EngineError> {
+        if !scheduler.step_needs_noise(step) {
+            return Ok(None);
+        }
+        if let Some(given) = &request.step_noise {
+            return match given.get(step) {
+                Some(noise) if noise.len() == len => Ok(Some(noise.clone())),
+                _ => Err(EngineError::InvalidRequest(format!(
+                    "no step noise of {len} values for step {step}"
+                ))),
+            };
+        }
+        let mut noise = vec![0.0; len];
+        gaussian_noise(request.seed, lcm_step_stream(step), &mut noise);
+        Ok(Some(noise))
+    }
+
+    /// VAE-decodes a scaled latent to `[3, H, W]` in [-1, 1].
+    pub fn decode(&self, latent: &[f32], h: usize, w: usize) -> Result<Vec<f32>, EngineError> {
+        let scale = self.folder.manifest().vae_scaling_factor;
+        let unscaled: Vec<f32> = latent.iter().map(|x| x / scale).collect();
+        let tensor = Tensor::from_shape(&[1, CHANNELS, h, w], &unscaled)
+            .map_err(|e| EngineError::tract("vae_decoder", "input", e))?;
+        let (shape, pixels) = self
+            .vae_decoder
+            .run(vec![("latent_sample", tensor)], "sample")?;
+        if shape != [1, 3, h * VAE_SCALE, w * VAE_SCALE] {
+            return Err(EngineError::Graph {
+                graph: "vae_decoder",
+                reason: format!(
+                    "sample has shape {shape:?}, expected [1, 3, {}, {}]",
+                    h * VAE_SCALE,
+                    w * VAE_SCALE
+                ),
+            });
+        }
+        Ok(pixels)
+    }
+}
+
+/// Latent `(height, width)` of an image, refusing sizes the UNet cannot take.
+fn latent_size(width: usize, height: usize) -> Result<(usize, usize), EngineError> {
+    let ok = |px: usize| px.is_multiple_of(64) && (256..=1024).contains(&px);
+    if !ok(width) || !ok(height) {
+        return Err(EngineError::InvalidRequest(format!(
+            "{width}x{height} px: each side must be a multiple of 64 in 256..=1024"
+        )));
+    }
+    Ok((height / VAE_SCALE, width / VAE_SCALE))
+}

@@ -1,0 +1,174 @@
+//! The tract pipeline against diffusers on the same tiny random-weight Tiny-SD graphs: token
+//! ids, text embeddings, the latent after every step, the final latent and the decoded image,
+//! for every scheduler, with and without guidance, text-to-image and img2img. The references
+//! were written by `onnx/make_tiny.py` with diffusers on the PyTorch weights.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
+use diffusionx_engine::npy;
+use diffusionx_engine::{EngineConfig, Outcome, Pipeline, Request, Start};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures")
+}
+
+fn f32s(dir: &Path, file: &str) -> Vec<f32> {
+    npy::read::<f32>(&dir.join(file)).unwrap().data
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "same length");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn kind(name: &str) -> SchedulerKind {
+    match name {
+        "DDIMScheduler" => SchedulerKind::Ddim,
+        "EulerDiscreteScheduler" => SchedulerKind::Euler,
+        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPp2m,
+        "LCMScheduler" => SchedulerKind::Lcm,
+        other => panic!("unknown scheduler {other}"),
+    }
+}
+
+/// Tolerances reached, stated per quantity (f32 tract vs f32 PyTorch).
+const EMBEDDING_TOLERANCE: f32 = 1e-5;
+const LATENT_TOLERANCE: f32 = 1e-4;
+const IMAGE_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn every_reference_case_matches_diffusers() {
+    let pipeline = Pipeline::load(
+        &fixtures().join("tiny-sd"),
+        &EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let reference = fixtures().join("tiny-sd-reference");
+    // Python's json writes diffusers' `-Infinity` defaults, which are not JSON; no key read here
+    // holds one.
+    let text = std::fs::read_to_string(reference.join("cases.json")).unwrap();
+    let cases: Value = serde_json::from_str(&text.replace("-Infinity", "null")).unwrap();
+    let mut checked = 0;
+    for (name, case) in cases["cases"].as_object().unwrap() {
+        let dir = reference.join(name);
+        let files: Vec<&str> = case["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let guidance = case["guidance_scale"].as_f64().unwrap() as f32;
+        let prompt = case["prompt"].as_str().unwrap().to_string();
+        let negative = case["negative_prompt"].as_str().unwrap_or("").to_string();
+
+        // Token ids and embeddings: [uncond; cond] with guidance, [cond] without.
+        let ids = npy::read::<i64>(&dir.join("prompt_ids.npy")).unwrap();
+        let embeds = f32s(&dir, "prompt_embeds.npy");
+        let texts: Vec<&str> = if guidance > 1.0 {
+            vec![&negative, &prompt]
+        } else {
+            vec![&prompt]
+        };
+        assert_eq!(ids.shape, [texts.len(), 77], "{name}: ids shape");
+        for (row, text) in texts.iter().enumerate() {
+            let ours: Vec<i64> = pipeline
+                .tokenizer()
+                .encode(text)
+                .unwrap()
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect();
+            assert_eq!(
+                ours,
+                ids.data[row * 77..(row + 1) * 77],
+                "{name}: ids of {text:?}"
+            );
+            let emb = pipeline.encode_text(text).unwrap();
+            let want = &embeds[row * emb.len()..(row + 1) * emb.len()];
+            let diff = max_abs_diff(&emb, want);
+            assert!(
+                diff <= EMBEDDING_TOLERANCE,
+                "{name}: embedding of {text:?} differs by {diff}"
+            );
+        }
+
+        let noise = f32s(&dir, "init_noise.npy");
+        let start = match case["mode"].as_str().unwrap() {
+            "t2i" => Start::Noise(Some(noise)),
+            "img2img" => Start::Latent {
+                latent: f32s(&dir, "init_latent.npy"),
+                noise_level: NoiseLevel::from_fraction(case["strength"].as_f64().unwrap() as f32)
+                    .unwrap(),
+                noise: Some(noise),
+            },
+            other => panic!("{name}: unknown mode {other}"),
+        };
+        let step_noise: Vec<Vec<f32>> = (0..)
+            .map(|k| format!("step_noise{k}.npy"))
+            .take_while(|f| files.contains(&f.as_str()))
+            .map(|f| f32s(&dir, &f))
+            .collect();
+        let request = Request {
+            prompt: prompt.clone(),
+            negative_prompt: negative.clone(),
+            seed: case["seed"].as_u64().unwrap(),
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["steps"].as_u64().unwrap() as u16,
+            guidance_scale: guidance,
+            scheduler: kind(case["scheduler"].as_str().unwrap()),
+            start,
+            step_noise: (!step_noise.is_empty()).then_some(step_noise),
+            decode: files.contains(&"image.npy"),
+        };
+
+        let mut step_diffs = Vec::new();
+        let outcome = pipeline
+            .generate(&request, &mut |p| {
+                let want = f32s(&dir, &format!("latents_step{}.npy", p.step - 1));
+                step_diffs.push(max_abs_diff(p.sample, &want));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        let Outcome::Finished(generation) = outcome else {
+            panic!("{name}: cancelled")
+        };
+        let want_timesteps = f32s(&dir, "timesteps.npy");
+        assert_eq!(
+            generation.steps_run,
+            want_timesteps.len(),
+            "{name}: steps run"
+        );
+        let final_diff = max_abs_diff(&generation.latent, &f32s(&dir, "final_latent.npy"));
+        let image_diff = generation
+            .image_f32
+            .as_ref()
+            .map(|img| max_abs_diff(img, &f32s(&dir, "image.npy")));
+        println!(
+            "{name}: per-step max abs diff {step_diffs:?}, final {final_diff:e}, image {image_diff:?}"
+        );
+        assert!(
+            step_diffs.iter().all(|d| *d <= LATENT_TOLERANCE),
+            "{name}: steps {step_diffs:?}"
+        );
+        assert!(
+            final_diff <= LATENT_TOLERANCE,
+            "{name}: final latent differs by {final_diff}"
+        );
+        if let Some(diff) = image_diff {
+            assert!(diff <= IMAGE_TOLERANCE, "{name}: image differs by {diff}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 11, "every case of cases.json was checked");
+}

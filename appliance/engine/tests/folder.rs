@@ -1,0 +1,122 @@
+//! Loading a model folder fails with a message naming the missing or mismatched file.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::path::{Path, PathBuf};
+
+use diffusionx_engine::{EngineError, ModelFolder, Precision};
+
+fn tiny() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd")
+}
+
+/// A copy of the tiny folder that a test may damage.
+fn copy_of_tiny() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("diffusionx.json")).unwrap())
+            .unwrap();
+    let mut files: Vec<String> = manifest["files"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    files.push("diffusionx.json".into());
+    for file in files {
+        let to = dir.path().join(&file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(tiny().join(&file), to).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn the_committed_tiny_folder_opens_with_its_hashes_checked() {
+    let folder = ModelFolder::open(tiny(), true).unwrap();
+    assert_eq!(folder.manifest().precision, Precision::F32);
+    assert_eq!(folder.manifest().vae_scaling_factor, 0.18215);
+    assert!(folder.manifest().checked_resolutions.contains(&[256, 256]));
+    assert_eq!(
+        folder.vae_encoder(),
+        Some(tiny().join("vae_encoder/model.onnx"))
+    );
+}
+
+#[test]
+fn a_missing_graph_is_named() {
+    let dir = copy_of_tiny();
+    std::fs::remove_file(dir.path().join("unet/model.onnx")).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::MissingFile { file, .. } if file == "unet/model.onnx"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("missing unet/model.onnx (the denoising UNet)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_manifest_is_named() {
+    let dir = copy_of_tiny();
+    std::fs::remove_file(dir.path().join("diffusionx.json")).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::MissingFile { file, .. } if file == "diffusionx.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_changed_file_fails_its_hash_check_by_name() {
+    let dir = copy_of_tiny();
+    let path = dir.path().join("vae_decoder/model.onnx");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let err = ModelFolder::open(dir.path(), true).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::HashMismatch { file, .. } if file == "vae_decoder/model.onnx"),
+        "{err}"
+    );
+    // Without the check the folder opens (the kiosk can skip it on slow storage).
+    assert!(ModelFolder::open(dir.path(), false).is_ok());
+}
+
+#[test]
+fn a_manifest_that_does_not_list_a_required_file_is_refused() {
+    let dir = copy_of_tiny();
+    let path = dir.path().join("diffusionx.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["files"]
+        .as_object_mut()
+        .unwrap()
+        .remove("tokenizer/tokenizer.json");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("does not list tokenizer/tokenizer.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_manifest_format_is_refused() {
+    let dir = copy_of_tiny();
+    let path = dir.path().join("diffusionx.json");
+    let text =
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("\"format\": 1", "\"format\": 2", 1);
+    std::fs::write(&path, text).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        err.to_string().contains("format 2 is not supported"),
+        "{err}"
+    );
+}
