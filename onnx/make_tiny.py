@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 import sys
 from pathlib import Path
 
@@ -247,6 +248,40 @@ def ort_replay(case: dict, info: dict, onnx_dir: Path, ref_dir: Path) -> float:
     return float((latents - torch.from_numpy(np.load(d / "final_latent.npy"))).abs().max())
 
 
+def write_int8_fixture(fixtures: Path) -> None:
+    """`tiny-sd-int8`: the tiny folder with an int8 UNet (dynamic quantization, the form tract runs).
+    Every other entry is a symlink into `tiny-sd`, so the fixture adds only the int8 graph. Beside it,
+    `tiny-sd-int8-reference/` holds onnxruntime's output of that int8 UNet on a fixed input, so the
+    Rust test checks tract's int8 kernels against onnxruntime's, not just against f32."""
+    import onnxruntime as ort
+
+    src, out, ref = fixtures / "tiny-sd", fixtures / "tiny-sd-int8", fixtures / "tiny-sd-int8-reference"
+    for p in (out, ref):
+        if p.exists():
+            shutil.rmtree(p)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "q"
+        quantize.quantize_folder(src, quantized, graphs=("unet",))
+        out.mkdir()
+        for entry in sorted(src.iterdir()):
+            if entry.name not in ("unet", export.MANIFEST):
+                (out / entry.name).symlink_to(Path("..") / "tiny-sd" / entry.name)
+        (out / "unet").mkdir()
+        shutil.copy(quantized / "unet" / "model.onnx", out / "unet" / "model.onnx")
+        shutil.copy(quantized / export.MANIFEST, out / export.MANIFEST)
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
+    embeds = rng.standard_normal((2, 77, 4)).astype(np.float32)
+    timestep = np.array(501.0, dtype=np.float32)
+    session = ort.InferenceSession(str(out / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (result,) = session.run(None, {"sample": sample, "timestep": timestep, "encoder_hidden_states": embeds})
+    ref.mkdir()
+    save(ref / "unet_sample.npy", sample)
+    save(ref / "unet_encoder_hidden_states.npy", embeds)
+    save(ref / "unet_timestep.npy", timestep)
+    save(ref / "unet_out_sample.npy", result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", type=Path, default=HERE / "fixtures")
@@ -286,6 +321,7 @@ def main() -> None:
         print(f"  {case['name']:<22} {diff:.3e}")
     (ref_dir / "cases.json").write_text(json.dumps(index, indent=2) + "\n")
     quantize.write_qdq_softmax_fixture(args.fixtures / "regression")
+    write_int8_fixture(args.fixtures)
     total = sum(p.stat().st_size for p in args.fixtures.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB")
 

@@ -34,6 +34,16 @@ impl NpyElement for f32 {
     }
 }
 
+impl NpyElement for u8 {
+    const DESCR: &'static str = "|u1";
+    fn from_le(b: &[u8]) -> Self {
+        b[0]
+    }
+    fn put_le(self, out: &mut Vec<u8>) {
+        out.push(self);
+    }
+}
+
 impl NpyElement for i64 {
     const DESCR: &'static str = "<i8";
     fn from_le(b: &[u8]) -> Self {

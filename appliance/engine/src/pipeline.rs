@@ -313,6 +313,20 @@ impl Pipeline {
         ])
     }
 
+    /// One UNet call: the noise prediction for `batch` samples of `[4, h, w]` at `timestep`,
+    /// with `embeddings` of `[batch, 77, hidden]`.
+    pub fn predict_noise(
+        &self,
+        sample: &[f32],
+        batch: usize,
+        (h, w): (usize, usize),
+        timestep: f32,
+        embeddings: &[f32],
+    ) -> Result<Vec<f32>, EngineError> {
+        let inputs = self.unet_inputs(sample, batch, (h, w), timestep, embeddings)?;
+        Ok(self.unet.run(inputs, "out_sample")?.1)
+    }
+
     /// Runs `request`, calling `progress` after every step; the callback stops the run by
     /// returning `ControlFlow::Break`.
     pub fn generate(
