@@ -9,9 +9,9 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::EngineError;
 
-/// A parsed graph and its plans, one per set of input shapes. tract needs seconds to optimize
+/// A parsed ONNX graph and its plans, one per set of input shapes. tract needs seconds to optimize
 /// a UNet, so plans are built once (at start-up for the configured resolutions) and kept.
-pub(crate) struct Graph {
+pub struct Graph {
     name: &'static str,
     model: InferenceModel,
     inputs: Vec<(String, Option<DatumType>, Option<usize>)>,
@@ -21,7 +21,7 @@ pub(crate) struct Graph {
 
 impl Graph {
     /// Parses the ONNX file at `path`.
-    pub(crate) fn load(name: &'static str, path: &Path) -> Result<Self, EngineError> {
+    pub fn load(name: &'static str, path: &Path) -> Result<Self, EngineError> {
         let model = tract_onnx::onnx()
             .model_for_path(path)
             .map_err(|e| EngineError::tract(name, "parsing the ONNX file", e))?;
@@ -66,7 +66,7 @@ impl Graph {
     }
 
     /// The element type the graph declares for input `input`.
-    pub(crate) fn input_type(&self, input: &str) -> Result<DatumType, EngineError> {
+    pub fn input_type(&self, input: &str) -> Result<DatumType, EngineError> {
         self.inputs
             .iter()
             .find(|(n, _, _)| n == input)
@@ -75,7 +75,7 @@ impl Graph {
     }
 
     /// The rank the graph declares for input `input`, if it declares one.
-    pub(crate) fn input_rank(&self, input: &str) -> Option<usize> {
+    pub fn input_rank(&self, input: &str) -> Option<usize> {
         self.inputs
             .iter()
             .find(|(n, _, _)| n == input)
@@ -132,12 +132,39 @@ impl Graph {
     }
 
     /// Builds the plan for these inputs without running it (start-up warm-up).
-    pub(crate) fn prepare(&self, named: Vec<(&str, Tensor)>) -> Result<(), EngineError> {
+    pub fn prepare(&self, named: Vec<(&str, Tensor)>) -> Result<(), EngineError> {
         self.plan(&self.order(named)?).map(|_| ())
     }
 
+    /// Runs the graph once with a timer around every node and returns the time spent per
+    /// operator kind, largest first: where a graph's time goes (`bench-edge --profile`).
+    pub fn profile(
+        &self,
+        named: Vec<(&str, Tensor)>,
+    ) -> Result<Vec<(String, std::time::Duration, usize)>, EngineError> {
+        let inputs = self.order(named)?;
+        let plan = self.plan(&inputs)?;
+        let mut state = TypedSimpleState::new(&plan)
+            .map_err(|e| EngineError::tract(self.name, "profiling", e))?;
+        let mut per_op: HashMap<String, (std::time::Duration, usize)> = HashMap::new();
+        let values: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        state
+            .run_plan_with_eval(values, |ctx, op_state, node, input| {
+                let started = std::time::Instant::now();
+                let output = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                let entry = per_op.entry(node.op().name().to_string()).or_default();
+                entry.0 += started.elapsed();
+                entry.1 += 1;
+                output
+            })
+            .map_err(|e| EngineError::tract(self.name, "profiling", e))?;
+        let mut report: Vec<_> = per_op.into_iter().map(|(op, (t, n))| (op, t, n)).collect();
+        report.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        Ok(report)
+    }
+
     /// Runs the graph and returns output `output` as f32 values with its shape.
-    pub(crate) fn run(
+    pub fn run(
         &self,
         named: Vec<(&str, Tensor)>,
         output: &str,

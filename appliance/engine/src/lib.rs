@@ -11,6 +11,8 @@ mod cache;
 mod error;
 mod folder;
 mod graph;
+/// tract's tensor type, for callers of [`Graph`].
+pub use tract_onnx::prelude::{DatumType, Tensor};
 pub mod npy;
 mod pipeline;
 mod preview;
@@ -18,8 +20,9 @@ mod tokenizer;
 
 pub use error::EngineError;
 pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};
+pub use graph::Graph;
 pub use pipeline::{
-    EngineConfig, Generation, Outcome, Pipeline, Progress, Request, Start, Timings,
+    EngineConfig, Generation, Outcome, Pipeline, Progress, Request, Start, Timings, set_threads,
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 pub use tokenizer::{CONTEXT, ClipTokenizer};

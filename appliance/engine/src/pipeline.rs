@@ -44,6 +44,16 @@ impl Default for EngineConfig {
     }
 }
 
+/// Sets how many threads tract's matrix products use. tract's executor is process-wide, so the
+/// last call wins; 1 (or 0) runs them on the calling thread.
+pub fn set_threads(threads: usize) {
+    let executor = match threads {
+        0 | 1 => tract_linalg::multithread::Executor::SingleThread,
+        n => tract_linalg::multithread::Executor::multithread(n),
+    };
+    tract_linalg::multithread::set_default_executor(executor);
+}
+
 /// Where the denoising starts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -174,11 +184,7 @@ impl Pipeline {
     /// Opens and checks the model folder at `root`, parses its graphs and sets tract's threads.
     pub fn load(root: &Path, config: &EngineConfig) -> Result<Self, EngineError> {
         let folder = ModelFolder::open(root, config.verify_hashes)?;
-        if config.threads > 1 {
-            tract_linalg::multithread::set_default_executor(
-                tract_linalg::multithread::Executor::multithread(config.threads),
-            );
-        }
+        set_threads(config.threads);
         let scheduler_path = folder.path("scheduler/scheduler_config.json");
         let text = std::fs::read_to_string(&scheduler_path)
             .map_err(|e| EngineError::io(&scheduler_path, e))?;

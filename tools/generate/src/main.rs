@@ -1,0 +1,187 @@
+//! `generate`: runs the kiosk's edge engine once, from the command line, and writes a PNG.
+//!
+//! Every knob of the engine is a flag; `--init-noise` and `--save-latents` exchange `.npy` files
+//! with diffusers for side-by-side checks.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
+use diffusionx_engine::{EngineConfig, Outcome, Pipeline, Request, RgbImage, Start, npy};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Sampler {
+    Ddim,
+    Euler,
+    Dpmpp2m,
+    Lcm,
+}
+
+impl From<Sampler> for SchedulerKind {
+    fn from(s: Sampler) -> Self {
+        match s {
+            Sampler::Ddim => Self::Ddim,
+            Sampler::Euler => Self::Euler,
+            Sampler::Dpmpp2m => Self::DpmSolverPp2m,
+            Sampler::Lcm => Self::Lcm,
+        }
+    }
+}
+
+/// Generate one image with the edge (Tiny-SD, tract) engine.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Model folder (optimum ONNX layout + diffusionx.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The negative prompt.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Seed of every noise drawn (see docs/protocol.md section 8).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Image width in pixels (multiple of 64, 256..=1024).
+    #[arg(long, default_value_t = 256)]
+    width: usize,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 256)]
+    height: usize,
+    /// Steps of the schedule.
+    #[arg(long, default_value_t = 4)]
+    steps: u16,
+    /// Classifier-free guidance scale; 1 or less disables guidance.
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f32,
+    /// Scheduler.
+    #[arg(long, value_enum, default_value_t = Sampler::Euler)]
+    scheduler: Sampler,
+    /// Start from this latent (`.npy`, f32 [1,4,h/8,w/8], scaled) instead of noise (img2img).
+    #[arg(long)]
+    init_latent: Option<PathBuf>,
+    /// img2img noise level in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    strength: f32,
+    /// Use this noise (`.npy`, f32 [1,4,h/8,w/8]) instead of drawing it from the seed.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Write the final latent here (`.npy`, f32 [1,4,h/8,w/8], scaled).
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Write each step's live preview here as `step-K.png`.
+    #[arg(long)]
+    previews: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long, default_value = "generated.png")]
+    out: PathBuf,
+    /// Threads for tract's matrix products (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Skip the SHA-256 check of the model files.
+    #[arg(long)]
+    no_verify: bool,
+}
+
+fn read_latent(path: &Path) -> Result<Vec<f32>> {
+    Ok(npy::read::<f32>(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .data)
+}
+
+fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
+    let buffer = image::RgbImage::from_raw(
+        image.width as u32,
+        image.height as u32,
+        image.pixels.clone(),
+    )
+    .context("image buffer size")?;
+    buffer
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut config = EngineConfig {
+        verify_hashes: !args.no_verify,
+        ..EngineConfig::default()
+    };
+    if let Some(threads) = args.threads {
+        config.threads = threads;
+    }
+    let started = Instant::now();
+    let pipeline = Pipeline::load(&args.model, &config)?;
+    eprintln!(
+        "loaded {} in {:.1?}",
+        args.model.display(),
+        started.elapsed()
+    );
+
+    let noise = args.init_noise.as_deref().map(read_latent).transpose()?;
+    let start = match &args.init_latent {
+        Some(path) => Start::Latent {
+            latent: read_latent(path)?,
+            noise_level: NoiseLevel::from_fraction(args.strength)
+                .with_context(|| format!("strength {} is not in (0, 1]", args.strength))?,
+            noise,
+        },
+        None => Start::Noise(noise),
+    };
+    let request = Request {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+        scheduler: args.scheduler.into(),
+        start,
+        step_noise: None,
+        decode: true,
+    };
+    if let Some(dir) = &args.previews {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut preview_error = None;
+    let outcome = pipeline.generate(&request, &mut |p| {
+        eprintln!("step {}/{}", p.step, p.total);
+        if let Some(dir) = &args.previews
+            && let Err(e) = save_png(&p.preview(), &dir.join(format!("step-{}.png", p.step)))
+        {
+            preview_error = Some(e);
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(error) = preview_error {
+        return Err(error);
+    }
+    let Outcome::Finished(generation) = outcome else {
+        bail!("the run was cancelled")
+    };
+    let [c, h, w] = generation.latent_shape;
+    if let Some(path) = &args.save_latents {
+        npy::write(path, &[1, c, h, w], &generation.latent)?;
+    }
+    let image = generation.image.context("the engine decodes when asked")?;
+    save_png(&image, &args.out)?;
+    let t = generation.timings;
+    eprintln!(
+        "wrote {} ({}x{}): text {:.2?}, {} steps {:.2?}, decode {:.2?}",
+        args.out.display(),
+        image.width,
+        image.height,
+        t.text,
+        generation.steps_run,
+        t.denoise,
+        t.decode
+    );
+    Ok(())
+}
