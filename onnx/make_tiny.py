@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import export  # noqa: E402
 import layouts  # noqa: E402
+import make_tokenizer  # noqa: E402
 import quantize  # noqa: E402
 
 SEED = 0  # model weights
@@ -322,6 +323,7 @@ def main() -> None:
     (ref_dir / "cases.json").write_text(json.dumps(index, indent=2) + "\n")
     quantize.write_qdq_softmax_fixture(args.fixtures / "regression")
     write_int8_fixture(args.fixtures)
+    make_tokenizer.write_id_fixture(onnx_dir / "tokenizer", args.fixtures / "tokenizer-ids.json")
     total = sum(p.stat().st_size for p in args.fixtures.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB")
 

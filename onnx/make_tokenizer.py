@@ -180,6 +180,23 @@ def verify(folder: Path) -> None:
     print(f"  {CHECK_PROMPTS[0]!r} -> {ids[0][:12].tolist()}...")
 
 
+def write_id_fixture(folder: Path, out: Path) -> None:
+    """The ids transformers gives (as diffusers calls it) for every check prompt, as JSON, so the
+    Rust tokenizer is tested against them."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    hf = CLIPTokenizer.from_pretrained(str(folder))
+    prompts = CHECK_PROMPTS + KNOWN_SLOW_FAST_DIFFERENCES
+    ids = diffusers_ids(hf, prompts)
+    counts = [len(hf(p).input_ids) for p in prompts]  # untruncated, with BOS/EOS
+    cases = [{"prompt": p, "ids": row.tolist(), "tokens": n} for p, row, n in zip(prompts, ids, counts)]
+    out.write_text(json.dumps({"source": "transformers CLIPTokenizer, padding=max_length, max_length=77, "
+                                         "truncation=True (StableDiffusionPipeline.encode_prompt)",
+                               "cases": cases}, ensure_ascii=False, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="tokenizer folder to write")

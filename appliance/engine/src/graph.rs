@@ -137,10 +137,12 @@ impl Graph {
     }
 
     /// Runs the graph once with a timer around every node and returns the time spent per
-    /// operator kind, largest first: where a graph's time goes (`bench-edge --profile`).
+    /// operator kind (or per node, with `by_node`), largest first: where a graph's time goes
+    /// (`bench-edge --profile`).
     pub fn profile(
         &self,
         named: Vec<(&str, Tensor)>,
+        by_node: bool,
     ) -> Result<Vec<(String, std::time::Duration, usize)>, EngineError> {
         let inputs = self.order(named)?;
         let plan = self.plan(&inputs)?;
@@ -152,7 +154,11 @@ impl Graph {
             .run_plan_with_eval(values, |ctx, op_state, node, input| {
                 let started = std::time::Instant::now();
                 let output = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
-                let entry = per_op.entry(node.op().name().to_string()).or_default();
+                let key = match by_node {
+                    true => format!("{} {}", node.op().name(), node.name),
+                    false => node.op().name().to_string(),
+                };
+                let entry = per_op.entry(key).or_default();
                 entry.0 += started.elapsed();
                 entry.1 += 1;
                 output

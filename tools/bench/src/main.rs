@@ -45,6 +45,9 @@ struct Args {
     /// Print where a UNet call's time goes, per operator kind (e.g. `unet-32x32-b1:f32`).
     #[arg(long)]
     profile: Option<String>,
+    /// With `--profile`: time per node instead of per operator kind.
+    #[arg(long)]
+    by_node: bool,
     /// Internal: run one measurement and print its JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -356,8 +359,8 @@ fn profile(args: &Args, key: &str) -> Result<()> {
         ])
     };
     graph.prepare(inputs()?)?;
-    graph.profile(inputs()?)?;
-    let report = graph.profile(inputs()?)?;
+    graph.profile(inputs()?, false)?;
+    let report = graph.profile(inputs()?, args.by_node)?;
     let total: f64 = report.iter().map(|(_, t, _)| t.as_secs_f64()).sum();
     for (op, t, n) in report.iter().take(25) {
         println!(
