@@ -326,6 +326,10 @@ def main() -> None:
     make_tokenizer.write_id_fixture(onnx_dir / "tokenizer", args.fixtures / "tokenizer-ids.json")
     total = sum(p.stat().st_size for p in args.fixtures.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB")
+    # the gateway's SD v1.5-layout fixtures (tiny-sd15/ symlinks tiny-sd/tokenizer)
+    import make_tiny_sd15  # noqa: E402
+
+    make_tiny_sd15.generate(args.fixtures)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-//! One ONNX graph on tract: parsed once, optimized once per input shape, run many times.
+//! One ONNX graph on tract: optimized once per input shape, run many times.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
@@ -9,22 +9,23 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::EngineError;
 
-/// A parsed ONNX graph and its plans, one per set of input shapes. tract needs seconds to optimize
-/// a UNet, so plans are built once (at start-up for the configured resolutions) and kept.
+/// An ONNX graph and its plans, one per set of input shapes. tract needs seconds to optimize a
+/// UNet, so plans are built once (at start-up for the configured resolutions) and kept. The parsed
+/// ONNX model is not kept: its weights would sit in memory beside the optimized plan's packed
+/// copies (a full-size f32 pipeline held 3.2 GiB that way instead of about 2), so a new shape
+/// parses the file again.
 pub struct Graph {
     name: &'static str,
-    model: InferenceModel,
+    path: PathBuf,
     inputs: Vec<(String, Option<DatumType>, Option<usize>)>,
     outputs: Vec<String>,
     plans: Mutex<HashMap<Vec<TVec<usize>>, Arc<TypedSimplePlan>>>,
 }
 
 impl Graph {
-    /// Parses the ONNX file at `path`.
+    /// Parses the ONNX file at `path` and reads its inputs and outputs.
     pub fn load(name: &'static str, path: &Path) -> Result<Self, EngineError> {
-        let model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(|e| EngineError::tract(name, "parsing the ONNX file", e))?;
+        let model = parse(name, path)?;
         let outlets = model
             .input_outlets()
             .map_err(|e| EngineError::tract(name, "inputs", e))?;
@@ -58,7 +59,7 @@ impl Graph {
             .collect();
         Ok(Self {
             name,
-            model,
+            path: path.to_path_buf(),
             inputs,
             outputs,
             plans: Mutex::new(HashMap::new()),
@@ -113,7 +114,7 @@ impl Graph {
         if let Some(plan) = plans.get(&key) {
             return Ok(plan.clone());
         }
-        let mut model = self.model.clone();
+        let mut model = parse(self.name, &self.path)?;
         for (ix, tensor) in inputs.iter().enumerate() {
             model
                 .set_input_fact(
@@ -202,4 +203,10 @@ impl Graph {
             .to_vec();
         Ok((tensor.shape().to_vec(), data))
     }
+}
+
+fn parse(name: &'static str, path: &Path) -> Result<InferenceModel, EngineError> {
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .map_err(|e| EngineError::tract(name, "parsing the ONNX file", e))
 }

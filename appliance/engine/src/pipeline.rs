@@ -229,23 +229,29 @@ impl Pipeline {
         self.text_cache.lock().expect("cache lock").len()
     }
 
-    /// Builds every plan a `width` x `height` run needs (text encoder, UNet at batch 1 and 2,
-    /// VAE decoder), so the first visitor does not wait for tract's optimizer.
-    pub fn prepare(&self, width: usize, height: usize) -> Result<(), EngineError> {
+    /// Builds every plan a `width` x `height` run at `guidance_scale` needs (text encoder, the
+    /// UNet at batch 2 with guidance or batch 1 without, VAE decoder), so the first visitor does
+    /// not wait for tract's optimizer. Each UNet plan holds its own packed weights, so only the
+    /// batch the kiosk uses is built; another one is built on first use.
+    pub fn prepare(
+        &self,
+        width: usize,
+        height: usize,
+        guidance_scale: f32,
+    ) -> Result<(), EngineError> {
         let (h, w) = latent_size(width, height)?;
         let embedding = self.encode_text("")?;
         let hidden = embedding.len() / CONTEXT;
         self.text_encoder
             .prepare(vec![("input_ids", self.ids_tensor(&[0; CONTEXT])?)])?;
-        for batch in [1, 2] {
-            self.unet.prepare(self.unet_inputs(
-                &vec![0.0; batch * CHANNELS * h * w],
-                batch,
-                (h, w),
-                1.0,
-                &vec![0.0; batch * CONTEXT * hidden],
-            )?)?;
-        }
+        let batch = if guidance_scale > 1.0 { 2 } else { 1 };
+        self.unet.prepare(self.unet_inputs(
+            &vec![0.0; batch * CHANNELS * h * w],
+            batch,
+            (h, w),
+            1.0,
+            &vec![0.0; batch * CONTEXT * hidden],
+        )?)?;
         let latent = Tensor::from_shape(&[1, CHANNELS, h, w], &vec![0.0f32; CHANNELS * h * w])
             .map_err(|e| EngineError::tract("vae_decoder", "input", e))?;
         self.vae_decoder.prepare(vec![("latent_sample", latent)])

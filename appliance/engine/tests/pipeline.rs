@@ -159,3 +159,28 @@ fn bad_requests_are_refused_with_the_reason() {
         "{err}"
     );
 }
+
+#[test]
+fn prepared_plans_give_the_same_result_as_plans_built_on_first_use() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd");
+    let prepared = Pipeline::load(
+        &root,
+        &EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    prepared.prepare(256, 256, 7.5).unwrap();
+    let mut guided = request(9);
+    guided.guidance_scale = 7.5;
+    guided.negative_prompt = "blurry".into();
+    let run = |p: &Pipeline| match p
+        .generate(&guided, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+    {
+        Outcome::Finished(g) => g.latent,
+        Outcome::Cancelled { .. } => panic!("not cancelled"),
+    };
+    assert_eq!(run(&prepared), run(pipeline()));
+}

@@ -309,7 +309,8 @@ fn child(args: &Args, key: &str) -> Result<Value> {
             text_cache_entries: 0,
         };
         let pipeline = Pipeline::load(model, &config)?;
-        pipeline.prepare(256, 256)?;
+        let guidance_scale = if mode == "cfg" { 7.5 } else { 1.0 };
+        pipeline.prepare(256, 256, guidance_scale)?;
         let request = Request {
             prompt: "a lighthouse on a cliff at dusk, oil painting".into(),
             negative_prompt: "blurry".into(),
@@ -317,7 +318,7 @@ fn child(args: &Args, key: &str) -> Result<Value> {
             width: 256,
             height: 256,
             steps: 4,
-            guidance_scale: if mode == "cfg" { 7.5 } else { 1.0 },
+            guidance_scale,
             scheduler: SchedulerKind::Ddim,
             start: Start::Noise(None),
             step_noise: None,
