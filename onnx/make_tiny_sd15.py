@@ -23,7 +23,6 @@ img2img references for it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import math
