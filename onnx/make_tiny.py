@@ -191,7 +191,8 @@ def run_case(case, components, out: Path) -> dict:
         put("image.npy", (img / 2 + 0.5).clamp(0, 1))
     info = dict(
         scheduler=type(sched).__name__,
-        scheduler_config={k: v for k, v in dict(sched.config).items()},
+        # `_use_default_values` is built from a set: its order changes between runs.
+        scheduler_config={k: sorted(v) if k == "_use_default_values" else v for k, v in dict(sched.config).items()},
         mode=case["mode"],
         steps=STEPS,
         steps_run=len(steps),
