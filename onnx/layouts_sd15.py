@@ -17,7 +17,11 @@ DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 MID_BLOCK = "UNetMidBlock2DCrossAttn"
 
-TINY_BLOCK_OUT_CHANNELS = (8, 16, 16, 16)
+# candle-transformers 0.11.1's DownBlock2D/UpBlock2D resnets always use 32 groups (they ignore
+# the configured `norm_num_groups`), so the tiny UNet uses 32 groups and 32 channels throughout to
+# stay comparable with diffusers. The VAE passes its groups through, so it stays smaller.
+TINY_BLOCK_OUT_CHANNELS = (32, 32, 32, 32)
+TINY_UNET_NORM_GROUPS = 32
 TINY_VAE_BLOCK_OUT_CHANNELS = (8, 8, 16, 16)
 TINY_NORM_GROUPS = 4
 TINY_HEADS = 2
@@ -39,7 +43,7 @@ def unet_config(full: bool) -> dict:
         up_block_types=UP_BLOCKS,
         block_out_channels=(320, 640, 1280, 1280) if full else TINY_BLOCK_OUT_CHANNELS,
         layers_per_block=2,
-        norm_num_groups=32 if full else TINY_NORM_GROUPS,
+        norm_num_groups=32 if full else TINY_UNET_NORM_GROUPS,
         norm_eps=1e-5,
         cross_attention_dim=768 if full else layouts.TINY_TEXT_HIDDEN,
         attention_head_dim=8 if full else TINY_HEADS,  # SD 1.x naming: the number of heads

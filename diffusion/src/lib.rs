@@ -13,6 +13,7 @@
 //! implementation: `diffusion/reference/make_reference.py` writes the fixtures the tests replay.
 
 mod config;
+mod denoise;
 mod error;
 mod noise;
 mod noise_level;
@@ -21,6 +22,7 @@ mod scheduler;
 mod timesteps;
 
 pub use config::{PredictionType, SchedulerConfig};
+pub use denoise::{Denoised, StepReport, denoise, guide};
 pub use error::SchedulerError;
 pub use noise::{
     STREAM_INITIAL, STREAM_LCM_STEP_BASE, STREAM_RENOISE, gaussian_noise, lcm_step_stream,

@@ -53,7 +53,7 @@ pub enum EngineError {
     },
     /// The tokenizer failed to load or to encode.
     #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    Tokenizer(#[from] diffusionx_text::TokenizerError),
     /// tract failed to load, optimize or run a graph.
     #[error("{graph}: {stage}: {source}")]
     Tract {

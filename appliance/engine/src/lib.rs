@@ -16,8 +16,8 @@ pub use tract_onnx::prelude::{DatumType, Tensor};
 pub mod npy;
 mod pipeline;
 mod preview;
-mod tokenizer;
 
+pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
 pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};
 pub use graph::Graph;
@@ -25,4 +25,3 @@ pub use pipeline::{
     EngineConfig, Generation, Outcome, Pipeline, Progress, Request, Start, Timings, set_threads,
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
-pub use tokenizer::{CONTEXT, ClipTokenizer};

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::{
-    NoiseLevel, STREAM_INITIAL, STREAM_RENOISE, Scheduler, SchedulerConfig, SchedulerKind,
-    gaussian_noise, lcm_step_stream,
+    Denoised, NoiseLevel, STREAM_INITIAL, STREAM_RENOISE, Scheduler, SchedulerConfig,
+    SchedulerKind, denoise, gaussian_noise, guide, lcm_step_stream,
 };
 use tract_onnx::prelude::*;
 
@@ -16,7 +16,7 @@ use crate::error::EngineError;
 use crate::folder::ModelFolder;
 use crate::graph::Graph;
 use crate::preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
-use crate::tokenizer::{CONTEXT, ClipTokenizer};
+use diffusionx_text::{CONTEXT, ClipTokenizer};
 
 /// Latent channels of the SD-1.x VAE.
 const CHANNELS: usize = 4;
@@ -362,43 +362,35 @@ impl Pipeline {
 
         let started = Instant::now();
         let (mut scheduler, mut sample) = self.start(request, len)?;
-        let timesteps = scheduler.timesteps().to_vec();
         let batch = if guided { 2 } else { 1 };
-        let mut scaled = vec![0.0f32; len];
-        for (i, &t) in timesteps.iter().enumerate() {
-            scheduler.scale_model_input(&sample, i, &mut scaled);
-            let input: Vec<f32> = if guided {
-                [&scaled[..], &scaled[..]].concat()
-            } else {
-                scaled.clone()
-            };
-            let (_, out) = self.unet.run(
-                self.unet_inputs(&input, batch, (h, w), t, &embeddings)?,
-                "out_sample",
-            )?;
-            let noise_pred: Vec<f32> = if guided {
-                let (uncond, cond) = out.split_at(len);
-                uncond
-                    .iter()
-                    .zip(cond)
-                    .map(|(u, c)| u + request.guidance_scale * (c - u))
-                    .collect()
-            } else {
-                out
-            };
-            let step_noise = self.step_noise(request, &scheduler, i, len)?;
-            let step = scheduler.step(&noise_pred, i, &mut sample, step_noise.as_deref());
-            let report = Progress {
-                step: i + 1,
-                total: timesteps.len(),
-                denoised: step.pred_original_sample,
-                sample: &sample,
-                latent_height: h,
-                latent_width: w,
-            };
-            if progress(&report).is_break() {
-                return Ok(Outcome::Cancelled { after_step: i + 1 });
+        let steps_run = scheduler.timesteps().len();
+        let predict = |scaled: &[f32], t: f32| -> Result<Vec<f32>, EngineError> {
+            if !guided {
+                return self.predict_noise(scaled, 1, (h, w), t, &embeddings);
             }
+            let out =
+                self.predict_noise(&[scaled, scaled].concat(), batch, (h, w), t, &embeddings)?;
+            let (uncond, cond) = out.split_at(len);
+            Ok(guide(uncond, cond, request.guidance_scale))
+        };
+        let ended = denoise(
+            &mut scheduler,
+            &mut sample,
+            predict,
+            |step| self.step_noise(request, step, len),
+            |report| {
+                progress(&Progress {
+                    step: report.step,
+                    total: report.total,
+                    denoised: report.denoised,
+                    sample: report.sample,
+                    latent_height: h,
+                    latent_width: w,
+                })
+            },
+        )?;
+        if let Denoised::Cancelled { after_step } = ended {
+            return Ok(Outcome::Cancelled { after_step });
         }
         let denoise_time = started.elapsed();
 
@@ -422,7 +414,7 @@ impl Pipeline {
             latent_shape: [CHANNELS, h, w],
             image,
             image_f32,
-            steps_run: timesteps.len(),
+            steps_run,
             timings: Timings {
                 text: text_time,
                 denoise: denoise_time,
@@ -489,19 +481,16 @@ impl Pipeline {
         }
     }
 
+    /// The fresh noise a scheduler draws at `step` (LCM): the request's, or from the seed.
     fn step_noise(
         &self,
         request: &Request,
-        scheduler: &Scheduler,
         step: usize,
         len: usize,
-    ) -> Result<Option<Vec<f32>>, EngineError> {
-        if !scheduler.step_needs_noise(step) {
-            return Ok(None);
-        }
+    ) -> Result<Vec<f32>, EngineError> {
         if let Some(given) = &request.step_noise {
             return match given.get(step) {
-                Some(noise) if noise.len() == len => Ok(Some(noise.clone())),
+                Some(noise) if noise.len() == len => Ok(noise.clone()),
                 _ => Err(EngineError::InvalidRequest(format!(
                     "no step noise of {len} values for step {step}"
                 ))),
@@ -509,7 +498,7 @@ impl Pipeline {
         }
         let mut noise = vec![0.0; len];
         gaussian_noise(request.seed, lcm_step_stream(step), &mut noise);
-        Ok(Some(noise))
+        Ok(noise)
     }
 
     /// VAE-decodes a scaled latent to `[3, H, W]` in [-1, 1].

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use diffusionx_engine::ClipTokenizer;
+use diffusionx_text::ClipTokenizer;
 
 #[test]
 fn ids_and_counts_match_transformers() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/fixtures");
     let tokenizer = ClipTokenizer::from_folder(&fixtures.join("tiny-sd/tokenizer")).unwrap();
     let text = std::fs::read_to_string(fixtures.join("tokenizer-ids.json")).unwrap();
     let reference: serde_json::Value = serde_json::from_str(&text).unwrap();

@@ -1,0 +1,136 @@
+//! The candle refiner against diffusers' StableDiffusionImg2ImgPipeline on the same tiny
+//! random-weight SD v1.5-layout weights (`onnx/make_tiny_sd15.py`): the re-noising noise from the
+//! job's seed, every step's latent, the final latent and the decoded image, for every scheduler.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use diffusionx_diffusion::{NoiseLevel, STREAM_RENOISE, SchedulerKind, gaussian_noise};
+use diffusionx_refine::{RefineJob, Refiner};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures")
+}
+
+/// Values of a little-endian f32 `.npy` (the reference files are all of that kind).
+fn npy(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.starts_with(b"\x93NUMPY") && bytes[6] == 1,
+        "{}",
+        path.display()
+    );
+    let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains("'<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn kind(name: &str) -> SchedulerKind {
+    match name {
+        "DDIMScheduler" => SchedulerKind::Ddim,
+        "EulerDiscreteScheduler" => SchedulerKind::Euler,
+        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPp2m,
+        "LCMScheduler" => SchedulerKind::Lcm,
+        other => panic!("unknown scheduler {other}"),
+    }
+}
+
+/// The bound for refined latents (f32 candle vs f32 PyTorch).
+const LATENT_TOLERANCE: f32 = 1e-3;
+
+#[test]
+fn every_reference_case_matches_diffusers() {
+    let refiner = Refiner::load(&fixtures().join("tiny-sd15")).unwrap();
+    let reference = fixtures().join("tiny-sd15-reference");
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("cases.json")).unwrap())
+            .unwrap();
+    let mut checked = 0;
+    for (name, case) in cases["cases"].as_object().unwrap() {
+        let dir = reference.join(name);
+        let files: Vec<&str> = case["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let seed = case["seed"].as_u64().unwrap();
+        // The references' re-noising noise is the shared generator's stream 1 for the seed.
+        let mut noise = vec![0.0f32; 4 * 32 * 32];
+        gaussian_noise(seed, STREAM_RENOISE, &mut noise);
+        assert_eq!(
+            noise,
+            npy(&dir.join("noise.npy")),
+            "{name}: noise from the seed"
+        );
+
+        let job = RefineJob {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+            seed,
+            latent_height: 32,
+            latent_width: 32,
+            steps: case["steps"].as_u64().unwrap() as u16,
+            noise_level: NoiseLevel::from_fraction(case["strength"].as_f64().unwrap() as f32)
+                .unwrap(),
+            guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+            scheduler: kind(case["scheduler"].as_str().unwrap()),
+            latent: npy(&dir.join("init_latent.npy")),
+            decode: files.contains(&"image.npy"),
+        };
+        let mut step_diffs = Vec::new();
+        let refined = refiner
+            .refine(&job, &mut |r| {
+                step_diffs.push(max_abs_diff(
+                    r.sample,
+                    &npy(&dir.join(format!("latents_step{}.npy", r.step - 1))),
+                ));
+                ControlFlow::Continue(())
+            })
+            .unwrap()
+            .expect("not cancelled");
+        assert_eq!(
+            refined.steps_run,
+            case["steps_run"].as_u64().unwrap() as usize,
+            "{name}: steps run"
+        );
+        let final_diff = max_abs_diff(&refined.latent, &npy(&dir.join("final_latent.npy")));
+        let image_diff = refined
+            .image
+            .as_ref()
+            .map(|img| max_abs_diff(img, &npy(&dir.join("image.npy"))));
+        println!(
+            "{name}: per-step max abs diff {step_diffs:?}, final {final_diff:e}, image {image_diff:?}"
+        );
+        assert!(
+            step_diffs.iter().all(|d| *d <= LATENT_TOLERANCE),
+            "{name}: {step_diffs:?}"
+        );
+        assert!(
+            final_diff <= LATENT_TOLERANCE,
+            "{name}: final latent differs by {final_diff}"
+        );
+        if let Some(diff) = image_diff {
+            assert!(diff <= LATENT_TOLERANCE, "{name}: image differs by {diff}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 6, "every case of cases.json was checked");
+}
