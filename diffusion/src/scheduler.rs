@@ -27,6 +27,19 @@ pub enum SchedulerKind {
     Lcm,
 }
 
+impl SchedulerKind {
+    /// The kind of a diffusers scheduler class (a `scheduler_config.json`'s `_class_name`).
+    pub fn from_diffusers_class(class_name: &str) -> Option<Self> {
+        match class_name {
+            "DDIMScheduler" => Some(Self::Ddim),
+            "EulerDiscreteScheduler" => Some(Self::Euler),
+            "DPMSolverMultistepScheduler" => Some(Self::DpmSolverPp2m),
+            "LCMScheduler" => Some(Self::Lcm),
+            _ => None,
+        }
+    }
+}
+
 /// What [`Scheduler::step`] gives besides the updated sample.
 #[derive(Debug)]
 pub struct StepOutput<'a> {

@@ -291,3 +291,17 @@ fn configs_saved_by_diffusers_with_python_infinities_parse() {
     assert_eq!(config.steps_offset, 1);
     assert_eq!(config.beta_end, Some(0.012));
 }
+
+#[test]
+fn diffusers_class_names_map_to_kinds() {
+    use diffusionx_diffusion::SchedulerKind;
+    assert_eq!(
+        SchedulerKind::from_diffusers_class("LCMScheduler"),
+        Some(SchedulerKind::Lcm)
+    );
+    assert_eq!(
+        SchedulerKind::from_diffusers_class("DPMSolverMultistepScheduler"),
+        Some(SchedulerKind::DpmSolverPp2m)
+    );
+    assert_eq!(SchedulerKind::from_diffusers_class("PNDMScheduler"), None);
+}

@@ -240,10 +240,9 @@ impl Pipeline {
         guidance_scale: f32,
     ) -> Result<(), EngineError> {
         let (h, w) = latent_size(width, height)?;
-        let embedding = self.encode_text("")?;
-        let hidden = embedding.len() / CONTEXT;
-        self.text_encoder
-            .prepare(vec![("input_ids", self.ids_tensor(&[0; CONTEXT])?)])?;
+        // Encoding the empty prompt builds the text encoder's plan (and caches the embedding
+        // every guidance-free negative prompt uses).
+        let hidden = self.encode_text("")?.len() / CONTEXT;
         let batch = if guidance_scale > 1.0 { 2 } else { 1 };
         self.unet.prepare(self.unet_inputs(
             &vec![0.0; batch * CHANNELS * h * w],

@@ -29,13 +29,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn kind(name: &str) -> SchedulerKind {
-    match name {
-        "DDIMScheduler" => SchedulerKind::Ddim,
-        "EulerDiscreteScheduler" => SchedulerKind::Euler,
-        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPp2m,
-        "LCMScheduler" => SchedulerKind::Lcm,
-        other => panic!("unknown scheduler {other}"),
-    }
+    SchedulerKind::from_diffusers_class(name).unwrap_or_else(|| panic!("unknown scheduler {name}"))
 }
 
 /// Tolerances reached, stated per quantity (f32 tract vs f32 PyTorch).

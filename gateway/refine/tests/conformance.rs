@@ -43,13 +43,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn kind(name: &str) -> SchedulerKind {
-    match name {
-        "DDIMScheduler" => SchedulerKind::Ddim,
-        "EulerDiscreteScheduler" => SchedulerKind::Euler,
-        "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverPp2m,
-        "LCMScheduler" => SchedulerKind::Lcm,
-        other => panic!("unknown scheduler {other}"),
-    }
+    SchedulerKind::from_diffusers_class(name).unwrap_or_else(|| panic!("unknown scheduler {name}"))
 }
 
 /// The bound for refined latents (f32 candle vs f32 PyTorch).
