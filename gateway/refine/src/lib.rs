@@ -7,12 +7,14 @@
 //! denoise the remaining steps under the final prompt with classifier-free guidance (the shared
 //! loop and schedulers of `diffusionx-diffusion`, so the handover is exact), and decode. It
 //! never touches the network or a clock; queueing, batching and serving belong to `gatewayd`.
-//! CPU only for now; the `cuda` feature and batching across jobs come with the server.
+//! Jobs advance one step at a time ([`Refiner::step_batch`]), several per UNet call, each at its
+//! own timestep, so the server can batch continuously.
 
 mod error;
 mod model;
 mod refine;
+mod unet;
 
 pub use error::RefineError;
 pub use model::Refiner;
-pub use refine::{RefineJob, Refined};
+pub use refine::{RefineJob, RefineTask, Refined};

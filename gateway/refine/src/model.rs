@@ -9,7 +9,7 @@ use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
 };
 use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+    BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use diffusionx_diffusion::SchedulerConfig;
@@ -17,13 +17,14 @@ use diffusionx_text::ClipTokenizer;
 use serde_json::Value;
 
 use crate::error::RefineError;
+use crate::unet::BatchUnet;
 
 /// A loaded SD 1.x pipeline: tokenizer, text encoder, UNet, VAE and scheduler config.
 pub struct Refiner {
     pub(crate) device: Device,
     pub(crate) tokenizer: ClipTokenizer,
     pub(crate) text_encoder: ClipTextTransformer,
-    pub(crate) unet: UNet2DConditionModel,
+    pub(crate) unet: BatchUnet,
     pub(crate) vae: AutoEncoderKL,
     pub(crate) scheduler_config: SchedulerConfig,
     pub(crate) scaling_factor: f64,
@@ -129,7 +130,7 @@ fn load_text_encoder(dir: &Path, device: &Device) -> Result<ClipTextTransformer,
     })
 }
 
-fn load_unet(dir: &Path, device: &Device) -> Result<UNet2DConditionModel, RefineError> {
+fn load_unet(dir: &Path, device: &Device) -> Result<BatchUnet, RefineError> {
     let path = dir.join("config.json");
     let config = read_json(&path)?;
     let bad = |reason: String| RefineError::Config {
@@ -200,11 +201,9 @@ fn load_unet(dir: &Path, device: &Device) -> Result<UNet2DConditionModel, Refine
         DType::F32,
         device,
     );
-    UNet2DConditionModel::new(vb, in_channels, out_channels, false, unet_config).map_err(|source| {
-        RefineError::Load {
-            part: "unet",
-            source,
-        }
+    BatchUnet::new(vb, in_channels, out_channels, unet_config).map_err(|source| RefineError::Load {
+        part: "unet",
+        source,
     })
 }
 

@@ -4,8 +4,8 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 use diffusionx_diffusion::{
-    Denoised, NoiseLevel, STREAM_RENOISE, Scheduler, SchedulerKind, StepReport, denoise,
-    gaussian_noise, guide, lcm_step_stream,
+    NoiseLevel, STREAM_RENOISE, Scheduler, SchedulerKind, StepReport, gaussian_noise, guide,
+    lcm_step_stream,
 };
 use diffusionx_text::CONTEXT;
 
@@ -53,6 +53,71 @@ pub struct Refined {
     pub steps_run: usize,
 }
 
+/// A job in flight: its text embeddings, scheduler state and current sample. Made by
+/// [`Refiner::start`], advanced by [`Refiner::step_batch`], closed by [`Refiner::finish`].
+pub struct RefineTask {
+    latent_height: usize,
+    latent_width: usize,
+    guidance_scale: f32,
+    guided: bool,
+    seed: u64,
+    decode: bool,
+    /// `[rows, 77, d]`: the negative then the positive prompt when guided, else the prompt.
+    embeddings: Tensor,
+    scheduler: Scheduler,
+    sample: Vec<f32>,
+    denoised: Vec<f32>,
+    done: usize,
+    total: usize,
+}
+
+impl std::fmt::Debug for RefineTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefineTask")
+            .field("latent", &(self.latent_height, self.latent_width))
+            .field("done", &self.done)
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RefineTask {
+    /// Steps done so far.
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    /// Steps this task runs in all.
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    /// Whether every step has run.
+    pub fn is_finished(&self) -> bool {
+        self.done == self.total
+    }
+
+    /// `(height, width)` of the latent; only tasks of one size share a batch.
+    pub fn latent_size(&self) -> (usize, usize) {
+        (self.latent_height, self.latent_width)
+    }
+
+    /// UNet rows this task takes in a batch: 2 with guidance, else 1.
+    pub fn rows(&self) -> usize {
+        if self.guided { 2 } else { 1 }
+    }
+
+    /// The current sample, scaled, `[4, h, w]`.
+    pub fn sample(&self) -> &[f32] {
+        &self.sample
+    }
+
+    /// The scheduler's prediction of the clean latent after the last step (for previews).
+    pub fn denoised(&self) -> &[f32] {
+        &self.denoised
+    }
+}
+
 impl Refiner {
     /// The CLIP text encoder's last hidden state for `text`, `[1, 77, hidden]`. One prompt per
     /// call: candle-transformers 0.11.1's CLIP fails on a batch of prompts.
@@ -65,18 +130,21 @@ impl Refiner {
             .map_err(RefineError::run("text encoder"))
     }
 
-    /// Runs `job`; `progress` sees every step and may stop the run between steps (`None`).
-    pub fn refine(
-        &self,
-        job: &RefineJob,
-        progress: &mut dyn FnMut(&StepReport<'_>) -> ControlFlow<()>,
-    ) -> Result<Option<Refined>, RefineError> {
+    /// Starts `job`: encodes its prompts and re-noises its latent with the job's seed. The task
+    /// is then advanced by [`Refiner::step_batch`], alone or with other tasks of the same size,
+    /// and closed by [`Refiner::finish`].
+    pub fn start(&self, job: &RefineJob) -> Result<RefineTask, RefineError> {
         let (h, w) = (job.latent_height, job.latent_width);
         let len = CHANNELS * h * w;
         if job.latent.len() != len {
             return Err(RefineError::InvalidJob(format!(
                 "latent has {} values, {h}x{w} needs {len}",
                 job.latent.len()
+            )));
+        }
+        if let Some(bad) = job.latent.iter().find(|v| !v.is_finite()) {
+            return Err(RefineError::InvalidJob(format!(
+                "latent holds a non-finite value ({bad})"
             )));
         }
         let guided = job.guidance_scale > 1.0;
@@ -87,8 +155,7 @@ impl Refiner {
         } else {
             cond
         };
-
-        let mut scheduler = Scheduler::for_img2img(
+        let scheduler = Scheduler::for_img2img(
             job.scheduler,
             &self.scheduler_config,
             usize::from(job.steps),
@@ -99,49 +166,138 @@ impl Refiner {
         gaussian_noise(job.seed, STREAM_RENOISE, &mut noise);
         let mut sample = vec![0.0f32; len];
         scheduler.add_noise(&job.latent, &noise, &mut sample);
-        let steps_run = scheduler.timesteps().len();
+        Ok(RefineTask {
+            latent_height: h,
+            latent_width: w,
+            guidance_scale: job.guidance_scale,
+            guided,
+            seed: job.seed,
+            decode: job.decode,
+            embeddings,
+            total: scheduler.timesteps().len(),
+            scheduler,
+            denoised: sample.clone(),
+            sample,
+            done: 0,
+        })
+    }
 
-        let predict = |scaled: &[f32], t: f32| -> Result<Vec<f32>, RefineError> {
-            let unet = RefineError::run("UNet");
-            let x = Tensor::from_slice(scaled, (1, CHANNELS, h, w), &self.device).map_err(&unet)?;
-            let input = if guided {
-                Tensor::cat(&[&x, &x], 0).map_err(&unet)?
-            } else {
-                x
-            };
-            let out = self
-                .unet
-                .forward(&input, f64::from(t), &embeddings)
-                .map_err(&unet)?;
-            let out: Vec<f32> = out.flatten_all().and_then(|o| o.to_vec1()).map_err(&unet)?;
-            Ok(if guided {
-                guide(&out[..len], &out[len..], job.guidance_scale)
-            } else {
-                out
-            })
+    /// Advances every task in `tasks` by one denoising step with a single UNet call (each task
+    /// at its own timestep: continuous batching). All tasks must be unfinished and share one
+    /// latent size. The result for each task is the same as stepping it alone.
+    pub fn step_batch(&self, tasks: &mut [&mut RefineTask]) -> Result<(), RefineError> {
+        let Some(first) = tasks.first() else {
+            return Ok(());
         };
-        let step_noise = |step: usize| -> Result<Vec<f32>, RefineError> {
-            let mut noise = vec![0.0f32; len];
-            gaussian_noise(job.seed, lcm_step_stream(step), &mut noise);
-            Ok(noise)
-        };
-        if let Denoised::Cancelled { .. } =
-            denoise(&mut scheduler, &mut sample, predict, step_noise, |r| {
-                progress(r)
-            })?
+        let (h, w) = (first.latent_height, first.latent_width);
+        if let Some(other) = tasks
+            .iter()
+            .find(|t| (t.latent_height, t.latent_width) != (h, w))
         {
-            return Ok(None);
+            return Err(RefineError::InvalidJob(format!(
+                "a batch holds one latent size: {h}x{w} and {}x{}",
+                other.latent_height, other.latent_width
+            )));
         }
-        let image = if job.decode {
-            Some(self.decode(&sample, h, w)?)
+        if tasks.iter().any(|t| t.is_finished()) {
+            return Err(RefineError::InvalidJob(
+                "a finished task cannot be stepped".into(),
+            ));
+        }
+        let unet = RefineError::run("UNet");
+        let len = CHANNELS * h * w;
+        let rows: usize = tasks.iter().map(|t| t.rows()).sum();
+        let mut input = Vec::with_capacity(rows * len);
+        let mut timesteps = Vec::with_capacity(rows);
+        let mut scaled = vec![0.0f32; len];
+        for task in tasks.iter() {
+            task.scheduler
+                .scale_model_input(&task.sample, task.done, &mut scaled);
+            let t = task.scheduler.timesteps()[task.done];
+            for _ in 0..task.rows() {
+                input.extend_from_slice(&scaled);
+                timesteps.push(t);
+            }
+        }
+        let x = Tensor::from_vec(input, (rows, CHANNELS, h, w), &self.device).map_err(&unet)?;
+        let t = Tensor::from_vec(timesteps, rows, &self.device).map_err(&unet)?;
+        let embeddings: Vec<&Tensor> = tasks.iter().map(|t| &t.embeddings).collect();
+        let embeddings = Tensor::cat(&embeddings, 0).map_err(&unet)?;
+        let out: Vec<f32> = self
+            .unet
+            .forward(&x, &t, &embeddings)
+            .and_then(|o| o.flatten_all())
+            .and_then(|o| o.to_vec1())
+            .map_err(&unet)?;
+        let mut offset = 0;
+        for task in tasks.iter_mut() {
+            let i = task.done;
+            let prediction = if task.guided {
+                let uncond = &out[offset..offset + len];
+                let cond = &out[offset + len..offset + 2 * len];
+                guide(uncond, cond, task.guidance_scale)
+            } else {
+                out[offset..offset + len].to_vec()
+            };
+            offset += task.rows() * len;
+            let noise = task.scheduler.step_needs_noise(i).then(|| {
+                let mut noise = vec![0.0f32; len];
+                gaussian_noise(task.seed, lcm_step_stream(i), &mut noise);
+                noise
+            });
+            let RefineTask {
+                scheduler,
+                sample,
+                denoised,
+                ..
+            } = &mut **task;
+            let step = scheduler.step(&prediction, i, sample, noise.as_deref());
+            denoised.copy_from_slice(step.pred_original_sample);
+            task.done += 1;
+        }
+        Ok(())
+    }
+
+    /// Closes a finished task: the refined latent and, when the job asked, its decoded image.
+    pub fn finish(&self, task: RefineTask) -> Result<Refined, RefineError> {
+        if !task.is_finished() {
+            return Err(RefineError::InvalidJob(format!(
+                "finish after {} of {} steps",
+                task.done, task.total
+            )));
+        }
+        let image = if task.decode {
+            Some(self.decode(&task.sample, task.latent_height, task.latent_width)?)
         } else {
             None
         };
-        Ok(Some(Refined {
-            latent: sample,
+        Ok(Refined {
+            latent: task.sample,
             image,
-            steps_run,
-        }))
+            steps_run: task.total,
+        })
+    }
+
+    /// Runs `job` alone; `progress` sees every step and may stop the run between steps (`None`).
+    pub fn refine(
+        &self,
+        job: &RefineJob,
+        progress: &mut dyn FnMut(&StepReport<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<Refined>, RefineError> {
+        let mut task = self.start(job)?;
+        while !task.is_finished() {
+            self.step_batch(&mut [&mut task])?;
+            let report = StepReport {
+                step: task.done,
+                total: task.total,
+                denoised: &task.denoised,
+                sample: &task.sample,
+            };
+            if progress(&report).is_break() {
+                return Ok(None);
+            }
+        }
+        self.finish(task).map(Some)
     }
 
     /// VAE-decodes a scaled latent to `[3, 8h, 8w]` in [0, 1] (diffusers' `(x / 2 + 0.5).clamp(0, 1)`).
