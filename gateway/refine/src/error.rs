@@ -41,6 +41,9 @@ pub enum RefineError {
         /// candle's error.
         source: candle_core::Error,
     },
+    /// CUDA was asked for and is not available.
+    #[error("CUDA: {0}")]
+    NoCuda(String),
     /// The job cannot run (sizes, steps).
     #[error("invalid job: {0}")]
     InvalidJob(String),

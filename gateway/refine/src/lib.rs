@@ -16,5 +16,5 @@ mod refine;
 mod unet;
 
 pub use error::RefineError;
-pub use model::Refiner;
+pub use model::{Compute, Refiner};
 pub use refine::{RefineJob, RefineTask, Refined};

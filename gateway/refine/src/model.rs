@@ -19,9 +19,38 @@ use serde_json::Value;
 use crate::error::RefineError;
 use crate::unet::BatchUnet;
 
+/// Where a refiner runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compute {
+    /// The CPU, in f32.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through CUDA, in f16. Needs the `cuda` feature.
+    Cuda {
+        /// The GPU's index.
+        ordinal: usize,
+    },
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device, RefineError> {
+    Device::new_cuda(ordinal)
+        .map_err(|e| RefineError::NoCuda(format!("CUDA device {ordinal} is not usable: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device, RefineError> {
+    Err(RefineError::NoCuda(
+        "this binary was built without the `cuda` feature (rebuild with `--features cuda`, or \
+         set device = \"cpu\")"
+            .into(),
+    ))
+}
+
 /// A loaded SD 1.x pipeline: tokenizer, text encoder, UNet, VAE and scheduler config.
 pub struct Refiner {
     pub(crate) device: Device,
+    pub(crate) dtype: DType,
     pub(crate) tokenizer: ClipTokenizer,
     pub(crate) text_encoder: ClipTextTransformer,
     pub(crate) unet: BatchUnet,
@@ -74,7 +103,16 @@ fn usize_of(config: &Value, key: &str, path: &Path) -> Result<usize, RefineError
 impl Refiner {
     /// Loads the diffusers folder at `root` onto the CPU.
     pub fn load(root: &Path) -> Result<Self, RefineError> {
-        let device = Device::Cpu;
+        Self::load_on(root, Compute::Cpu)
+    }
+
+    /// Loads the diffusers folder at `root` onto `compute`. Asking for CUDA where the binary
+    /// or the machine has none is an error, never a silent fallback to the CPU.
+    pub fn load_on(root: &Path, compute: Compute) -> Result<Self, RefineError> {
+        let (device, dtype) = match compute {
+            Compute::Cpu => (Device::Cpu, DType::F32),
+            Compute::Cuda { ordinal } => (cuda_device(ordinal)?, DType::F16),
+        };
         let tokenizer = ClipTokenizer::from_folder(&root.join("tokenizer"))?;
         let scheduler_path = root.join("scheduler/scheduler_config.json");
         let text = std::fs::read_to_string(&scheduler_path).map_err(|source| RefineError::Io {
@@ -86,10 +124,11 @@ impl Refiner {
                 path: scheduler_path,
                 reason: e.to_string(),
             })?;
-        let (vae, scaling_factor) = load_vae(&root.join("vae"), &device)?;
+        let (vae, scaling_factor) = load_vae(&root.join("vae"), &device, dtype)?;
         Ok(Self {
-            text_encoder: load_text_encoder(&root.join("text_encoder"), &device)?,
-            unet: load_unet(&root.join("unet"), &device)?,
+            text_encoder: load_text_encoder(&root.join("text_encoder"), &device, dtype)?,
+            unet: load_unet(&root.join("unet"), &device, dtype)?,
+            dtype,
             vae,
             scaling_factor,
             tokenizer,
@@ -99,7 +138,11 @@ impl Refiner {
     }
 }
 
-fn load_text_encoder(dir: &Path, device: &Device) -> Result<ClipTextTransformer, RefineError> {
+fn load_text_encoder(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<ClipTextTransformer, RefineError> {
     let path: PathBuf = dir.join("config.json");
     let config = read_json(&path)?;
     let clip = ClipTextConfig {
@@ -122,7 +165,7 @@ fn load_text_encoder(dir: &Path, device: &Device) -> Result<ClipTextTransformer,
     let tensors = weights(dir, "model.safetensors", "text_encoder", device)?;
     // transformers 4 saves `text_model.embeddings...`, transformers 5 `embeddings...`: take both.
     let prefixed = tensors.keys().any(|k| k.starts_with("text_model."));
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let vb = if prefixed { vb.pp("text_model") } else { vb };
     ClipTextTransformer::new(vb, &clip).map_err(|source| RefineError::Load {
         part: "text_encoder",
@@ -130,7 +173,7 @@ fn load_text_encoder(dir: &Path, device: &Device) -> Result<ClipTextTransformer,
     })
 }
 
-fn load_unet(dir: &Path, device: &Device) -> Result<BatchUnet, RefineError> {
+fn load_unet(dir: &Path, device: &Device, dtype: DType) -> Result<BatchUnet, RefineError> {
     let path = dir.join("config.json");
     let config = read_json(&path)?;
     let bad = |reason: String| RefineError::Config {
@@ -198,7 +241,7 @@ fn load_unet(dir: &Path, device: &Device) -> Result<BatchUnet, RefineError> {
     let out_channels = usize_of(&config, "out_channels", &path)?;
     let vb = VarBuilder::from_tensors(
         weights(dir, "diffusion_pytorch_model.safetensors", "unet", device)?,
-        DType::F32,
+        dtype,
         device,
     );
     BatchUnet::new(vb, in_channels, out_channels, unet_config).map_err(|source| RefineError::Load {
@@ -207,7 +250,11 @@ fn load_unet(dir: &Path, device: &Device) -> Result<BatchUnet, RefineError> {
     })
 }
 
-fn load_vae(dir: &Path, device: &Device) -> Result<(AutoEncoderKL, f64), RefineError> {
+fn load_vae(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<(AutoEncoderKL, f64), RefineError> {
     let path = dir.join("config.json");
     let config = read_json(&path)?;
     let block_out_channels = config["block_out_channels"]
@@ -232,7 +279,7 @@ fn load_vae(dir: &Path, device: &Device) -> Result<(AutoEncoderKL, f64), RefineE
     let scaling = config["scaling_factor"].as_f64().unwrap_or(0.18215);
     let vb = VarBuilder::from_tensors(
         weights(dir, "diffusion_pytorch_model.safetensors", "vae", device)?,
-        DType::F32,
+        dtype,
         device,
     );
     let vae = AutoEncoderKL::new(

@@ -2,7 +2,7 @@
 
 use std::ops::ControlFlow;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use diffusionx_diffusion::{
     NoiseLevel, STREAM_RENOISE, Scheduler, SchedulerKind, StepReport, gaussian_noise, guide,
     lcm_step_stream,
@@ -219,13 +219,16 @@ impl Refiner {
                 timesteps.push(t);
             }
         }
-        let x = Tensor::from_vec(input, (rows, CHANNELS, h, w), &self.device).map_err(&unet)?;
+        let x = Tensor::from_vec(input, (rows, CHANNELS, h, w), &self.device)
+            .and_then(|x| x.to_dtype(self.dtype))
+            .map_err(&unet)?;
         let t = Tensor::from_vec(timesteps, rows, &self.device).map_err(&unet)?;
         let embeddings: Vec<&Tensor> = tasks.iter().map(|t| &t.embeddings).collect();
         let embeddings = Tensor::cat(&embeddings, 0).map_err(&unet)?;
         let out: Vec<f32> = self
             .unet
             .forward(&x, &t, &embeddings)
+            .and_then(|o| o.to_dtype(DType::F32))
             .and_then(|o| o.flatten_all())
             .and_then(|o| o.to_vec1())
             .map_err(&unet)?;
@@ -303,9 +306,15 @@ impl Refiner {
     /// VAE-decodes a scaled latent to `[3, 8h, 8w]` in [0, 1] (diffusers' `(x / 2 + 0.5).clamp(0, 1)`).
     pub fn decode(&self, latent: &[f32], h: usize, w: usize) -> Result<Vec<f32>, RefineError> {
         let vae = RefineError::run("VAE decoder");
-        let x = Tensor::from_slice(latent, (1, CHANNELS, h, w), &self.device).map_err(&vae)?;
+        let x = Tensor::from_slice(latent, (1, CHANNELS, h, w), &self.device)
+            .and_then(|x| x.to_dtype(self.dtype))
+            .map_err(&vae)?;
         let x = (x / self.scaling_factor).map_err(&vae)?;
-        let image = self.vae.decode(&x).map_err(&vae)?;
+        let image = self
+            .vae
+            .decode(&x)
+            .and_then(|i| i.to_dtype(DType::F32))
+            .map_err(&vae)?;
         let image = ((image / 2.0).map_err(&vae)? + 0.5)
             .map_err(&vae)?
             .clamp(0f32, 1f32)

@@ -154,3 +154,18 @@ fn a_non_finite_latent_is_refused_before_any_work() {
         "invalid job: latent holds a non-finite value (NaN)"
     );
 }
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn asking_for_cuda_without_the_feature_fails_loudly() {
+    let error = Refiner::load_on(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd15"),
+        diffusionx_refine::Compute::Cuda { ordinal: 0 },
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "CUDA: this binary was built without the `cuda` feature (rebuild with `--features cuda`, \
+         or set device = \"cpu\")"
+    );
+}

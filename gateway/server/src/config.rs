@@ -1,0 +1,289 @@
+//! `gatewayd.toml`: read, checked at start-up, every value with a safe default except the paths.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with line and column.
+        message: String,
+    },
+    /// A value is out of its range.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `queue.max_batch`.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where the refinement runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDevice {
+    /// The CPU (f32).
+    #[default]
+    Cpu,
+    /// The first NVIDIA GPU (f16); needs a binary built with the `cuda` feature.
+    Cuda,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address of the QUIC endpoint.
+    pub listen: SocketAddr,
+    /// The diffusers-format SD 1.x folder.
+    pub model: PathBuf,
+    /// `cpu` or `cuda`.
+    #[serde(default)]
+    pub device: ComputeDevice,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Admission and batching.
+    #[serde(default)]
+    pub queue: QueueConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// The Prometheus and health endpoints.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// TLS 1.3 with client certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain of the gateway's certificate, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// PEM certificates of the fleet CA(s) that issue kiosk certificates.
+    pub client_ca: PathBuf,
+}
+
+/// Admission control and batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Jobs admitted and waiting, at most; one more is answered Busy.
+    pub capacity: usize,
+    /// Jobs of one device waiting, at most (fairness: one kiosk cannot fill the queue).
+    pub per_device: usize,
+    /// Jobs in one UNet call, at most.
+    pub max_batch: usize,
+    /// UNet rows x latent pixels in one call, at most (a guided job is two rows): bounds the
+    /// attention memory of a batch. 65,536 = 8 guided jobs at 64x64 latents (512 px).
+    pub max_batch_pixels: usize,
+    /// What a Busy answer tells the kiosk to wait before retrying, in milliseconds.
+    pub retry_after_ms: u32,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 32,
+            per_device: 2,
+            max_batch: 8,
+            max_batch_pixels: 65_536,
+            retry_after_ms: 2_000,
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long running jobs may go on after SIGTERM before they are cancelled, in milliseconds.
+    pub grace_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+impl ShutdownConfig {
+    /// The grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(self.grace_ms)
+    }
+}
+
+/// Plain-HTTP `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address; keep it on a private interface.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks `path`; relative paths inside are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.model,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.tls.client_ca,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let q = &self.queue;
+        let positive = |key, value: usize| {
+            if value == 0 {
+                Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("queue.capacity", q.capacity)?;
+        positive("queue.per_device", q.per_device)?;
+        positive("queue.max_batch", q.max_batch)?;
+        if q.per_device > q.capacity {
+            return Err(ConfigError::Invalid {
+                key: "queue.per_device",
+                reason: format!(
+                    "{} is more than queue.capacity ({})",
+                    q.per_device, q.capacity
+                ),
+            });
+        }
+        // One guided job at the largest image the protocol allows (1024 px, a 128x128 latent)
+        // must fit.
+        let smallest = 2 * 128 * 128;
+        if q.max_batch_pixels < smallest {
+            return Err(ConfigError::Invalid {
+                key: "queue.max_batch_pixels",
+                reason: format!(
+                    "{} cannot hold one guided 1024x1024 job ({smallest})",
+                    q.max_batch_pixels
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:4433"
+model = "/models/sd15"
+[tls]
+cert = "/etc/dx/gateway.pem"
+key = "/etc/dx/gateway.key"
+client_ca = "/etc/dx/fleet-ca.pem"
+"#;
+
+    #[test]
+    fn a_minimal_file_takes_the_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.device, ComputeDevice::Cpu);
+        assert_eq!(c.queue.max_batch, 8);
+        assert_eq!(c.queue.capacity, 32);
+        assert_eq!(c.shutdown.grace(), Duration::from_secs(10));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name() {
+        let text = format!("{MINIMAL}\n[queue]\nmax_batchsize = 4\n");
+        let message = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            message.contains("unknown field `max_batchsize`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        let text = format!("{MINIMAL}\n[queue]\nmax_batch = 0\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err().to_string(),
+            "queue.max_batch: must be at least 1"
+        );
+        let text = format!("{MINIMAL}\n[queue]\ncapacity = 2\nper_device = 3\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err().to_string(),
+            "queue.per_device: 3 is more than queue.capacity (2)"
+        );
+        let text = MINIMAL.replace("model =", "device = \"tpu\"\nmodel =");
+        let message = Config::parse(&text).unwrap_err().to_string();
+        assert!(message.contains("unknown variant `tpu`"), "{message}");
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_files_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatewayd.toml");
+        std::fs::write(&path, MINIMAL.replace("/etc/dx/", "certs/")).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.tls.cert, dir.path().join("certs/gateway.pem"));
+        assert_eq!(c.model, PathBuf::from("/models/sd15"));
+    }
+}

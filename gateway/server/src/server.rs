@@ -1,0 +1,481 @@
+//! The QUIC endpoint: connections, one bidirectional stream per job, frames in and out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use diffusionx_protocol::{ClientMessage, Codec, Field, JobError, JobId, Limits, ServerMessage};
+use diffusionx_refine::Refiner;
+use diffusionx_text::ClipTokenizer;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::Config;
+use crate::metrics::{Metrics, Outcome};
+use crate::scheduler::{Scheduler, Submission, hex};
+
+/// Streams served at once over all connections; a stream beyond it is answered `Busy`.
+const MAX_STREAMS: u32 = 4096;
+/// Concurrent jobs or probes one connection may have open.
+const STREAMS_PER_CONNECTION: u32 = 16;
+
+/// A running gateway: the QUIC endpoint, the engine thread and the HTTP endpoint.
+pub struct Gateway {
+    endpoint: quinn::Endpoint,
+    scheduler: Arc<Scheduler>,
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+    streams: Arc<Semaphore>,
+    engine: Option<std::thread::JoinHandle<()>>,
+    http_addr: Option<SocketAddr>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("addr", &self.endpoint.local_addr().ok())
+            .field("http", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Running jobs finished within the grace time (false: they were cancelled).
+    pub drained: bool,
+}
+
+struct Shared {
+    scheduler: Arc<Scheduler>,
+    metrics: Arc<Metrics>,
+    codec: Codec,
+    tokenizer: ClipTokenizer,
+    streams: Arc<Semaphore>,
+}
+
+impl Gateway {
+    /// Binds the endpoints of `config` (port 0 picks a free one), starts the engine thread on
+    /// `refiner` and starts serving with the TLS of `tls`.
+    pub async fn start(
+        config: &Config,
+        refiner: Refiner,
+        mut tls: quinn::ServerConfig,
+    ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let scheduler = Arc::new(Scheduler::new(config.queue.clone(), metrics.clone()));
+        let tokenizer = ClipTokenizer::from_folder(&config.model.join("tokenizer"))
+            .context("loading the tokenizer for prompt checks")?;
+
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION.into())
+            .max_concurrent_uni_streams(0u32.into())
+            .keep_alive_interval(Some(Duration::from_secs(5)))
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(Duration::from_secs(30))
+                    .context("the idle timeout")?,
+            ));
+        tls.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(tls, config.listen)
+            .with_context(|| format!("binding UDP {}", config.listen))?;
+
+        let engine = {
+            let scheduler = scheduler.clone();
+            std::thread::Builder::new()
+                .name("refine-engine".into())
+                .spawn(move || scheduler.run(&refiner))
+                .context("starting the engine thread")?
+        };
+        let ready = Arc::new(AtomicBool::new(true));
+        let http_addr = match config.metrics.listen {
+            Some(addr) => Some(
+                crate::http::serve(addr, metrics.clone(), scheduler.clone(), ready.clone()).await?,
+            ),
+            None => None,
+        };
+        let streams = Arc::new(Semaphore::new(MAX_STREAMS as usize));
+        let shared = Arc::new(Shared {
+            scheduler: scheduler.clone(),
+            metrics: metrics.clone(),
+            codec: Codec::new(Limits::default()),
+            tokenizer,
+            streams: streams.clone(),
+        });
+        tokio::spawn(accept_loop(endpoint.clone(), shared));
+        tracing::info!(
+            quic = %endpoint.local_addr()?,
+            http = ?http_addr,
+            "gateway serving"
+        );
+        Ok(Self {
+            endpoint,
+            scheduler,
+            metrics,
+            ready,
+            streams,
+            engine: Some(engine),
+            http_addr,
+            grace: config.shutdown.grace(),
+        })
+    }
+
+    /// The UDP address the QUIC endpoint is bound to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// The TCP address of `/metrics`, `/healthz` and `/readyz`, when enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The scheduler (load reports, tests).
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Graceful shutdown: refuse new connections and jobs (`ShuttingDown`), tell waiting jobs,
+    /// let running jobs finish within the grace time and cancel them after it, deliver the
+    /// final frames, then close every connection.
+    pub async fn shutdown(mut self) -> anyhow::Result<ShutdownReport> {
+        tracing::info!(grace = ?self.grace, "shutting down");
+        self.ready.store(false, Ordering::Relaxed);
+        self.endpoint.set_server_config(None);
+        self.scheduler.begin_shutdown();
+        let scheduler = self.scheduler.clone();
+        let grace = self.grace;
+        let drained = tokio::task::spawn_blocking(move || {
+            if scheduler.wait_stopped(grace) {
+                return true;
+            }
+            scheduler.abort_running();
+            // The current UNet call finishes first; a full-size CPU step takes seconds.
+            while !scheduler.wait_stopped(Duration::from_secs(60)) {
+                tracing::warn!("still waiting for the engine's current step");
+            }
+            false
+        })
+        .await
+        .context("waiting for the engine")?;
+        if let Some(engine) = self.engine.take() {
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+        }
+        // Every stream task holds a permit until its final frame is acknowledged or its peer is
+        // gone; wait for them (bounded), then close.
+        let all = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.streams.acquire_many(MAX_STREAMS),
+        )
+        .await;
+        if all.is_err() {
+            tracing::warn!("some streams did not finish within 5 s of shutdown");
+        }
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"gateway shutting down");
+        self.endpoint.wait_idle().await;
+        tracing::info!(drained, "gateway stopped");
+        Ok(ShutdownReport { drained })
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve_connection(connection, shared).await,
+                // An unauthenticated kiosk ends here: the handshake wants a fleet certificate.
+                Err(e) => tracing::info!(%remote, error = %e, "handshake refused"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
+    let remote = connection.remote_address();
+    let device = match peer_device(&connection) {
+        Ok(device) => device,
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "no usable client certificate");
+            connection.close(quinn::VarInt::from_u32(3), b"client certificate required");
+            return;
+        }
+    };
+    tracing::info!(%remote, %device, "kiosk connected");
+    shared.metrics.connection(true);
+    loop {
+        match connection.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared = shared.clone();
+                let device = device.clone();
+                tokio::spawn(async move { serve_stream(send, recv, &device, &shared).await });
+            }
+            Err(e) => {
+                tracing::info!(%remote, %device, reason = %e, "kiosk disconnected");
+                break;
+            }
+        }
+    }
+    shared.metrics.connection(false);
+}
+
+fn peer_device(connection: &quinn::Connection) -> anyhow::Result<String> {
+    let identity = connection
+        .peer_identity()
+        .context("the kiosk presented no certificate")?;
+    let chain = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
+    let leaf = chain.first().context("empty certificate chain")?;
+    crate::tls::device_of(leaf)
+}
+
+/// Why reading a frame stopped.
+enum ReadEnd {
+    /// The kiosk sent something the codec refuses: answer it.
+    Invalid(JobError),
+    /// The stream was reset or the connection lost.
+    Gone,
+}
+
+/// Reads one client frame. `Ok(None)`: the kiosk finished its side cleanly between frames.
+async fn read_frame(
+    recv: &mut RecvStream,
+    codec: &Codec,
+    buf: &mut Vec<u8>,
+) -> Result<Option<ClientMessage>, ReadEnd> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match codec.decode::<ClientMessage>(buf) {
+            Ok(Some((message, used))) => {
+                buf.drain(..used);
+                return Ok(Some(message));
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ReadEnd::Invalid(JobError::from_decode(&e))),
+        }
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) if buf.is_empty() => return Ok(None),
+            Ok(None) => {
+                return Err(ReadEnd::Invalid(JobError::InvalidRequest {
+                    field: Field::Frame,
+                    message: format!("the stream ended inside a frame ({} bytes)", buf.len()),
+                }));
+            }
+            Err(_) => return Err(ReadEnd::Gone),
+        }
+    }
+}
+
+/// Writes one frame; false when the kiosk is gone.
+async fn write(send: &mut SendStream, codec: &Codec, message: &ServerMessage) -> bool {
+    let mut frame = Vec::new();
+    if let Err(e) = codec.encode(message, &mut frame) {
+        tracing::error!(error = %e, "an answer failed its own validation");
+        let internal = ServerMessage::Error {
+            job_id: job_of(message),
+            error: JobError::Internal {
+                message: format!("the gateway built an invalid answer: {e}"),
+            },
+        };
+        frame.clear();
+        if codec.encode(&internal, &mut frame).is_err() {
+            return false;
+        }
+    }
+    send.write_all(&frame).await.is_ok()
+}
+
+fn job_of(message: &ServerMessage) -> JobId {
+    match message {
+        ServerMessage::Queued(q) => q.job_id,
+        ServerMessage::Progress(p) => p.job_id,
+        ServerMessage::Result(r) => r.job_id,
+        ServerMessage::Error { job_id, .. } => *job_id,
+        ServerMessage::Load(_) => JobId::from_bytes([0; 16]),
+    }
+}
+
+/// Answers with a final frame and finishes the stream.
+async fn answer(mut send: SendStream, codec: &Codec, message: ServerMessage) {
+    if write(&mut send, codec, &message).await {
+        let _ = send.finish();
+        // Wait until the kiosk has the bytes (or is gone) before the permit is released.
+        let _ = send.stopped().await;
+    }
+}
+
+async fn serve_stream(send: SendStream, mut recv: RecvStream, device: &str, shared: &Shared) {
+    let received = Instant::now();
+    let codec = &shared.codec;
+    let Ok(_permit) = shared.streams.clone().try_acquire_owned() else {
+        let busy = JobError::Busy {
+            retry_after_ms: 1_000,
+        };
+        answer(send, codec, error(JobId::from_bytes([0; 16]), busy)).await;
+        return;
+    };
+    let mut buf = Vec::new();
+    let request = match read_frame(&mut recv, codec, &mut buf).await {
+        Ok(Some(ClientMessage::Refine(request))) => request,
+        Ok(Some(ClientMessage::LoadProbe)) => {
+            answer(send, codec, ServerMessage::Load(shared.scheduler.load())).await;
+            return;
+        }
+        Ok(Some(ClientMessage::Cancel(job_id))) => {
+            let e = JobError::InvalidRequest {
+                field: Field::Frame,
+                message: "Cancel must follow a RefineRequest on the same stream".into(),
+            };
+            answer(send, codec, error(job_id, e)).await;
+            return;
+        }
+        Ok(None) | Err(ReadEnd::Gone) => return,
+        Err(ReadEnd::Invalid(e)) => {
+            tracing::info!(%device, error = ?e, "refused a malformed frame");
+            shared.metrics.job(Outcome::Invalid);
+            answer(send, codec, error(JobId::from_bytes([0; 16]), e)).await;
+            return;
+        }
+    };
+    let job_id = request.job_id;
+    if let Err(e) = admissible(&request, device, shared) {
+        shared.metrics.job(Outcome::Invalid);
+        tracing::info!(job = %hex(job_id), %device, error = ?e, "refused a job");
+        answer(send, codec, error(job_id, e)).await;
+        return;
+    }
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let deadline = received + Duration::from_millis(u64::from(request.deadline_ms));
+    tracing::info!(
+        job = %hex(job_id), %device, steps = request.steps,
+        noise_level_bp = request.noise_level.bp(), "job received"
+    );
+    let submission = Submission {
+        request,
+        device: device.to_owned(),
+        received,
+        deadline,
+        cancel: cancel.clone(),
+        events: events_tx,
+    };
+    if let Err(e) = shared.scheduler.submit(submission) {
+        answer(send, codec, error(job_id, e)).await;
+        return;
+    }
+    relay(send, recv, buf, job_id, &cancel, &mut events, codec).await;
+}
+
+/// Checks what the codec cannot: the device id against the certificate, the prompts' token
+/// counts.
+fn admissible(
+    request: &diffusionx_protocol::RefineRequest,
+    device: &str,
+    shared: &Shared,
+) -> Result<(), JobError> {
+    if request.device_id.as_str() != device {
+        return Err(JobError::Unauthorized {
+            message: format!(
+                "device id {:?} does not match the client certificate ({device:?})",
+                request.device_id.as_str()
+            ),
+        });
+    }
+    let limits = shared.codec.limits();
+    for (field, text) in [
+        (Field::Prompt, &request.prompt),
+        (Field::NegativePrompt, &request.negative_prompt),
+    ] {
+        let count = shared
+            .tokenizer
+            .count(text)
+            .map_err(|e| JobError::InvalidRequest {
+                field,
+                message: e.to_string(),
+            })?;
+        limits
+            .check_prompt_tokens(field, count)
+            .map_err(|e| JobError::InvalidRequest {
+                field,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Forwards the job's events to the kiosk until the final one, while watching the kiosk's side
+/// for `Cancel` or a reset.
+async fn relay(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    mut buf: Vec<u8>,
+    job_id: JobId,
+    cancel: &AtomicBool,
+    events: &mut mpsc::UnboundedReceiver<ServerMessage>,
+    codec: &Codec,
+) {
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(message) = event else { return };
+                let last = matches!(message, ServerMessage::Result(_) | ServerMessage::Error { .. });
+                if !write(&mut send, codec, &message).await {
+                    cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+                if last {
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                    return;
+                }
+            }
+            frame = read_frame(&mut recv, codec, &mut buf), if reading => match frame {
+                Ok(Some(ClientMessage::Cancel(id))) if id == job_id => {
+                    tracing::info!(job = %hex(job_id), "cancel received");
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                Ok(Some(other)) => {
+                    tracing::info!(job = %hex(job_id), message = ?other.message_kind(), "ignored a frame after the request");
+                }
+                // The kiosk finished its side: normal, it waits for the answer.
+                Ok(None) => reading = false,
+                Err(ReadEnd::Gone) | Err(ReadEnd::Invalid(_)) => {
+                    tracing::info!(job = %hex(job_id), "kiosk reset the stream: cancelling");
+                    cancel.store(true, Ordering::Relaxed);
+                    reading = false;
+                }
+            },
+        }
+    }
+}
+
+fn error(job_id: JobId, error: JobError) -> ServerMessage {
+    ServerMessage::Error { job_id, error }
+}
+
+trait MessageKind {
+    fn message_kind(&self) -> &'static str;
+}
+
+impl MessageKind for ClientMessage {
+    fn message_kind(&self) -> &'static str {
+        match self {
+            Self::Refine(_) => "RefineRequest",
+            Self::LoadProbe => "LoadProbe",
+            Self::Cancel(_) => "Cancel (another job)",
+        }
+    }
+}
