@@ -278,6 +278,19 @@ client_ca = "/etc/dx/fleet-ca.pem"
     }
 
     #[test]
+    fn the_example_file_parses_with_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("gatewayd.example.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:4433".parse().unwrap());
+        assert_eq!(
+            c.tls.client_ca,
+            PathBuf::from("/etc/diffusionx/fleet-ca.pem")
+        );
+        assert_eq!(c.queue.max_batch_pixels, 65_536);
+        assert_eq!(c.shutdown.grace_ms, 10_000);
+    }
+
+    #[test]
     fn relative_paths_are_taken_from_the_files_folder() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gatewayd.toml");

@@ -69,8 +69,7 @@ fn main() -> std::process::ExitCode {
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("gatewayd: {e:#}");
+            tracing::error!("gatewayd: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

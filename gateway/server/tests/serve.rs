@@ -1,0 +1,712 @@
+//! gatewayd over real QUIC on 127.0.0.1 (port 0) with the tiny SD v1.5 fixture: jobs end to
+//! end, mTLS, malformed frames, admission control, cancellation, batching, shutdown.
+//! No sleeps: every wait is for a message or a connection event.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use diffusionx_gateway::Gateway;
+use diffusionx_gateway::config::Config;
+use diffusionx_gateway::metrics::Outcome;
+use diffusionx_gateway::tls::{self, DevPki, Identity};
+use diffusionx_protocol::{
+    ClientMessage, Codec, DeviceId, Field, JobError, JobId, Latent, LatentData, LatentShape,
+    Limits, NoiseLevel, OutputFormat, RefineRequest, Resolution, Scheduler, ServerMessage,
+    SessionId,
+};
+use diffusionx_refine::{RefineJob, Refiner};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd15")
+}
+
+struct Setup {
+    gateway: Gateway,
+    pki: Arc<DevPki>,
+}
+
+const DEVICES: [&str; 3] = ["kiosk-a", "kiosk-b", "kiosk-c"];
+
+async fn start(queue: &str, grace_ms: u64) -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki = Arc::new(DevPki::generate(&DEVICES).unwrap());
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nmodel = {:?}\n[tls]\ncert = \"unused\"\nkey = \"unused\"\n\
+         client_ca = \"unused\"\n[queue]\n{queue}\n[shutdown]\ngrace_ms = {grace_ms}\n\
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
+        model()
+    );
+    let config = Config::parse(&text).unwrap();
+    let server_tls =
+        tls::server_config(pki.gateway.identity.clone(), std::slice::from_ref(&pki.ca)).unwrap();
+    let refiner = Refiner::load(&model()).unwrap();
+    let gateway = Gateway::start(&config, refiner, server_tls).await.unwrap();
+    Setup { gateway, pki }
+}
+
+impl Setup {
+    fn addr(&self) -> SocketAddr {
+        self.gateway.local_addr().unwrap()
+    }
+
+    fn identity(&self, device: &str) -> Identity {
+        let (_, cert) = self.pki.kiosks.iter().find(|(d, _)| d == device).unwrap();
+        cert.identity.clone()
+    }
+
+    async fn connect_with(&self, identity: Option<Identity>) -> Result<quinn::Connection, String> {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(
+            tls::client_config(std::slice::from_ref(&self.pki.ca), identity).unwrap(),
+        );
+        let connecting = endpoint
+            .connect(self.addr(), "localhost")
+            .map_err(|e| e.to_string())?;
+        connecting.await.map_err(|e| e.to_string())
+    }
+
+    async fn connect(&self, device: &str) -> quinn::Connection {
+        self.connect_with(Some(self.identity(device)))
+            .await
+            .unwrap()
+    }
+
+    async fn http_get(&self, path: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(self.gateway.http_addr().unwrap())
+            .await
+            .unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+fn codec() -> Codec {
+    Codec::new(Limits::default())
+}
+
+fn latent(seed: u64) -> Vec<f32> {
+    let mut v = vec![0.0f32; 4 * 32 * 32];
+    diffusionx_diffusion::gaussian_noise(seed, 0, &mut v);
+    v
+}
+
+fn request(device: &str, n: u8, steps: u16, bp: u16) -> RefineRequest {
+    RefineRequest {
+        job_id: JobId::from_bytes([n; 16]),
+        session_id: SessionId::from_bytes([n + 100; 16]),
+        device_id: DeviceId::new(device).unwrap(),
+        prompt: format!("a lighthouse at dusk, number {n}"),
+        negative_prompt: "blurry".into(),
+        seed: u64::from(n),
+        resolution: Resolution {
+            width: 256,
+            height: 256,
+        },
+        noise_level: NoiseLevel::from_bp(bp).unwrap(),
+        steps,
+        guidance_scale: 7.5,
+        scheduler: Scheduler::Ddim,
+        output: OutputFormat::Png,
+        return_latent: true,
+        deadline_ms: 120_000,
+        latent: Latent::new(
+            LatentShape {
+                channels: 4,
+                height: 32,
+                width: 32,
+            },
+            LatentData::F32(latent(u64::from(n))),
+        )
+        .unwrap(),
+    }
+}
+
+fn frame(message: &ClientMessage) -> Vec<u8> {
+    let mut out = Vec::new();
+    codec().encode(message, &mut out).unwrap();
+    out
+}
+
+/// A kiosk-side job stream.
+struct Job {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl Job {
+    async fn open(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Self {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        if finish {
+            send.finish().unwrap();
+        }
+        Self {
+            send,
+            recv,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn submit(conn: &quinn::Connection, request: &RefineRequest) -> Self {
+        Self::open(conn, &frame(&ClientMessage::Refine(request.clone())), false).await
+    }
+
+    /// The next message, `None` at the end of the stream.
+    async fn next(&mut self) -> Option<ServerMessage> {
+        let codec = codec();
+        let mut chunk = [0u8; 64 * 1024];
+        loop {
+            if let Some((m, used)) = codec.decode::<ServerMessage>(&self.buf).unwrap() {
+                self.buf.drain(..used);
+                return Some(m);
+            }
+            match self.recv.read(&mut chunk).await.unwrap() {
+                Some(n) => self.buf.extend_from_slice(&chunk[..n]),
+                None => {
+                    assert!(self.buf.is_empty(), "stream ended inside a frame");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Every message up to the end of the stream.
+    async fn rest(&mut self) -> Vec<ServerMessage> {
+        let mut out = Vec::new();
+        while let Some(m) = self.next().await {
+            out.push(m);
+        }
+        out
+    }
+
+    /// Waits for the first StepProgress.
+    async fn until_running(&mut self) {
+        loop {
+            match self.next().await {
+                Some(ServerMessage::Progress(_)) => return,
+                Some(ServerMessage::Queued(_)) => {}
+                other => panic!("expected progress, got {other:?}"),
+            }
+        }
+    }
+}
+
+fn error_of(messages: &[ServerMessage]) -> &JobError {
+    match messages.last() {
+        Some(ServerMessage::Error { error, .. }) => error,
+        other => panic!("expected an Error last, got {other:?}"),
+    }
+}
+
+/// The refined latent and RGB pixels the refiner gives for `request` run alone, in-process.
+fn alone(refiner: &Refiner, request: &RefineRequest) -> (Vec<f32>, Vec<u8>) {
+    let job = RefineJob {
+        prompt: request.prompt.clone(),
+        negative_prompt: request.negative_prompt.clone(),
+        seed: request.seed,
+        latent_height: 32,
+        latent_width: 32,
+        steps: request.steps,
+        noise_level: request.noise_level,
+        guidance_scale: request.guidance_scale,
+        scheduler: diffusionx_diffusion::SchedulerKind::Ddim,
+        latent: request.latent.to_f32(),
+        decode: true,
+    };
+    let refined = refiner
+        .refine(&job, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .unwrap();
+    let chw = refined.image.unwrap();
+    let plane = 256 * 256;
+    let mut rgb = vec![0u8; 3 * plane];
+    for (i, px) in rgb.chunks_exact_mut(3).enumerate() {
+        for (c, v) in px.iter_mut().enumerate() {
+            *v = (chw[c * plane + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    (refined.latent, rgb)
+}
+
+fn result_of(messages: &[ServerMessage]) -> &diffusionx_protocol::RefineResult {
+    match messages.last() {
+        Some(ServerMessage::Result(r)) => r,
+        other => panic!("expected a Result last, got {other:?}"),
+    }
+}
+
+fn png_pixels(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
+        .unwrap()
+        .to_rgb8();
+    (img.width(), img.height(), img.into_raw())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_end_to_end_matches_the_refiner_and_is_counted() {
+    let setup = start("", 10_000).await;
+    let conn = setup.connect("kiosk-a").await;
+    let req = request("kiosk-a", 1, 10, 5000);
+    let mut job = Job::submit(&conn, &req).await;
+    job.send.finish().unwrap();
+    let messages = job.rest().await;
+
+    // Queued at position 0, then progress 1..=5 of 5, then the result.
+    assert!(
+        matches!(messages[0], ServerMessage::Queued(q) if q.position == 0 && q.job_id == req.job_id),
+        "{:?}",
+        messages[0]
+    );
+    let steps: Vec<(u16, u16)> = messages
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Progress(p) => Some((p.step, p.total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, (1..=5).map(|s| (s, 5)).collect::<Vec<_>>());
+    let result = result_of(&messages);
+    assert_eq!(result.job_id, req.job_id);
+    assert_eq!(result.steps_run, 5);
+    let t = result.timings;
+    assert!(t.total_us >= t.queue_us + t.text_us + t.denoise_us + t.decode_us + t.encode_us);
+    assert!(
+        t.denoise_us > 0 && t.decode_us > 0 && t.encode_us > 0,
+        "{t:?}"
+    );
+
+    let (w, h, pixels) = png_pixels(&result.image.bytes);
+    assert_eq!((w, h), (256, 256));
+    let refiner = Refiner::load(&model()).unwrap();
+    let (latent, rgb) = alone(&refiner, &req);
+    assert_eq!(
+        result.latent.as_ref().unwrap().to_f32(),
+        latent,
+        "same latent as in-process"
+    );
+    assert_eq!(pixels, rgb, "same pixels as in-process");
+
+    let metrics = setup.http_get("/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200 OK\r\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ndx_jobs_total{outcome=\"done\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("\ndx_step_seconds_count 5\n"), "{metrics}");
+    assert!(metrics.contains("\ndx_connections 1\n"), "{metrics}");
+    let ready = setup.http_get("/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 200 OK") && ready.ends_with("ready\n"),
+        "{ready}"
+    );
+    assert!(setup.http_get("/healthz").await.ends_with("\r\n\r\nok\n"));
+    assert!(setup.http_get("/nope").await.starts_with("HTTP/1.1 404"));
+
+    // JPEG on request.
+    let mut jpeg = request("kiosk-a", 2, 4, 2500);
+    jpeg.output = OutputFormat::Jpeg { quality: 80 };
+    jpeg.return_latent = false;
+    let mut job = Job::submit(&conn, &jpeg).await;
+    let messages = job.rest().await;
+    let result = result_of(&messages);
+    assert!(result.latent.is_none());
+    assert_eq!(&result.image.bytes[..3], &[0xff, 0xd8, 0xff], "a JPEG file");
+    let img =
+        image::load_from_memory_with_format(&result.image.bytes, image::ImageFormat::Jpeg).unwrap();
+    assert_eq!((img.width(), img.height()), (256, 256));
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiosk_without_a_fleet_certificate_is_refused() {
+    let setup = start("", 10_000).await;
+    // No client certificate at all: the server ends the handshake with a TLS alert. (TLS 1.3
+    // lets the client finish its side first, so the refusal may show at connect or after.)
+    let refused = match setup.connect_with(None).await {
+        Err(e) => e,
+        Ok(conn) => conn.closed().await.to_string(),
+    };
+    assert!(refused.contains("peer sent no certificates"), "{refused}");
+
+    // A certificate from another CA, for a name the fleet knows.
+    let other = DevPki::generate(&["kiosk-a"]).unwrap();
+    let refused = match setup
+        .connect_with(Some(other.kiosks[0].1.identity.clone()))
+        .await
+    {
+        Err(e) => e,
+        Ok(conn) => conn.closed().await.to_string(),
+    };
+    // Same CA name, other key: the signature does not verify.
+    assert!(
+        refused.contains("invalid peer certificate: BadSignature"),
+        "{refused}"
+    );
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 0);
+
+    // A fleet kiosk claiming another device's id is told so.
+    let conn = setup.connect("kiosk-a").await;
+    let mut job = Job::submit(&conn, &request("kiosk-b", 3, 4, 5000)).await;
+    let messages = job.rest().await;
+    assert_eq!(
+        error_of(&messages),
+        &JobError::Unauthorized {
+            message: "device id \"kiosk-b\" does not match the client certificate (\"kiosk-a\")"
+                .into()
+        }
+    );
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Done), 0);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_over_limit_frames_get_typed_errors_and_the_connection_lives_on() {
+    let setup = start("", 10_000).await;
+    let conn = setup.connect("kiosk-a").await;
+
+    // Wrong magic.
+    let mut job = Job::open(&conn, b"XX\x01\x01\0\0\0\0", true).await;
+    assert!(matches!(
+        error_of(&job.rest().await),
+        JobError::InvalidRequest {
+            field: Field::Frame,
+            ..
+        }
+    ));
+
+    // A header announcing a payload over the 1 MiB limit: refused from the header alone.
+    let mut header = b"DX\x01\x01".to_vec();
+    header.extend_from_slice(&(2u32 << 20).to_le_bytes());
+    let mut job = Job::open(&conn, &header, false).await;
+    let messages = job.rest().await;
+    match error_of(&messages) {
+        JobError::InvalidRequest { field, message } => {
+            assert_eq!(*field, Field::Frame);
+            assert!(message.contains("2097152"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Another protocol version.
+    let mut bad_version = frame(&ClientMessage::LoadProbe);
+    bad_version[2] = 2;
+    let mut job = Job::open(&conn, &bad_version, true).await;
+    assert_eq!(
+        error_of(&job.rest().await),
+        &JobError::UnsupportedVersion { supported: 1 }
+    );
+
+    // A NaN in the latent, patched into an otherwise valid request.
+    let mut nan = frame(&ClientMessage::Refine(request("kiosk-a", 4, 4, 5000)));
+    let at = nan.len() - 4;
+    nan[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+    let mut job = Job::open(&conn, &nan, true).await;
+    assert!(matches!(
+        error_of(&job.rest().await),
+        JobError::InvalidRequest {
+            field: Field::Latent,
+            ..
+        }
+    ));
+
+    // A stream that ends inside a frame.
+    let whole = frame(&ClientMessage::Refine(request("kiosk-a", 5, 4, 5000)));
+    let mut job = Job::open(&conn, &whole[..100], true).await;
+    assert!(matches!(
+        error_of(&job.rest().await),
+        JobError::InvalidRequest {
+            field: Field::Frame,
+            ..
+        }
+    ));
+
+    // A prompt over CLIP's 77 tokens.
+    let mut long = request("kiosk-a", 6, 4, 5000);
+    long.prompt = "cat ".repeat(100);
+    let mut job = Job::submit(&conn, &long).await;
+    match error_of(&job.rest().await) {
+        JobError::InvalidRequest { field, message } => {
+            assert_eq!(*field, Field::Prompt);
+            assert!(message.contains("102"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The same connection still serves a load probe and a job.
+    let mut probe = Job::open(&conn, &frame(&ClientMessage::LoadProbe), true).await;
+    match probe.rest().await.as_slice() {
+        [ServerMessage::Load(load)] => {
+            assert_eq!(load.max_batch, 8);
+            assert!(load.accepting);
+            assert_eq!(load.queue_depth, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut job = Job::submit(&conn, &request("kiosk-a", 7, 4, 5000)).await;
+    assert_eq!(result_of(&job.rest().await).steps_run, 2);
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 6);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_busy_and_a_cancel_frame_stops_a_job() {
+    // One job runs at a time, two may wait, one per device.
+    let setup = start(
+        "capacity = 2\nper_device = 1\nmax_batch = 1\nretry_after_ms = 1500",
+        10_000,
+    )
+    .await;
+    let a = setup.connect("kiosk-a").await;
+    let b = setup.connect("kiosk-b").await;
+    let c = setup.connect("kiosk-c").await;
+
+    let mut running = Job::submit(&a, &request("kiosk-a", 10, 40, 10000)).await;
+    running.until_running().await;
+    let mut a2 = Job::submit(&a, &request("kiosk-a", 11, 4, 5000)).await;
+    assert!(matches!(a2.next().await, Some(ServerMessage::Queued(q)) if q.position == 0));
+    // kiosk-a already has its one waiting job.
+    let mut a3 = Job::submit(&a, &request("kiosk-a", 12, 4, 5000)).await;
+    assert_eq!(
+        error_of(&a3.rest().await),
+        &JobError::Busy {
+            retry_after_ms: 1500
+        }
+    );
+    let mut b1 = Job::submit(&b, &request("kiosk-b", 13, 4, 5000)).await;
+    assert!(matches!(b1.next().await, Some(ServerMessage::Queued(q)) if q.position == 1));
+    // The queue holds two: kiosk-c is refused too.
+    let mut c1 = Job::submit(&c, &request("kiosk-c", 14, 4, 5000)).await;
+    assert_eq!(
+        error_of(&c1.rest().await),
+        &JobError::Busy {
+            retry_after_ms: 1500
+        }
+    );
+    let mut probe = Job::open(&c, &frame(&ClientMessage::LoadProbe), true).await;
+    match probe.rest().await.as_slice() {
+        [ServerMessage::Load(load)] => {
+            assert_eq!(
+                (load.queue_depth, load.running, load.accepting),
+                (2, 1, false)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Cancel the long job with a Cancel frame: it ends Cancelled, the others run.
+    running
+        .send
+        .write_all(&frame(&ClientMessage::Cancel(JobId::from_bytes([10; 16]))))
+        .await
+        .unwrap();
+    let rest = running.rest().await;
+    assert_eq!(error_of(&rest), &JobError::Cancelled);
+    assert_eq!(result_of(&a2.rest().await).steps_run, 2);
+    assert_eq!(result_of(&b1.rest().await).steps_run, 2);
+    let m = setup.gateway.metrics();
+    assert_eq!(
+        (
+            m.jobs(Outcome::Busy),
+            m.jobs(Outcome::Cancelled),
+            m.jobs(Outcome::Done)
+        ),
+        (2, 1, 2)
+    );
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_take_turns_in_the_queue() {
+    let setup = start("capacity = 4\nper_device = 2\nmax_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let b = setup.connect("kiosk-b").await;
+    let mut running = Job::submit(&a, &request("kiosk-a", 70, 200, 10000)).await;
+    running.until_running().await;
+    let position = |m: Option<ServerMessage>| match m {
+        Some(ServerMessage::Queued(q)) => q.position,
+        other => panic!("expected Queued, got {other:?}"),
+    };
+    let mut a2 = Job::submit(&a, &request("kiosk-a", 71, 4, 5000)).await;
+    assert_eq!(position(a2.next().await), 0);
+    let mut a3 = Job::submit(&a, &request("kiosk-a", 72, 4, 5000)).await;
+    assert_eq!(position(a3.next().await), 1);
+    // kiosk-b arrives last but is served before kiosk-a's second waiting job.
+    let mut b1 = Job::submit(&b, &request("kiosk-b", 73, 4, 5000)).await;
+    assert_eq!(position(b1.next().await), 1);
+    assert_eq!(position(a3.next().await), 2, "a3 was told it moved back");
+    running.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    for job in [&mut a2, &mut b1, &mut a3] {
+        assert_eq!(result_of(&job.rest().await).steps_run, 2);
+    }
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiosk_that_goes_away_has_its_job_cancelled() {
+    let setup = start("max_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut long = Job::submit(&a, &request("kiosk-a", 20, 200, 10000)).await;
+    long.until_running().await;
+    a.close(quinn::VarInt::from_u32(0), b"visitor left");
+
+    // The engine runs one job at a time: the next one can only finish if the first was dropped.
+    let b = setup.connect("kiosk-b").await;
+    let mut next = Job::submit(&b, &request("kiosk-b", 21, 4, 5000)).await;
+    assert_eq!(result_of(&next.rest().await).steps_run, 2);
+    let m = setup.gateway.metrics();
+    assert_eq!((m.jobs(Outcome::Cancelled), m.jobs(Outcome::Done)), (1, 1));
+    let (steps, _) = m.steps();
+    assert!(
+        steps < 200,
+        "the 200-step job stopped early ({steps} UNet calls in all)"
+    );
+
+    // A reset stream cancels as well.
+    let mut reset = Job::submit(&b, &request("kiosk-b", 22, 200, 10000)).await;
+    reset.until_running().await;
+    reset.send.reset(quinn::VarInt::from_u32(7)).unwrap();
+    let mut after = Job::submit(&b, &request("kiosk-b", 23, 4, 5000)).await;
+    assert_eq!(result_of(&after.rest().await).steps_run, 2);
+    assert_eq!(m.jobs(Outcome::Cancelled), 2);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_job_past_its_deadline_is_told_so() {
+    let setup = start("max_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut long = Job::submit(&a, &request("kiosk-a", 30, 200, 10000)).await;
+    long.until_running().await;
+    let mut late = request("kiosk-b", 31, 4, 5000);
+    late.deadline_ms = 50;
+    let b = setup.connect("kiosk-b").await;
+    let mut late = Job::submit(&b, &late).await;
+    assert_eq!(error_of(&late.rest().await), &JobError::DeadlineExceeded);
+    long.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Deadline), 1);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_are_batched_and_give_the_pixels_they_give_alone() {
+    let setup = start("max_batch = 4", 10_000).await;
+    let requests = [
+        request("kiosk-a", 40, 20, 10000),
+        request("kiosk-b", 41, 20, 6000),
+        request("kiosk-c", 42, 20, 8000),
+    ];
+    let mut jobs = Vec::new();
+    for r in &requests {
+        let conn = setup.connect(r.device_id.as_str()).await;
+        jobs.push((conn.clone(), Job::submit(&conn, r).await));
+    }
+    let mut results = Vec::new();
+    for (_, job) in &mut jobs {
+        results.push(result_of(&job.rest().await).clone());
+    }
+    let (calls, carried) = setup.gateway.metrics().steps();
+    // 20 + 12 + 16 job-steps in fewer UNet calls than run alone.
+    assert_eq!(carried, 48);
+    assert!(
+        calls < carried,
+        "{calls} UNet calls carried {carried} job-steps"
+    );
+
+    let refiner = Refiner::load(&model()).unwrap();
+    for (r, result) in requests.iter().zip(&results) {
+        let (latent, rgb) = alone(&refiner, r);
+        let got = result.latent.as_ref().unwrap().to_f32();
+        let diff = latent
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let (_, _, pixels) = png_pixels(&result.image.bytes);
+        let differing = pixels.iter().zip(&rgb).filter(|(a, b)| a != b).count();
+        let worst = pixels
+            .iter()
+            .zip(&rgb)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        println!(
+            "job {}: latent diff {diff:e}, {differing} pixel values differ by <= {worst}",
+            r.seed
+        );
+        // See gateway/refine/tests/batching.rs for why this is not bit for bit.
+        assert!(diff <= 1e-4, "latent differs by {diff}");
+        assert!(worst <= 1 && differing * 1000 <= pixels.len());
+    }
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_running_jobs_and_turns_away_the_rest() {
+    let setup = start("max_batch = 1", 60_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let b = setup.connect("kiosk-b").await;
+    let mut running = Job::submit(&a, &request("kiosk-a", 50, 10, 10000)).await;
+    running.until_running().await;
+    let mut waiting = Job::submit(&b, &request("kiosk-b", 51, 4, 5000)).await;
+    assert!(matches!(
+        waiting.next().await,
+        Some(ServerMessage::Queued(_))
+    ));
+
+    let addr = setup.addr();
+    let pki = setup.pki.clone();
+    let report = tokio::spawn(setup.gateway.shutdown());
+    assert_eq!(
+        error_of(&waiting.rest().await),
+        &JobError::ShuttingDown {
+            retry_after_ms: 2000
+        }
+    );
+    let rest = running.rest().await;
+    assert_eq!(result_of(&rest).steps_run, 10, "the running job finished");
+    assert!(report.await.unwrap().unwrap().drained);
+
+    // Nothing listens any more.
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = quinn::TransportConfig::default();
+    config.max_idle_timeout(Some(
+        std::time::Duration::from_millis(500).try_into().unwrap(),
+    ));
+    let mut client = tls::client_config(
+        std::slice::from_ref(&pki.ca),
+        Some(pki.kiosks[0].1.identity.clone()),
+    )
+    .unwrap();
+    client.transport_config(Arc::new(config));
+    let refused = endpoint
+        .connect_with(client, addr, "localhost")
+        .unwrap()
+        .await;
+    assert!(refused.is_err(), "a connection after shutdown was accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_running_jobs_after_the_grace_time() {
+    let setup = start("max_batch = 1", 0).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut running = Job::submit(&a, &request("kiosk-a", 60, 200, 10000)).await;
+    running.until_running().await;
+    let report = tokio::spawn(setup.gateway.shutdown());
+    assert_eq!(
+        error_of(&running.rest().await),
+        &JobError::ShuttingDown {
+            retry_after_ms: 2000
+        }
+    );
+    assert!(!report.await.unwrap().unwrap().drained);
+}
