@@ -136,14 +136,17 @@ impl ShutdownConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// Serve the endpoints at all.
+    pub enabled: bool,
     /// TCP address; keep it on a private interface.
-    pub listen: Option<SocketAddr>,
+    pub listen: SocketAddr,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 }
@@ -247,7 +250,8 @@ client_ca = "/etc/dx/fleet-ca.pem"
         assert_eq!(c.queue.max_batch, 8);
         assert_eq!(c.queue.capacity, 32);
         assert_eq!(c.shutdown.grace(), Duration::from_secs(10));
-        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9464".parse().unwrap());
     }
 
     #[test]

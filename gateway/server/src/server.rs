@@ -91,11 +91,11 @@ impl Gateway {
                 .context("starting the engine thread")?
         };
         let ready = Arc::new(AtomicBool::new(true));
-        let http_addr = match config.metrics.listen {
-            Some(addr) => Some(
-                crate::http::serve(addr, metrics.clone(), scheduler.clone(), ready.clone()).await?,
-            ),
-            None => None,
+        let http_addr = if config.metrics.enabled {
+            let addr = config.metrics.listen;
+            Some(crate::http::serve(addr, metrics.clone(), scheduler.clone(), ready.clone()).await?)
+        } else {
+            None
         };
         let streams = Arc::new(Semaphore::new(MAX_STREAMS as usize));
         let shared = Arc::new(Shared {
@@ -184,6 +184,20 @@ impl Gateway {
         self.endpoint.wait_idle().await;
         tracing::info!(drained, "gateway stopped");
         Ok(ShutdownReport { drained })
+    }
+}
+
+impl Gateway {
+    /// Stops at once, as a crash or a power cut would: every connection is closed without a
+    /// final frame and running jobs are dropped. For failure tests; operators use
+    /// [`Gateway::shutdown`].
+    pub fn kill(self) {
+        tracing::warn!("gateway killed");
+        self.ready.store(false, Ordering::Relaxed);
+        self.endpoint
+            .close(quinn::VarInt::from_u32(1), b"gateway killed");
+        self.scheduler.begin_shutdown();
+        self.scheduler.abort_running();
     }
 }
 

@@ -11,7 +11,7 @@ usage: cargo xtask <command>
 commands:
   check-arch          dependency rules of ARCHITECTURE.md and the crypto-stack rules of Cargo.lock
   test                install what the tests need, then run every test of the workspace
-  demo                the end-to-end demo on the embedded defaults
+  demo [ARGS]         the end-to-end demo on the embedded defaults (`cargo xtask demo --help`)
   fuzz [RUNS]         fuzz the wire-protocol decoder (default 1000000 runs; installs cargo-fuzz)
 ";
 
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("check-arch") => check_arch(),
         Some("test") => test(),
-        Some("demo") => demo(),
+        Some("demo") => demo(&args[1..]),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
         _ => {
             eprint!("{USAGE}");
@@ -77,11 +77,22 @@ fn test() -> Result<()> {
         .args(["test", "--workspace", "--locked"]))
 }
 
-fn demo() -> Result<()> {
-    bail!(
-        "the end-to-end demo is not yet available: it arrives with the kiosk (issue #5). \
-         `cargo xtask test` runs what exists today."
-    )
+/// The whole system on this machine (see `tests/src/bin/demo.rs`). The dev profile keeps
+/// tract and candle optimized (`opt-level = 2` for dependencies) and builds far faster than
+/// release on small machines.
+fn demo(extra: &[String]) -> Result<()> {
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "run",
+            "--locked",
+            "-p",
+            "diffusionx-e2e",
+            "--bin",
+            "demo",
+            "--",
+        ])
+        .args(extra))
 }
 
 fn fuzz(runs: Option<&str>) -> Result<()> {

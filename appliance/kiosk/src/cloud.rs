@@ -1,0 +1,328 @@
+//! The kiosk's side of the wire protocol: a QUIC client with the kiosk's fleet certificate that
+//! sends one job per stream and streams the gateway's answers back as session events.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diffusionx_protocol::{
+    ClientMessage, Codec, DeviceId, JobError, JobId, Latent, LatentData, LatentShape, Limits,
+    LoadReport, OutputFormat, RefineRequest, RefineResult, Resolution, Scheduler, ServerMessage,
+    SessionId,
+};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::session::CloudFailure;
+
+/// Why the link could not be set up (bad certificates or keys: a configuration error).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A PEM file could not be read.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// rustls or quinn refused the configuration.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The local UDP socket could not be bound.
+    #[error("binding a UDP socket: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+/// Where the gateway is and who this kiosk is.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The gateway's UDP address.
+    pub address: SocketAddr,
+    /// The name its certificate carries.
+    pub server_name: String,
+    /// PEM CA certificate(s) that issue the gateway's certificate.
+    pub ca: PathBuf,
+    /// This kiosk's PEM certificate (its CN is the device id).
+    pub cert: PathBuf,
+    /// Its PEM key.
+    pub key: PathBuf,
+    /// The device id (must match the certificate).
+    pub device_id: DeviceId,
+    /// How long the kiosk waits for a result before refining locally.
+    pub deadline: Duration,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+}
+
+/// A finished cloud job.
+#[derive(Debug, Clone)]
+pub struct CloudResult {
+    /// The gateway's answer (image bytes, timings).
+    pub result: RefineResult,
+    /// The decoded picture.
+    pub image: diffusionx_ui::RgbImage,
+}
+
+/// What the gateway reports while a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloudProgress {
+    /// Waiting at this position.
+    Queued {
+        /// Jobs ahead.
+        position: u32,
+        /// The gateway's estimate.
+        wait_ms: u32,
+    },
+    /// A step ran.
+    Step {
+        /// Steps done.
+        step: u16,
+        /// Steps in all.
+        total: u16,
+    },
+}
+
+/// One job's parameters.
+#[derive(Debug, Clone)]
+pub struct CloudJob {
+    /// Unique per finalize.
+    pub job_id: JobId,
+    /// The visitor session.
+    pub session_id: SessionId,
+    /// The final prompt.
+    pub prompt: String,
+    /// The session's seed.
+    pub seed: u64,
+    /// Image size.
+    pub resolution: Resolution,
+    /// How much to redo.
+    pub noise_level: diffusionx_diffusion::NoiseLevel,
+    /// Steps of the full schedule.
+    pub steps: u16,
+    /// Guidance scale.
+    pub guidance_scale: f32,
+    /// Scheduler.
+    pub scheduler: Scheduler,
+    /// The preview's latent, `[4, h/8, w/8]`, sent as f16.
+    pub latent: Vec<f32>,
+}
+
+/// The QUIC client.
+#[derive(Debug)]
+pub struct Link {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    config: LinkConfig,
+    codec: Codec,
+}
+
+fn pem_err(path: &std::path::Path, e: impl std::fmt::Display) -> LinkError {
+    LinkError::Pem {
+        path: path.into(),
+        message: e.to_string(),
+    }
+}
+
+impl Link {
+    /// Reads the certificates and binds a UDP socket; does not connect yet.
+    pub fn new(config: LinkConfig) -> Result<Self, LinkError> {
+        let cas = CertificateDer::pem_file_iter(&config.ca)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| pem_err(&config.ca, e))?;
+        let chain = CertificateDer::pem_file_iter(&config.cert)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| pem_err(&config.cert, e))?;
+        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| pem_err(&config.key, e))?;
+        let mut roots = RootCertStore::empty();
+        for ca in cas {
+            roots.add(ca).map_err(|e| LinkError::Tls(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| LinkError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![diffusionx_protocol::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(10))
+                .map_err(|e| LinkError::Tls(e.to_string()))?,
+        ));
+        client.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if config.address.is_ipv6() {
+            "[::]:0".parse().expect("a valid address")
+        } else {
+            "0.0.0.0:0".parse().expect("a valid address")
+        };
+        let endpoint = quinn::Endpoint::client(bind)?;
+        Ok(Self {
+            endpoint,
+            client,
+            config,
+            codec: Codec::new(Limits::default()),
+        })
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, CloudFailure> {
+        let connecting = self
+            .endpoint
+            .connect_with(
+                self.client.clone(),
+                self.config.address,
+                &self.config.server_name,
+            )
+            .map_err(|e| CloudFailure::Unreachable(e.to_string()))?;
+        match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(CloudFailure::Unreachable(e.to_string())),
+            Err(_) => Err(CloudFailure::Unreachable("connect timed out".into())),
+        }
+    }
+
+    /// Asks the gateway how busy it is.
+    pub async fn probe(&self) -> Result<LoadReport, CloudFailure> {
+        let connection = self.connect().await?;
+        let messages = self
+            .exchange(&connection, &ClientMessage::LoadProbe, &mut |_| {})
+            .await?;
+        match messages {
+            ServerMessage::Load(load) => Ok(load),
+            other => Err(CloudFailure::Refused(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Runs `job` on the gateway; `progress` sees its queue position and steps. Gives up with
+    /// [`CloudFailure::Deadline`] after the configured deadline (resetting the stream, which
+    /// cancels the job on the gateway).
+    pub async fn refine(
+        &self,
+        job: &CloudJob,
+        progress: &mut (dyn FnMut(CloudProgress) + Send),
+    ) -> Result<CloudResult, CloudFailure> {
+        let deadline_ms = u32::try_from(self.config.deadline.as_millis()).unwrap_or(u32::MAX);
+        let shape = LatentShape {
+            channels: 4,
+            height: job.resolution.height / 8,
+            width: job.resolution.width / 8,
+        };
+        let latent = Latent::new(
+            shape,
+            LatentData::F16(job.latent.iter().map(|v| half_f16(*v)).collect()),
+        )
+        .map_err(|e| CloudFailure::Refused(format!("the preview latent: {e}")))?;
+        let request = RefineRequest {
+            job_id: job.job_id,
+            session_id: job.session_id,
+            device_id: self.config.device_id.clone(),
+            prompt: job.prompt.clone(),
+            negative_prompt: String::new(),
+            seed: job.seed,
+            resolution: job.resolution,
+            noise_level: job.noise_level,
+            steps: job.steps,
+            guidance_scale: job.guidance_scale,
+            scheduler: job.scheduler,
+            output: OutputFormat::Png,
+            return_latent: false,
+            deadline_ms,
+            latent,
+        };
+        let run = async {
+            let connection = self.connect().await?;
+            let answer = self
+                .exchange(&connection, &ClientMessage::Refine(request), progress)
+                .await;
+            connection.close(quinn::VarInt::from_u32(0), b"done");
+            answer
+        };
+        let answer = tokio::time::timeout(self.config.deadline, run)
+            .await
+            .map_err(|_| CloudFailure::Deadline)??;
+        match answer {
+            ServerMessage::Result(result) => {
+                let image = decode_png(&result.image.bytes)
+                    .map_err(|e| CloudFailure::Refused(format!("the result image: {e}")))?;
+                Ok(CloudResult { result, image })
+            }
+            other => Err(CloudFailure::Refused(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends one request on a new stream and reads up to the final answer.
+    async fn exchange(
+        &self,
+        connection: &quinn::Connection,
+        message: &ClientMessage,
+        progress: &mut (dyn FnMut(CloudProgress) + Send),
+    ) -> Result<ServerMessage, CloudFailure> {
+        let lost = |e: &dyn std::fmt::Display| CloudFailure::Unreachable(e.to_string());
+        let mut frame = Vec::new();
+        self.codec
+            .encode(message, &mut frame)
+            .map_err(|e| CloudFailure::Refused(format!("the request: {e}")))?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&frame).await.map_err(|e| lost(&e))?;
+        send.finish().map_err(|e| lost(&e))?;
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            while let Some((message, used)) = self
+                .codec
+                .decode::<ServerMessage>(&buf)
+                .map_err(|e| CloudFailure::Refused(format!("a malformed answer: {e}")))?
+            {
+                buf.drain(..used);
+                match message {
+                    ServerMessage::Queued(q) => progress(CloudProgress::Queued {
+                        position: q.position,
+                        wait_ms: q.expected_wait_ms,
+                    }),
+                    ServerMessage::Progress(p) => progress(CloudProgress::Step {
+                        step: p.step,
+                        total: p.total,
+                    }),
+                    ServerMessage::Error { error, .. } => return Err(failure(error)),
+                    last @ (ServerMessage::Result(_) | ServerMessage::Load(_)) => return Ok(last),
+                }
+            }
+            match recv.read(&mut chunk).await.map_err(|e| lost(&e))? {
+                Some(n) => buf.extend_from_slice(&chunk[..n]),
+                None => {
+                    return Err(CloudFailure::Unreachable(
+                        "the gateway ended the stream early".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+fn failure(error: JobError) -> CloudFailure {
+    match error {
+        JobError::Busy { .. } | JobError::ShuttingDown { .. } => CloudFailure::Busy,
+        JobError::DeadlineExceeded => CloudFailure::Deadline,
+        other => CloudFailure::Refused(format!("{other:?}")),
+    }
+}
+
+fn half_f16(v: f32) -> half::f16 {
+    half::f16::from_f32(v)
+}
+
+/// Decodes a PNG into the UI's image type.
+pub fn decode_png(bytes: &[u8]) -> Result<diffusionx_ui::RgbImage, diffusionx_ui::ImageError> {
+    diffusionx_ui::RgbImage::from_png(bytes)
+}

@@ -1,0 +1,199 @@
+//! The edge engine on its own thread: previews and local refinement, cancellable between steps,
+//! reporting every step to the session as events.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use diffusionx_diffusion::SchedulerKind;
+use diffusionx_engine::{Outcome, Pipeline, Request, Start};
+use diffusionx_ui::RgbImage;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::session::{Event, Handover};
+
+/// How previews and local refinements are made.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Guidance of previews (at most 1: no guidance, twice as fast).
+    pub preview_guidance: f32,
+    /// Scheduler of previews.
+    pub scheduler: SchedulerKind,
+    /// Steps of the full schedule for a local refinement (the noise level takes its share).
+    pub refine_steps: u16,
+    /// Guidance of a local refinement.
+    pub refine_guidance: f32,
+}
+
+enum Job {
+    Preview {
+        round: u32,
+        prompt: String,
+        seed: u64,
+        steps: u16,
+    },
+    Refine(Handover),
+}
+
+/// The engine thread's handle. Dropping it stops the thread after its current job.
+#[derive(Debug)]
+pub struct EngineWorker {
+    jobs: mpsc::Sender<(Job, Arc<AtomicBool>)>,
+    current: Option<Arc<AtomicBool>>,
+}
+
+impl EngineWorker {
+    /// Starts the thread; events go to `events`.
+    pub fn spawn(
+        pipeline: Pipeline,
+        settings: EngineSettings,
+        events: UnboundedSender<Event>,
+    ) -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<(Job, Arc<AtomicBool>)>();
+        std::thread::Builder::new()
+            .name("edge-engine".into())
+            .spawn(move || {
+                for (job, cancel) in queue {
+                    if cancel.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    run(&pipeline, &settings, job, &cancel, &events);
+                }
+            })?;
+        Ok(Self {
+            jobs,
+            current: None,
+        })
+    }
+
+    fn submit(&mut self, job: Job) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.current = Some(cancel.clone());
+        // The thread only ends when this handle is dropped.
+        let _ = self.jobs.send((job, cancel));
+    }
+
+    /// Starts preview `round`.
+    pub fn preview(&mut self, round: u32, prompt: String, seed: u64, steps: u16) {
+        self.submit(Job::Preview {
+            round,
+            prompt,
+            seed,
+            steps,
+        });
+    }
+
+    /// Starts a local refinement.
+    pub fn refine(&mut self, handover: Handover) {
+        self.submit(Job::Refine(handover));
+    }
+
+    /// Stops the current job at its next step boundary.
+    pub fn cancel(&mut self) {
+        if let Some(cancel) = self.current.take() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+fn to_ui(image: diffusionx_engine::RgbImage) -> RgbImage {
+    RgbImage::from_raw(image.width as u32, image.height as u32, image.pixels)
+        .expect("the engine's images hold width x height x 3 bytes")
+}
+
+fn run(
+    pipeline: &Pipeline,
+    settings: &EngineSettings,
+    job: Job,
+    cancel: &AtomicBool,
+    events: &UnboundedSender<Event>,
+) {
+    let (request, round) = match job {
+        Job::Preview {
+            round,
+            prompt,
+            seed,
+            steps,
+        } => (
+            Request {
+                prompt,
+                negative_prompt: String::new(),
+                seed,
+                width: settings.width,
+                height: settings.height,
+                steps,
+                guidance_scale: settings.preview_guidance,
+                scheduler: settings.scheduler,
+                start: Start::Noise(None),
+                step_noise: None,
+                decode: true,
+            },
+            Some(round),
+        ),
+        Job::Refine(handover) => (
+            Request {
+                prompt: handover.prompt,
+                negative_prompt: String::new(),
+                seed: handover.seed,
+                width: settings.width,
+                height: settings.height,
+                steps: settings.refine_steps,
+                guidance_scale: settings.refine_guidance,
+                scheduler: settings.scheduler,
+                start: Start::Latent {
+                    latent: handover.latent,
+                    noise_level: handover.noise_level,
+                    noise: None,
+                },
+                step_noise: None,
+                decode: true,
+            },
+            None,
+        ),
+    };
+    let outcome = pipeline.generate(&request, &mut |p| {
+        if cancel.load(Ordering::Relaxed) {
+            return ControlFlow::Break(());
+        }
+        let (step, total) = (p.step as u16, p.total as u16);
+        let _ = events.send(match round {
+            Some(round) => Event::PreviewStep {
+                round,
+                step,
+                total,
+                image: to_ui(p.preview()),
+            },
+            None => Event::LocalStep { step, total },
+        });
+        ControlFlow::Continue(())
+    });
+    let event = match (outcome, round) {
+        (Ok(Outcome::Cancelled { .. }), _) => return,
+        (Ok(Outcome::Finished(generation)), round) => {
+            let Some(image) = generation.image.map(to_ui) else {
+                return;
+            };
+            match round {
+                Some(round) => Event::PreviewDone {
+                    round,
+                    image,
+                    latent: generation.latent,
+                },
+                None => Event::LocalDone { image },
+            }
+        }
+        (Err(e), Some(round)) => Event::PreviewFailed {
+            round,
+            message: e.to_string(),
+        },
+        (Err(e), None) => Event::LocalFailed {
+            message: e.to_string(),
+        },
+    };
+    let _ = events.send(event);
+}

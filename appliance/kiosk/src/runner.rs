@@ -1,0 +1,357 @@
+//! The kiosk shell: runs the session state machine against the real edge engine, the real
+//! gateway link, a display and an input source, and carries out its commands.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use diffusionx_protocol::{JobId, Resolution, Scheduler, SessionId};
+use diffusionx_ui::{HeadlessDisplay, Layout, Screen};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use crate::cloud::{CloudJob, CloudProgress, Link};
+use crate::engine::{EngineSettings, EngineWorker};
+use crate::records::RecordStore;
+use crate::script::{ScreenKind, Step};
+use crate::session::{CloudFailure, Command, Event, Handover, Session, SessionConfig};
+
+/// How the cloud refines (sent with every job).
+#[derive(Debug, Clone)]
+pub struct CloudSettings {
+    /// Steps of the full schedule.
+    pub steps: u16,
+    /// Guidance scale.
+    pub guidance_scale: f32,
+    /// Scheduler.
+    pub scheduler: Scheduler,
+}
+
+/// Everything a kiosk is made of.
+pub struct KioskParts {
+    /// Session behaviour.
+    pub session: SessionConfig,
+    /// The edge pipeline.
+    pub pipeline: diffusionx_engine::Pipeline,
+    /// Preview and local refinement settings.
+    pub engine: EngineSettings,
+    /// The gateway link; `None` refines locally always.
+    pub link: Option<Link>,
+    /// Cloud job settings.
+    pub cloud: CloudSettings,
+    /// The panel layout.
+    pub layout: Layout,
+    /// Where session records go.
+    pub records: RecordStore,
+    /// Write a PNG of each screen the visitor saw into this folder.
+    pub snapshots: Option<PathBuf>,
+}
+
+/// A running kiosk on the headless display.
+pub struct Kiosk {
+    session: Session,
+    engine: EngineWorker,
+    events_tx: UnboundedSender<Event>,
+    events: UnboundedReceiver<Event>,
+    link: Option<Arc<Link>>,
+    cloud: CloudSettings,
+    resolution: Resolution,
+    layout: Layout,
+    display: HeadlessDisplay,
+    records: RecordStore,
+    snapshots: Option<PathBuf>,
+    shown: Option<ScreenKind>,
+    written: Vec<PathBuf>,
+    jobs: u64,
+}
+
+impl std::fmt::Debug for Kiosk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kiosk")
+            .field("screen", &self.shown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kiosk {
+    /// Starts the engine thread and shows the attract screen.
+    pub fn new(parts: KioskParts) -> anyhow::Result<Self> {
+        let (events_tx, events) = unbounded_channel();
+        let resolution = Resolution {
+            width: u16::try_from(parts.engine.width).context("image width")?,
+            height: u16::try_from(parts.engine.height).context("image height")?,
+        };
+        let engine = EngineWorker::spawn(parts.pipeline, parts.engine, events_tx.clone())
+            .context("starting the engine thread")?;
+        let panel = parts.layout.panel();
+        let (w, h) = (panel.width_px, panel.height_px);
+        if let Some(dir) = &parts.snapshots {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut kiosk = Self {
+            session: Session::new(parts.session, Instant::now()),
+            engine,
+            events_tx,
+            events,
+            link: parts.link.map(Arc::new),
+            cloud: parts.cloud,
+            resolution,
+            layout: parts.layout,
+            display: HeadlessDisplay::new(w, h),
+            records: parts.records,
+            snapshots: parts.snapshots,
+            shown: None,
+            written: Vec::new(),
+            jobs: 0,
+        };
+        kiosk.render()?;
+        Ok(kiosk)
+    }
+
+    /// The session (its record, its screen).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The display.
+    pub fn display(&self) -> &HeadlessDisplay {
+        &self.display
+    }
+
+    /// The snapshot files written so far.
+    pub fn snapshots(&self) -> &[PathBuf] {
+        &self.written
+    }
+
+    /// The record store.
+    pub fn records(&self) -> &RecordStore {
+        &self.records
+    }
+
+    /// Plays `steps`; fails if a `wait` is not satisfied within `patience`.
+    pub async fn play(&mut self, steps: &[Step], patience: Duration) -> anyhow::Result<()> {
+        for (i, step) in steps.iter().enumerate() {
+            tracing::debug!(step = i + 1, ?step, "script");
+            match step {
+                Step::Press(action) => {
+                    // Like a finger: the centre of the control, through the hit test.
+                    let screen = self.session.screen();
+                    let control = self
+                        .layout
+                        .controls(&screen)
+                        .into_iter()
+                        .find(|c| c.action == *action)
+                        .with_context(|| {
+                            format!(
+                                "script step {}: no {action:?} control on the {} screen",
+                                i + 1,
+                                ScreenKind::of(&screen).name()
+                            )
+                        })?;
+                    let hit = self.layout.hit(&screen, control.rect.center());
+                    if let Some(action) = hit {
+                        self.apply(Event::Action(action))?;
+                    }
+                }
+                Step::Key(key) => self.apply(Event::Action(diffusionx_ui::Action::Key(*key)))?,
+                Step::Tap(x, y) => {
+                    let screen = self.session.screen();
+                    if let Some(action) = self
+                        .layout
+                        .hit(&screen, embedded_graphics::prelude::Point::new(*x, *y))
+                    {
+                        self.apply(Event::Action(action))?;
+                    }
+                }
+                Step::Wait(kind) => {
+                    let until = Instant::now() + patience;
+                    while ScreenKind::of(&self.session.screen()) != *kind {
+                        if !self.next_event(until).await? {
+                            bail!(
+                                "script step {}: still on {} after {patience:?}, waiting for {}",
+                                i + 1,
+                                ScreenKind::of(&self.session.screen()).name(),
+                                kind.name()
+                            );
+                        }
+                    }
+                }
+                Step::After(ms) => {
+                    let until = Instant::now() + Duration::from_millis(*ms);
+                    while self.next_event(until).await? {}
+                }
+            }
+        }
+        self.snapshot()?;
+        Ok(())
+    }
+
+    /// Runs the kiosk until `done` holds for the screen; fails after `patience`.
+    pub async fn wait_until(
+        &mut self,
+        patience: Duration,
+        mut done: impl FnMut(&Screen) -> bool,
+    ) -> anyhow::Result<()> {
+        let until = Instant::now() + patience;
+        while !done(&self.session.screen()) {
+            if !self.next_event(until).await? {
+                bail!("the awaited screen did not come within {patience:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles the next event or deadline before `until`; false when `until` came first.
+    async fn next_event(&mut self, until: Instant) -> anyhow::Result<bool> {
+        let deadline = self.session.next_deadline().map_or(until, |d| d.min(until));
+        tokio::select! {
+            event = self.events.recv() => {
+                let event = event.context("the event channel closed")?;
+                self.apply(event)?;
+                Ok(true)
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                if Instant::now() >= until {
+                    return Ok(false);
+                }
+                self.apply(Event::Tick)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn apply(&mut self, event: Event) -> anyhow::Result<()> {
+        let commands = self.session.handle(event, Instant::now());
+        for command in commands {
+            self.execute(command)?;
+        }
+        self.render()
+    }
+
+    fn execute(&mut self, command: Command) -> anyhow::Result<()> {
+        match command {
+            Command::StartPreview {
+                round,
+                prompt,
+                seed,
+                steps,
+            } => {
+                tracing::info!(round, %prompt, seed, steps, "preview");
+                self.engine.preview(round, prompt, seed, steps);
+            }
+            Command::CancelPreview { round } => {
+                tracing::info!(round, "preview cancelled");
+                self.engine.cancel();
+            }
+            Command::SaveRecord(record) => self
+                .records
+                .save(&record)
+                .context("writing the session record")?,
+            Command::RefineInCloud(handover) => self.refine_in_cloud(handover),
+            Command::RefineLocally(handover) => {
+                tracing::warn!(
+                    reason = ?self.session.record().fallback_reason,
+                    "refining on this kiosk"
+                );
+                self.engine.refine(handover);
+            }
+            Command::Report(record) => {
+                tracing::info!(session = record.number, ending = ?record.ending, "session over");
+                self.records
+                    .report(&record)
+                    .context("writing the session report")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn refine_in_cloud(&mut self, handover: Handover) {
+        let events = self.events_tx.clone();
+        let Some(link) = self.link.clone() else {
+            let _ = events.send(Event::CloudFailed(CloudFailure::Unreachable(
+                "no gateway configured".into(),
+            )));
+            return;
+        };
+        self.jobs += 1;
+        let job = CloudJob {
+            job_id: JobId::from_bytes(unique_id(self.jobs)),
+            session_id: SessionId::from_bytes(unique_id(self.session.record().number)),
+            prompt: handover.prompt,
+            seed: handover.seed,
+            resolution: self.resolution,
+            noise_level: handover.noise_level,
+            steps: self.cloud.steps,
+            guidance_scale: self.cloud.guidance_scale,
+            scheduler: self.cloud.scheduler,
+            latent: handover.latent,
+        };
+        tokio::spawn(async move {
+            let progress_events = events.clone();
+            let mut progress = move |p: CloudProgress| {
+                let _ = progress_events.send(match p {
+                    CloudProgress::Queued { position, wait_ms } => {
+                        Event::CloudQueued { position, wait_ms }
+                    }
+                    CloudProgress::Step { step, total } => Event::CloudStep { step, total },
+                });
+            };
+            let event = match link.refine(&job, &mut progress).await {
+                Ok(done) => {
+                    tracing::info!(
+                        total_ms = done.result.timings.total_us / 1000,
+                        steps = done.result.steps_run,
+                        "cloud result"
+                    );
+                    Event::CloudDone { image: done.image }
+                }
+                Err(why) => {
+                    tracing::warn!(?why, "cloud refinement failed");
+                    Event::CloudFailed(why)
+                }
+            };
+            let _ = events.send(event);
+        });
+    }
+
+    fn render(&mut self) -> anyhow::Result<()> {
+        let screen = self.session.screen();
+        let kind = ScreenKind::of(&screen);
+        if self.shown.is_some_and(|shown| shown != kind) {
+            // The last frame of the screen being left is the one worth keeping.
+            self.snapshot()?;
+        }
+        self.shown = Some(kind);
+        draw(&screen, &self.layout, &mut self.display);
+        Ok(())
+    }
+
+    fn snapshot(&mut self) -> anyhow::Result<()> {
+        let (Some(dir), Some(kind)) = (&self.snapshots, self.shown) else {
+            return Ok(());
+        };
+        let path = dir.join(format!("{:02}-{}.png", self.written.len() + 1, kind.name()));
+        std::fs::write(&path, self.display.to_png())
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.written.push(path);
+        Ok(())
+    }
+}
+
+fn draw(screen: &Screen, layout: &Layout, display: &mut HeadlessDisplay) {
+    match diffusionx_ui::render(screen, layout, display) {
+        Ok(()) => {}
+        Err(never) => match never {},
+    }
+}
+
+/// 16 bytes unique to this kiosk run: the wall clock in nanoseconds and a counter.
+fn unique_id(counter: u64) -> [u8; 16] {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&nanos.to_le_bytes());
+    id[8..].copy_from_slice(&counter.to_le_bytes());
+    id
+}

@@ -1,0 +1,659 @@
+//! The visitor session as a pure state machine: events in, commands out, `now` passed in.
+//!
+//! No clock, no threads, no I/O: the kiosk shell feeds it taps, key presses and what the edge
+//! engine and the cloud report, executes the commands it returns, renders [`Session::screen`]
+//! and calls [`Session::handle`] with [`Event::Tick`] at [`Session::next_deadline`]. Tests drive
+//! it in simulated time.
+
+use std::time::{Duration, Instant};
+
+use diffusionx_diffusion::NoiseLevel;
+use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
+
+/// What the session needs to know, fixed for the kiosk's lifetime.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Back to the attract screen (prompt cleared) after this long without input.
+    pub idle_timeout: Duration,
+    /// Edge denoising steps per preview.
+    pub preview_steps: u16,
+    /// Noise level the cloud re-noises the preview to (until the predictor decides it).
+    pub noise_level: NoiseLevel,
+    /// The first seed; each session derives its own from it and the session count.
+    pub base_seed: u64,
+    /// Text of the attract screen.
+    pub hint: String,
+    /// Longest prompt, in bytes (the wire protocol's limit).
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(90),
+            preview_steps: 4,
+            noise_level: NoiseLevel::from_bp(5000).expect("0.5 is a noise level"),
+            base_seed: 0x5eed,
+            hint: "Touch the screen to make a picture".into(),
+            max_prompt_bytes: 1024,
+        }
+    }
+}
+
+/// Why the cloud path was given up for local refinement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloudFailure {
+    /// The gateway could not be reached (or the connection dropped mid-job).
+    Unreachable(String),
+    /// The gateway refused the job for load (`Busy`) or is shutting down.
+    Busy,
+    /// No result before the deadline.
+    Deadline,
+    /// The gateway answered with an error.
+    Refused(String),
+}
+
+impl CloudFailure {
+    /// A short name for reports.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Unreachable(why) => format!("unreachable: {why}"),
+            Self::Busy => "busy".into(),
+            Self::Deadline => "deadline".into(),
+            Self::Refused(why) => format!("refused: {why}"),
+        }
+    }
+}
+
+/// Inputs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The visitor touched a control (or pressed a physical key mapped to one).
+    Action(Action),
+    /// The edge engine finished step `step` of `total` of preview `round`.
+    PreviewStep {
+        /// The round.
+        round: u32,
+        /// Steps done.
+        step: u16,
+        /// Steps in all.
+        total: u16,
+        /// The live preview.
+        image: RgbImage,
+    },
+    /// Preview `round` is done.
+    PreviewDone {
+        /// The round.
+        round: u32,
+        /// The decoded preview.
+        image: RgbImage,
+        /// The final latent (scaled), `[4, h, w]`.
+        latent: Vec<f32>,
+    },
+    /// Preview `round` failed.
+    PreviewFailed {
+        /// The round.
+        round: u32,
+        /// What went wrong.
+        message: String,
+    },
+    /// The cloud job waits at `position`.
+    CloudQueued {
+        /// Jobs ahead.
+        position: u32,
+        /// The gateway's estimate.
+        wait_ms: u32,
+    },
+    /// The cloud job ran a step.
+    CloudStep {
+        /// Steps done.
+        step: u16,
+        /// Steps in all.
+        total: u16,
+    },
+    /// The cloud result.
+    CloudDone {
+        /// The refined picture.
+        image: RgbImage,
+    },
+    /// The cloud path failed; the session falls back to local refinement.
+    CloudFailed(CloudFailure),
+    /// The local refinement ran a step.
+    LocalStep {
+        /// Steps done.
+        step: u16,
+        /// Steps in all.
+        total: u16,
+    },
+    /// The local refinement's result.
+    LocalDone {
+        /// The refined picture.
+        image: RgbImage,
+    },
+    /// The local refinement failed too.
+    LocalFailed {
+        /// What went wrong.
+        message: String,
+    },
+    /// Time passed (call at [`Session::next_deadline`]).
+    Tick,
+}
+
+/// What the refinement works from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handover {
+    /// The final prompt.
+    pub prompt: String,
+    /// The session's seed.
+    pub seed: u64,
+    /// How much of the preview to redo.
+    pub noise_level: NoiseLevel,
+    /// The last preview's latent.
+    pub latent: Vec<f32>,
+}
+
+/// Outputs, to be executed in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Run a preview on the edge engine.
+    StartPreview {
+        /// The round (1-based); events about it carry it.
+        round: u32,
+        /// The prompt.
+        prompt: String,
+        /// The seed.
+        seed: u64,
+        /// Denoising steps.
+        steps: u16,
+    },
+    /// Stop preview `round` (the visitor changed the prompt).
+    CancelPreview {
+        /// The round.
+        round: u32,
+    },
+    /// Write the session record durably (before the network is touched).
+    SaveRecord(SessionRecord),
+    /// Send the latent to the gateway.
+    RefineInCloud(Handover),
+    /// Refine on this kiosk instead.
+    RefineLocally(Handover),
+    /// The session is over: report it.
+    Report(SessionRecord),
+}
+
+/// One preview round, as reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundRecord {
+    /// The prompt of this round.
+    pub prompt: String,
+    /// Its seed.
+    pub seed: u64,
+    /// Denoising steps.
+    pub steps: u16,
+    /// Time from start to the finished preview (`None` if cancelled or failed).
+    pub preview_ms: Option<u64>,
+}
+
+/// How the session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Not yet.
+    Open,
+    /// A final picture was shown.
+    Finished,
+    /// The visitor walked away.
+    Abandoned,
+    /// Refinement failed on both paths.
+    Failed,
+}
+
+/// What the kiosk records about a session (written before the network, reported at the end).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    /// Sessions since start-up (1-based).
+    pub number: u64,
+    /// Every preview round.
+    pub rounds: Vec<RoundRecord>,
+    /// The noise level asked for at finalize.
+    pub noise_level: Option<NoiseLevel>,
+    /// Cloud or local, once known.
+    pub path: Option<FinalPath>,
+    /// Why the cloud was given up, if it was.
+    pub fallback_reason: Option<String>,
+    /// Finalize to final picture.
+    pub refine_ms: Option<u64>,
+    /// The visitor's verdict on the final picture.
+    pub thumbs_up: Option<bool>,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+#[derive(Debug)]
+enum State {
+    Attract,
+    Editing {
+        shift: bool,
+        pressed: Option<Key>,
+    },
+    Generating {
+        round: u32,
+        started: Instant,
+        step: u16,
+        total: u16,
+        preview: Option<RgbImage>,
+    },
+    Previewing {
+        image: RgbImage,
+        latent: Vec<f32>,
+    },
+    Refining {
+        status: RefineStatus,
+        image: RgbImage,
+        handover: Handover,
+        started: Instant,
+    },
+    Final {
+        image: RgbImage,
+        path: FinalPath,
+    },
+    Failed {
+        title: String,
+        message: String,
+    },
+}
+
+/// The session state machine.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    state: State,
+    prompt: String,
+    seed: u64,
+    round: u32,
+    sessions: u64,
+    record: SessionRecord,
+    last_input: Instant,
+}
+
+impl Session {
+    /// A kiosk showing the attract screen at `now`.
+    pub fn new(config: SessionConfig, now: Instant) -> Self {
+        Self {
+            seed: config.base_seed,
+            config,
+            state: State::Attract,
+            prompt: String::new(),
+            round: 0,
+            sessions: 0,
+            record: new_record(0),
+            last_input: now,
+        }
+    }
+
+    /// The current prompt text.
+    pub fn prompt(&self) -> &str {
+        &self.prompt
+    }
+
+    /// The session's seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The record so far.
+    pub fn record(&self) -> &SessionRecord {
+        &self.record
+    }
+
+    /// When to send the next [`Event::Tick`]: the idle timeout, except while the kiosk works.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Attract | State::Generating { .. } | State::Refining { .. } => None,
+            _ => Some(self.last_input + self.config.idle_timeout),
+        }
+    }
+
+    /// Whether the kiosk is working for the visitor (a preview or a refinement is running).
+    pub fn busy(&self) -> bool {
+        matches!(
+            self.state,
+            State::Generating { .. } | State::Refining { .. }
+        )
+    }
+
+    /// What the display shows now.
+    pub fn screen(&self) -> Screen {
+        match &self.state {
+            State::Attract => Screen::Attract {
+                hint: self.config.hint.clone(),
+                last: None,
+            },
+            State::Editing { shift, pressed } => Screen::PromptEntry {
+                text: self.prompt.clone(),
+                cursor_visible: true,
+                shift: *shift,
+                pressed: *pressed,
+            },
+            State::Generating {
+                step,
+                total,
+                preview,
+                round,
+                ..
+            } => Screen::Generating {
+                prompt: self.prompt.clone(),
+                step: *step,
+                total: *total,
+                preview: preview.clone(),
+                round: *round,
+            },
+            State::Previewing { image, .. } => Screen::Preview {
+                prompt: self.prompt.clone(),
+                image: image.clone(),
+                round: self.round,
+                seed: self.seed,
+            },
+            State::Refining { status, image, .. } => Screen::Refining {
+                image: Some(image.clone()),
+                status: *status,
+            },
+            State::Final { image, path } => Screen::Final {
+                image: image.clone(),
+                path: *path,
+            },
+            State::Failed { title, message } => Screen::Error {
+                title: title.clone(),
+                message: message.clone(),
+            },
+        }
+    }
+
+    /// Feeds one event at `now`; returns the commands to execute, in order.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Command> {
+        let mut out = Vec::new();
+        match event {
+            Event::Action(action) => {
+                self.last_input = now;
+                self.action(action, now, &mut out);
+            }
+            Event::Tick => {
+                if self.next_deadline().is_some_and(|d| now >= d) {
+                    self.end(Ending::Abandoned, &mut out);
+                }
+            }
+            other => self.progress(other, now, &mut out),
+        }
+        out
+    }
+
+    fn action(&mut self, action: Action, now: Instant, out: &mut Vec<Command>) {
+        match (&mut self.state, action) {
+            (State::Attract, _) => {
+                self.sessions += 1;
+                self.record = new_record(self.sessions);
+                self.seed = session_seed(self.config.base_seed, self.sessions);
+                self.round = 0;
+                self.prompt.clear();
+                self.state = State::Editing {
+                    shift: false,
+                    pressed: None,
+                };
+            }
+            (State::Editing { shift, pressed }, Action::Key(key)) => {
+                *pressed = Some(key);
+                match key {
+                    Key::Char(c) => {
+                        let c = if *shift { upper(c) } else { c };
+                        *shift = false;
+                        if self.prompt.len() + c.len_utf8() <= self.config.max_prompt_bytes {
+                            self.prompt.push(c);
+                        }
+                    }
+                    Key::Space => {
+                        if self.prompt.len() < self.config.max_prompt_bytes {
+                            self.prompt.push(' ');
+                        }
+                    }
+                    Key::Backspace => {
+                        self.prompt.pop();
+                    }
+                    Key::Shift => *shift = !*shift,
+                    Key::Clear => self.prompt.clear(),
+                    Key::Done => {
+                        if !self.prompt.trim().is_empty() {
+                            self.start_round(now, out);
+                        }
+                    }
+                }
+            }
+            // Typing while a preview runs: the visitor is changing the prompt, so the running
+            // preview is stale. Cancel it and edit.
+            (State::Generating { round, .. }, Action::Key(key)) => {
+                let round = *round;
+                self.cancel_round(round, out);
+                self.state = State::Editing {
+                    shift: false,
+                    pressed: None,
+                };
+                if key != Key::Done {
+                    self.action(Action::Key(key), now, out);
+                }
+            }
+            (State::Generating { round, .. }, Action::EditPrompt) => {
+                let round = *round;
+                self.cancel_round(round, out);
+                self.state = State::Editing {
+                    shift: false,
+                    pressed: None,
+                };
+            }
+            (State::Previewing { .. }, Action::EditPrompt) => {
+                self.state = State::Editing {
+                    shift: false,
+                    pressed: None,
+                };
+            }
+            (State::Previewing { .. }, Action::NewSeed) => {
+                self.seed = next_seed(self.seed);
+                self.start_round(now, out);
+            }
+            (State::Previewing { latent, image }, Action::Finalize) => {
+                let handover = Handover {
+                    prompt: self.prompt.clone(),
+                    seed: self.seed,
+                    noise_level: self.config.noise_level,
+                    latent: std::mem::take(latent),
+                };
+                let image = image.clone();
+                self.record.noise_level = Some(self.config.noise_level);
+                // The record is durable before the network is touched.
+                out.push(Command::SaveRecord(self.record.clone()));
+                out.push(Command::RefineInCloud(handover.clone()));
+                self.state = State::Refining {
+                    status: RefineStatus::Connecting,
+                    image,
+                    handover,
+                    started: now,
+                };
+            }
+            (State::Final { .. }, Action::ThumbsUp) => self.record.thumbs_up = Some(true),
+            (State::Final { .. }, Action::ThumbsDown) => self.record.thumbs_up = Some(false),
+            (State::Final { .. }, Action::NewPicture)
+            | (State::Failed { .. }, Action::StartOver) => {
+                self.end(Ending::Finished, out);
+                // Straight into a new session's prompt entry.
+                self.action(Action::StartSession, now, out);
+            }
+            _ => {}
+        }
+    }
+
+    fn progress(&mut self, event: Event, now: Instant, out: &mut Vec<Command>) {
+        match (&mut self.state, event) {
+            (
+                State::Generating {
+                    round,
+                    step,
+                    total,
+                    preview,
+                    ..
+                },
+                Event::PreviewStep {
+                    round: r,
+                    step: s,
+                    total: t,
+                    image,
+                },
+            ) if *round == r => {
+                (*step, *total, *preview) = (s, t, Some(image));
+            }
+            (
+                State::Generating { round, started, .. },
+                Event::PreviewDone {
+                    round: r,
+                    image,
+                    latent,
+                },
+            ) if *round == r => {
+                let ms = now.saturating_duration_since(*started).as_millis() as u64;
+                if let Some(last) = self.record.rounds.last_mut() {
+                    last.preview_ms = Some(ms);
+                }
+                self.state = State::Previewing { image, latent };
+                // The idle timer restarts when the result appears.
+                self.last_input = now;
+            }
+            (State::Generating { round, .. }, Event::PreviewFailed { round: r, message })
+                if *round == r =>
+            {
+                self.state = State::Failed {
+                    title: "The preview did not work".into(),
+                    message,
+                };
+                self.last_input = now;
+            }
+            (State::Refining { status, .. }, Event::CloudQueued { position, wait_ms }) => {
+                *status = RefineStatus::Queued { position, wait_ms };
+            }
+            (State::Refining { status, .. }, Event::CloudStep { step, total }) => {
+                *status = RefineStatus::Cloud { step, total };
+            }
+            (State::Refining { started, .. }, Event::CloudDone { image }) => {
+                let ms = now.saturating_duration_since(*started).as_millis() as u64;
+                self.finish(image, FinalPath::Cloud, ms, now);
+            }
+            (
+                State::Refining {
+                    status, handover, ..
+                },
+                Event::CloudFailed(why),
+            ) if !matches!(status, RefineStatus::Local { .. }) => {
+                // Only the first failure counts: a deadline after a drop starts nothing new.
+                self.record.fallback_reason = Some(why.reason());
+                *status = RefineStatus::Local { step: 0, total: 0 };
+                out.push(Command::RefineLocally(handover.clone()));
+            }
+            (State::Refining { status, .. }, Event::LocalStep { step, total }) => {
+                *status = RefineStatus::Local { step, total };
+            }
+            (State::Refining { started, .. }, Event::LocalDone { image }) => {
+                let ms = now.saturating_duration_since(*started).as_millis() as u64;
+                self.finish(image, FinalPath::Local, ms, now);
+            }
+            (State::Refining { .. }, Event::LocalFailed { message }) => {
+                self.state = State::Failed {
+                    title: "The picture could not be finished".into(),
+                    message,
+                };
+                self.record.ending = Ending::Failed;
+                self.last_input = now;
+            }
+            // Late events of a cancelled round or an abandoned refinement: nothing to do.
+            _ => {}
+        }
+    }
+
+    fn start_round(&mut self, now: Instant, out: &mut Vec<Command>) {
+        self.round += 1;
+        self.record.rounds.push(RoundRecord {
+            prompt: self.prompt.clone(),
+            seed: self.seed,
+            steps: self.config.preview_steps,
+            preview_ms: None,
+        });
+        out.push(Command::StartPreview {
+            round: self.round,
+            prompt: self.prompt.clone(),
+            seed: self.seed,
+            steps: self.config.preview_steps,
+        });
+        self.state = State::Generating {
+            round: self.round,
+            started: now,
+            step: 0,
+            total: self.config.preview_steps,
+            preview: None,
+        };
+    }
+
+    fn cancel_round(&mut self, round: u32, out: &mut Vec<Command>) {
+        out.push(Command::CancelPreview { round });
+    }
+
+    fn finish(&mut self, image: RgbImage, path: FinalPath, ms: u64, now: Instant) {
+        self.record.path = Some(path);
+        self.record.refine_ms = Some(ms);
+        self.state = State::Final { image, path };
+        self.last_input = now;
+    }
+
+    fn end(&mut self, ending: Ending, out: &mut Vec<Command>) {
+        if let State::Generating { round, .. } = self.state {
+            out.push(Command::CancelPreview { round });
+        }
+        if self.sessions > 0 && self.record.ending == Ending::Open {
+            self.record.ending = if self.record.path.is_some() {
+                Ending::Finished
+            } else {
+                ending
+            };
+            out.push(Command::Report(self.record.clone()));
+        }
+        // The next visitor must not see this one's prompt.
+        self.prompt.clear();
+        self.state = State::Attract;
+    }
+}
+
+fn new_record(number: u64) -> SessionRecord {
+    SessionRecord {
+        number,
+        rounds: Vec::new(),
+        noise_level: None,
+        path: None,
+        fallback_reason: None,
+        refine_ms: None,
+        thumbs_up: None,
+        ending: Ending::Open,
+    }
+}
+
+fn upper(c: char) -> char {
+    let mut up = c.to_uppercase();
+    match (up.next(), up.next()) {
+        (Some(u), None) => u,
+        _ => c,
+    }
+}
+
+/// SplitMix64 of the base seed and the session number: distinct sessions, reproducible runs.
+fn session_seed(base: u64, session: u64) -> u64 {
+    next_seed(base ^ session.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+fn next_seed(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & ((1 << 53) - 1)
+}

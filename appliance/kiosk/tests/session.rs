@@ -1,0 +1,304 @@
+//! The session state machine in simulated time: every test feeds events at chosen instants and
+//! compares the commands and screens that come out.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::time::{Duration, Instant};
+
+use diffusionx_diffusion::NoiseLevel;
+use diffusionx_kiosk::session::{
+    CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig,
+};
+use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
+
+fn image(v: u8) -> RgbImage {
+    RgbImage::from_raw(2, 2, vec![v; 12]).unwrap()
+}
+
+struct Sim {
+    session: Session,
+    now: Instant,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            session: Session::new(
+                SessionConfig {
+                    idle_timeout: Duration::from_secs(60),
+                    preview_steps: 4,
+                    noise_level: NoiseLevel::from_bp(4000).unwrap(),
+                    base_seed: 7,
+                    ..SessionConfig::default()
+                },
+                now,
+            ),
+            now,
+        }
+    }
+
+    fn at(&mut self, secs: f64, event: Event) -> Vec<Command> {
+        self.now += Duration::from_secs_f64(secs);
+        self.session.handle(event, self.now)
+    }
+
+    fn act(&mut self, action: Action) -> Vec<Command> {
+        self.at(0.1, Event::Action(action))
+    }
+
+    fn typed(&mut self, text: &str) {
+        for c in text.chars() {
+            let key = if c == ' ' { Key::Space } else { Key::Char(c) };
+            assert_eq!(self.act(Action::Key(key)), vec![]);
+        }
+    }
+
+    /// Runs preview `round` to the end after `secs`.
+    fn preview_done(&mut self, round: u32, secs: f64, latent: f32) -> Vec<Command> {
+        self.at(
+            secs,
+            Event::PreviewDone {
+                round,
+                image: image(round as u8),
+                latent: vec![latent; 4],
+            },
+        )
+    }
+}
+
+fn start_preview(cmds: &[Command]) -> (u32, String, u64) {
+    match cmds {
+        [
+            Command::StartPreview {
+                round,
+                prompt,
+                seed,
+                steps: 4,
+            },
+        ] => (*round, prompt.clone(), *seed),
+        other => panic!("expected one StartPreview, got {other:?}"),
+    }
+}
+
+#[test]
+fn three_rounds_then_finalize_in_the_cloud() {
+    let mut sim = Sim::new();
+    assert!(matches!(sim.session.screen(), Screen::Attract { .. }));
+    assert_eq!(sim.act(Action::StartSession), vec![]);
+    sim.typed("red fox");
+    let (round, prompt, seed) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!((round, prompt.as_str()), (1, "red fox"));
+
+    // Live progress shows on the generating screen.
+    sim.at(
+        0.5,
+        Event::PreviewStep {
+            round: 1,
+            step: 2,
+            total: 4,
+            image: image(9),
+        },
+    );
+    match sim.session.screen() {
+        Screen::Generating {
+            step,
+            total,
+            preview,
+            ..
+        } => assert_eq!((step, total, preview), (2, 4, Some(image(9)))),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(sim.preview_done(1, 1.5, 1.0), vec![]);
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::Preview { round: 1, .. }
+    ));
+
+    // Round 2: edit the prompt; the seed stays.
+    assert_eq!(sim.act(Action::EditPrompt), vec![]);
+    for _ in 0..3 {
+        sim.act(Action::Key(Key::Backspace));
+    }
+    sim.typed("cat");
+    let (round, prompt, seed2) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!((round, prompt.as_str(), seed2), (2, "red cat", seed));
+    sim.preview_done(2, 2.0, 2.0);
+
+    // Round 3: same prompt, new seed.
+    let (round, prompt, seed3) = start_preview(&sim.act(Action::NewSeed));
+    assert_eq!((round, prompt.as_str()), (3, "red cat"));
+    assert_ne!(seed3, seed);
+    sim.preview_done(3, 1.0, 3.0);
+
+    // Finalize: the record is saved before the cloud is asked, with the last latent.
+    let cmds = sim.act(Action::Finalize);
+    let handover = Handover {
+        prompt: "red cat".into(),
+        seed: seed3,
+        noise_level: NoiseLevel::from_bp(4000).unwrap(),
+        latent: vec![3.0; 4],
+    };
+    match &cmds[..] {
+        [Command::SaveRecord(record), Command::RefineInCloud(h)] => {
+            assert_eq!(record.rounds.len(), 3);
+            assert_eq!(h, &handover);
+        }
+        other => panic!("{other:?}"),
+    }
+    sim.at(
+        0.2,
+        Event::CloudQueued {
+            position: 1,
+            wait_ms: 900,
+        },
+    );
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::Refining {
+            status: RefineStatus::Queued {
+                position: 1,
+                wait_ms: 900
+            },
+            ..
+        }
+    ));
+    sim.at(1.0, Event::CloudStep { step: 3, total: 4 });
+    assert_eq!(sim.at(1.0, Event::CloudDone { image: image(42) }), vec![]);
+    assert_eq!(
+        sim.session.screen(),
+        Screen::Final {
+            image: image(42),
+            path: FinalPath::Cloud
+        }
+    );
+    sim.act(Action::ThumbsUp);
+
+    // New picture: the session is reported and a new one starts with an empty prompt.
+    let cmds = sim.act(Action::NewPicture);
+    let record = match &cmds[..] {
+        [Command::Report(record)] => record.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(record.number, 1);
+    assert_eq!(record.ending, Ending::Finished);
+    assert_eq!(record.path, Some(FinalPath::Cloud));
+    assert_eq!(record.thumbs_up, Some(true));
+    assert_eq!(record.refine_ms, Some(2200));
+    let times: Vec<Option<u64>> = record.rounds.iter().map(|r| r.preview_ms).collect();
+    assert_eq!(times, vec![Some(2000), Some(2000), Some(1000)]);
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::PromptEntry { ref text, .. } if text.is_empty()
+    ));
+    assert_eq!(sim.session.record().number, 2);
+}
+
+#[test]
+fn typing_during_a_preview_cancels_it_and_edits() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("moon");
+    start_preview(&sim.act(Action::Key(Key::Done)));
+    let cmds = sim.act(Action::Key(Key::Char('s')));
+    assert_eq!(cmds, vec![Command::CancelPreview { round: 1 }]);
+    assert_eq!(sim.session.prompt(), "moons");
+    // The cancelled round's late result is ignored.
+    assert_eq!(sim.preview_done(1, 0.5, 1.0), vec![]);
+    assert!(matches!(sim.session.screen(), Screen::PromptEntry { .. }));
+    let (round, prompt, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!((round, prompt.as_str()), (2, "moons"));
+    assert_eq!(sim.session.record().rounds[0].preview_ms, None);
+}
+
+#[test]
+fn shift_capitalizes_one_letter_and_clear_empties() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.act(Action::Key(Key::Shift));
+    sim.typed("éa");
+    assert_eq!(sim.session.prompt(), "Éa");
+    sim.act(Action::Key(Key::Clear));
+    assert_eq!(sim.session.prompt(), "");
+    // An empty prompt does not start a preview.
+    assert_eq!(sim.act(Action::Key(Key::Done)), vec![]);
+}
+
+#[test]
+fn the_cloud_failing_falls_back_to_local_and_says_so() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("tree");
+    sim.act(Action::Key(Key::Done));
+    sim.preview_done(1, 1.0, 0.5);
+    sim.act(Action::Finalize);
+    let cmds = sim.at(
+        0.3,
+        Event::CloudFailed(CloudFailure::Unreachable("connection lost".into())),
+    );
+    assert!(matches!(&cmds[..], [Command::RefineLocally(h)] if h.latent == vec![0.5; 4]));
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::Refining {
+            status: RefineStatus::Local { .. },
+            ..
+        }
+    ));
+    // A second failure report (e.g. the deadline after the drop) does not start a second run.
+    assert_eq!(
+        sim.at(0.1, Event::CloudFailed(CloudFailure::Deadline)),
+        vec![]
+    );
+    sim.at(1.0, Event::LocalStep { step: 1, total: 2 });
+    sim.at(1.0, Event::LocalDone { image: image(5) });
+    assert_eq!(
+        sim.session.screen(),
+        Screen::Final {
+            image: image(5),
+            path: FinalPath::Local
+        }
+    );
+    assert_eq!(
+        sim.session.record().fallback_reason.as_deref(),
+        Some("unreachable: connection lost")
+    );
+}
+
+#[test]
+fn an_idle_visitor_is_timed_out_and_the_prompt_cleared() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("secret wish");
+    let deadline = sim.session.next_deadline().unwrap();
+    assert_eq!(deadline, sim.now + Duration::from_secs(60));
+    // Not yet.
+    assert_eq!(sim.at(59.0, Event::Tick), vec![]);
+    let cmds = sim.at(1.0, Event::Tick);
+    match &cmds[..] {
+        [Command::Report(record)] => {
+            assert_eq!(record.ending, Ending::Abandoned);
+            assert_eq!(record.rounds.len(), 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(sim.session.screen(), Screen::Attract { .. }));
+    assert_eq!(sim.session.prompt(), "");
+    assert_eq!(sim.session.next_deadline(), None);
+    // The next visitor starts fresh, with another seed.
+    let seed1 = sim.session.seed();
+    sim.act(Action::StartSession);
+    assert!(
+        matches!(sim.session.screen(), Screen::PromptEntry { ref text, .. } if text.is_empty())
+    );
+    assert_ne!(sim.session.seed(), seed1);
+}
+
+#[test]
+fn no_timeout_while_the_kiosk_works() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("slow");
+    sim.act(Action::Key(Key::Done));
+    assert_eq!(sim.session.next_deadline(), None);
+    assert_eq!(sim.at(600.0, Event::Tick), vec![]);
+    assert!(matches!(sim.session.screen(), Screen::Generating { .. }));
+}

@@ -1,0 +1,150 @@
+//! `demo`: the whole system on this machine with the committed tiny models. A gateway on
+//! loopback, a kiosk on the headless display, a scripted visitor doing three rounds and a
+//! finalize; writes every screen it showed and the final picture, then prints a summary.
+#![allow(clippy::print_stdout)] // The summary is this tool's output.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use diffusionx_diffusion::NoiseLevel;
+use diffusionx_e2e::{KioskOptions, kiosk, repo, start_gateway, tiny_sd, tiny_sd15};
+use diffusionx_kiosk::script;
+use diffusionx_ui::Screen;
+
+/// Run the end-to-end demo.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Where the screens, the final image and the records go.
+    #[arg(long, default_value = "target/demo")]
+    out: PathBuf,
+    /// The scripted visitor.
+    #[arg(long)]
+    script: Option<PathBuf>,
+    /// The kiosk's model: an ONNX folder from `onnx/export.py` (default: the tiny fixture).
+    #[arg(long)]
+    kiosk_model: Option<PathBuf>,
+    /// The gateway's model: a diffusers SD 1.x folder (default: the tiny fixture).
+    #[arg(long)]
+    gateway_model: Option<PathBuf>,
+    /// Panel width and height in pixels.
+    #[arg(long, value_delimiter = 'x', default_value = "1280x800")]
+    panel: Vec<u32>,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let [w, h] = args.panel[..] else {
+        bail!("--panel wants WIDTHxHEIGHT");
+    };
+    if args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("clearing {}", args.out.display()))?;
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let script_path = args
+        .script
+        .clone()
+        .unwrap_or_else(|| repo().join("tests/visitor.txt"));
+    let steps = script::parse(
+        &std::fs::read_to_string(&script_path)
+            .with_context(|| format!("reading {}", script_path.display()))?,
+    )
+    .with_context(|| format!("in {}", script_path.display()))?;
+
+    let gateway_model = args.gateway_model.clone().unwrap_or_else(tiny_sd15);
+    println!(
+        "starting the gateway on loopback ({}, throwaway CA) ...",
+        gateway_model.display()
+    );
+    let gateway = start_gateway(&args.out, &gateway_model).await?;
+    println!(
+        "gateway: QUIC {} (mTLS), metrics http://{}/metrics",
+        gateway.gateway.local_addr()?,
+        gateway
+            .gateway
+            .http_addr()
+            .map_or("-".into(), |a| a.to_string())
+    );
+    let options = KioskOptions {
+        dir: args.out.clone(),
+        model: args.kiosk_model.clone().unwrap_or_else(tiny_sd),
+        panel: (w, h),
+        cloud_steps: 20,
+        noise_level: NoiseLevel::from_bp(5000).context("noise level")?,
+    };
+    let mut kiosk = kiosk(&gateway, &options)?;
+    println!(
+        "kiosk: {w}x{h} headless display, visitor script {}",
+        script_path.display()
+    );
+    kiosk.play(&steps, Duration::from_secs(300)).await?;
+
+    let final_png = args.out.join("final.png");
+    let mut final_path = None;
+    for shot in kiosk.snapshots() {
+        if shot.to_string_lossy().ends_with("-final.png") {
+            final_path = Some(shot.clone());
+        }
+    }
+    if let Screen::Final { image, .. } = kiosk.session().screen() {
+        save_png(&final_png, &image)?;
+    } else if let Some(reported) = kiosk.records().reports()?.last()
+        && reported["path"].is_string()
+    {
+        // The script moved on from the final screen; the picture is in the last snapshot.
+        if let Some(shot) = &final_path {
+            std::fs::copy(shot, &final_png)?;
+        }
+    }
+
+    let reports = kiosk.records().reports()?;
+    let record = match reports.last() {
+        Some(r) => r.clone(),
+        None => diffusionx_kiosk::records::to_json(kiosk.session().record()),
+    };
+    println!("\nscreens the visitor saw:");
+    for shot in kiosk.snapshots() {
+        println!("  {}", shot.display());
+    }
+    if final_png.exists() {
+        println!("final image: {}", final_png.display());
+    }
+    println!("\nsession {}:", record["session"]);
+    if let Some(rounds) = record["rounds"].as_array() {
+        for (i, r) in rounds.iter().enumerate() {
+            println!(
+                "  round {}: {:?} seed {} - preview {} ms",
+                i + 1,
+                r["prompt"].as_str().unwrap_or(""),
+                r["seed"],
+                r["preview_ms"]
+            );
+        }
+    }
+    println!(
+        "  finalize: noise level {}, refined {} ({}), {} ms",
+        record["noise_level"],
+        record["path"].as_str().unwrap_or("-"),
+        record["fallback_reason"].as_str().unwrap_or("no fallback"),
+        record["refine_ms"]
+    );
+    println!("  session record: {}", args.out.join("records").display());
+    println!(
+        "\nThe tiny random-weight models make abstract pictures; see README.md for real weights."
+    );
+    gateway.gateway.shutdown().await?;
+    Ok(())
+}
+
+fn save_png(path: &std::path::Path, image: &diffusionx_ui::RgbImage) -> anyhow::Result<()> {
+    std::fs::write(path, image.to_png()).with_context(|| format!("writing {}", path.display()))
+}

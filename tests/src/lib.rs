@@ -1,0 +1,124 @@
+//! The whole system on one machine, for the demo (`cargo xtask demo`) and the end-to-end tests:
+//! a gateway on loopback (QUIC, mTLS with a throwaway CA, the tiny SD v1.5 fixture), a kiosk on
+//! the headless display with the tiny Tiny-SD fixture, and a scripted visitor.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
+use diffusionx_gateway::Gateway;
+use diffusionx_gateway::config::Config;
+use diffusionx_gateway::tls::DevPki;
+use diffusionx_kiosk::cloud::{Link, LinkConfig};
+use diffusionx_kiosk::engine::EngineSettings;
+use diffusionx_kiosk::records::RecordStore;
+use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::session::SessionConfig;
+use diffusionx_protocol::{DeviceId, Scheduler};
+use diffusionx_refine::Refiner;
+use diffusionx_ui::{Layout, Panel};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The demo's device id.
+pub const DEVICE: &str = "kiosk-demo-1";
+
+/// A gateway on loopback with a throwaway fleet CA written to `dir/pki`.
+pub struct LocalGateway {
+    /// The server.
+    pub gateway: Gateway,
+    /// Where the certificates are.
+    pub pki_dir: PathBuf,
+}
+
+/// The committed tiny SD v1.5 fixture (the gateway's default model).
+pub fn tiny_sd15() -> PathBuf {
+    repo().join("onnx/fixtures/tiny-sd15")
+}
+
+/// The committed tiny Tiny-SD fixture (the kiosk's default model).
+pub fn tiny_sd() -> PathBuf {
+    repo().join("onnx/fixtures/tiny-sd")
+}
+
+/// Starts a gateway serving `model` (a diffusers SD 1.x folder).
+pub async fn start_gateway(dir: &Path, model: &Path) -> anyhow::Result<LocalGateway> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let pki_dir = dir.join("pki");
+    let pki = DevPki::generate(&[DEVICE])?;
+    pki.write(&pki_dir)?;
+    let config = Config::parse(&format!(
+        "listen = \"127.0.0.1:0\"\nmodel = {model:?}\n[tls]\ncert = \"-\"\nkey = \"-\"\n\
+         client_ca = \"-\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    ))?;
+    let tls = diffusionx_gateway::tls::server_config(
+        pki.gateway.identity.clone(),
+        std::slice::from_ref(&pki.ca),
+    )?;
+    let refiner = Refiner::load(model).context("loading the gateway model")?;
+    let gateway = Gateway::start(&config, refiner, tls).await?;
+    Ok(LocalGateway { gateway, pki_dir })
+}
+
+/// What the kiosk side of a run is made of.
+#[derive(Debug, Clone)]
+pub struct KioskOptions {
+    /// Where records and screens go.
+    pub dir: PathBuf,
+    /// The kiosk's ONNX model folder.
+    pub model: PathBuf,
+    /// Panel size.
+    pub panel: (u32, u32),
+    /// Steps of the cloud job's schedule.
+    pub cloud_steps: u16,
+    /// The noise level the cloud redoes.
+    pub noise_level: NoiseLevel,
+}
+
+/// Builds a kiosk that talks to `gateway`.
+pub fn kiosk(gateway: &LocalGateway, options: &KioskOptions) -> anyhow::Result<Kiosk> {
+    let pipeline = diffusionx_engine::Pipeline::load(&options.model, &Default::default())
+        .context("loading the kiosk model")?;
+    let link = Link::new(LinkConfig {
+        address: gateway.gateway.local_addr()?,
+        server_name: "localhost".into(),
+        ca: gateway.pki_dir.join("fleet-ca.pem"),
+        cert: gateway.pki_dir.join(format!("kiosk-{DEVICE}.pem")),
+        key: gateway.pki_dir.join(format!("kiosk-{DEVICE}.key")),
+        device_id: DeviceId::new(DEVICE)?,
+        deadline: Duration::from_secs(120),
+        connect_timeout: Duration::from_secs(5),
+    })?;
+    Kiosk::new(KioskParts {
+        session: SessionConfig {
+            noise_level: options.noise_level,
+            ..SessionConfig::default()
+        },
+        pipeline,
+        engine: EngineSettings {
+            width: 256,
+            height: 256,
+            preview_guidance: 1.0,
+            scheduler: SchedulerKind::Ddim,
+            refine_steps: 10,
+            refine_guidance: 7.5,
+        },
+        link: Some(link),
+        cloud: CloudSettings {
+            steps: options.cloud_steps,
+            guidance_scale: 7.5,
+            scheduler: Scheduler::Ddim,
+        },
+        layout: Layout::new(Panel {
+            width_px: options.panel.0,
+            height_px: options.panel.1,
+            width_mm: None,
+        })?,
+        records: RecordStore::open(&options.dir.join("records"))?,
+        snapshots: Some(options.dir.join("screens")),
+    })
+}

@@ -1,0 +1,161 @@
+//! The whole system end to end: a scripted visitor on a headless kiosk, previews on the edge
+//! engine (tract, tiny Tiny-SD), the handover over real QUIC with mTLS to a real gateway (candle,
+//! tiny SD v1.5), the final image on the display; and the same with the gateway killed mid-job,
+//! where the kiosk falls back to refining locally and says so.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::time::Duration;
+
+use diffusionx_diffusion::NoiseLevel;
+use diffusionx_e2e::{KioskOptions, kiosk, repo, start_gateway, tiny_sd, tiny_sd15};
+use diffusionx_gateway::metrics::Outcome;
+use diffusionx_kiosk::script::{self, ScreenKind, Step};
+use diffusionx_ui::{FinalPath, RefineStatus, Screen};
+
+fn visitor() -> Vec<Step> {
+    script::parse(&std::fs::read_to_string(repo().join("tests/visitor.txt")).unwrap()).unwrap()
+}
+
+fn options(dir: &std::path::Path, cloud_steps: u16) -> KioskOptions {
+    KioskOptions {
+        dir: dir.to_path_buf(),
+        model: tiny_sd(),
+        panel: (800, 480),
+        cloud_steps,
+        noise_level: NoiseLevel::from_bp(5000).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_gets_a_cloud_refined_picture() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
+    let mut kiosk = kiosk(&gateway, &options(dir.path(), 20)).unwrap();
+    kiosk
+        .play(&visitor(), Duration::from_secs(120))
+        .await
+        .unwrap();
+
+    // The final picture is on the display: the screen and the display's pixels agree.
+    let Screen::Final { image, path } = kiosk.session().screen() else {
+        panic!("not on the final screen");
+    };
+    assert_eq!(path, FinalPath::Cloud);
+    assert_eq!((image.width(), image.height()), (256, 256));
+    let distinct: std::collections::HashSet<&[u8]> = image.pixels().chunks(3).collect();
+    assert!(distinct.len() > 100, "a picture, not a flat fill");
+
+    let record = kiosk.session().record();
+    let prompts: Vec<&str> = record.rounds.iter().map(|r| r.prompt.as_str()).collect();
+    assert_eq!(
+        prompts,
+        vec![
+            "a lighthouse on a cliff at dusk",
+            "a lighthouse on a cliff at night",
+            "a lighthouse on a cliff at night"
+        ]
+    );
+    assert_eq!(
+        record.rounds[0].seed, record.rounds[1].seed,
+        "same seed on edit"
+    );
+    assert_ne!(
+        record.rounds[1].seed, record.rounds[2].seed,
+        "new seed asked for"
+    );
+    assert!(record.rounds.iter().all(|r| r.preview_ms.is_some()));
+    assert_eq!(record.thumbs_up, Some(true));
+    assert_eq!(record.fallback_reason, None);
+    assert_eq!(gateway.gateway.metrics().jobs(Outcome::Done), 1);
+
+    // The record was on disk before the network was touched, with the three rounds.
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("records/current.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["rounds"].as_array().unwrap().len(), 3);
+    assert_eq!(saved["noise_level"], 0.5);
+
+    // One snapshot per screen the visitor saw, in order.
+    let kinds: Vec<String> = kiosk
+        .snapshots()
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().to_string();
+            name.split_once('-').unwrap().1.to_string()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "attract",
+            "prompt",
+            "generating",
+            "preview",
+            "prompt",
+            "generating",
+            "preview",
+            "generating",
+            "preview",
+            "refining",
+            "final"
+        ]
+    );
+    gateway.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_job_falls_back_to_local_refinement() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
+    // A long cloud job (200 schedule steps at 0.5: 100 steps) so the kill lands mid-job.
+    let mut kiosk = kiosk(&gateway, &options(dir.path(), 200)).unwrap();
+    let steps = visitor();
+    let finalize = steps
+        .iter()
+        .position(|s| *s == Step::Press(diffusionx_ui::Action::Finalize))
+        .unwrap();
+    kiosk
+        .play(&steps[..=finalize], Duration::from_secs(120))
+        .await
+        .unwrap();
+    kiosk
+        .wait_until(Duration::from_secs(60), |screen| {
+            matches!(
+                screen,
+                Screen::Refining {
+                    status: RefineStatus::Cloud { step: 1.., .. },
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    gateway.gateway.kill();
+
+    // While it refines locally the screen says so.
+    kiosk
+        .wait_until(Duration::from_secs(60), |screen| {
+            matches!(
+                screen,
+                Screen::Refining {
+                    status: RefineStatus::Local { .. },
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    kiosk
+        .play(&[Step::Wait(ScreenKind::Final)], Duration::from_secs(120))
+        .await
+        .unwrap();
+    let Screen::Final { path, image } = kiosk.session().screen() else {
+        panic!("not on the final screen");
+    };
+    assert_eq!(path, FinalPath::Local);
+    assert_eq!((image.width(), image.height()), (256, 256));
+    let reason = kiosk.session().record().fallback_reason.clone().unwrap();
+    assert!(reason.starts_with("unreachable"), "{reason}");
+    assert_eq!(kiosk.session().record().path, Some(FinalPath::Local));
+}
