@@ -1,4 +1,251 @@
-//! `kiosk`: the kiosk firmware's main binary (configuration and hardware backends come with the
-//! rest of issue #5; the demo drives the library directly).
+//! `kiosk`: the kiosk firmware's main binary.
+//!
+//! ```text
+//! kiosk --config /etc/diffusionx/kiosk.toml           # run
+//! kiosk --config /etc/diffusionx/kiosk.toml --check   # check config, model, certificates; exit
+//! ```
+//!
+//! systemd: `Type=notify` gets `READY=1` once the model is loaded and the first screen shown;
+//! with `WatchdogSec=` the kiosk pings at half the interval from its event loop; SIGTERM ends
+//! the session (reported as abandoned) and exits 0.
 
-fn main() {}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use diffusionx_engine::{EngineConfig, Pipeline};
+use diffusionx_kiosk::cloud::{Link, LinkConfig};
+use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig};
+use diffusionx_kiosk::engine::EngineSettings;
+use diffusionx_kiosk::evdev::{self, Calibration, TouchDecoder};
+use diffusionx_kiosk::fbdev::Framebuffer;
+use diffusionx_kiosk::records::RecordStore;
+use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::script;
+use diffusionx_kiosk::session::SessionConfig;
+use diffusionx_protocol::{DeviceId, Scheduler};
+use diffusionx_ui::{Layout, Panel};
+
+/// DiffusionX kiosk.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+    /// Check the configuration, the model and the certificates, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("kiosk: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = KioskConfig::load(&args.config)?;
+    let mut engine_config = EngineConfig::default();
+    if config.model.threads > 0 {
+        engine_config.threads = config.model.threads;
+    }
+    diffusionx_engine::set_threads(engine_config.threads);
+    let pipeline = Pipeline::load(&config.model.path, &engine_config)
+        .with_context(|| format!("loading the model {}", config.model.path.display()))?;
+    pipeline
+        .prepare(
+            config.model.width,
+            config.model.height,
+            config.model.preview_guidance,
+        )
+        .context("preparing the preview plans")?;
+    let link = match &config.gateway {
+        Some(g) => Some(Link::new(LinkConfig {
+            address: g.address,
+            server_name: g.server_name.clone(),
+            ca: g.ca.clone(),
+            cert: g.cert.clone(),
+            key: g.key.clone(),
+            device_id: DeviceId::new(g.device_id.clone())?,
+            deadline: Duration::from_millis(g.deadline_ms),
+            connect_timeout: Duration::from_millis(g.connect_timeout_ms),
+        })?),
+        None => None,
+    };
+    let (framebuffer, panel, snapshots) = match &config.display {
+        DisplayConfig::Headless {
+            width,
+            height,
+            width_mm,
+            snapshots,
+        } => (
+            None,
+            Panel {
+                width_px: *width,
+                height_px: *height,
+                width_mm: *width_mm,
+            },
+            snapshots.clone(),
+        ),
+        DisplayConfig::Fbdev { device, width_mm } => {
+            let fb = Framebuffer::open(device, None)?;
+            let g = fb.geometry();
+            (
+                Some(fb),
+                Panel {
+                    width_px: g.width,
+                    height_px: g.height,
+                    width_mm: *width_mm,
+                },
+                None,
+            )
+        }
+    };
+    let layout = Layout::new(panel)?;
+    let steps = match &config.input {
+        InputConfig::Script { path } => Some(script::parse(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?),
+        InputConfig::None | InputConfig::Evdev { .. } => None,
+    };
+    if args.check {
+        tracing::info!("configuration, model and certificates are usable");
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let gateway = config.gateway.clone();
+        let mut kiosk = Kiosk::new(KioskParts {
+            session: SessionConfig {
+                idle_timeout: config.idle_timeout(),
+                preview_steps: config.model.preview_steps,
+                noise_level: config.noise_level()?,
+                hint: config.session.hint.clone(),
+                ..SessionConfig::default()
+            },
+            pipeline,
+            engine: EngineSettings {
+                width: config.model.width,
+                height: config.model.height,
+                preview_guidance: config.model.preview_guidance,
+                scheduler: config.scheduler()?,
+                refine_steps: config.model.refine_steps,
+                refine_guidance: config.model.refine_guidance,
+            },
+            link,
+            cloud: CloudSettings {
+                steps: gateway.as_ref().map_or(20, |g| g.steps),
+                guidance_scale: gateway.as_ref().map_or(7.5, |g| g.guidance),
+                scheduler: Scheduler::Ddim,
+            },
+            layout,
+            records: RecordStore::open(&config.records.dir)?,
+            snapshots,
+        })?;
+        if let Some(mut fb) = framebuffer {
+            kiosk.on_frame(Box::new(move |frame| {
+                fb.present(frame);
+            }));
+        }
+        if let InputConfig::Evdev { touch, keyboard } = &config.input {
+            let tx = kiosk.input_sender();
+            if let Some(t) = touch {
+                let decoder = TouchDecoder::new(Calibration {
+                    x: (t.x[0], t.x[1]),
+                    y: (t.y[0], t.y[1]),
+                    display: (panel.width_px, panel.height_px),
+                    rotation: t.rotation,
+                });
+                let tx = tx.clone();
+                evdev::spawn_reader(&t.device, Some(decoder), move |i| tx.send(i).is_ok())
+                    .with_context(|| format!("opening {}", t.device.display()))?;
+            }
+            if let Some(k) = keyboard {
+                let tx = tx.clone();
+                evdev::spawn_reader(k, None, move |i| tx.send(i).is_ok())
+                    .with_context(|| format!("opening {}", k.display()))?;
+            }
+        }
+        sd_notify("READY=1");
+        let watchdog = watchdog_interval();
+        let work = async {
+            match steps {
+                Some(steps) => kiosk.play(&steps, Duration::from_secs(600)).await,
+                None => {
+                    kiosk
+                        .run_forever(watchdog, || sd_notify("WATCHDOG=1"))
+                        .await
+                }
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            _ = terminate() => {
+                tracing::info!("SIGTERM: stopping");
+                sd_notify("STOPPING=1");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn terminate() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Half of systemd's `WATCHDOG_USEC`, when set.
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    Some(Duration::from_micros(usec / 2))
+}
+
+/// Tells systemd `state` through `$NOTIFY_SOCKET` (no-op when not run by systemd).
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        // An abstract socket name.
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

@@ -12,9 +12,11 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::cloud::{CloudJob, CloudProgress, Link};
 use crate::engine::{EngineSettings, EngineWorker};
+use crate::evdev::Input;
 use crate::records::RecordStore;
 use crate::script::{ScreenKind, Step};
 use crate::session::{CloudFailure, Command, Event, Handover, Session, SessionConfig};
+use diffusionx_ui::Action;
 
 /// How the cloud refines (sent with every job).
 #[derive(Debug, Clone)]
@@ -63,7 +65,13 @@ pub struct Kiosk {
     shown: Option<ScreenKind>,
     written: Vec<PathBuf>,
     jobs: u64,
+    frame_sink: Option<FrameSink>,
+    input_tx: UnboundedSender<Input>,
+    inputs: UnboundedReceiver<Input>,
 }
+
+/// Receives every frame the kiosk draws (a hardware display's `present`).
+pub type FrameSink = Box<dyn FnMut(&HeadlessDisplay) + Send>;
 
 impl std::fmt::Debug for Kiosk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,6 +85,7 @@ impl Kiosk {
     /// Starts the engine thread and shows the attract screen.
     pub fn new(parts: KioskParts) -> anyhow::Result<Self> {
         let (events_tx, events) = unbounded_channel();
+        let (input_tx, inputs) = unbounded_channel();
         let resolution = Resolution {
             width: u16::try_from(parts.engine.width).context("image width")?,
             height: u16::try_from(parts.engine.height).context("image height")?,
@@ -103,9 +112,41 @@ impl Kiosk {
             shown: None,
             written: Vec::new(),
             jobs: 0,
+            frame_sink: None,
+            input_tx,
+            inputs,
         };
         kiosk.render()?;
         Ok(kiosk)
+    }
+
+    /// Where input devices send taps and keys.
+    pub fn input_sender(&self) -> UnboundedSender<Input> {
+        self.input_tx.clone()
+    }
+
+    /// Sends every frame to `sink` from now on (and the current one at once).
+    pub fn on_frame(&mut self, mut sink: FrameSink) {
+        sink(&self.display);
+        self.frame_sink = Some(sink);
+    }
+
+    /// Serves visitors until the event channel closes; calls `ping` at least every `watchdog`
+    /// while the loop is alive (systemd's watchdog).
+    pub async fn run_forever(
+        &mut self,
+        watchdog: Option<Duration>,
+        mut ping: impl FnMut(),
+    ) -> anyhow::Result<()> {
+        let interval = watchdog.unwrap_or(Duration::from_secs(3600));
+        let mut last_ping = Instant::now();
+        loop {
+            self.next_event(last_ping + interval).await?;
+            if watchdog.is_some() && last_ping.elapsed() >= interval {
+                ping();
+                last_ping = Instant::now();
+            }
+        }
     }
 
     /// The session (its record, its screen).
@@ -208,6 +249,18 @@ impl Kiosk {
             event = self.events.recv() => {
                 let event = event.context("the event channel closed")?;
                 self.apply(event)?;
+                Ok(true)
+            }
+            Some(input) = self.inputs.recv() => {
+                match input {
+                    Input::Key(key) => self.apply(Event::Action(Action::Key(key)))?,
+                    Input::Tap(point) => {
+                        let screen = self.session.screen();
+                        if let Some(action) = self.layout.hit(&screen, point) {
+                            self.apply(Event::Action(action))?;
+                        }
+                    }
+                }
                 Ok(true)
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
@@ -323,6 +376,9 @@ impl Kiosk {
         }
         self.shown = Some(kind);
         draw(&screen, &self.layout, &mut self.display);
+        if let Some(sink) = &mut self.frame_sink {
+            sink(&self.display);
+        }
         Ok(())
     }
 

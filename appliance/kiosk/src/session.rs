@@ -273,6 +273,10 @@ pub struct Session {
     sessions: u64,
     record: SessionRecord,
     last_input: Instant,
+    /// The last final picture, shown on the attract screen.
+    last_picture: Option<RgbImage>,
+    /// The current session's report was sent.
+    reported: bool,
 }
 
 impl Session {
@@ -287,6 +291,8 @@ impl Session {
             sessions: 0,
             record: new_record(0),
             last_input: now,
+            last_picture: None,
+            reported: false,
         }
     }
 
@@ -326,7 +332,7 @@ impl Session {
         match &self.state {
             State::Attract => Screen::Attract {
                 hint: self.config.hint.clone(),
-                last: None,
+                last: self.last_picture.clone(),
             },
             State::Editing { shift, pressed } => Screen::PromptEntry {
                 text: self.prompt.clone(),
@@ -391,6 +397,7 @@ impl Session {
             (State::Attract, _) => {
                 self.sessions += 1;
                 self.record = new_record(self.sessions);
+                self.reported = false;
                 self.seed = session_seed(self.config.base_seed, self.sessions);
                 self.round = 0;
                 self.prompt.clear();
@@ -530,6 +537,7 @@ impl Session {
                     title: "The preview did not work".into(),
                     message,
                 };
+                self.record.ending = Ending::Failed;
                 self.last_input = now;
             }
             (State::Refining { status, .. }, Event::CloudQueued { position, wait_ms }) => {
@@ -603,6 +611,7 @@ impl Session {
     fn finish(&mut self, image: RgbImage, path: FinalPath, ms: u64, now: Instant) {
         self.record.path = Some(path);
         self.record.refine_ms = Some(ms);
+        self.last_picture = Some(image.clone());
         self.state = State::Final { image, path };
         self.last_input = now;
     }
@@ -611,12 +620,15 @@ impl Session {
         if let State::Generating { round, .. } = self.state {
             out.push(Command::CancelPreview { round });
         }
-        if self.sessions > 0 && self.record.ending == Ending::Open {
-            self.record.ending = if self.record.path.is_some() {
-                Ending::Finished
-            } else {
-                ending
-            };
+        if self.sessions > 0 && !self.reported {
+            if self.record.ending == Ending::Open {
+                self.record.ending = if self.record.path.is_some() {
+                    Ending::Finished
+                } else {
+                    ending
+                };
+            }
+            self.reported = true;
             out.push(Command::Report(self.record.clone()));
         }
         // The next visitor must not see this one's prompt.

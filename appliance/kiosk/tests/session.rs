@@ -261,6 +261,44 @@ fn the_cloud_failing_falls_back_to_local_and_says_so() {
         sim.session.record().fallback_reason.as_deref(),
         Some("unreachable: connection lost")
     );
+    // The visitor walks away: the next one sees the picture on the attract screen, no prompt.
+    let cmds = sim.at(61.0, Event::Tick);
+    assert!(matches!(&cmds[..], [Command::Report(r)] if r.ending == Ending::Finished));
+    assert_eq!(
+        sim.session.screen(),
+        Screen::Attract {
+            hint: "Touch the screen to make a picture".into(),
+            last: Some(image(5))
+        }
+    );
+}
+
+#[test]
+fn a_failed_preview_is_reported_as_failed() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("x");
+    sim.act(Action::Key(Key::Done));
+    sim.at(
+        0.5,
+        Event::PreviewFailed {
+            round: 1,
+            message: "out of memory".into(),
+        },
+    );
+    assert_eq!(
+        sim.session.screen(),
+        Screen::Error {
+            title: "The preview did not work".into(),
+            message: "out of memory".into()
+        }
+    );
+    let cmds = sim.act(Action::StartOver);
+    match &cmds[..] {
+        [Command::Report(r)] => assert_eq!(r.ending, Ending::Failed),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(sim.session.screen(), Screen::PromptEntry { .. }));
 }
 
 #[test]

@@ -1,0 +1,354 @@
+//! `kiosk.toml`: the kiosk binary's configuration, checked at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Malformed TOML, an unknown key or a wrong type (toml's message names line and key).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml says.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KioskConfig {
+    /// The edge model and how previews are made.
+    pub model: ModelConfig,
+    /// The display backend.
+    pub display: DisplayConfig,
+    /// The input source.
+    #[serde(default)]
+    pub input: InputConfig,
+    /// The refinement gateway; without it every picture is refined on the kiosk.
+    pub gateway: Option<GatewayConfig>,
+    /// Visitor session behaviour.
+    #[serde(default)]
+    pub session: SessionSection,
+    /// Where session records are kept.
+    pub records: RecordsConfig,
+}
+
+/// The edge model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The ONNX model folder (`onnx/export.py` / `onnx/quantize.py`).
+    pub path: PathBuf,
+    /// Image width in pixels (a multiple of 64, 256..=768).
+    #[serde(default = "default_side")]
+    pub width: usize,
+    /// Image height in pixels.
+    #[serde(default = "default_side")]
+    pub height: usize,
+    /// Denoising steps per preview.
+    #[serde(default = "default_preview_steps")]
+    pub preview_steps: u16,
+    /// Guidance of previews (at most 1: none, twice as fast).
+    #[serde(default = "one")]
+    pub preview_guidance: f32,
+    /// `ddim`, `euler`, `dpmpp2m` or `lcm`.
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+    /// Schedule steps of a local refinement.
+    #[serde(default = "default_refine_steps")]
+    pub refine_steps: u16,
+    /// Guidance of a local refinement.
+    #[serde(default = "default_guidance")]
+    pub refine_guidance: f32,
+    /// Threads for the engine; 0 uses every core.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// Where the picture goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DisplayConfig {
+    /// In memory, optionally writing a PNG per screen (tests, demo, bring-up).
+    Headless {
+        /// Width in pixels.
+        width: u32,
+        /// Height in pixels.
+        height: u32,
+        /// Physical width, for 9 mm touch keys.
+        width_mm: Option<f32>,
+        /// Folder for the screen PNGs.
+        snapshots: Option<PathBuf>,
+    },
+    /// The Linux framebuffer (geometry and pixel format from the driver).
+    Fbdev {
+        /// The device.
+        #[serde(default = "default_fb")]
+        device: PathBuf,
+        /// Physical width, for 9 mm touch keys.
+        width_mm: Option<f32>,
+    },
+}
+
+/// Where taps and keys come from.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum InputConfig {
+    /// No input (a display-only bring-up).
+    #[default]
+    None,
+    /// A scripted visitor (`script.rs` explains the format).
+    Script {
+        /// The script file.
+        path: PathBuf,
+    },
+    /// Linux evdev devices.
+    Evdev {
+        /// The touchscreen.
+        touch: Option<TouchConfig>,
+        /// A keyboard (`/dev/input/by-id/...-event-kbd`).
+        keyboard: Option<PathBuf>,
+    },
+}
+
+/// A touchscreen and its calibration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TouchConfig {
+    /// The device (`/dev/input/by-path/...-event`).
+    pub device: PathBuf,
+    /// Raw X at the left and right edge (`evtest` shows the axis range).
+    pub x: [i32; 2],
+    /// Raw Y at the top and bottom edge.
+    pub y: [i32; 2],
+    /// Clockwise rotation of the display against the touch axes: 0, 90, 180, 270.
+    #[serde(default)]
+    pub rotation: u16,
+}
+
+/// The gateway and this kiosk's identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address.
+    pub address: SocketAddr,
+    /// The name on the gateway's certificate.
+    pub server_name: String,
+    /// PEM CA that issued it.
+    pub ca: PathBuf,
+    /// This kiosk's PEM certificate (CN = device id).
+    pub cert: PathBuf,
+    /// Its PEM key.
+    pub key: PathBuf,
+    /// The device id.
+    pub device_id: String,
+    /// Give up on the cloud (and refine locally) after this long.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Connecting may take this long.
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Schedule steps of the cloud job.
+    #[serde(default = "default_cloud_steps")]
+    pub steps: u16,
+    /// Guidance of the cloud job.
+    #[serde(default = "default_guidance")]
+    pub guidance: f32,
+}
+
+/// Session behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSection {
+    /// Back to the attract screen after this many idle seconds.
+    pub idle_timeout_s: u64,
+    /// How much of the preview the cloud redoes (0..=1) until the predictor decides.
+    pub noise_level: f32,
+    /// The attract screen's text.
+    pub hint: String,
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        Self {
+            idle_timeout_s: 90,
+            noise_level: 0.5,
+            hint: "Touch the screen to make a picture".into(),
+        }
+    }
+}
+
+/// Session records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// A folder on persistent storage.
+    pub dir: PathBuf,
+}
+
+fn default_side() -> usize {
+    256
+}
+fn default_preview_steps() -> u16 {
+    4
+}
+fn one() -> f32 {
+    1.0
+}
+fn default_guidance() -> f32 {
+    7.5
+}
+fn default_scheduler() -> String {
+    "ddim".into()
+}
+fn default_refine_steps() -> u16 {
+    10
+}
+fn default_fb() -> PathBuf {
+    PathBuf::from("/dev/fb0")
+}
+fn default_deadline_ms() -> u64 {
+    60_000
+}
+fn default_connect_ms() -> u64 {
+    3_000
+}
+fn default_cloud_steps() -> u16 {
+    20
+}
+
+impl KioskConfig {
+    /// Reads and checks `path`; relative paths inside are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut paths: Vec<&mut PathBuf> = vec![&mut config.model.path, &mut config.records.dir];
+        if let Some(g) = &mut config.gateway {
+            paths.extend([&mut g.ca, &mut g.cert, &mut g.key]);
+        }
+        match &mut config.input {
+            InputConfig::Script { path } => paths.push(path),
+            InputConfig::Evdev { touch, keyboard } => {
+                if let Some(t) = touch {
+                    paths.push(&mut t.device);
+                }
+                if let Some(k) = keyboard {
+                    paths.push(k);
+                }
+            }
+            InputConfig::None => {}
+        }
+        if let DisplayConfig::Headless {
+            snapshots: Some(dir),
+            ..
+        } = &mut config.display
+        {
+            paths.push(dir);
+        }
+        for p in paths {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        for (key, side) in [("model.width", m.width), ("model.height", m.height)] {
+            if side % 64 != 0 || !(256..=768).contains(&side) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{side} is not a multiple of 64 in 256..=768"),
+                });
+            }
+        }
+        self.scheduler()?;
+        self.noise_level()?;
+        if m.preview_steps == 0 {
+            return Err(ConfigError::Invalid {
+                key: "model.preview_steps",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let InputConfig::Evdev { touch: Some(t), .. } = &self.input
+            && ![0, 90, 180, 270].contains(&t.rotation)
+        {
+            return Err(ConfigError::Invalid {
+                key: "input.touch.rotation",
+                reason: format!("{} is not 0, 90, 180 or 270", t.rotation),
+            });
+        }
+        if let Some(g) = &self.gateway {
+            diffusionx_protocol::DeviceId::new(g.device_id.clone()).map_err(|e| {
+                ConfigError::Invalid {
+                    key: "gateway.device_id",
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The preview scheduler.
+    pub fn scheduler(&self) -> Result<SchedulerKind, ConfigError> {
+        Ok(match self.model.scheduler.as_str() {
+            "ddim" => SchedulerKind::Ddim,
+            "euler" => SchedulerKind::Euler,
+            "dpmpp2m" => SchedulerKind::DpmSolverPp2m,
+            "lcm" => SchedulerKind::Lcm,
+            other => {
+                return Err(ConfigError::Invalid {
+                    key: "model.scheduler",
+                    reason: format!("{other:?} is not one of ddim, euler, dpmpp2m, lcm"),
+                });
+            }
+        })
+    }
+
+    /// The noise level of the handover.
+    pub fn noise_level(&self) -> Result<NoiseLevel, ConfigError> {
+        NoiseLevel::from_fraction(self.session.noise_level)
+            .filter(|n| n.bp() > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "session.noise_level",
+                reason: format!("{} is not in (0, 1]", self.session.noise_level),
+            })
+    }
+
+    /// The idle timeout.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.session.idle_timeout_s)
+    }
+}

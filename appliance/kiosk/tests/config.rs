@@ -1,0 +1,106 @@
+//! `kiosk.toml`: the example parses with every key; mistakes are refused by name.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::path::{Path, PathBuf};
+
+use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig};
+
+fn example() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("kiosk.example.toml"))
+        .unwrap()
+}
+
+fn load(text: &str) -> Result<KioskConfig, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiosk.toml");
+    std::fs::write(&path, text).unwrap();
+    KioskConfig::load(&path).map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_example_parses_with_every_key() {
+    let c = load(&example()).unwrap();
+    assert_eq!(
+        c.model.path,
+        PathBuf::from("/var/lib/diffusionx/tiny-sd-int8")
+    );
+    assert!(matches!(c.display, DisplayConfig::Fbdev { width_mm: Some(w), .. } if w == 154.0));
+    match &c.input {
+        InputConfig::Evdev {
+            touch: Some(t),
+            keyboard: Some(k),
+        } => {
+            assert_eq!((t.x, t.y, t.rotation), ([0, 4095], [0, 4095], 0));
+            assert_eq!(k, &PathBuf::from("/dev/input/by-id/usb-keyboard-event-kbd"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let g = c.gateway.as_ref().unwrap();
+    assert_eq!(g.address, "10.0.0.5:4433".parse().unwrap());
+    assert_eq!(g.device_id, "kiosk-lobby-1");
+    assert_eq!(c.noise_level().unwrap().bp(), 5000);
+    assert_eq!(c.idle_timeout().as_secs(), 90);
+}
+
+#[test]
+fn mistakes_are_refused_by_name() {
+    let typo = example().replace("preview_steps = 4", "preview_stepz = 4");
+    assert!(
+        load(&typo)
+            .unwrap_err()
+            .contains("unknown field `preview_stepz`")
+    );
+    let side = example().replace("width = 256", "width = 300");
+    assert_eq!(
+        load(&side).unwrap_err(),
+        "model.width: 300 is not a multiple of 64 in 256..=768"
+    );
+    let level = example().replace("noise_level = 0.5", "noise_level = 1.5");
+    assert_eq!(
+        load(&level).unwrap_err(),
+        "session.noise_level: 1.5 is not in (0, 1]"
+    );
+    let sched = example().replace("scheduler = \"ddim\"", "scheduler = \"plms\"");
+    assert_eq!(
+        load(&sched).unwrap_err(),
+        "model.scheduler: \"plms\" is not one of ddim, euler, dpmpp2m, lcm"
+    );
+    let rotation = example().replace("rotation = 0", "rotation = 45");
+    assert_eq!(
+        load(&rotation).unwrap_err(),
+        "input.touch.rotation: 45 is not 0, 90, 180 or 270"
+    );
+    let display = example().replace("kind = \"fbdev\"", "kind = \"vga\"");
+    assert!(
+        load(&display)
+            .unwrap_err()
+            .contains("unknown variant `vga`")
+    );
+}
+
+#[test]
+fn relative_paths_follow_the_file_and_headless_needs_no_device() {
+    let text = example()
+        .replace("/var/lib/diffusionx/records", "records")
+        .replace(
+            "kind = \"fbdev\"\ndevice = \"/dev/fb0\"\n",
+            "kind = \"headless\"\nwidth = 800\nheight = 480\nsnapshots = \"shots\"\n",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kiosk.toml");
+    std::fs::write(&path, text).unwrap();
+    let c = KioskConfig::load(&path).unwrap();
+    assert_eq!(c.records.dir, dir.path().join("records"));
+    match c.display {
+        DisplayConfig::Headless {
+            width,
+            height,
+            snapshots,
+            ..
+        } => {
+            assert_eq!((width, height), (800, 480));
+            assert_eq!(snapshots, Some(dir.path().join("shots")));
+        }
+        other => panic!("{other:?}"),
+    }
+}
