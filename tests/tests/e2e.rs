@@ -66,6 +66,11 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
     assert!(record.rounds.iter().all(|r| r.preview_ms.is_some()));
     assert_eq!(record.thumbs_up, Some(true));
     assert_eq!(record.fallback_reason, None);
+    assert_eq!(
+        record.cloud_load,
+        Some((0, 0)),
+        "probed an idle gateway before sending"
+    );
     assert_eq!(gateway.gateway.metrics().jobs(Outcome::Done), 1);
 
     // The record was on disk before the network was touched, with the three rounds.

@@ -69,6 +69,13 @@ pub struct CloudResult {
 /// What the gateway reports while a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloudProgress {
+    /// The load probe's answer, before the latent is sent.
+    Load {
+        /// Jobs waiting.
+        queue_depth: u32,
+        /// Expected wait before a job sent now starts.
+        expected_wait_ms: u32,
+    },
     /// Waiting at this position.
     Queued {
         /// Jobs ahead.
@@ -202,7 +209,9 @@ impl Link {
         }
     }
 
-    /// Runs `job` on the gateway; `progress` sees its queue position and steps. Gives up with
+    /// Probes the gateway's load and, when it accepts work, runs `job` there (one connection);
+    /// `progress` sees the load, the queue position and the steps. A gateway that is full or
+    /// stopping is answered [`CloudFailure::Busy`] before the latent is sent. Gives up with
     /// [`CloudFailure::Deadline`] after the configured deadline (resetting the stream, which
     /// cancels the job on the gateway).
     pub async fn refine(
@@ -240,6 +249,25 @@ impl Link {
         };
         let run = async {
             let connection = self.connect().await?;
+            let load = match self
+                .exchange(&connection, &ClientMessage::LoadProbe, &mut |_| {})
+                .await?
+            {
+                ServerMessage::Load(load) => load,
+                other => {
+                    return Err(CloudFailure::Refused(format!(
+                        "unexpected answer to the load probe {other:?}"
+                    )));
+                }
+            };
+            progress(CloudProgress::Load {
+                queue_depth: load.queue_depth,
+                expected_wait_ms: load.expected_wait_ms,
+            });
+            if !load.accepting {
+                connection.close(quinn::VarInt::from_u32(0), b"busy");
+                return Err(CloudFailure::Busy);
+            }
             let answer = self
                 .exchange(&connection, &ClientMessage::Refine(request), progress)
                 .await;

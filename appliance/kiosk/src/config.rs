@@ -103,6 +103,8 @@ pub enum DisplayConfig {
         /// Folder for the screen PNGs.
         snapshots: Option<PathBuf>,
     },
+    /// An SPI TFT panel driven from userspace (spidev + GPIO).
+    Spi(crate::spi_panel::SpiPanelConfig),
     /// The Linux framebuffer (geometry and pixel format from the driver).
     Fbdev {
         /// The device.
@@ -308,6 +310,14 @@ impl KioskConfig {
             return Err(ConfigError::Invalid {
                 key: "input.touch.rotation",
                 reason: format!("{} is not 0, 90, 180 or 270", t.rotation),
+            });
+        }
+        if let DisplayConfig::Spi(panel) = &self.display
+            && ![0, 90, 180, 270].contains(&panel.rotation)
+        {
+            return Err(ConfigError::Invalid {
+                key: "display.rotation",
+                reason: format!("{} is not 0, 90, 180 or 270", panel.rotation),
             });
         }
         if let Some(g) = &self.gateway {

@@ -21,11 +21,12 @@ use diffusionx_kiosk::engine::EngineSettings;
 use diffusionx_kiosk::evdev::{self, Calibration, TouchDecoder};
 use diffusionx_kiosk::fbdev::Framebuffer;
 use diffusionx_kiosk::records::RecordStore;
-use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::runner::{CloudSettings, FrameSink, Kiosk, KioskParts};
 use diffusionx_kiosk::script;
 use diffusionx_kiosk::session::SessionConfig;
+use diffusionx_kiosk::spi_panel;
 use diffusionx_protocol::{DeviceId, Scheduler};
-use diffusionx_ui::{Layout, Panel};
+use diffusionx_ui::{HeadlessDisplay, Layout, Panel};
 
 /// DiffusionX kiosk.
 #[derive(Debug, Parser)]
@@ -86,7 +87,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         })?),
         None => None,
     };
-    let (framebuffer, panel, snapshots) = match &config.display {
+    let (sink, panel, snapshots): (Option<FrameSink>, Panel, _) = match &config.display {
         DisplayConfig::Headless {
             width,
             height,
@@ -101,11 +102,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
             },
             snapshots.clone(),
         ),
+        DisplayConfig::Spi(spi) => (
+            Some(spi_panel::open(spi)?),
+            Panel {
+                width_px: u32::from(spi.width),
+                height_px: u32::from(spi.height),
+                width_mm: spi.width_mm,
+            },
+            None,
+        ),
         DisplayConfig::Fbdev { device, width_mm } => {
-            let fb = Framebuffer::open(device, None)?;
+            let mut fb = Framebuffer::open(device, None)?;
             let g = fb.geometry();
             (
-                Some(fb),
+                Some(Box::new(move |frame: &HeadlessDisplay| fb.present(frame))),
                 Panel {
                     width_px: g.width,
                     height_px: g.height,
@@ -160,10 +170,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             records: RecordStore::open(&config.records.dir)?,
             snapshots,
         })?;
-        if let Some(mut fb) = framebuffer {
-            kiosk.on_frame(Box::new(move |frame| {
-                fb.present(frame);
-            }));
+        if let Some(sink) = sink {
+            kiosk.on_frame(sink);
         }
         if let InputConfig::Evdev { touch, keyboard } = &config.input {
             let tx = kiosk.input_sender();

@@ -81,6 +81,10 @@ pub fn to_json(record: &SessionRecord) -> Value {
             FinalPath::Cloud => "cloud",
             FinalPath::Local => "local",
         }),
+        "cloud_load": record.cloud_load.map(|(queue_depth, expected_wait_ms)| json!({
+            "queue_depth": queue_depth,
+            "expected_wait_ms": expected_wait_ms,
+        })),
         "fallback_reason": record.fallback_reason,
         "refine_ms": record.refine_ms,
         "thumbs_up": record.thumbs_up,

@@ -347,6 +347,13 @@ impl Kiosk {
                         Event::CloudQueued { position, wait_ms }
                     }
                     CloudProgress::Step { step, total } => Event::CloudStep { step, total },
+                    CloudProgress::Load {
+                        queue_depth,
+                        expected_wait_ms,
+                    } => Event::CloudLoad {
+                        queue_depth,
+                        expected_wait_ms,
+                    },
                 });
             };
             let event = match link.refine(&job, &mut progress).await {

@@ -97,6 +97,13 @@ pub enum Event {
         /// What went wrong.
         message: String,
     },
+    /// The gateway's answer to the load probe sent before the job.
+    CloudLoad {
+        /// Jobs waiting there.
+        queue_depth: u32,
+        /// Its estimate of the wait before a job sent now starts.
+        expected_wait_ms: u32,
+    },
     /// The cloud job waits at `position`.
     CloudQueued {
         /// Jobs ahead.
@@ -218,6 +225,8 @@ pub struct SessionRecord {
     pub noise_level: Option<NoiseLevel>,
     /// Cloud or local, once known.
     pub path: Option<FinalPath>,
+    /// The gateway's load at finalize: (jobs waiting, expected wait in ms).
+    pub cloud_load: Option<(u32, u32)>,
     /// Why the cloud was given up, if it was.
     pub fallback_reason: Option<String>,
     /// Finalize to final picture.
@@ -540,6 +549,13 @@ impl Session {
                 self.record.ending = Ending::Failed;
                 self.last_input = now;
             }
+            (
+                State::Refining { .. },
+                Event::CloudLoad {
+                    queue_depth,
+                    expected_wait_ms,
+                },
+            ) => self.record.cloud_load = Some((queue_depth, expected_wait_ms)),
             (State::Refining { status, .. }, Event::CloudQueued { position, wait_ms }) => {
                 *status = RefineStatus::Queued { position, wait_ms };
             }
@@ -643,6 +659,7 @@ fn new_record(number: u64) -> SessionRecord {
         rounds: Vec::new(),
         noise_level: None,
         path: None,
+        cloud_load: None,
         fallback_reason: None,
         refine_ms: None,
         thumbs_up: None,

@@ -10,6 +10,17 @@ fn example() -> String {
         .unwrap()
 }
 
+/// The example with its `[display]` table replaced by `table`.
+fn with_display(table: &str) -> String {
+    with_display_in(&example(), table)
+}
+
+fn with_display_in(text: &str, table: &str) -> String {
+    let start = text.find("[display]\n").unwrap() + "[display]\n".len();
+    let end = text[start..].find("\n[").unwrap() + start + 1;
+    format!("{}{table}\n{}", &text[..start], &text[end..])
+}
+
 fn load(text: &str) -> Result<KioskConfig, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kiosk.toml");
@@ -79,13 +90,38 @@ fn mistakes_are_refused_by_name() {
 }
 
 #[test]
+fn an_spi_panel_is_configured_by_its_wiring() {
+    let text = with_display(
+        "kind = \"spi\"\ncontroller = \"st7789\"\nspidev = \"/dev/spidev0.0\"\ndc = 25\n\
+         reset = 27\nbacklight = 18\nwidth = 320\nheight = 240\nrotation = 90\n\
+         invert_colors = true\n",
+    );
+    let c = load(&text).unwrap();
+    match c.display {
+        DisplayConfig::Spi(p) => {
+            assert_eq!(
+                p.controller,
+                diffusionx_kiosk::spi_panel::Controller::St7789
+            );
+            assert_eq!((p.dc, p.reset, p.backlight), (25, Some(27), Some(18)));
+            assert_eq!((p.width, p.height, p.rotation), (320, 240, 90));
+            assert_eq!(p.speed_hz, 32_000_000);
+            assert_eq!(p.gpiochip, PathBuf::from("/dev/gpiochip0"));
+            assert!(p.invert_colors && !p.bgr);
+        }
+        other => panic!("{other:?}"),
+    }
+    let typo = text.replace("dc = 25", "dc_pin = 25");
+    assert!(load(&typo).unwrap_err().contains("unknown field `dc_pin`"));
+}
+
+#[test]
 fn relative_paths_follow_the_file_and_headless_needs_no_device() {
-    let text = example()
-        .replace("/var/lib/diffusionx/records", "records")
-        .replace(
-            "kind = \"fbdev\"\ndevice = \"/dev/fb0\"\n",
-            "kind = \"headless\"\nwidth = 800\nheight = 480\nsnapshots = \"shots\"\n",
-        );
+    let text = example().replace("/var/lib/diffusionx/records", "records");
+    let text = with_display_in(
+        &text,
+        "kind = \"headless\"\nwidth = 800\nheight = 480\nsnapshots = \"shots\"\n",
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kiosk.toml");
     std::fs::write(&path, text).unwrap();
