@@ -27,6 +27,9 @@ use diffusionx_protocol::{
 use diffusionx_refine::{RefineJob, RefineTask, Refiner};
 use serde_json::Value;
 
+mod machine;
+use machine::machine;
+
 /// Benchmark the gateway's refinement against diffusers.
 #[derive(Debug, Parser)]
 struct Args {
@@ -365,17 +368,4 @@ async fn run_job(conn: &quinn::Connection, request: RefineRequest) -> Result<()>
         }
     }
     bail!("no result")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
 }

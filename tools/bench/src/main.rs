@@ -18,6 +18,9 @@ use diffusionx_engine::{
 };
 use serde_json::{Value, json};
 
+mod machine;
+use machine::machine;
+
 /// Benchmark the edge engine against onnxruntime.
 #[derive(Debug, Parser)]
 struct Args {
@@ -372,19 +375,6 @@ fn profile(args: &Args, key: &str) -> Result<()> {
     }
     println!("{total:>8.3} s total");
     Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} cores")
 }
 
 fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
