@@ -72,9 +72,39 @@ fn run(command: &mut Command) -> Result<()> {
 }
 
 fn test() -> Result<()> {
+    install_mosquitto()?;
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["test", "--workspace", "--locked"]))
+}
+
+/// The fleet tests run a real mosquitto: Debian's package, installed when missing.
+fn install_mosquitto() -> Result<()> {
+    let installed = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .iter()
+        .any(|p| Path::new(p).is_file())
+        || std::env::var_os("MOSQUITTO").is_some();
+    if installed {
+        return Ok(());
+    }
+    eprintln!("xtask: installing mosquitto (Debian package) for the fleet tests");
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let apt = |args: &[&str]| {
+        let mut command = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut command)
+    };
+    apt(&["update", "-qq"])?;
+    apt(&["install", "-y", "-qq", "mosquitto", "mosquitto-clients"])
 }
 
 /// The whole system on this machine (see `tests/src/bin/demo.rs`). The dev profile keeps

@@ -1,0 +1,255 @@
+//! The settings an operator may change over MQTT (`config/desired`, `cmd/set-config`,
+//! `cmd/set-blocklist`), checked field by field: a change with any bad field is refused as a
+//! whole, with a reason per field, and the settings in force stay.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::payload::PromptField;
+
+/// How prompts leave the kiosk in session reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptPrivacy {
+    /// The prompt text.
+    Full,
+    /// A salted SHA-256 of it.
+    Hash,
+    /// Nothing.
+    None,
+}
+
+impl PromptPrivacy {
+    /// The prompt as this setting lets it out.
+    pub fn apply(self, salt: &str, prompt: &str) -> Option<PromptField> {
+        match self {
+            PromptPrivacy::Full => Some(PromptField::Text(prompt.into())),
+            PromptPrivacy::Hash => Some(PromptField::Sha256(hash_prompt(salt, prompt))),
+            PromptPrivacy::None => None,
+        }
+    }
+}
+
+/// SHA-256 (lowercase hex) of `salt`, a zero byte and `prompt`.
+pub fn hash_prompt(salt: &str, prompt: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(salt.as_bytes());
+    hasher.update([0]);
+    hasher.update(prompt.as_bytes());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Remotely changeable settings. The kiosk starts from its own configuration file's values;
+/// operators change them over MQTT; the kiosk keeps the last accepted change on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Denoising steps per preview, 1..=50.
+    pub preview_steps: u16,
+    /// The noise level the cloud redoes at finalize, 0.05..=1.0.
+    pub noise_level: f32,
+    /// Schedule steps of a cloud refinement, 1..=100.
+    pub cloud_steps: u16,
+    /// Seconds without input before a session is abandoned, 10..=3600.
+    pub idle_timeout_s: u32,
+    /// `full`, `hash` or `none`.
+    pub prompt_privacy: PromptPrivacy,
+    /// Seconds between telemetry samples, 5..=3600.
+    pub telemetry_interval_s: u32,
+    /// Seconds of history telemetry's counters and percentiles cover, 60..=86400.
+    pub stats_window_s: u32,
+    /// Words (case-insensitive, whole words) that a prompt may not contain; at most 1000
+    /// entries of 1-64 characters.
+    pub blocklist: Vec<String>,
+}
+
+/// A change refused: field -> reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("settings refused: {}", .errors.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; "))]
+pub struct SettingsError {
+    /// Field -> why.
+    pub errors: BTreeMap<String, String>,
+}
+
+impl Settings {
+    /// These settings with `patch` (a JSON object of some fields) applied, or every field's
+    /// reason for refusing. Unknown fields, wrong types and values out of range are refused.
+    pub fn apply(&self, patch: &serde_json::Map<String, Value>) -> Result<Settings, SettingsError> {
+        let mut next = self.clone();
+        let mut errors = BTreeMap::new();
+        for (field, value) in patch {
+            if let Err(reason) = next.set(field, value) {
+                errors.insert(field.clone(), reason);
+            }
+        }
+        if errors.is_empty() {
+            Ok(next)
+        } else {
+            Err(SettingsError { errors })
+        }
+    }
+
+    fn set(&mut self, field: &str, value: &Value) -> Result<(), String> {
+        match field {
+            "preview_steps" => self.preview_steps = int(value, 1, 50)? as u16,
+            "cloud_steps" => self.cloud_steps = int(value, 1, 100)? as u16,
+            "idle_timeout_s" => self.idle_timeout_s = int(value, 10, 3600)? as u32,
+            "telemetry_interval_s" => self.telemetry_interval_s = int(value, 5, 3600)? as u32,
+            "stats_window_s" => self.stats_window_s = int(value, 60, 86_400)? as u32,
+            "noise_level" => {
+                let level = value.as_f64().ok_or("must be a number")?;
+                if !(0.05..=1.0).contains(&level) {
+                    return Err(format!("{level} is outside 0.05..=1.0"));
+                }
+                self.noise_level = level as f32;
+            }
+            "prompt_privacy" => {
+                self.prompt_privacy = serde_json::from_value(value.clone())
+                    .map_err(|_| "must be \"full\", \"hash\" or \"none\"".to_string())?;
+            }
+            "blocklist" => self.blocklist = blocklist(value)?,
+            _ => return Err("unknown setting".into()),
+        }
+        Ok(())
+    }
+
+    /// The first blocklisted word `prompt` contains (case-insensitive, whole words).
+    pub fn blocked(&self, prompt: &str) -> Option<&str> {
+        let words: Vec<String> = prompt
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        self.blocklist.iter().map(String::as_str).find(|entry| {
+            let entry: Vec<String> = entry
+                .split(|c: char| !c.is_alphanumeric())
+                .filter(|w| !w.is_empty())
+                .map(str::to_lowercase)
+                .collect();
+            !entry.is_empty() && words.windows(entry.len()).any(|w| w == entry.as_slice())
+        })
+    }
+}
+
+fn int(value: &Value, min: u64, max: u64) -> Result<u64, String> {
+    let n = value.as_u64().ok_or("must be a whole number")?;
+    if (min..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is outside {min}..={max}"))
+    }
+}
+
+/// Checks a blocklist value: an array of at most 1000 strings of 1-64 characters.
+pub fn blocklist(value: &Value) -> Result<Vec<String>, String> {
+    let items = value.as_array().ok_or("must be an array of strings")?;
+    if items.len() > 1000 {
+        return Err(format!("{} entries, at most 1000", items.len()));
+    }
+    items
+        .iter()
+        .map(|item| match item.as_str() {
+            Some(s) if (1..=64).contains(&s.chars().count()) => Ok(s.to_string()),
+            _ => Err(format!("{item} is not a string of 1-64 characters")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base() -> Settings {
+        Settings {
+            preview_steps: 4,
+            noise_level: 0.5,
+            cloud_steps: 20,
+            idle_timeout_s: 60,
+            prompt_privacy: PromptPrivacy::Full,
+            telemetry_interval_s: 30,
+            stats_window_s: 3600,
+            blocklist: vec![],
+        }
+    }
+
+    fn object(value: Value) -> serde_json::Map<String, Value> {
+        value.as_object().cloned().expect("an object")
+    }
+
+    #[test]
+    fn a_valid_patch_changes_only_its_fields() {
+        let next = base()
+            .apply(&object(
+                json!({"preview_steps": 8, "prompt_privacy": "hash",
+                                   "blocklist": ["gore", "hate speech"]}),
+            ))
+            .expect("valid");
+        assert_eq!(next.preview_steps, 8);
+        assert_eq!(next.prompt_privacy, PromptPrivacy::Hash);
+        assert_eq!(next.blocklist, vec!["gore", "hate speech"]);
+        assert_eq!(next.cloud_steps, 20);
+        assert_eq!(next.noise_level, 0.5);
+    }
+
+    #[test]
+    fn one_bad_field_refuses_the_whole_patch_with_a_reason_per_field() {
+        let error = base()
+            .apply(&object(json!({"preview_steps": 0, "noise_level": "high",
+                                   "cloud_steps": 30, "colour": "red",
+                                   "blocklist": [""]})))
+            .expect_err("refused");
+        let fields: Vec<&str> = error.errors.keys().map(String::as_str).collect();
+        assert_eq!(
+            fields,
+            ["blocklist", "colour", "noise_level", "preview_steps"]
+        );
+        assert_eq!(error.errors["preview_steps"], "0 is outside 1..=50");
+        assert_eq!(error.errors["colour"], "unknown setting");
+        assert_eq!(error.errors["noise_level"], "must be a number");
+    }
+
+    #[test]
+    fn the_blocklist_matches_whole_words_without_case() {
+        let settings = base()
+            .apply(&object(json!({"blocklist": ["gore", "Hate Speech"]})))
+            .expect("valid");
+        assert_eq!(settings.blocked("A GORE scene"), Some("gore"));
+        assert_eq!(settings.blocked("no hate-speech here"), Some("Hate Speech"));
+        assert_eq!(settings.blocked("a gorgeous sunset"), None);
+        assert_eq!(settings.blocked("hate the speech"), None);
+    }
+
+    #[test]
+    fn privacy_hashes_with_the_salt() {
+        let a = PromptPrivacy::Hash.apply("fleet-salt", "a red fox");
+        let b = PromptPrivacy::Hash.apply("other-salt", "a red fox");
+        assert_ne!(a, b);
+        let Some(PromptField::Sha256(hex)) = a else {
+            panic!("a hash")
+        };
+        assert_eq!(hex.len(), 64);
+        assert_eq!(hex, hash_prompt("fleet-salt", "a red fox"));
+        assert_eq!(
+            PromptPrivacy::Full.apply("s", "fox"),
+            Some(PromptField::Text("fox".into()))
+        );
+        assert_eq!(PromptPrivacy::None.apply("s", "fox"), None);
+    }
+
+    #[test]
+    fn settings_round_trip_through_json() {
+        let text = serde_json::to_string(&base()).expect("serializes");
+        assert_eq!(
+            serde_json::from_str::<Settings>(&text).expect("parses"),
+            base()
+        );
+    }
+}
