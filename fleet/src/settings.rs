@@ -48,8 +48,10 @@ pub fn hash_prompt(salt: &str, prompt: &str) -> String {
 
 /// Remotely changeable settings. The kiosk starts from its own configuration file's values;
 /// operators change them over MQTT; the kiosk keeps the last accepted change on disk.
+///
+/// Readers ignore fields they do not know (a newer kiosk may have more settings); changes are
+/// checked by [`Settings::apply`], which refuses unknown fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Denoising steps per preview, 1..=50.
     pub preview_steps: u16,

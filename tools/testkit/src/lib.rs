@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+mod collector;
+pub use collector::{Collector, Received};
+
 /// Where the mosquitto binary is: `$MOSQUITTO`, else `mosquitto` on `PATH`, else Debian's
 /// `/usr/sbin/mosquitto` (`cargo xtask test` installs the package).
 pub fn mosquitto_binary() -> Result<PathBuf> {
@@ -60,6 +63,7 @@ impl Mosquitto {
             let config = format!(
                 "per_listener_settings false\n\
                  listener {port} 127.0.0.1\n\
+                 user root\n\
                  persistence true\n\
                  persistence_location {}/\n\
                  autosave_interval 1\n\

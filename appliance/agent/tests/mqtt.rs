@@ -1,0 +1,448 @@
+//! The agent against a real mosquitto: presence with the boot counter, birth facts, every
+//! session report delivered exactly once (by id) through a broker restart and link cuts,
+//! commands with correlation, desired configuration accepted and refused.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use diffusionx_agent::{Agent, AgentEvent, AgentOptions, Facts, MqttConfig};
+use diffusionx_fleet::payload::DisplayInfo;
+use diffusionx_fleet::{
+    CommandReply, ConfigReported, Finalize, Presence, PresenceState, PromptPrivacy, RoundReport,
+    SessionReport, Settings,
+};
+use diffusionx_testkit::{Collector, Mosquitto, Received, Relay};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn settings() -> Settings {
+    Settings {
+        preview_steps: 4,
+        noise_level: 0.5,
+        cloud_steps: 20,
+        idle_timeout_s: 60,
+        prompt_privacy: PromptPrivacy::Full,
+        telemetry_interval_s: 3600,
+        stats_window_s: 3600,
+        blocklist: vec![],
+    }
+}
+
+fn logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init()
+        .ok();
+}
+
+fn options(port: u16, device: &str, state: &Path) -> AgentOptions {
+    AgentOptions {
+        mqtt: MqttConfig {
+            broker: format!("mqtt://127.0.0.1:{port}"),
+            fleet: "museum".into(),
+            device: device.into(),
+            username: None,
+            password_file: None,
+            ca: None,
+            cert: None,
+            key: None,
+            keep_alive_s: 5,
+            session_expiry_s: 3600,
+            state_dir: state.into(),
+            prompt_salt: String::new(),
+        },
+        facts: Facts {
+            firmware: "test-1.0".into(),
+            display: DisplayInfo {
+                backend: "headless".into(),
+                width: 800,
+                height: 480,
+            },
+            models: vec![],
+        },
+        settings: settings(),
+        sync: true,
+    }
+}
+
+fn session(agent: &Agent, number: u64) -> SessionReport {
+    SessionReport {
+        id: SessionReport::make_id("k1", agent.boot(), number),
+        boot: agent.boot(),
+        number,
+        ts_ms: 1_700_000_000_000 + number,
+        rounds: vec![RoundReport {
+            prompt: None,
+            tokens: Some(5),
+            seed: number,
+            steps: 4,
+            width: 256,
+            height: 256,
+            preview_ms: Some(1_000 + number),
+        }],
+        finalize: Some(Finalize {
+            noise_level: 0.5,
+            path: Some("cloud".into()),
+            refine_ms: Some(3_000),
+            queue_depth: Some(0),
+            expected_wait_ms: Some(0),
+            fallback_reason: None,
+        }),
+        thumbs_up: None,
+        ending: "finished".into(),
+        extra: BTreeMap::new(),
+    }
+}
+
+/// Distinct report ids received, and how many arrived more than once.
+fn ids(received: &[Received]) -> (Vec<String>, usize) {
+    let mut seen = BTreeMap::new();
+    for message in received.iter().filter(|m| m.topic.ends_with("/sessions")) {
+        if let Ok(report) = serde_json::from_slice::<SessionReport>(&message.payload) {
+            *seen.entry(report.id).or_insert(0usize) += 1;
+        }
+    }
+    let duplicates = seen.values().map(|n| n - 1).sum();
+    (seen.into_keys().collect(), duplicates)
+}
+
+fn expected(boot: u64, numbers: std::ops::RangeInclusive<u64>) -> Vec<String> {
+    let mut ids: Vec<String> = numbers
+        .map(|n| SessionReport::make_id("k1", boot, n))
+        .collect();
+    ids.sort();
+    ids
+}
+
+fn last_presence(received: &[Received]) -> Option<Presence> {
+    received
+        .iter()
+        .rev()
+        .find(|m| m.topic.ends_with("/status"))
+        .and_then(|m| serde_json::from_slice(&m.payload).ok())
+}
+
+async fn wait_until(done: impl Fn() -> bool) -> Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+async fn wait_delivered(agent: &Agent, count: u64) -> Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while agent.status().delivered < count || agent.status().outbox_pending > 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "not delivered: {:?}",
+            agent.status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_birth_facts_reports_and_the_last_will() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let watcher = Collector::start(broker.port(), "watcher", "kiosk/v1/museum/#");
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    assert_eq!(agent.boot(), 1);
+    for n in 1..=3 {
+        assert!(agent.report(&session(&agent, n)), "written to disk");
+    }
+    let got = watcher
+        .wait(WAIT, |r| {
+            ids(r).0.len() == 3 && r.iter().any(|m| m.topic.ends_with("/info"))
+        })
+        .await;
+    assert_eq!(ids(&got), (expected(1, 1..=3), 0));
+    let online = last_presence(&got).context("a status")?;
+    assert_eq!(
+        (online.state, online.boot, online.conn),
+        (PresenceState::Online, 1, 1)
+    );
+    let info = got
+        .iter()
+        .find(|m| m.topic == "kiosk/v1/museum/k1/info")
+        .context("info")?;
+    assert!(
+        info.payload.windows(8).any(|w| w == b"test-1.0"),
+        "firmware in info"
+    );
+    wait_delivered(&agent, 3).await?;
+    assert!(
+        std::fs::read_dir(dir.path().join("k1/outbox"))?
+            .next()
+            .is_none(),
+        "the outbox is empty once the broker acknowledged everything"
+    );
+
+    // Killed without a goodbye: the broker publishes the will, naming boot 1, connection 1.
+    agent.abort();
+    let got = watcher
+        .wait(WAIT, |r| {
+            last_presence(r).is_some_and(|p| p.state == PresenceState::Offline)
+        })
+        .await;
+    let will = last_presence(&got).context("a status")?;
+    assert_eq!(
+        (will.state, will.boot, will.conn, will.reason.as_deref()),
+        (PresenceState::Offline, 1, 1, Some("connection lost"))
+    );
+
+    // The next boot comes online with boot 2, and a clean shutdown says why it left.
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    assert_eq!(agent.boot(), 2);
+    watcher
+        .wait(WAIT, |r| last_presence(r).is_some_and(|p| p.boot == 2))
+        .await;
+    agent.shutdown("maintenance", WAIT).await;
+    let got = watcher
+        .wait(WAIT, |r| {
+            last_presence(r).is_some_and(|p| p.state == PresenceState::Offline && p.boot == 2)
+        })
+        .await;
+    let bye = last_presence(&got).context("a status")?;
+    assert_eq!(
+        (bye.state, bye.boot, bye.reason.as_deref()),
+        (PresenceState::Offline, 2, Some("maintenance"))
+    );
+    // The retained status a newcomer sees is the goodbye, not a will.
+    let newcomer = Collector::start(broker.port(), "newcomer", "kiosk/v1/museum/k1/status");
+    let seen = newcomer.wait(WAIT, |r| !r.is_empty()).await;
+    assert_eq!(
+        last_presence(&seen).and_then(|p| p.reason),
+        Some("maintenance".into())
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_report_arrives_once_through_a_broker_restart() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let mut broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let watcher = Collector::start(broker.port(), "watcher", "kiosk/v1/museum/+/sessions");
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    for n in 1..=60 {
+        agent.report(&session(&agent, n));
+        if n == 20 {
+            broker.stop()?;
+        }
+        if n == 40 {
+            broker.restart()?;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = watcher.wait(WAIT, |r| ids(r).0.len() == 60).await;
+    let (distinct, duplicates) = ids(&got);
+    assert_eq!(distinct, expected(1, 1..=60), "{}", broker.log());
+    // At most the one report in flight when the broker went away can arrive twice.
+    assert!(duplicates <= 1, "{duplicates} duplicates");
+    wait_delivered(&agent, 60).await?;
+    assert!(agent.status().connections >= 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_report_arrives_once_through_link_cuts() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let relay = Relay::start(broker.port())?;
+    let watcher = Collector::start(broker.port(), "watcher", "kiosk/v1/museum/+/sessions");
+    let (agent, _events) = Agent::start(options(relay.port(), "k1", &dir.path().join("k1")))?;
+    for n in 1..=60 {
+        agent.report(&session(&agent, n));
+        if matches!(n, 10 | 25 | 40) {
+            // Cut only a live link, so every cut is a real one.
+            wait_until(|| agent.status().connected).await?;
+            relay.set_down(true);
+            wait_until(|| !agent.status().connected).await?;
+            if n != 40 {
+                relay.set_down(false);
+            }
+        }
+        if n == 50 {
+            relay.set_down(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = watcher.wait(WAIT, |r| ids(r).0.len() == 60).await;
+    let (distinct, duplicates) = ids(&got);
+    assert_eq!(distinct, expected(1, 1..=60));
+    assert!(duplicates <= 3, "at most one per cut: {duplicates}");
+    wait_delivered(&agent, 60).await?;
+    assert_eq!(
+        agent.status().connections,
+        4,
+        "three cuts, three reconnects"
+    );
+    Ok(())
+}
+
+async fn command(
+    operator: &rumqttc::v5::AsyncClient,
+    replies: &Collector,
+    name: &str,
+    args: serde_json::Value,
+    correlation: &[u8],
+) -> Result<CommandReply> {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let before = replies.received().len();
+    let properties = PublishProperties {
+        response_topic: Some("kiosk/v1/museum/k1/resp/ops".into()),
+        correlation_data: Some(correlation.to_vec().into()),
+        message_expiry_interval: Some(30),
+        ..Default::default()
+    };
+    operator
+        .publish_with_properties(
+            format!("kiosk/v1/museum/k1/cmd/{name}"),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&args)?,
+            properties,
+        )
+        .await?;
+    let got = replies.wait(WAIT, |r| r.len() > before).await;
+    let reply = got.get(before).context("a reply")?;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_desired_configuration() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let replies = Collector::start(broker.port(), "ops-replies", "kiosk/v1/museum/k1/resp/ops");
+    let reported = Collector::start(
+        broker.port(),
+        "ops-config",
+        "kiosk/v1/museum/k1/config/reported",
+    );
+    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    let mut settings = agent.settings();
+    // The birth report: the file's settings, nothing desired yet.
+    let first = reported.wait(WAIT, |r| !r.is_empty()).await;
+    let birth: ConfigReported =
+        serde_json::from_slice(&first.first().context("reported")?.payload)?;
+    assert_eq!(
+        (birth.version, birth.applied_version, birth.settings.clone()),
+        (0, 0, self::settings())
+    );
+
+    let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
+        rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
+        10,
+    );
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+
+    let pong = command(&operator, &replies, "ping", serde_json::json!({}), b"c1").await?;
+    assert!(pong.ok);
+    assert_eq!(
+        pong.result.as_ref().and_then(|r| r["boot"].as_u64()),
+        Some(1)
+    );
+
+    let refused = command(
+        &operator,
+        &replies,
+        "set-config",
+        serde_json::json!({"preview_steps": 0}),
+        b"c2",
+    )
+    .await?;
+    assert!(!refused.ok);
+    assert_eq!(
+        refused
+            .result
+            .as_ref()
+            .map(|r| r["errors"]["preview_steps"].clone()),
+        Some("0 is outside 1..=50".into())
+    );
+    assert_eq!(settings.borrow().preview_steps, 4, "the old settings stay");
+
+    let blocked = command(
+        &operator,
+        &replies,
+        "set-blocklist",
+        serde_json::json!({"words": ["gore"]}),
+        b"c3",
+    )
+    .await?;
+    assert!(blocked.ok, "{blocked:?}");
+    settings.changed().await?;
+    assert_eq!(settings.borrow_and_update().blocklist, vec!["gore"]);
+
+    let unknown = command(
+        &operator,
+        &replies,
+        "format-disk",
+        serde_json::json!({}),
+        b"c4",
+    )
+    .await?;
+    assert_eq!(unknown.error.as_deref(), Some("unknown command"));
+
+    // Desired configuration: version 5 refused as a whole, version 6 applied.
+    operator
+        .publish(
+            "kiosk/v1/museum/k1/config/desired",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&serde_json::json!({"version": 5, "settings": {"preview_steps": 8, "noise_level": 7}}))?,
+        )
+        .await?;
+    let got = reported
+        .wait(WAIT, |r| {
+            r.iter()
+                .any(|m| m.payload.windows(12).any(|w| w == b"\"version\":5,"))
+        })
+        .await;
+    let five: ConfigReported = got
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<ConfigReported>(&m.payload).ok())
+        .find(|r| r.version == 5)
+        .context("version 5 reported")?;
+    assert!(!five.accepted);
+    assert_eq!(five.errors.keys().collect::<Vec<_>>(), ["noise_level"]);
+    assert_eq!(five.settings.preview_steps, 4);
+    operator
+        .publish(
+            "kiosk/v1/museum/k1/config/desired",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(
+                &serde_json::json!({"version": 6, "settings": {"preview_steps": 8}}),
+            )?,
+        )
+        .await?;
+    settings.changed().await?;
+    assert_eq!(settings.borrow().preview_steps, 8);
+    assert_eq!(
+        settings.borrow().blocklist,
+        Vec::<String>::new(),
+        "desired replaces command changes"
+    );
+
+    let restart = command(&operator, &replies, "restart", serde_json::json!({}), b"c5").await?;
+    assert!(restart.ok);
+    let event = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(event, Some(AgentEvent::Restart));
+
+    // The accepted settings survive a restart of the kiosk.
+    agent.shutdown("restart", WAIT).await;
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    assert_eq!(agent.settings().borrow().preview_steps, 8);
+    Ok(())
+}
