@@ -173,8 +173,24 @@ fn main() -> ExitCode {
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {
-    eprintln!("dxctl: {error:#}");
+    eprintln!("dxctl: {}", one_line(error));
     ExitCode::from(2)
+}
+
+/// The error and its causes on one line, leaving out a cause whose text the message before
+/// it already contains (our errors and rumqttc's repeat their sources).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 async fn run(cli: Cli) -> Result<Exit> {
