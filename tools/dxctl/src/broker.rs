@@ -521,7 +521,10 @@ async fn pump(
 fn refusal(code: ConnectReturnCode) -> String {
     match code {
         ConnectReturnCode::BadUserNamePassword => "bad user name or password".into(),
-        ConnectReturnCode::NotAuthorized => "not authorized".into(),
+        // mosquitto 2.0 answers a wrong password with this code, not the one above.
+        ConnectReturnCode::NotAuthorized => {
+            "not authorized (check the user name, password or certificate)".into()
+        }
         ConnectReturnCode::Banned => "banned".into(),
         ConnectReturnCode::ClientIdentifierNotValid | ConnectReturnCode::BadClientId => {
             "client id not accepted".into()
