@@ -218,11 +218,12 @@ pub fn tls_config(
     if roots.is_empty() {
         return Err(DxError::TlsSetup("the CA file has no certificate".into()));
     }
-    let builder =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| setup("the ring provider", &e))?
-            .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| setup("the ring provider", &e))?
+    .with_root_certificates(roots);
     match client {
         None => Ok(builder.with_no_client_auth()),
         Some((cert_pem, key_pem)) => {
@@ -230,7 +231,9 @@ pub fn tls_config(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| setup("reading the certificate file", &e))?;
             if chain.is_empty() {
-                return Err(DxError::TlsSetup("the certificate file has no certificate".into()));
+                return Err(DxError::TlsSetup(
+                    "the certificate file has no certificate".into(),
+                ));
             }
             let key = PrivateKeyDer::from_pem_slice(key_pem)
                 .map_err(|e| setup("reading the key file", &e))?;
@@ -504,10 +507,7 @@ pub fn request_properties(
 
 /// Runs the event loop until the connection fails, forwarding every event. A CLI does not
 /// reconnect: the first error ends the link.
-async fn pump(
-    mut eventloop: EventLoop,
-    tx: mpsc::UnboundedSender<Result<Event, ConnectionError>>,
-) {
+async fn pump(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Result<Event, ConnectionError>>) {
     loop {
         let event = eventloop.poll().await;
         let failed = event.is_err();
@@ -557,7 +557,13 @@ mod tests {
         let v6 = url("mqtts://[::1]:8884").expect("valid");
         assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("::1", 8884, true));
         assert_eq!(v6.to_string(), "mqtts://[::1]:8884");
-        for bad in ["tcp://h:1", "mqtt://", "mqtt://h:port", "h:1883", "mqtt://:1883"] {
+        for bad in [
+            "tcp://h:1",
+            "mqtt://",
+            "mqtt://h:port",
+            "h:1883",
+            "mqtt://:1883",
+        ] {
             assert!(url(bad).is_err(), "{bad}");
         }
     }
@@ -565,6 +571,9 @@ mod tests {
     #[test]
     fn tls_setup_refuses_files_without_certificates() {
         let error = tls_config(b"not a pem", None).expect_err("no CA");
-        assert_eq!(error.to_string(), "TLS setup: the CA file has no certificate");
+        assert_eq!(
+            error.to_string(),
+            "TLS setup: the CA file has no certificate"
+        );
     }
 }

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use diffusionx_fleet::topic::{Command, Leaf, Topic};
 use diffusionx_fleet::CommandReply;
+use diffusionx_fleet::topic::{Command, Leaf, Topic};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -72,10 +72,12 @@ pub async fn call(
         if !ours {
             continue;
         }
-        return Ok(match serde_json::from_slice::<CommandReply>(&publish.payload) {
-            Ok(reply) => Outcome::Reply(reply),
-            Err(_) => Outcome::Malformed(String::from_utf8_lossy(&publish.payload).into()),
-        });
+        return Ok(
+            match serde_json::from_slice::<CommandReply>(&publish.payload) {
+                Ok(reply) => Outcome::Reply(reply),
+                Err(_) => Outcome::Malformed(String::from_utf8_lossy(&publish.payload).into()),
+            },
+        );
     }
     Ok(Outcome::NoReply { waited })
 }

@@ -45,7 +45,10 @@ impl Fleet {
         let state = || DeviceState::default();
         let result = match &topic.leaf {
             Leaf::Status => serde_json::from_slice::<Presence>(payload).map(|presence| {
-                let entry = self.devices.entry(topic.device.clone()).or_insert_with(state);
+                let entry = self
+                    .devices
+                    .entry(topic.device.clone())
+                    .or_insert_with(state);
                 let stale = entry
                     .presence
                     .as_ref()
@@ -55,11 +58,17 @@ impl Fleet {
                 }
             }),
             Leaf::Info => serde_json::from_slice::<Info>(payload).map(|info| {
-                let entry = self.devices.entry(topic.device.clone()).or_insert_with(state);
+                let entry = self
+                    .devices
+                    .entry(topic.device.clone())
+                    .or_insert_with(state);
                 entry.info = Some(info);
             }),
             Leaf::Telemetry => serde_json::from_slice::<Telemetry>(payload).map(|t| {
-                let entry = self.devices.entry(topic.device.clone()).or_insert_with(state);
+                let entry = self
+                    .devices
+                    .entry(topic.device.clone())
+                    .or_insert_with(state);
                 let older = entry
                     .telemetry
                     .as_ref()
@@ -159,7 +168,13 @@ impl DeviceRow {
 /// The table people read; ages are relative to `now_ms` (Unix ms).
 pub fn table(rows: &[DeviceRow], now_ms: u64) -> Table {
     let mut table = Table::new(&[
-        "DEVICE", "STATE", "LAST SEEN", "BOOT", "FIRMWARE", "EDGE MODEL", "OUTBOX",
+        "DEVICE",
+        "STATE",
+        "LAST SEEN",
+        "BOOT",
+        "FIRMWARE",
+        "EDGE MODEL",
+        "OUTBOX",
     ]);
     for row in rows {
         let state = match (&row.state, &row.reason) {

@@ -35,7 +35,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
-    command: Cmd,
+    command: Subcommands,
 }
 
 #[derive(Debug, Args)]
@@ -75,7 +75,7 @@ struct Connection {
 }
 
 #[derive(Debug, Subcommand)]
-enum Cmd {
+enum Subcommands {
     /// Every kiosk of the fleet: online or offline, last seen, boot, firmware, model, outbox.
     Devices,
     /// The live tail of session reports (de-duplicated by id).
@@ -196,12 +196,12 @@ fn one_line(error: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> Result<Exit> {
     let json = cli.json;
     match cli.command {
-        Cmd::Stats {
+        Subcommands::Stats {
             from: Some(file),
             window,
             device,
         } => stats_from_file(&file, window.as_deref(), device.as_deref(), json),
-        Cmd::Devices => {
+        Subcommands::Devices => {
             let (mut link, fleet) = connect(&cli.connection).await?;
             let read = devices::read(&mut link, &fleet).await?;
             link.disconnect().await;
@@ -214,7 +214,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             }
             Ok(Exit::Done)
         }
-        Cmd::Sessions {
+        Subcommands::Sessions {
             follow,
             device,
             count,
@@ -226,7 +226,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             sessions::subscribe(&mut link, &fleet, device.as_deref()).await?;
             follow_sessions(&mut link, count, json).await
         }
-        Cmd::Stats { device, .. } => {
+        Subcommands::Stats { device, .. } => {
             let (mut link, fleet) = connect(&cli.connection).await?;
             devices::subscribe(&mut link, &fleet, device.as_deref()).await?;
             let read = devices::collect(&mut link).await?;
@@ -244,8 +244,8 @@ async fn run(cli: Cli) -> Result<Exit> {
             print_stats(&rows, json)?;
             Ok(Exit::Done)
         }
-        Cmd::Config { action } => run_config(&cli.connection, action, json).await,
-        Cmd::Cmd { device, name, args } => {
+        Subcommands::Config { action } => run_config(&cli.connection, action, json).await,
+        Subcommands::Cmd { device, name, args } => {
             let command = Command::from_name(&name).with_context(|| {
                 let names: Vec<&str> = Command::ALL.iter().map(|c| c.name()).collect();
                 format!("unknown command {name:?}: one of {}", names.join(", "))
@@ -313,7 +313,8 @@ fn stats_from_file(
     json: bool,
 ) -> Result<Exit> {
     let window = stats::parse_window(window.unwrap_or_default()).map_err(|e| anyhow!(e))?;
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut events = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -417,7 +418,11 @@ fn config_text(device: &str, read: &config::DeviceConfig) -> String {
                 "{device}: applied version {} (last answered version {}: {})\n",
                 reported.applied_version,
                 reported.version,
-                if reported.accepted { "accepted" } else { "refused" }
+                if reported.accepted {
+                    "accepted"
+                } else {
+                    "refused"
+                }
             ));
             if let Ok(Value::Object(settings)) = serde_json::to_value(&reported.settings) {
                 let width = settings.keys().map(String::len).max().unwrap_or(0);

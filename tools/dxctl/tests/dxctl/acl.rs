@@ -19,7 +19,11 @@ use crate::{FLEET, dxctl, stderr};
 fn secured_broker(dir: &Path) -> Mosquitto {
     let passwd = dir.join("passwd");
     std::fs::write(&passwd, "").expect("written");
-    for (user, password) in [("ops", "ops-secret"), ("k1", "k1-secret"), ("k2", "k2-secret")] {
+    for (user, password) in [
+        ("ops", "ops-secret"),
+        ("k1", "k1-secret"),
+        ("k2", "k2-secret"),
+    ] {
         let status = std::process::Command::new("mosquitto_passwd")
             .arg("-b")
             .arg(&passwd)
@@ -42,7 +46,9 @@ async fn ops(url: &str, client: &str) -> Link {
     let mut options = ConnectOptions::new(url.parse::<BrokerUrl>().expect("url"), client);
     options.credentials = Some(("ops".into(), "ops-secret".into()));
     options.timeout = Duration::from_secs(3);
-    Link::connect(&options).await.expect("the operator connects")
+    Link::connect(&options)
+        .await
+        .expect("the operator connects")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +68,13 @@ async fn a_kiosk_cannot_publish_or_read_as_another_kiosk() {
     let forged = report("k2", 1, 1, "cloud", 1).to_string().into_bytes();
     // mosquitto 2.0 answers a denied QoS 1 publish of an MQTT v5 client with PUBACK 0x87.
     let to_k2_sessions = k1
-        .send_to(&format!("kiosk/v1/{FLEET}/k2/sessions"), 1, false, forged, None)
+        .send_to(
+            &format!("kiosk/v1/{FLEET}/k2/sessions"),
+            1,
+            false,
+            forged,
+            None,
+        )
         .await;
     let offline = json!({"state": "offline", "boot": 1, "conn": 1, "ts_ms": 1}).to_string();
     let to_k2_status = k1
@@ -94,14 +106,20 @@ async fn a_kiosk_cannot_publish_or_read_as_another_kiosk() {
         .await
         .expect("connected")
         .expect("k1's own report arrives");
-    assert_eq!(first.topic, format!("kiosk/v1/{FLEET}/k1/sessions").as_bytes());
+    assert_eq!(
+        first.topic,
+        format!("kiosk/v1/{FLEET}/k1/sessions").as_bytes()
+    );
     let mut fresh = ops(&url, "ops-fresh").await;
     fresh
         .subscribe(&[format!("kiosk/v1/{FLEET}/k2/status")])
         .await
         .expect("subscribed");
     let retained = fresh
-        .collect_quiet(Duration::from_millis(300), Instant::now() + Duration::from_secs(3))
+        .collect_quiet(
+            Duration::from_millis(300),
+            Instant::now() + Duration::from_secs(3),
+        )
         .await
         .expect("connected");
     assert!(retained.is_empty(), "no forged retained status for k2");
@@ -134,14 +152,24 @@ async fn a_kiosk_cannot_publish_or_read_as_another_kiosk() {
         .next_publish(Duration::from_secs(3))
         .await
         .expect("k1's own command arrives");
-    assert_eq!(got.topic, format!("kiosk/v1/{FLEET}/k1/cmd/ping").as_bytes(), "{k1_wild:?}");
+    assert_eq!(
+        got.topic,
+        format!("kiosk/v1/{FLEET}/k1/cmd/ping").as_bytes(),
+        "{k1_wild:?}"
+    );
 
     // A wrong password: one line, exit 2 (mosquitto 2.0.11 answers CONNACK 0x87).
     let file = dir.path().join("wrong");
     std::fs::write(&file, "not-the-password\n").expect("written");
     let output = dxctl(
         &url,
-        &["--username", "ops", "--password-file", file.to_str().expect("utf-8"), "devices"],
+        &[
+            "--username",
+            "ops",
+            "--password-file",
+            file.to_str().expect("utf-8"),
+            "devices",
+        ],
     )
     .await;
     assert_eq!(output.status.code(), Some(2), "{output:?}");

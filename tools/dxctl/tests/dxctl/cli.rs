@@ -22,7 +22,10 @@ async fn an_unreachable_broker_is_one_line_and_exit_2() {
 async fn a_broker_that_never_answers_times_out_with_exit_2() {
     // The kernel accepts the TCP connection; nobody ever sends a CONNACK.
     let silent = TcpListener::bind("127.0.0.1:0").expect("bound");
-    let url = format!("mqtt://127.0.0.1:{}", silent.local_addr().expect("addr").port());
+    let url = format!(
+        "mqtt://127.0.0.1:{}",
+        silent.local_addr().expect("addr").port()
+    );
     let started = Instant::now();
     let output = dxctl(&url, &["--timeout", "1", "cmd", "k1", "ping"]).await;
     assert_eq!(output.status.code(), Some(2), "{output:?}");

@@ -47,7 +47,10 @@ async fn ping_gets_the_reply_with_its_correlation_and_ignores_others() {
         properties.response_topic.as_deref(),
         Some(format!("kiosk/v1/museum/k1/resp/{}", link.client_id()).as_str())
     );
-    assert_eq!(properties.correlation_data.as_deref(), Some(&correlation[..]));
+    assert_eq!(
+        properties.correlation_data.as_deref(),
+        Some(&correlation[..])
+    );
     // The operator asked for a 3 s timeout; the broker may count down by the time it delivers.
     let expiry = properties.message_expiry_interval.expect("an expiry");
     assert!((2..=3).contains(&expiry), "{expiry}");
@@ -56,8 +59,15 @@ async fn ping_gets_the_reply_with_its_correlation_and_ignores_others() {
     let output = dxctl(&url, &["cmd", "k1", "ping", "--json"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let reply: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
-    assert_eq!(reply, json!({"ok": true, "result": {"boot": 3, "uptime_s": 42, "firmware": "1.2.0"}}));
-    let output = dxctl(&url, &["cmd", "k1", "set-config", r#"{"preview_steps": 99}"#]).await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "result": {"boot": 3, "uptime_s": 42, "firmware": "1.2.0"}})
+    );
+    let output = dxctl(
+        &url,
+        &["cmd", "k1", "set-config", r#"{"preview_steps": 99}"#],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(
         stdout(&output),
@@ -65,7 +75,10 @@ async fn ping_gets_the_reply_with_its_correlation_and_ignores_others() {
     );
     let output = dxctl(&url, &["cmd", "k1", "get-config", "--json"]).await;
     let reply: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
-    assert_eq!(reply["result"], serde_json::to_value(settings()).expect("json"));
+    assert_eq!(
+        reply["result"],
+        serde_json::to_value(settings()).expect("json")
+    );
     serving.abort();
 }
 
@@ -86,10 +99,22 @@ async fn no_reply_exits_3_and_says_the_device_may_be_offline() {
 
     // The library reports the same as an outcome, not an error.
     let mut link = operator(&url).await;
-    let outcome = command::call(&mut link, FLEET, "k9", Command::ReportNow, &json!({}), [7; 16])
-        .await
-        .expect("no error");
-    assert_eq!(outcome, Outcome::NoReply { waited: Duration::from_secs(3) });
+    let outcome = command::call(
+        &mut link,
+        FLEET,
+        "k9",
+        Command::ReportNow,
+        &json!({}),
+        [7; 16],
+    )
+    .await
+    .expect("no error");
+    assert_eq!(
+        outcome,
+        Outcome::NoReply {
+            waited: Duration::from_secs(3)
+        }
+    );
 
     let output = dxctl(&url, &["cmd", "k9", "format-disk"]).await;
     assert_eq!(output.status.code(), Some(2));

@@ -52,12 +52,25 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
         reported.errors,
         BTreeMap::from([
             ("colour".to_string(), "unknown setting".to_string()),
-            ("preview_steps".to_string(), "0 is outside 1..=50".to_string()),
+            (
+                "preview_steps".to_string(),
+                "0 is outside 1..=50".to_string()
+            ),
         ])
     );
 
     // The binary: the next version is 3, refused, exit code 1 with the reasons.
-    let output = dxctl(&url, &["config", "set", "k1", "noise_level=2", "prompt_privacy=hash"]).await;
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "set",
+            "k1",
+            "noise_level=2",
+            "prompt_privacy=hash",
+        ],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(
         stdout(&output),
@@ -70,7 +83,10 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     let output = dxctl(&url, &["config", "get", "k1", "--json"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let got: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
-    assert_eq!(got["desired"], json!({"version": 4, "settings": {"prompt_privacy": "hash"}}));
+    assert_eq!(
+        got["desired"],
+        json!({"version": 4, "settings": {"prompt_privacy": "hash"}})
+    );
     assert_eq!(got["reported"]["applied_version"], 4);
     assert_eq!(got["reported"]["settings"]["prompt_privacy"], "hash");
     assert_eq!(got["reported"]["settings"]["preview_steps"], 8);
@@ -97,7 +113,17 @@ async fn config_check_validates_locally_and_publishes_nothing() {
     let good = dir.path().join("good.json");
     std::fs::write(&good, r#"{"blocklist": ["gore"], "idle_timeout_s": 30}"#).expect("written");
 
-    let output = dxctl(&url, &["config", "check", "k1", "--file", bad.to_str().expect("utf-8")]).await;
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "check",
+            "k1",
+            "--file",
+            bad.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert_eq!(
         stdout(&output),
@@ -106,13 +132,23 @@ async fn config_check_validates_locally_and_publishes_nothing() {
     );
     let output = dxctl(
         &url,
-        &["config", "check", "k1", "--file", good.to_str().expect("utf-8"), "--json"],
+        &[
+            "config",
+            "check",
+            "k1",
+            "--file",
+            good.to_str().expect("utf-8"),
+            "--json",
+        ],
     )
     .await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let checked: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(checked["ok"], true);
-    assert_eq!(checked["settings"]["cloud_steps"], 40, "checked against the reported settings");
+    assert_eq!(
+        checked["settings"]["cloud_steps"], 40,
+        "checked against the reported settings"
+    );
     assert_eq!(checked["settings"]["idle_timeout_s"], 30);
 
     // Nothing was published: no desired configuration is retained.
@@ -122,7 +158,17 @@ async fn config_check_validates_locally_and_publishes_nothing() {
     assert_eq!(read.reported.map(|r| r.settings), Some(reported_settings));
 
     // A kiosk that never reported: exit 3.
-    let output = dxctl(&url, &["config", "check", "k9", "--file", good.to_str().expect("utf-8")]).await;
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "check",
+            "k9",
+            "--file",
+            good.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     assert_eq!(
         stderr(&output),

@@ -83,11 +83,24 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
     let text = stdout(&output);
     let lines: Vec<Vec<&str>> = text
         .lines()
-        .map(|l| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect())
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
         .collect();
     assert_eq!(
         lines[0],
-        ["DEVICE", "STATE", "LAST SEEN", "BOOT", "FIRMWARE", "EDGE MODEL", "OUTBOX"]
+        [
+            "DEVICE",
+            "STATE",
+            "LAST SEEN",
+            "BOOT",
+            "FIRMWARE",
+            "EDGE MODEL",
+            "OUTBOX"
+        ]
     );
     assert_eq!(lines[1][..2], ["k1", "online"]);
     assert_eq!(lines[1][3..], ["3", "1.2.0", "tiny-sd/int8", "2"]);

@@ -219,7 +219,9 @@ impl Kiosk {
     /// Answers commands and desired configuration until the task is aborted. Subscribes and
     /// publishes its first `config/reported` (version 0) before returning the task handle.
     pub(crate) async fn serve(mut self, mut state: State) -> tokio::task::JoinHandle<()> {
-        let commands = self.topic(Leaf::Cmd(Command::Ping)).replace("cmd/ping", "cmd/+");
+        let commands = self
+            .topic(Leaf::Cmd(Command::Ping))
+            .replace("cmd/ping", "cmd/+");
         assert!(matches!(
             self.subscribe(&commands).await,
             SubscribeReasonCode::Success(_)

@@ -31,7 +31,9 @@ pub(crate) async fn operator(url: &str) -> Link {
     let client = format!("ops-{}", N.fetch_add(1, Ordering::SeqCst));
     let mut options = ConnectOptions::new(url.parse::<BrokerUrl>().expect("url"), &client);
     options.timeout = Duration::from_secs(3);
-    Link::connect(&options).await.expect("the operator connects")
+    Link::connect(&options)
+        .await
+        .expect("the operator connects")
 }
 
 /// Runs the dxctl binary (off the runtime's threads) with `--broker url --fleet museum`.

@@ -81,7 +81,9 @@ async fn fleet_percentiles_come_from_the_merged_histograms() {
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         cells,
-        ["k2", "6", "3.50", "1953", "ms", "2170", "ms", "-", "-", "100.0%", "1h"]
+        [
+            "k2", "6", "3.50", "1953", "ms", "2170", "ms", "-", "-", "100.0%", "1h"
+        ]
     );
 }
 
