@@ -70,7 +70,10 @@ pub struct SessionEvent {
 impl SessionEvent {
     /// The JSON line `--json` prints: the report's own fields plus `"device"`.
     pub fn to_json(&self) -> Value {
-        let mut value = serde_json::to_value(&self.report).expect("a report always serializes");
+        // Through text, so an `f32` such as a noise level of 0.45 stays 0.45 (a direct
+        // `to_value` widens it to 0.44999998807907104).
+        let text = serde_json::to_string(&self.report).expect("a report always serializes");
+        let mut value: Value = serde_json::from_str(&text).expect("serde_json reads its output");
         if let Value::Object(map) = &mut value {
             map.insert("device".into(), Value::String(self.device.clone()));
         }

@@ -14,7 +14,7 @@ pub(crate) fn report(device: &str, number: u64, ts_ms: u64, path: &str, refine_m
             {"prompt": {"text": "a red fox"}, "seed": 42, "steps": 4, "width": 512,
              "height": 512, "preview_ms": 2000 + number},
         ],
-        "finalize": {"noise_level": 0.5, "path": path, "refine_ms": refine_ms,
+        "finalize": {"noise_level": 0.45, "path": path, "refine_ms": refine_ms,
                      "queue_depth": 0, "expected_wait_ms": 0, "fallback_reason": null},
         "thumbs_up": true, "ending": "finished"
     })
@@ -63,6 +63,6 @@ async fn a_report_published_twice_is_counted_once() {
     assert_eq!(seen[0].to_json(), line);
     assert_eq!(
         sessions::row(&seen[1]),
-        ["k2", "k2-3-1", "1", "local", "0.50", "9000 ms", "finished"]
+        ["k2", "k2-3-1", "1", "local", "0.45", "9000 ms", "finished"]
     );
 }
