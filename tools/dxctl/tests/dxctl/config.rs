@@ -1,0 +1,177 @@
+//! `dxctl config get | set | check` against a kiosk that applies with `Settings::apply`.
+
+use std::collections::BTreeMap;
+
+use diffusionx_fleet::Leaf;
+use dxctl::config::{self, SetOutcome};
+use serde_json::{Value, json};
+
+use crate::kiosk::{Kiosk, State, settings};
+use crate::{FLEET, broker, dxctl, operator, stderr, stdout};
+
+fn patch(value: Value) -> config::Patch {
+    value.as_object().cloned().expect("an object")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    let kiosk = Kiosk::connect(&url, FLEET, "k1").await;
+    let serving = kiosk.serve(State::new(settings())).await;
+
+    let mut link = operator(&url).await;
+    let outcome = config::set(&mut link, FLEET, "k1", patch(json!({"preview_steps": 8})))
+        .await
+        .expect("set");
+    let SetOutcome::Accepted { reported } = outcome else {
+        panic!("accepted: {outcome:?}")
+    };
+    assert_eq!((reported.version, reported.applied_version), (1, 1));
+    let mut expected = settings();
+    expected.preview_steps = 8;
+    assert_eq!(reported.settings, expected);
+
+    // One bad field refuses the whole patch; the settings in force stay.
+    let mut link = operator(&url).await;
+    let outcome = config::set(
+        &mut link,
+        FLEET,
+        "k1",
+        patch(json!({"cloud_steps": 30, "preview_steps": 0, "colour": "red"})),
+    )
+    .await
+    .expect("set");
+    let SetOutcome::Refused { reported } = outcome else {
+        panic!("refused: {outcome:?}")
+    };
+    assert_eq!((reported.version, reported.applied_version), (2, 1));
+    assert_eq!(reported.settings, expected);
+    assert_eq!(
+        reported.errors,
+        BTreeMap::from([
+            ("colour".to_string(), "unknown setting".to_string()),
+            (
+                "preview_steps".to_string(),
+                "0 is outside 1..=50".to_string()
+            ),
+        ])
+    );
+
+    // The binary: the next version is 3, refused, exit code 1 with the reasons.
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "set",
+            "k1",
+            "noise_level=2",
+            "prompt_privacy=hash",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(
+        stdout(&output),
+        "k1: version 3 refused; version 1 stays in force\n  noise_level: 2 is outside 0.05..=1.0\n"
+    );
+    let output = dxctl(&url, &["config", "set", "k1", "prompt_privacy=hash"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert_eq!(stdout(&output), "k1: version 4 accepted and applied\n");
+
+    let output = dxctl(&url, &["config", "get", "k1", "--json"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let got: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(
+        got["desired"],
+        json!({"version": 4, "settings": {"prompt_privacy": "hash"}})
+    );
+    assert_eq!(got["reported"]["applied_version"], 4);
+    assert_eq!(got["reported"]["settings"]["prompt_privacy"], "hash");
+    assert_eq!(got["reported"]["settings"]["preview_steps"], 8);
+    serving.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_validates_locally_and_publishes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    let mut kiosk = Kiosk::connect(&url, FLEET, "k1").await;
+    let mut reported_settings = settings();
+    reported_settings.cloud_steps = 40;
+    kiosk
+        .send(
+            Leaf::ConfigReported,
+            &json!({"version": 0, "accepted": true, "applied_version": 0,
+                    "settings": reported_settings, "ts_ms": 1}),
+        )
+        .await;
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"blocklist": "gore", "idle_timeout_s": 5}"#).expect("written");
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, r#"{"blocklist": ["gore"], "idle_timeout_s": 30}"#).expect("written");
+
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "check",
+            "k1",
+            "--file",
+            bad.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(
+        stdout(&output),
+        "k1: the patch would be refused\n  blocklist: must be an array of strings\n  \
+         idle_timeout_s: 5 is outside 10..=3600\n"
+    );
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "check",
+            "k1",
+            "--file",
+            good.to_str().expect("utf-8"),
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let checked: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    assert_eq!(checked["ok"], true);
+    assert_eq!(
+        checked["settings"]["cloud_steps"], 40,
+        "checked against the reported settings"
+    );
+    assert_eq!(checked["settings"]["idle_timeout_s"], 30);
+
+    // Nothing was published: no desired configuration is retained.
+    let mut link = operator(&url).await;
+    let read = config::read(&mut link, FLEET, "k1").await.expect("read");
+    assert_eq!(read.desired, None);
+    assert_eq!(read.reported.map(|r| r.settings), Some(reported_settings));
+
+    // A kiosk that never reported: exit 3.
+    let output = dxctl(
+        &url,
+        &[
+            "config",
+            "check",
+            "k9",
+            "--file",
+            good.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    assert_eq!(
+        stderr(&output),
+        "dxctl: k9 has not reported its settings (is it connected?)\n"
+    );
+}
