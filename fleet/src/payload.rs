@@ -151,6 +151,9 @@ pub struct Telemetry {
     pub sessions: u64,
     /// Preview rounds in the window.
     pub rounds: u64,
+    /// Finalizes (cloud or local) in the window.
+    #[serde(default)]
+    pub finalizes: u64,
     /// Finalizes that fell back to the kiosk in the window.
     pub fallbacks: u64,
     /// `fallbacks / finalizes`, when there were finalizes.

@@ -918,6 +918,7 @@ impl Controller {
             window_s,
             sessions: figures.sessions,
             rounds: figures.rounds,
+            finalizes: figures.finalizes,
             fallbacks: figures.fallbacks,
             fallback_rate: figures.fallback_rate,
             preview: figures.preview,

@@ -29,6 +29,8 @@ pub struct Figures {
     pub sessions: u64,
     /// Preview rounds.
     pub rounds: u64,
+    /// Finalizes (cloud or local).
+    pub finalizes: u64,
     /// Finalizes refined on the kiosk.
     pub fallbacks: u64,
     /// `fallbacks / finalizes`.
@@ -79,6 +81,7 @@ impl Window {
         Figures {
             sessions: self.samples.len() as u64,
             rounds,
+            finalizes,
             fallbacks,
             fallback_rate: (finalizes > 0).then(|| fallbacks as f32 / finalizes as f32),
             preview: LatencySummary::of(preview),
@@ -134,7 +137,7 @@ mod tests {
         let figures = window.figures(70_000, 30_000);
         assert_eq!(figures.sessions, 3, "the session at 1 s is outside");
         assert_eq!(figures.rounds, 4);
-        assert_eq!(figures.fallbacks, 1);
+        assert_eq!((figures.finalizes, figures.fallbacks), (2, 1));
         assert_eq!(figures.fallback_rate, Some(0.5), "one of two finalizes");
         assert_eq!(figures.preview.count, 4);
         assert_eq!(

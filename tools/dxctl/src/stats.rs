@@ -44,8 +44,9 @@ fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
 }
 
 /// Rows from each device's latest telemetry (sorted by device), then the fleet row. The fleet's
-/// percentiles come from the sum of the kiosks' histograms; its fallback rate counts each
-/// kiosk's finalizes as its cloud samples plus its fallbacks.
+/// percentiles come from the sum of the kiosks' histograms; its fallback rate is the sum of
+/// fallbacks over the sum of finalizes (older kiosks without a `finalizes` count: their cloud
+/// samples plus their fallbacks).
 pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>) -> Vec<StatsRow> {
     let mut rows = Vec::new();
     let (mut preview, mut cloud) = (Histogram::default(), Histogram::default());
@@ -69,7 +70,11 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>) -> Vec<StatsRow> 
         sessions += t.sessions;
         rounds += t.rounds;
         fallbacks += t.fallbacks;
-        finalizes += t.fallbacks + t.cloud.histogram.count();
+        finalizes += if t.finalizes > 0 {
+            t.finalizes
+        } else {
+            t.fallbacks + t.cloud.histogram.count()
+        };
         windows.push(t.window_s);
     }
     windows.dedup();

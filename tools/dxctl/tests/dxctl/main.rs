@@ -85,7 +85,7 @@ impl Sample<'_> {
             "seq": 7, "ts_ms": self.ts_ms, "boot": self.boot, "uptime_s": 600,
             "cpu_temp_c": 51.5, "mem_used_mb": 900, "mem_total_mb": 4096, "rss_mb": 700,
             "load1": 1.5, "window_s": 3600, "sessions": self.sessions, "rounds": self.rounds,
-            "fallbacks": self.fallbacks,
+            "finalizes": finalizes, "fallbacks": self.fallbacks,
             "fallback_rate": (finalizes > 0).then(|| self.fallbacks as f64 / finalizes as f64),
             "preview": summary(self.preview), "cloud": summary(self.cloud),
             "outbox_pending": self.outbox_pending, "outbox_write_errors": 0
