@@ -124,20 +124,25 @@ impl Settings {
 
     /// The first blocklisted word `prompt` contains (case-insensitive, whole words).
     pub fn blocked(&self, prompt: &str) -> Option<&str> {
-        let words: Vec<String> = prompt
-            .split(|c: char| !c.is_alphanumeric())
+        blocked_word(&self.blocklist, prompt)
+    }
+}
+
+/// The first entry of `blocklist` that `prompt` contains, case-insensitive and as whole words
+/// (an entry of several words matches them in sequence): "gore" blocks "A GORE scene" but not
+/// "gorgeous".
+pub fn blocked_word<'a>(blocklist: &'a [String], prompt: &str) -> Option<&'a str> {
+    let words = |text: &str| -> Vec<String> {
+        text.split(|c: char| !c.is_alphanumeric())
             .filter(|w| !w.is_empty())
             .map(str::to_lowercase)
-            .collect();
-        self.blocklist.iter().map(String::as_str).find(|entry| {
-            let entry: Vec<String> = entry
-                .split(|c: char| !c.is_alphanumeric())
-                .filter(|w| !w.is_empty())
-                .map(str::to_lowercase)
-                .collect();
-            !entry.is_empty() && words.windows(entry.len()).any(|w| w == entry.as_slice())
-        })
-    }
+            .collect()
+    };
+    let prompt = words(prompt);
+    blocklist.iter().map(String::as_str).find(|entry| {
+        let entry = words(entry);
+        !entry.is_empty() && prompt.windows(entry.len()).any(|w| w == entry.as_slice())
+    })
 }
 
 fn int(value: &Value, min: u64, max: u64) -> Result<u64, String> {

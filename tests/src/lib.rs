@@ -2,10 +2,14 @@
 //! a gateway on loopback (QUIC, mTLS with a throwaway CA, the tiny SD v1.5 fixture), a kiosk on
 //! the headless display with the tiny Tiny-SD fixture, and a scripted visitor.
 
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use diffusionx_agent::{Agent, AgentOptions, Facts, MqttConfig};
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_gateway::Gateway;
 use diffusionx_gateway::config::Config;
@@ -13,7 +17,7 @@ use diffusionx_gateway::tls::DevPki;
 use diffusionx_kiosk::cloud::{Link, LinkConfig};
 use diffusionx_kiosk::engine::EngineSettings;
 use diffusionx_kiosk::records::RecordStore;
-use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::runner::{CloudSettings, Fleet, Kiosk, KioskParts};
 use diffusionx_kiosk::session::SessionConfig;
 use diffusionx_protocol::{DeviceId, Scheduler};
 use diffusionx_refine::Refiner;
@@ -81,6 +85,68 @@ pub struct KioskOptions {
 
 /// Builds a kiosk that talks to `gateway`.
 pub fn kiosk(gateway: &LocalGateway, options: &KioskOptions) -> anyhow::Result<Kiosk> {
+    kiosk_with_fleet(gateway, options, None)
+}
+
+/// Starts the fleet agent of a kiosk named [`DEVICE`] in fleet `fleet` against the broker at
+/// `broker` (`mqtt://host:port`), its state in `dir/fleet`.
+pub fn fleet_agent(dir: &Path, broker: &str, fleet: &str) -> anyhow::Result<Fleet> {
+    let settings = diffusionx_fleet::Settings {
+        preview_steps: 4,
+        noise_level: 0.5,
+        cloud_steps: 20,
+        idle_timeout_s: 90,
+        prompt_privacy: diffusionx_fleet::PromptPrivacy::Full,
+        telemetry_interval_s: 60,
+        stats_window_s: 3600,
+        blocklist: Vec::new(),
+    };
+    let (agent, events) = Agent::start(AgentOptions {
+        mqtt: MqttConfig {
+            broker: broker.into(),
+            fleet: fleet.into(),
+            device: DEVICE.into(),
+            username: None,
+            password_file: None,
+            ca: None,
+            cert: None,
+            key: None,
+            keep_alive_s: 30,
+            session_expiry_s: 3600,
+            state_dir: dir.join("fleet"),
+            prompt_salt: "demo".into(),
+        },
+        facts: Facts {
+            firmware: env!("CARGO_PKG_VERSION").into(),
+            display: diffusionx_fleet::payload::DisplayInfo {
+                backend: "headless".into(),
+                width: 1280,
+                height: 800,
+            },
+            models: vec![diffusionx_fleet::payload::ModelInfo {
+                role: "edge".into(),
+                name: "tiny-sd".into(),
+                sha256: None,
+                precision: Some("f32".into()),
+            }],
+        },
+        settings,
+        sync: true,
+    })?;
+    Ok(Fleet {
+        agent,
+        events,
+        device: DEVICE.into(),
+        prompt_salt: "demo".into(),
+    })
+}
+
+/// Builds a kiosk that talks to `gateway` and reports to its fleet through `fleet`.
+pub fn kiosk_with_fleet(
+    gateway: &LocalGateway,
+    options: &KioskOptions,
+    fleet: Option<Fleet>,
+) -> anyhow::Result<Kiosk> {
     let pipeline = diffusionx_engine::Pipeline::load(&options.model, &Default::default())
         .context("loading the kiosk model")?;
     let link = Link::new(LinkConfig {
@@ -120,5 +186,6 @@ pub fn kiosk(gateway: &LocalGateway, options: &KioskOptions) -> anyhow::Result<K
         })?,
         records: RecordStore::open(&options.dir.join("records"))?,
         snapshots: Some(options.dir.join("screens")),
+        fleet,
     })
 }

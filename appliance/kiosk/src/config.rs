@@ -54,6 +54,33 @@ pub struct KioskConfig {
     pub session: SessionSection,
     /// Where session records are kept.
     pub records: RecordsConfig,
+    /// The fleet's MQTT broker; without it session reports stay in `records.dir`.
+    pub mqtt: Option<diffusionx_agent::MqttConfig>,
+    /// What the session reports and telemetry carry.
+    #[serde(default)]
+    pub reporting: ReportingSection,
+}
+
+/// Reporting to the fleet (operators can change these over MQTT).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportingSection {
+    /// How prompts appear in session reports: `full`, `hash` (salted SHA-256) or `none`.
+    pub prompt_privacy: diffusionx_fleet::PromptPrivacy,
+    /// Seconds between telemetry samples.
+    pub telemetry_interval_s: u32,
+    /// Seconds of history that telemetry's counters and percentiles cover.
+    pub stats_window_s: u32,
+}
+
+impl Default for ReportingSection {
+    fn default() -> Self {
+        Self {
+            prompt_privacy: diffusionx_fleet::PromptPrivacy::Hash,
+            telemetry_interval_s: 60,
+            stats_window_s: 3600,
+        }
+    }
 }
 
 /// The edge model.
@@ -191,6 +218,8 @@ pub struct SessionSection {
     pub noise_level: f32,
     /// The attract screen's text.
     pub hint: String,
+    /// Words a prompt may not contain (whole words, any case).
+    pub blocklist: Vec<String>,
 }
 
 impl Default for SessionSection {
@@ -199,6 +228,7 @@ impl Default for SessionSection {
             idle_timeout_s: 90,
             noise_level: 0.5,
             hint: "Touch the screen to make a picture".into(),
+            blocklist: Vec::new(),
         }
     }
 }
@@ -257,6 +287,15 @@ impl KioskConfig {
         let mut paths: Vec<&mut PathBuf> = vec![&mut config.model.path, &mut config.records.dir];
         if let Some(g) = &mut config.gateway {
             paths.extend([&mut g.ca, &mut g.cert, &mut g.key]);
+        }
+        if let Some(m) = &mut config.mqtt {
+            paths.push(&mut m.state_dir);
+            for p in [&mut m.ca, &mut m.cert, &mut m.key, &mut m.password_file]
+                .into_iter()
+                .flatten()
+            {
+                paths.push(p);
+            }
         }
         match &mut config.input {
             InputConfig::Script { path } => paths.push(path),
@@ -320,6 +359,25 @@ impl KioskConfig {
                 reason: format!("{} is not 0, 90, 180 or 270", panel.rotation),
             });
         }
+        if let Some(m) = &self.mqtt {
+            m.validate().map_err(|e| ConfigError::Invalid {
+                key: "mqtt",
+                reason: e.to_string(),
+            })?;
+        }
+        // The settings operators may change must start valid: check them with the same rules.
+        let base = self.settings();
+        let fields = serde_json::to_value(&base)
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        if let Err(refused) = base.apply(&fields) {
+            let (field, reason) = refused.errors.into_iter().next().unwrap_or_default();
+            return Err(ConfigError::Invalid {
+                key: "settings",
+                reason: format!("{field}: {reason}"),
+            });
+        }
         if let Some(g) = &self.gateway {
             diffusionx_protocol::DeviceId::new(g.device_id.clone()).map_err(|e| {
                 ConfigError::Invalid {
@@ -355,6 +413,20 @@ impl KioskConfig {
                 key: "session.noise_level",
                 reason: format!("{} is not in (0, 1]", self.session.noise_level),
             })
+    }
+
+    /// The settings operators can change over MQTT, as this file sets them.
+    pub fn settings(&self) -> diffusionx_fleet::Settings {
+        diffusionx_fleet::Settings {
+            preview_steps: self.model.preview_steps,
+            noise_level: self.session.noise_level,
+            cloud_steps: self.gateway.as_ref().map_or(20, |g| g.steps),
+            idle_timeout_s: u32::try_from(self.session.idle_timeout_s).unwrap_or(u32::MAX),
+            prompt_privacy: self.reporting.prompt_privacy,
+            telemetry_interval_s: self.reporting.telemetry_interval_s,
+            stats_window_s: self.reporting.stats_window_s,
+            blocklist: self.session.blocklist.clone(),
+        }
     }
 
     /// The idle timeout.

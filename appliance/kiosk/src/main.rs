@@ -7,21 +7,25 @@
 //!
 //! systemd: `Type=notify` gets `READY=1` once the model is loaded and the first screen shown;
 //! with `WatchdogSec=` the kiosk pings at half the interval from its event loop; SIGTERM ends
-//! the session (reported as abandoned) and exits 0.
+//! the session (reported as abandoned), publishes `offline` with the reason on MQTT and exits
+//! 0. An operator's `restart` command exits 75 after the reply is delivered; the unit's
+//! `Restart=always` starts the kiosk again.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use diffusionx_agent::{Agent, AgentOptions, Facts};
 use diffusionx_engine::{EngineConfig, Pipeline};
+use diffusionx_fleet::payload::{DisplayInfo, ModelInfo};
 use diffusionx_kiosk::cloud::{Link, LinkConfig};
 use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig};
 use diffusionx_kiosk::engine::EngineSettings;
 use diffusionx_kiosk::evdev::{self, Calibration, TouchDecoder};
 use diffusionx_kiosk::fbdev::Framebuffer;
 use diffusionx_kiosk::records::RecordStore;
-use diffusionx_kiosk::runner::{CloudSettings, FrameSink, Kiosk, KioskParts};
+use diffusionx_kiosk::runner::{CloudSettings, Fleet, FrameSink, Kiosk, KioskParts, Stop};
 use diffusionx_kiosk::script;
 use diffusionx_kiosk::session::SessionConfig;
 use diffusionx_kiosk::spi_panel;
@@ -50,6 +54,10 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<RestartRequested>() => {
+            tracing::warn!("kiosk: {e}: exiting with 75 so the service manager starts it again");
+            std::process::ExitCode::from(75)
+        }
         Err(e) => {
             tracing::error!("kiosk: {e:#}");
             std::process::ExitCode::FAILURE
@@ -143,6 +151,37 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let gateway = config.gateway.clone();
+        let fleet = match &config.mqtt {
+            Some(mqtt) => {
+                let (agent, events) = Agent::start(AgentOptions {
+                    mqtt: mqtt.clone(),
+                    facts: Facts {
+                        firmware: env!("CARGO_PKG_VERSION").into(),
+                        display: DisplayInfo {
+                            backend: match &config.display {
+                                DisplayConfig::Headless { .. } => "headless",
+                                DisplayConfig::Spi(_) => "spi",
+                                DisplayConfig::Fbdev { .. } => "fbdev",
+                            }
+                            .into(),
+                            width: panel.width_px,
+                            height: panel.height_px,
+                        },
+                        models: vec![model_info(&config.model.path)],
+                    },
+                    settings: config.settings(),
+                    sync: true,
+                })
+                .context("starting the fleet agent")?;
+                Some(Fleet {
+                    agent,
+                    events,
+                    device: mqtt.device.clone(),
+                    prompt_salt: mqtt.prompt_salt.clone(),
+                })
+            }
+            None => None,
+        };
         let mut kiosk = Kiosk::new(KioskParts {
             session: SessionConfig {
                 idle_timeout: config.idle_timeout(),
@@ -169,6 +208,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             layout,
             records: RecordStore::open(&config.records.dir)?,
             snapshots,
+            fleet,
         })?;
         if let Some(sink) = sink {
             kiosk.on_frame(sink);
@@ -196,23 +236,74 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let watchdog = watchdog_interval();
         let work = async {
             match steps {
-                Some(steps) => kiosk.play(&steps, Duration::from_secs(600)).await,
-                None => {
-                    kiosk
-                        .run_forever(watchdog, || sd_notify("WATCHDOG=1"))
-                        .await
-                }
+                Some(steps) => kiosk
+                    .play(&steps, Duration::from_secs(600))
+                    .await
+                    .map(|()| None),
+                None => kiosk
+                    .run_forever(watchdog, || sd_notify("WATCHDOG=1"))
+                    .await
+                    .map(Some),
             }
         };
-        tokio::select! {
-            r = work => r,
+        let (outcome, reason) = tokio::select! {
+            r = work => {
+                let reason = match &r {
+                    Ok(Some(Stop::Restart)) => "restart requested",
+                    Ok(None) => "script finished",
+                    Err(_) => "error",
+                };
+                (r, reason)
+            }
             _ = terminate() => {
                 tracing::info!("SIGTERM: stopping");
                 sd_notify("STOPPING=1");
-                Ok(())
+                (Ok(None), "shutdown")
             }
+        };
+        // Tell the fleet why this kiosk goes offline (else the broker's last will says
+        // "connection lost"); reports not yet sent stay in the outbox for the next start.
+        if let Some(fleet) = kiosk.take_fleet() {
+            fleet.agent.shutdown(reason, Duration::from_secs(3)).await;
+        }
+        match outcome? {
+            Some(Stop::Restart) => Err(anyhow::Error::new(RestartRequested)),
+            None => Ok(()),
         }
     })
+}
+
+/// Exit status 75 (EX_TEMPFAIL): systemd starts the kiosk again (`Restart=always`).
+#[derive(Debug, thiserror::Error)]
+#[error("restart requested by an operator")]
+struct RestartRequested;
+
+/// The model folder's name and its manifest's SHA-256, for `info`.
+fn model_info(path: &std::path::Path) -> ModelInfo {
+    use sha2::Digest;
+    let manifest = std::fs::read(path.join("manifest.json")).ok();
+    let precision = manifest
+        .as_ref()
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok())
+        .and_then(|m| {
+            m.get("precision")
+                .and_then(|p| p.as_str())
+                .map(String::from)
+        });
+    ModelInfo {
+        role: "edge".into(),
+        name: path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        sha256: manifest.map(|m| {
+            sha2::Sha256::digest(&m)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        }),
+        precision,
+    }
 }
 
 async fn terminate() {

@@ -1,10 +1,11 @@
 //! Session records on disk: the record of the session in progress is written (atomically,
-//! fsynced) before the network is touched, and finished sessions are appended to a report
-//! file that the fleet reporting (issue #6) drains.
+//! fsynced) before the network is touched. Finished sessions go to the fleet agent's outbox
+//! as [`session_report`]s when MQTT is configured, else they are appended to `reports.jsonl`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use diffusionx_fleet::{Finalize, RoundReport, SessionReport};
 use diffusionx_ui::FinalPath;
 use serde_json::{Value, json};
 
@@ -45,6 +46,11 @@ impl RecordStore {
             .open(self.dir.join("reports.jsonl"))?;
         writeln!(file, "{}", to_json(record))?;
         file.sync_all()?;
+        self.finish()
+    }
+
+    /// The session is over and its report is in the fleet outbox: removes `current.json`.
+    pub fn finish(&self) -> std::io::Result<()> {
         match std::fs::remove_file(self.dir.join("current.json")) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -88,11 +94,136 @@ pub fn to_json(record: &SessionRecord) -> Value {
         "fallback_reason": record.fallback_reason,
         "refine_ms": record.refine_ms,
         "thumbs_up": record.thumbs_up,
-        "ending": match record.ending {
-            Ending::Open => "open",
-            Ending::Finished => "finished",
-            Ending::Abandoned => "abandoned",
-            Ending::Failed => "failed",
-        },
+        "blocked_prompts": record.blocked_prompts,
+        "ending": ending_name(record.ending),
     })
+}
+
+/// What the report of a session needs besides its record.
+#[derive(Debug, Clone)]
+pub struct ReportContext<'a> {
+    /// This kiosk's name (part of the report id).
+    pub device: &'a str,
+    /// The boot counter.
+    pub boot: u64,
+    /// When the session ended (Unix ms).
+    pub ts_ms: u64,
+    /// Image size of the previews.
+    pub width: u32,
+    /// Image height.
+    pub height: u32,
+    /// How prompts may leave the kiosk.
+    pub privacy: diffusionx_fleet::PromptPrivacy,
+    /// The fleet's salt for hashed prompts.
+    pub salt: &'a str,
+}
+
+/// The fleet session report (`docs/mqtt.md`) of a finished session.
+pub fn session_report(record: &SessionRecord, context: &ReportContext<'_>) -> SessionReport {
+    let mut extra = std::collections::BTreeMap::new();
+    if record.blocked_prompts > 0 {
+        extra.insert("blocked_prompts".into(), record.blocked_prompts.into());
+    }
+    SessionReport {
+        id: SessionReport::make_id(context.device, context.boot, record.number),
+        boot: context.boot,
+        number: record.number,
+        ts_ms: context.ts_ms,
+        rounds: record
+            .rounds
+            .iter()
+            .map(|r| RoundReport {
+                prompt: context.privacy.apply(context.salt, &r.prompt),
+                tokens: None,
+                seed: r.seed,
+                steps: r.steps,
+                width: context.width,
+                height: context.height,
+                preview_ms: r.preview_ms,
+            })
+            .collect(),
+        finalize: record.noise_level.map(|level| Finalize {
+            noise_level: level.fraction(),
+            path: record.path.map(|p| {
+                match p {
+                    FinalPath::Cloud => "cloud",
+                    FinalPath::Local => "local",
+                }
+                .to_string()
+            }),
+            refine_ms: record.refine_ms,
+            queue_depth: record.cloud_load.map(|(depth, _)| depth),
+            expected_wait_ms: record.cloud_load.map(|(_, wait)| wait),
+            fallback_reason: record.fallback_reason.clone(),
+        }),
+        thumbs_up: record.thumbs_up,
+        ending: ending_name(record.ending).into(),
+        extra,
+    }
+}
+
+fn ending_name(ending: Ending) -> &'static str {
+    match ending {
+        Ending::Open => "open",
+        Ending::Finished => "finished",
+        Ending::Abandoned => "abandoned",
+        Ending::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::RoundRecord;
+    use diffusionx_diffusion::NoiseLevel;
+    use diffusionx_fleet::{PromptField, PromptPrivacy};
+
+    #[test]
+    fn a_record_becomes_a_fleet_report_with_the_privacy_setting() {
+        let record = SessionRecord {
+            number: 7,
+            rounds: vec![RoundRecord {
+                prompt: "a red fox".into(),
+                seed: 42,
+                steps: 4,
+                preview_ms: Some(2100),
+            }],
+            noise_level: NoiseLevel::from_bp(4000),
+            path: Some(FinalPath::Local),
+            cloud_load: Some((3, 9000)),
+            fallback_reason: Some("busy".into()),
+            refine_ms: Some(8000),
+            thumbs_up: Some(true),
+            blocked_prompts: 2,
+            ending: Ending::Finished,
+        };
+        let mut context = ReportContext {
+            device: "k1",
+            boot: 3,
+            ts_ms: 1_700_000_000_000,
+            width: 256,
+            height: 256,
+            privacy: PromptPrivacy::Hash,
+            salt: "museum",
+        };
+        let report = session_report(&record, &context);
+        assert_eq!(report.id, "k1-3-7");
+        assert_eq!(
+            report.rounds[0].prompt,
+            Some(PromptField::Sha256(
+                diffusionx_fleet::settings::hash_prompt("museum", "a red fox")
+            ))
+        );
+        let finalize = report.finalize.clone().expect("finalized");
+        assert_eq!(finalize.noise_level, 0.4);
+        assert_eq!(finalize.path.as_deref(), Some("local"));
+        assert_eq!(
+            (finalize.queue_depth, finalize.expected_wait_ms),
+            (Some(3), Some(9000))
+        );
+        assert_eq!(report.extra["blocked_prompts"], 2);
+        assert_eq!(report.ending, "finished");
+        context.privacy = PromptPrivacy::None;
+        assert_eq!(session_report(&record, &context).rounds[0].prompt, None);
+    }
 }

@@ -13,10 +13,13 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use crate::cloud::{CloudJob, CloudProgress, Link};
 use crate::engine::{EngineSettings, EngineWorker};
 use crate::evdev::Input;
-use crate::records::RecordStore;
+use crate::records::{RecordStore, ReportContext, session_report};
 use crate::script::{ScreenKind, Step};
 use crate::session::{CloudFailure, Command, Event, Handover, Session, SessionConfig};
+use diffusionx_agent::{Agent, AgentEvent};
+use diffusionx_fleet::{PromptPrivacy, Settings};
 use diffusionx_ui::Action;
+use tokio::sync::watch;
 
 /// How the cloud refines (sent with every job).
 #[derive(Debug, Clone)]
@@ -47,6 +50,27 @@ pub struct KioskParts {
     pub records: RecordStore,
     /// Write a PNG of each screen the visitor saw into this folder.
     pub snapshots: Option<PathBuf>,
+    /// The fleet agent; without it reports go to `records`.
+    pub fleet: Option<Fleet>,
+}
+
+/// The kiosk's link to its fleet.
+pub struct Fleet {
+    /// The agent (outbox, MQTT).
+    pub agent: Agent,
+    /// What the agent asks of the kiosk.
+    pub events: UnboundedReceiver<AgentEvent>,
+    /// This kiosk's name.
+    pub device: String,
+    /// The salt of hashed prompts.
+    pub prompt_salt: String,
+}
+
+/// Why [`Kiosk::run_forever`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// An operator asked for a restart.
+    Restart,
 }
 
 /// A running kiosk on the headless display.
@@ -68,6 +92,10 @@ pub struct Kiosk {
     frame_sink: Option<FrameSink>,
     input_tx: UnboundedSender<Input>,
     inputs: UnboundedReceiver<Input>,
+    fleet: Option<Fleet>,
+    settings: Option<watch::Receiver<Settings>>,
+    privacy: PromptPrivacy,
+    stop: Option<Stop>,
 }
 
 /// Receives every frame the kiosk draws (a hardware display's `present`).
@@ -97,6 +125,7 @@ impl Kiosk {
         if let Some(dir) = &parts.snapshots {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        let settings = parts.fleet.as_ref().map(|f| f.agent.settings());
         let mut kiosk = Self {
             session: Session::new(parts.session, Instant::now()),
             engine,
@@ -115,7 +144,15 @@ impl Kiosk {
             frame_sink: None,
             input_tx,
             inputs,
+            fleet: parts.fleet,
+            settings,
+            privacy: PromptPrivacy::Hash,
+            stop: None,
         };
+        if let Some(rx) = kiosk.settings.as_mut() {
+            let settings = rx.borrow_and_update().clone();
+            kiosk.apply_settings(&settings);
+        }
         kiosk.render()?;
         Ok(kiosk)
     }
@@ -131,17 +168,20 @@ impl Kiosk {
         self.frame_sink = Some(sink);
     }
 
-    /// Serves visitors until the event channel closes; calls `ping` at least every `watchdog`
-    /// while the loop is alive (systemd's watchdog).
+    /// Serves visitors until an operator asks for a restart; calls `ping` at least every
+    /// `watchdog` while the loop is alive (systemd's watchdog).
     pub async fn run_forever(
         &mut self,
         watchdog: Option<Duration>,
         mut ping: impl FnMut(),
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Stop> {
         let interval = watchdog.unwrap_or(Duration::from_secs(3600));
         let mut last_ping = Instant::now();
         loop {
             self.next_event(last_ping + interval).await?;
+            if let Some(stop) = self.stop.take() {
+                return Ok(stop);
+            }
             if watchdog.is_some() && last_ping.elapsed() >= interval {
                 ping();
                 last_ping = Instant::now();
@@ -162,6 +202,17 @@ impl Kiosk {
     /// The snapshot files written so far.
     pub fn snapshots(&self) -> &[PathBuf] {
         &self.written
+    }
+
+    /// Hands the fleet link back (for a clean shutdown of the agent).
+    pub fn take_fleet(&mut self) -> Option<Fleet> {
+        self.settings = None;
+        self.fleet.take()
+    }
+
+    /// The fleet link, when there is one.
+    pub fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.as_ref()
     }
 
     /// The record store.
@@ -263,6 +314,31 @@ impl Kiosk {
                 }
                 Ok(true)
             }
+            settings = settings_changed(&mut self.settings) => {
+                match settings {
+                    Some(settings) => {
+                        self.apply_settings(&settings);
+                        self.render()?;
+                    }
+                    None => self.settings = None,
+                }
+                Ok(true)
+            }
+            event = fleet_event(&mut self.fleet) => {
+                match event {
+                    Some(AgentEvent::Restart) => {
+                        tracing::warn!("restart requested by an operator");
+                        self.stop = Some(Stop::Restart);
+                    }
+                    None => {
+                        tracing::error!("the fleet agent stopped; reports stay in its outbox");
+                        if let Some(fleet) = &mut self.fleet {
+                            fleet.events.close();
+                        }
+                    }
+                }
+                Ok(true)
+            }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 if Instant::now() >= until {
                     return Ok(false);
@@ -310,12 +386,51 @@ impl Kiosk {
             }
             Command::Report(record) => {
                 tracing::info!(session = record.number, ending = ?record.ending, "session over");
-                self.records
-                    .report(&record)
-                    .context("writing the session report")?;
+                match &self.fleet {
+                    Some(fleet) => {
+                        let report = session_report(
+                            &record,
+                            &ReportContext {
+                                device: &fleet.device,
+                                boot: fleet.agent.boot(),
+                                ts_ms: SystemTime::now()
+                                    .duration_since(UNIX_EPOCH)
+                                    .map_or(0, |d| d.as_millis() as u64),
+                                width: u32::from(self.resolution.width),
+                                height: u32::from(self.resolution.height),
+                                privacy: self.privacy,
+                                salt: &fleet.prompt_salt,
+                            },
+                        );
+                        // On disk before this returns; published when the broker is there.
+                        fleet.agent.report(&report);
+                        self.records
+                            .finish()
+                            .context("removing the session record")?;
+                    }
+                    None => self
+                        .records
+                        .report(&record)
+                        .context("writing the session report")?,
+                }
             }
         }
         Ok(())
+    }
+
+    /// Operators' settings: the session's at its next round or finalize, the cloud's at its
+    /// next job, the report's privacy at the next report.
+    fn apply_settings(&mut self, settings: &Settings) {
+        let config = self.session.config_mut();
+        config.preview_steps = settings.preview_steps;
+        if let Some(level) = diffusionx_diffusion::NoiseLevel::from_fraction(settings.noise_level) {
+            config.noise_level = level;
+        }
+        config.idle_timeout = Duration::from_secs(settings.idle_timeout_s.into());
+        config.blocklist = settings.blocklist.clone();
+        self.cloud.steps = settings.cloud_steps;
+        self.privacy = settings.prompt_privacy;
+        tracing::info!(?settings, "settings in force");
     }
 
     fn refine_in_cloud(&mut self, handover: Handover) {
@@ -417,4 +532,23 @@ fn unique_id(counter: u64) -> [u8; 16] {
     id[..8].copy_from_slice(&nanos.to_le_bytes());
     id[8..].copy_from_slice(&counter.to_le_bytes());
     id
+}
+
+async fn settings_changed(rx: &mut Option<watch::Receiver<Settings>>) -> Option<Settings> {
+    match rx {
+        Some(rx) => {
+            rx.changed().await.ok()?;
+            Some(rx.borrow_and_update().clone())
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn fleet_event(fleet: &mut Option<Fleet>) -> Option<AgentEvent> {
+    match fleet {
+        Some(fleet) if !fleet.events.is_closed() || !fleet.events.is_empty() => {
+            fleet.events.recv().await
+        }
+        _ => std::future::pending().await,
+    }
 }

@@ -25,6 +25,8 @@ pub struct SessionConfig {
     pub hint: String,
     /// Longest prompt, in bytes (the wire protocol's limit).
     pub max_prompt_bytes: usize,
+    /// Words a prompt may not contain (whole words, any case; operators set it over MQTT).
+    pub blocklist: Vec<String>,
 }
 
 impl Default for SessionConfig {
@@ -36,6 +38,7 @@ impl Default for SessionConfig {
             base_seed: 0x5eed,
             hint: "Touch the screen to make a picture".into(),
             max_prompt_bytes: 1024,
+            blocklist: Vec::new(),
         }
     }
 }
@@ -233,6 +236,8 @@ pub struct SessionRecord {
     pub refine_ms: Option<u64>,
     /// The visitor's verdict on the final picture.
     pub thumbs_up: Option<bool>,
+    /// Prompts refused because of the blocklist.
+    pub blocked_prompts: u32,
     /// How it ended.
     pub ending: Ending,
 }
@@ -286,7 +291,12 @@ pub struct Session {
     last_picture: Option<RgbImage>,
     /// The current session's report was sent.
     reported: bool,
+    /// Why the last prompt was refused, shown until the next key.
+    notice: Option<String>,
 }
+
+/// What a visitor sees when the blocklist refuses their prompt: no word is repeated back.
+pub const BLOCKED_NOTICE: &str = "Please try other words";
 
 impl Session {
     /// A kiosk showing the attract screen at `now`.
@@ -302,6 +312,7 @@ impl Session {
             last_input: now,
             last_picture: None,
             reported: false,
+            notice: None,
         }
     }
 
@@ -313,6 +324,13 @@ impl Session {
     /// The session's seed.
     pub fn seed(&self) -> u64 {
         self.seed
+    }
+
+    /// The settings in force, for changes between sessions and rounds (operators' settings
+    /// over MQTT): preview steps, noise level, idle timeout and blocklist take effect at the
+    /// next round or finalize.
+    pub fn config_mut(&mut self) -> &mut SessionConfig {
+        &mut self.config
     }
 
     /// The record so far.
@@ -348,6 +366,7 @@ impl Session {
                 cursor_visible: true,
                 shift: *shift,
                 pressed: *pressed,
+                notice: self.notice.clone(),
             },
             State::Generating {
                 step,
@@ -417,6 +436,7 @@ impl Session {
             }
             (State::Editing { shift, pressed }, Action::Key(key)) => {
                 *pressed = Some(key);
+                self.notice = None;
                 match key {
                     Key::Char(c) => {
                         let c = if *shift { upper(c) } else { c };
@@ -436,7 +456,14 @@ impl Session {
                     Key::Shift => *shift = !*shift,
                     Key::Clear => self.prompt.clear(),
                     Key::Done => {
-                        if !self.prompt.trim().is_empty() {
+                        if let Some(word) = diffusionx_fleet::settings::blocked_word(
+                            &self.config.blocklist,
+                            &self.prompt,
+                        ) {
+                            tracing::info!(word, "prompt refused by the blocklist");
+                            self.record.blocked_prompts += 1;
+                            self.notice = Some(BLOCKED_NOTICE.into());
+                        } else if !self.prompt.trim().is_empty() {
                             self.start_round(now, out);
                         }
                     }
@@ -663,6 +690,7 @@ fn new_record(number: u64) -> SessionRecord {
         fallback_reason: None,
         refine_ms: None,
         thumbs_up: None,
+        blocked_prompts: 0,
         ending: Ending::Open,
     }
 }

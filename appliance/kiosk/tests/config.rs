@@ -51,6 +51,51 @@ fn the_example_parses_with_every_key() {
     assert_eq!(g.device_id, "kiosk-lobby-1");
     assert_eq!(c.noise_level().unwrap().bp(), 5000);
     assert_eq!(c.idle_timeout().as_secs(), 90);
+    let m = c.mqtt.as_ref().unwrap();
+    assert_eq!(
+        (m.fleet.as_str(), m.device.as_str()),
+        ("museum", "kiosk-lobby-1")
+    );
+    assert_eq!(m.state_dir, PathBuf::from("/var/lib/diffusionx/fleet"));
+    let settings = c.settings();
+    assert_eq!(
+        (
+            settings.preview_steps,
+            settings.cloud_steps,
+            settings.idle_timeout_s
+        ),
+        (4, 20, 90)
+    );
+    assert_eq!(
+        settings.prompt_privacy,
+        diffusionx_fleet::PromptPrivacy::Hash
+    );
+    assert_eq!(settings.telemetry_interval_s, 60);
+}
+
+#[test]
+fn fleet_sections_are_checked_by_name() {
+    let device = example().replace("device = \"kiosk-lobby-1\"\nca", "device = \"kiosk/1\"\nca");
+    assert!(
+        load(&device)
+            .unwrap_err()
+            .starts_with("mqtt: mqtt.device: device name \"kiosk/1\""),
+        "{}",
+        load(&device).unwrap_err()
+    );
+    let broker = example().replace("mqtts://broker.example.net:8883", "http://broker");
+    assert!(load(&broker).unwrap_err().starts_with("mqtt: mqtt.broker:"));
+    let privacy = example().replace("prompt_privacy = \"hash\"", "prompt_privacy = \"some\"");
+    assert!(
+        load(&privacy)
+            .unwrap_err()
+            .contains("unknown variant `some`")
+    );
+    let interval = example().replace("telemetry_interval_s = 60", "telemetry_interval_s = 1");
+    assert_eq!(
+        load(&interval).unwrap_err(),
+        "settings: telemetry_interval_s: 1 is outside 5..=3600"
+    );
 }
 
 #[test]

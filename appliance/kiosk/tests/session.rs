@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_kiosk::session::{
-    CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig,
+    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig,
 };
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
 
@@ -339,4 +339,45 @@ fn no_timeout_while_the_kiosk_works() {
     assert_eq!(sim.session.next_deadline(), None);
     assert_eq!(sim.at(600.0, Event::Tick), vec![]);
     assert!(matches!(sim.session.screen(), Screen::Generating { .. }));
+}
+
+#[test]
+fn a_blocked_prompt_is_refused_with_a_notice_until_the_next_key() {
+    let mut sim = Sim::new();
+    sim.session.config_mut().blocklist = vec!["gore".into()];
+    sim.act(Action::StartSession);
+    sim.typed("a GORE scene");
+    assert_eq!(sim.act(Action::Key(Key::Done)), vec![], "no preview starts");
+    let Screen::PromptEntry { notice, text, .. } = sim.session.screen() else {
+        panic!("still editing")
+    };
+    assert_eq!(notice.as_deref(), Some(BLOCKED_NOTICE));
+    assert_eq!(text, "a GORE scene", "the prompt stays for editing");
+    assert_eq!(sim.session.record().blocked_prompts, 1);
+    // The next key clears the notice; an allowed prompt starts a round.
+    sim.act(Action::Key(Key::Clear));
+    let Screen::PromptEntry { notice, .. } = sim.session.screen() else {
+        panic!("still editing")
+    };
+    assert_eq!(notice, None);
+    sim.typed("a gorgeous scene");
+    let (round, prompt, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!((round, prompt.as_str()), (1, "a gorgeous scene"));
+    assert_eq!(sim.session.record().blocked_prompts, 1);
+}
+
+#[test]
+fn operator_settings_apply_to_the_next_round() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("fox");
+    sim.session.config_mut().preview_steps = 9;
+    let commands = sim.act(Action::Key(Key::Done));
+    assert!(
+        matches!(
+            commands.as_slice(),
+            [Command::StartPreview { steps: 9, .. }]
+        ),
+        "{commands:?}"
+    );
 }

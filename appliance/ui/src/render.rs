@@ -43,8 +43,9 @@ where
             cursor_visible,
             shift,
             pressed,
+            notice,
         } => {
-            prompt_text(target, layout, text, *cursor_visible)?;
+            prompt_text(target, layout, text, *cursor_visible, notice.as_deref())?;
             keyboard(target, layout, screen, *shift, *pressed)
         }
         Screen::Generating {
@@ -120,6 +121,7 @@ fn prompt_text<D>(
     layout: &Layout,
     prompt: &str,
     cursor_visible: bool,
+    notice: Option<&str>,
 ) -> Result<(), D::Error>
 where
     D: DrawTarget<Color = Rgb888>,
@@ -127,7 +129,25 @@ where
     let regions = &layout.prompt;
     let face = layout.fonts.body;
     boxed(target, regions.text_box, palette::SURFACE, layout.stroke)?;
-    let area = regions.text;
+    let mut area = regions.text;
+    if let Some(notice) = notice {
+        // The notice takes the last line of the box; the prompt keeps the rest.
+        let line = face.line_height().min(area.size.height);
+        let notice_area = Rectangle::new(
+            area.top_left + Point::new(0, (area.size.height - line) as i32),
+            Size::new(area.size.width, line),
+        );
+        let lines = text::fit(notice, notice_area, face);
+        text::draw_lines(
+            target,
+            &lines,
+            notice_area,
+            face,
+            palette::ALERT,
+            Align::TopLeft,
+        )?;
+        area.size.height -= line;
+    }
     if prompt.is_empty() {
         let lines = text::fit("Type what you want to see", area, face);
         text::draw_lines(target, &lines, area, face, palette::MUTED, Align::TopLeft)?;

@@ -25,6 +25,8 @@ pub enum Screen {
         shift: bool,
         /// The key under the visitor's finger, drawn highlighted.
         pressed: Option<Key>,
+        /// Why the prompt was not accepted (e.g. a blocked word), drawn under it.
+        notice: Option<String>,
     },
     /// A preview is being drawn on the kiosk.
     Generating {

@@ -106,6 +106,21 @@ fn prompt_entry_with_pressed_key() {
             cursor_visible: true,
             shift: false,
             pressed: Some(Key::Char('r')),
+            notice: None,
+        },
+    );
+}
+
+#[test]
+fn prompt_entry_with_a_blocked_word_notice() {
+    check(
+        "prompt_entry_notice",
+        &Screen::PromptEntry {
+            text: PROMPT.into(),
+            cursor_visible: true,
+            shift: false,
+            pressed: None,
+            notice: Some("Please try other words".into()),
         },
     );
 }
@@ -119,6 +134,7 @@ fn prompt_entry_empty_with_shift() {
             cursor_visible: false,
             shift: true,
             pressed: Some(Key::Shift),
+            notice: None,
         },
     );
 }

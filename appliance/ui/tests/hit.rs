@@ -30,6 +30,7 @@ fn typing(shift: bool) -> Screen {
         cursor_visible: true,
         shift,
         pressed: None,
+        notice: None,
     }
 }
 

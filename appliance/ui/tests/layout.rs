@@ -18,6 +18,7 @@ fn keyboard(layout: &Layout) -> Vec<Control> {
         cursor_visible: false,
         shift: false,
         pressed: None,
+        notice: None,
     };
     layout.controls(&screen)
 }

@@ -30,6 +30,7 @@ fn typing(text: &str, pressed: Option<Key>) -> Screen {
         cursor_visible: false,
         shift: false,
         pressed,
+        notice: None,
     }
 }
 

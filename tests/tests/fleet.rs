@@ -1,0 +1,161 @@
+//! The kiosk in its fleet: a real mosquitto, the kiosk's agent, a gateway and a scripted
+//! visitor. An operator's desired configuration (a blocklist, more preview steps) reaches the
+//! running kiosk and changes what the visitor can do; the session report arrives over MQTT with
+//! the prompts, the path taken and the blocked attempt; presence and telemetry are retained.
+#![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+use std::time::Duration;
+
+use diffusionx_diffusion::NoiseLevel;
+use diffusionx_e2e::{
+    DEVICE, KioskOptions, fleet_agent, kiosk_with_fleet, start_gateway, tiny_sd, tiny_sd15,
+};
+use diffusionx_fleet::{
+    ConfigReported, Presence, PresenceState, PromptField, SessionReport, Telemetry,
+};
+use diffusionx_kiosk::script;
+use diffusionx_testkit::{Collector, Mosquitto};
+use diffusionx_ui::Screen;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(&dir.path().join("broker")).unwrap();
+    let watcher = Collector::start(broker.port(), "operator", "kiosk/v1/lobby/#");
+    // The operator's desired settings are waiting (retained) before the kiosk first connects.
+    watcher
+        .publish(
+            &format!("kiosk/v1/lobby/{DEVICE}/config/desired"),
+            serde_json::to_vec(&serde_json::json!({
+                "version": 1,
+                "settings": {"blocklist": ["gore"], "preview_steps": 3}
+            }))
+            .unwrap(),
+            true,
+        )
+        .await;
+
+    let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
+    let fleet = fleet_agent(dir.path(), &broker.url(), "lobby").unwrap();
+    let mut settings = fleet.agent.settings();
+    let options = KioskOptions {
+        dir: dir.path().to_path_buf(),
+        model: tiny_sd(),
+        panel: (800, 480),
+        cloud_steps: 10,
+        noise_level: NoiseLevel::from_bp(5000).unwrap(),
+    };
+    let mut kiosk = kiosk_with_fleet(&gateway, &options, Some(fleet)).unwrap();
+    tokio::time::timeout(WAIT, settings.wait_for(|s| s.blocklist == ["gore"]))
+        .await
+        .unwrap()
+        .unwrap();
+    let reported = watcher
+        .wait(WAIT, |r| {
+            r.iter().any(|m| {
+                m.topic.ends_with("/config/reported")
+                    && m.payload.windows(11).any(|w| w == b"\"version\":1")
+            })
+        })
+        .await;
+    let reported: ConfigReported = reported
+        .iter()
+        .rev()
+        .find(|m| m.topic.ends_with("/config/reported"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .unwrap();
+    assert_eq!(
+        (
+            reported.version,
+            reported.accepted,
+            reported.applied_version
+        ),
+        (1, true, 1)
+    );
+
+    let visitor = script::parse(
+        "press start\ntype gore fox\nkey done\nafter 300\nkey clear\ntype red fox\nkey done\n\
+         wait preview\npress finalize\nwait final\npress thumbsup\npress newpicture\nafter 100\n",
+    )
+    .unwrap();
+    kiosk
+        .play(&visitor, Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        matches!(kiosk.session().screen(), Screen::PromptEntry { .. }),
+        "the next visitor's session has begun"
+    );
+
+    let got = watcher
+        .wait(WAIT, |r| r.iter().any(|m| m.topic.ends_with("/sessions")))
+        .await;
+    let reports: Vec<SessionReport> = got
+        .iter()
+        .filter(|m| m.topic == format!("kiosk/v1/lobby/{DEVICE}/sessions"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 1, "one session, reported once");
+    let report = &reports[0];
+    assert_eq!(report.id, format!("{DEVICE}-1-1"));
+    let prompts: Vec<Option<PromptField>> =
+        report.rounds.iter().map(|r| r.prompt.clone()).collect();
+    assert_eq!(
+        prompts,
+        vec![Some(PromptField::Text("red fox".into()))],
+        "the blocked prompt never ran"
+    );
+    assert_eq!(report.rounds[0].steps, 3, "the operator's preview steps");
+    assert_eq!(
+        (report.rounds[0].width, report.rounds[0].height),
+        (256, 256)
+    );
+    assert_eq!(report.extra["blocked_prompts"], 1);
+    let finalize = report.finalize.as_ref().unwrap();
+    assert_eq!(
+        (finalize.noise_level, finalize.path.as_deref()),
+        (0.5, Some("cloud"))
+    );
+    assert_eq!(
+        (report.thumbs_up, report.ending.as_str()),
+        (Some(true), "finished")
+    );
+
+    // Presence is retained online; telemetry counts the session once `report-now` asks for it.
+    let presence: Presence = got
+        .iter()
+        .rev()
+        .find(|m| m.topic.ends_with("/status"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .unwrap();
+    assert_eq!((presence.state, presence.boot), (PresenceState::Online, 1));
+    let fleet = kiosk.take_fleet().unwrap();
+    assert_eq!(fleet.agent.status().outbox_pending, 0);
+    fleet.agent.shutdown("test over", WAIT).await;
+    let got = watcher
+        .wait(WAIT, |r| {
+            r.iter()
+                .rev()
+                .find(|m| m.topic.ends_with("/status"))
+                .is_some_and(|m| m.payload.windows(9).any(|w| w == b"test over"))
+        })
+        .await;
+    let telemetry: Vec<Telemetry> = got
+        .iter()
+        .filter(|m| m.topic.ends_with("/telemetry"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert!(!telemetry.is_empty(), "telemetry on connect");
+    let bye: Presence = got
+        .iter()
+        .rev()
+        .find(|m| m.topic.ends_with("/status"))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .unwrap();
+    assert_eq!(
+        (bye.state, bye.reason.as_deref()),
+        (PresenceState::Offline, Some("test over"))
+    );
+}
