@@ -95,6 +95,9 @@ pub struct AgentStatus {
     pub delivered: u64,
     /// Connections made since start.
     pub connections: u64,
+    /// Reports whose outbox write failed since start (kept in memory and retried; the same
+    /// figure as telemetry's `outbox_write_errors`).
+    pub write_errors: u64,
 }
 
 struct Shared {
@@ -182,6 +185,7 @@ impl Agent {
                 outbox_pending: pending,
                 delivered: 0,
                 connections: 0,
+                write_errors: 0,
             },
         }));
         let (requests, requests_rx) = mpsc::unbounded_channel();
@@ -241,6 +245,7 @@ impl Agent {
             let durable = shared.outbox.push(payload);
             shared.window.add(report);
             shared.status.outbox_pending = shared.outbox.len();
+            shared.status.write_errors = shared.outbox.write_errors();
             durable
         };
         self.requests.send(Request::Wake).ok();
