@@ -172,7 +172,9 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut kiosks = JoinSet::new();
     for (i, (device, agent)) in agents.into_iter().enumerate() {
-        let offset = config.interval.mul_f64(i as f64 / f64::from(config.kiosks.max(1)));
+        let offset = config
+            .interval
+            .mul_f64(i as f64 / f64::from(config.kiosks.max(1)));
         kiosks.spawn(kiosk(
             device,
             agent,

@@ -11,8 +11,10 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let memory = diffusionx_agent::system::memory_mb()
-        .map_or_else(|| "unknown memory".into(), |(total, _)| format!("{:.1} GiB", total as f64 / 1024.0));
+    let memory = diffusionx_agent::system::memory_mb().map_or_else(
+        || "unknown memory".into(),
+        |(total, _)| format!("{:.1} GiB", total as f64 / 1024.0),
+    );
     format!("{cpu}, {cores} cores, {memory}")
 }
 

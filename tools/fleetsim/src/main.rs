@@ -11,7 +11,10 @@ use diffusionx_fleetsim::bench::{self, BenchConfig};
 use diffusionx_fleetsim::fleet::{self, FleetConfig, Observer};
 
 #[derive(Parser)]
-#[command(version, about = "Many virtual kiosks (real fleet agents) in one process")]
+#[command(
+    version,
+    about = "Many virtual kiosks (real fleet agents) in one process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -171,12 +174,7 @@ async fn run_bench(args: BenchArgs) -> Result<()> {
         drain: Duration::from_secs(args.drain_s),
     })
     .await?;
-    let section = bench::markdown(
-        &result,
-        args.sync,
-        &command,
-        &bench::date(fleet::now_ms()),
-    );
+    let section = bench::markdown(&result, args.sync, &command, &bench::date(fleet::now_ms()));
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

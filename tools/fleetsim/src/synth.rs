@@ -167,6 +167,9 @@ mod tests {
             }
             assert!((0.3..=0.7001).contains(&finalize.noise_level));
         }
-        assert!((1_520..1_680).contains(&cloud), "{cloud} of 2000 on the cloud");
+        assert!(
+            (1_520..1_680).contains(&cloud),
+            "{cloud} of 2000 on the cloud"
+        );
     }
 }
