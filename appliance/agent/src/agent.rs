@@ -135,6 +135,9 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The packet ids rumqttc may use for QoS 1 packets at once.
+const MAX_IN_FLIGHT: u16 = 20;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -163,7 +166,12 @@ impl Agent {
             .set_session_expiry_interval(Some(options.mqtt.session_expiry_s))
             .set_keep_alive(Duration::from_secs(options.mqtt.keep_alive_s.into()))
             .set_connection_timeout(10)
-            .set_max_packet_size(Some(1 << 20));
+            .set_max_packet_size(Some(1 << 20))
+            // rumqttc preallocates one slot per possible in-flight publish: 65 536 by default,
+            // 12 MiB per client. One report is in flight at a time here (plus the three
+            // subscriptions at connect), and brokers allow 20 by default (mosquitto's
+            // `max_inflight_messages`), so 20 changes nothing on the wire.
+            .set_outgoing_inflight_upper_limit(MAX_IN_FLIGHT);
         if let Some(user) = &options.mqtt.username {
             mqtt.set_credentials(user.clone(), options.mqtt.password()?.unwrap_or_default());
         }
@@ -259,7 +267,8 @@ impl Agent {
 
     /// Clean shutdown: publishes `offline` with `reason` (retained, replacing the last will),
     /// waits up to `timeout` for the broker to take it, disconnects.
-    pub async fn shutdown(self, reason: &str, timeout: Duration) {
+    pub async fn shutdown(mut self, reason: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
         let (done, wait) = oneshot::channel();
         if self
             .requests
@@ -268,8 +277,12 @@ impl Agent {
                 done,
             })
             .is_ok()
+            && matches!(tokio::time::timeout_at(deadline, wait).await, Ok(Ok(())))
         {
-            tokio::time::timeout(timeout, wait).await.ok();
+            // The goodbye was delivered and the DISCONNECT queued: let the poller write it
+            // (it stops once it has), or the broker sees a dropped connection and publishes
+            // the last will over the goodbye.
+            tokio::time::timeout_at(deadline, &mut self.poller).await.ok();
         }
         self.poller.abort();
     }
@@ -359,6 +372,11 @@ async fn poll(
                 {
                     return;
                 }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                // Written and flushed (a clean goodbye: the broker drops the last will).
+                // Reconnecting now would bring the kiosk back online.
+                return;
             }
             Ok(event) => {
                 if net.send(Net::Event(Box::new(event))).is_err() {
