@@ -282,7 +282,9 @@ impl Agent {
             // The goodbye was delivered and the DISCONNECT queued: let the poller write it
             // (it stops once it has), or the broker sees a dropped connection and publishes
             // the last will over the goodbye.
-            tokio::time::timeout_at(deadline, &mut self.poller).await.ok();
+            tokio::time::timeout_at(deadline, &mut self.poller)
+                .await
+                .ok();
         }
         self.poller.abort();
     }

@@ -6,7 +6,7 @@
 //! - [`synth`]: the synthetic session reports (pure: the time is an argument);
 //! - [`fleet`]: starting the agents, pacing their reports, waiting for empty outboxes, shutting
 //!   down cleanly;
-//! - [`bench`]: the broker benchmark (delivered reports per second, end-to-end latency, losses,
+//! - [`bench`](mod@bench): the broker benchmark (delivered reports per second, end-to-end latency, losses,
 //!   duplicates, memory) and its markdown section;
 //! - [`machine`]: the machine a benchmark ran on; [`limits`]: the open-file limit.
 //!
