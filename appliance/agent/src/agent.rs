@@ -95,6 +95,9 @@ pub struct AgentStatus {
     pub delivered: u64,
     /// Connections made since start.
     pub connections: u64,
+    /// Reports whose outbox write failed since start (kept in memory and retried; the same
+    /// figure as telemetry's `outbox_write_errors`).
+    pub write_errors: u64,
 }
 
 struct Shared {
@@ -132,6 +135,9 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The packet ids rumqttc may use for QoS 1 packets at once.
+const MAX_IN_FLIGHT: u16 = 20;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -160,7 +166,12 @@ impl Agent {
             .set_session_expiry_interval(Some(options.mqtt.session_expiry_s))
             .set_keep_alive(Duration::from_secs(options.mqtt.keep_alive_s.into()))
             .set_connection_timeout(10)
-            .set_max_packet_size(Some(1 << 20));
+            .set_max_packet_size(Some(1 << 20))
+            // rumqttc preallocates one slot per possible in-flight publish: 65 536 by default,
+            // 12 MiB per client. One report is in flight at a time here (plus the three
+            // subscriptions at connect), and brokers allow 20 by default (mosquitto's
+            // `max_inflight_messages`), so 20 changes nothing on the wire.
+            .set_outgoing_inflight_upper_limit(MAX_IN_FLIGHT);
         if let Some(user) = &options.mqtt.username {
             mqtt.set_credentials(user.clone(), options.mqtt.password()?.unwrap_or_default());
         }
@@ -182,6 +193,7 @@ impl Agent {
                 outbox_pending: pending,
                 delivered: 0,
                 connections: 0,
+                write_errors: 0,
             },
         }));
         let (requests, requests_rx) = mpsc::unbounded_channel();
@@ -241,6 +253,7 @@ impl Agent {
             let durable = shared.outbox.push(payload);
             shared.window.add(report);
             shared.status.outbox_pending = shared.outbox.len();
+            shared.status.write_errors = shared.outbox.write_errors();
             durable
         };
         self.requests.send(Request::Wake).ok();
@@ -254,7 +267,8 @@ impl Agent {
 
     /// Clean shutdown: publishes `offline` with `reason` (retained, replacing the last will),
     /// waits up to `timeout` for the broker to take it, disconnects.
-    pub async fn shutdown(self, reason: &str, timeout: Duration) {
+    pub async fn shutdown(mut self, reason: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
         let (done, wait) = oneshot::channel();
         if self
             .requests
@@ -263,8 +277,14 @@ impl Agent {
                 done,
             })
             .is_ok()
+            && matches!(tokio::time::timeout_at(deadline, wait).await, Ok(Ok(())))
         {
-            tokio::time::timeout(timeout, wait).await.ok();
+            // The goodbye was delivered and the DISCONNECT queued: let the poller write it
+            // (it stops once it has), or the broker sees a dropped connection and publishes
+            // the last will over the goodbye.
+            tokio::time::timeout_at(deadline, &mut self.poller)
+                .await
+                .ok();
         }
         self.poller.abort();
     }
@@ -354,6 +374,11 @@ async fn poll(
                 {
                     return;
                 }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                // Written and flushed (a clean goodbye: the broker drops the last will).
+                // Reconnecting now would bring the kiosk back online.
+                return;
             }
             Ok(event) => {
                 if net.send(Net::Event(Box::new(event))).is_err() {

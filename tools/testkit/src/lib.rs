@@ -54,6 +54,20 @@ impl Mosquitto {
     /// Starts a broker with `extra` appended to the listener's configuration (authentication,
     /// ACL files, ...). Persistence is on, so a restart keeps sessions and retained messages.
     pub fn start_with(dir: &Path, extra: &str) -> Result<Mosquitto> {
+        Mosquitto::start_logging(dir, "log_type all\n", extra)
+    }
+
+    /// Starts an open broker that logs only errors and warnings: a broker that writes a log line
+    /// for every packet measures its log file, not itself (the fleet simulator's benchmark).
+    pub fn start_quiet(dir: &Path) -> Result<Mosquitto> {
+        Mosquitto::start_logging(
+            dir,
+            "log_type error\nlog_type warning\n",
+            "allow_anonymous true\n",
+        )
+    }
+
+    fn start_logging(dir: &Path, log_types: &str, extra: &str) -> Result<Mosquitto> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.canonicalize()?;
         let mut last = None;
@@ -68,7 +82,7 @@ impl Mosquitto {
                  persistence_location {}/\n\
                  autosave_interval 1\n\
                  log_dest file {}\n\
-                 log_type all\n\
+                 {log_types}\
                  max_queued_messages 100000\n\
                  {extra}",
                 dir.display(),
@@ -126,6 +140,11 @@ impl Mosquitto {
     /// `mqtt://127.0.0.1:{port}`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The broker process's id while it runs (to read its memory from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Its folder (config, persistence, `mosquitto.log`).
