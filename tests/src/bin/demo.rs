@@ -1,6 +1,8 @@
 //! `demo`: the whole system on this machine with the committed tiny models. A gateway on
-//! loopback, a kiosk on the headless display, a scripted visitor doing three rounds and a
-//! finalize; writes every screen it showed and the final picture, then prints a summary.
+//! loopback, an MQTT broker (rumqttd in-process unless `--broker` names one), a kiosk on the
+//! headless display reporting to its fleet, a scripted visitor doing three rounds and a
+//! finalize; writes every screen it showed and the final picture, then shows what an operator
+//! sees with `dxctl`: the kiosk online and the visitor's session report.
 #![allow(clippy::print_stdout)] // The summary is this tool's output.
 
 use std::path::PathBuf;
@@ -9,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use diffusionx_diffusion::NoiseLevel;
-use diffusionx_e2e::{KioskOptions, kiosk, repo, start_gateway, tiny_sd, tiny_sd15};
+use diffusionx_e2e::{
+    KioskOptions, fleet_agent, kiosk_with_fleet, repo, start_gateway, tiny_sd, tiny_sd15,
+};
 use diffusionx_kiosk::script;
 use diffusionx_ui::Screen;
 
@@ -31,13 +35,20 @@ struct Args {
     /// Panel width and height in pixels.
     #[arg(long, value_delimiter = 'x', default_value = "1280x800")]
     panel: Vec<u32>,
+    /// The fleet's MQTT broker (`mqtt://host:port`); default: rumqttd in this process.
+    #[arg(long)]
+    broker: Option<String>,
 }
+
+/// The demo's fleet name.
+const FLEET: &str = "demo";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -74,6 +85,20 @@ async fn main() -> anyhow::Result<()> {
             .http_addr()
             .map_or("-".into(), |a| a.to_string())
     );
+    let broker = match &args.broker {
+        Some(url) => url.clone(),
+        None => embedded_broker()?,
+    };
+    println!("fleet broker: {broker} (fleet {FLEET:?}, MQTT v5)");
+    // The operator's view: subscribed before the kiosk starts, like `dxctl sessions --follow`.
+    let url: dxctl::broker::BrokerUrl = broker.parse()?;
+    let mut operator =
+        dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(url.clone(), "demo-operator"))
+            .await
+            .with_context(|| format!("connecting to {broker}"))?;
+    dxctl::sessions::subscribe(&mut operator, FLEET, None).await?;
+    let fleet = fleet_agent(&args.out, &broker, FLEET)?;
+
     let options = KioskOptions {
         dir: args.out.clone(),
         model: args.kiosk_model.clone().unwrap_or_else(tiny_sd),
@@ -81,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
         cloud_steps: 20,
         noise_level: NoiseLevel::from_bp(5000).context("noise level")?,
     };
-    let mut kiosk = kiosk(&gateway, &options)?;
+    let mut kiosk = kiosk_with_fleet(&gateway, &options, Some(fleet))?;
     println!(
         "kiosk: {w}x{h} headless display, visitor script {}",
         script_path.display()
@@ -97,20 +122,20 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Screen::Final { image, .. } = kiosk.session().screen() {
         save_png(&final_png, &image)?;
-    } else if let Some(reported) = kiosk.records().reports()?.last()
-        && reported["path"].is_string()
-    {
+    } else if let Some(shot) = &final_path {
         // The script moved on from the final screen; the picture is in the last snapshot.
-        if let Some(shot) = &final_path {
-            std::fs::copy(shot, &final_png)?;
-        }
+        std::fs::copy(shot, &final_png)?;
     }
-
-    let reports = kiosk.records().reports()?;
-    let record = match reports.last() {
-        Some(r) => r.clone(),
-        None => diffusionx_kiosk::records::to_json(kiosk.session().record()),
-    };
+    let record = diffusionx_kiosk::records::to_json(kiosk.session().record());
+    // The visitor leaves: the session ends and its report goes to the fleet.
+    if !matches!(kiosk.session().screen(), Screen::Attract { .. }) {
+        let leave = script::parse(if matches!(kiosk.session().screen(), Screen::Final { .. }) {
+            "press newpicture\n"
+        } else {
+            "press start\n"
+        })?;
+        kiosk.play(&leave, Duration::from_secs(10)).await?;
+    }
     println!("\nscreens the visitor saw:");
     for shot in kiosk.snapshots() {
         println!("  {}", shot.display());
@@ -138,11 +163,50 @@ async fn main() -> anyhow::Result<()> {
         record["refine_ms"]
     );
     println!("  session record: {}", args.out.join("records").display());
+
+    // What the operator sees: the session report over MQTT, then the fleet.
+    let mut dedup = dxctl::sessions::Dedup::new(16);
+    let mut table = dxctl::sessions::table();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        dxctl::sessions::follow(&mut operator, Some(1), &mut dedup, |e| {
+            table.push(dxctl::sessions::row(&e));
+        }, |_| {}),
+    )
+    .await
+    .context("the session report did not arrive over MQTT within 30 s")??;
+    println!("\n$ dxctl --broker {broker} --fleet {FLEET} sessions --follow\n{table}");
+    let mut devices_link =
+        dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(url, "demo-devices")).await?;
+    let fleet_state = dxctl::devices::read(&mut devices_link, FLEET).await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    println!(
+        "$ dxctl --broker {broker} --fleet {FLEET} devices\n{}",
+        dxctl::devices::table(&fleet_state.rows(), now_ms)
+    );
+    devices_link.disconnect().await;
+    operator.disconnect().await;
+    if let Some(fleet) = kiosk.take_fleet() {
+        fleet.agent.shutdown("demo over", Duration::from_secs(3)).await;
+    }
     println!(
         "\nThe tiny random-weight models make abstract pictures; see README.md for real weights."
     );
     gateway.gateway.shutdown().await?;
     Ok(())
+}
+
+#[cfg(feature = "embedded-broker")]
+fn embedded_broker() -> anyhow::Result<String> {
+    let broker = diffusionx_e2e::broker::EmbeddedBroker::start()?;
+    Ok(format!("mqtt://{}", broker.v5))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn embedded_broker() -> anyhow::Result<String> {
+    bail!("built without the embedded broker: pass --broker mqtt://host:port")
 }
 
 fn save_png(path: &std::path::Path, image: &diffusionx_ui::RgbImage) -> anyhow::Result<()> {
