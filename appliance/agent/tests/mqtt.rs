@@ -354,6 +354,27 @@ async fn commands_and_desired_configuration() -> Result<()> {
         Some(1)
     );
 
+    let config = command(
+        &operator,
+        &replies,
+        "get-config",
+        serde_json::json!({}),
+        b"g1",
+    )
+    .await?;
+    assert_eq!(config.result, Some(serde_json::to_value(self::settings())?));
+    let flushed = command(
+        &operator,
+        &replies,
+        "report-now",
+        serde_json::json!({}),
+        b"r1",
+    )
+    .await?;
+    assert_eq!(
+        flushed.result,
+        Some(serde_json::json!({"outbox_pending": 0}))
+    );
     let refused = command(
         &operator,
         &replies,

@@ -11,6 +11,7 @@ pub mod cloud;
 pub mod config;
 pub mod engine;
 pub mod evdev;
+pub mod facts;
 pub mod fbdev;
 pub mod records;
 pub mod runner;

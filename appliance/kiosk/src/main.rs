@@ -18,7 +18,7 @@ use anyhow::Context;
 use clap::Parser;
 use diffusionx_agent::{Agent, AgentOptions, Facts};
 use diffusionx_engine::{EngineConfig, Pipeline};
-use diffusionx_fleet::payload::{DisplayInfo, ModelInfo};
+use diffusionx_fleet::payload::DisplayInfo;
 use diffusionx_kiosk::cloud::{Link, LinkConfig};
 use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig};
 use diffusionx_kiosk::engine::EngineSettings;
@@ -167,7 +167,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                             width: panel.width_px,
                             height: panel.height_px,
                         },
-                        models: vec![model_info(&config.model.path)],
+                        models: vec![diffusionx_kiosk::facts::model_info(&config.model.path)],
                     },
                     settings: config.settings(),
                     sync: true,
@@ -277,34 +277,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("restart requested by an operator")]
 struct RestartRequested;
-
-/// The model folder's name and its manifest's SHA-256, for `info`.
-fn model_info(path: &std::path::Path) -> ModelInfo {
-    use sha2::Digest;
-    let manifest = std::fs::read(path.join("manifest.json")).ok();
-    let precision = manifest
-        .as_ref()
-        .and_then(|m| serde_json::from_slice::<serde_json::Value>(m).ok())
-        .and_then(|m| {
-            m.get("precision")
-                .and_then(|p| p.as_str())
-                .map(String::from)
-        });
-    ModelInfo {
-        role: "edge".into(),
-        name: path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        ),
-        sha256: manifest.map(|m| {
-            sha2::Sha256::digest(&m)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
-        }),
-        precision,
-    }
-}
 
 async fn terminate() {
     use tokio::signal::unix::{SignalKind, signal};

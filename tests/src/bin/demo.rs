@@ -92,10 +92,12 @@ async fn main() -> anyhow::Result<()> {
     println!("fleet broker: {broker} (fleet {FLEET:?}, MQTT v5)");
     // The operator's view: subscribed before the kiosk starts, like `dxctl sessions --follow`.
     let url: dxctl::broker::BrokerUrl = broker.parse()?;
-    let mut operator =
-        dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(url.clone(), "demo-operator"))
-            .await
-            .with_context(|| format!("connecting to {broker}"))?;
+    let mut operator = dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(
+        url.clone(),
+        "demo-operator",
+    ))
+    .await
+    .with_context(|| format!("connecting to {broker}"))?;
     dxctl::sessions::subscribe(&mut operator, FLEET, None).await?;
     let fleet = fleet_agent(&args.out, &broker, FLEET)?;
 
@@ -129,11 +131,13 @@ async fn main() -> anyhow::Result<()> {
     let record = diffusionx_kiosk::records::to_json(kiosk.session().record());
     // The visitor leaves: the session ends and its report goes to the fleet.
     if !matches!(kiosk.session().screen(), Screen::Attract { .. }) {
-        let leave = script::parse(if matches!(kiosk.session().screen(), Screen::Final { .. }) {
-            "press newpicture\n"
-        } else {
-            "press start\n"
-        })?;
+        let leave = script::parse(
+            if matches!(kiosk.session().screen(), Screen::Final { .. }) {
+                "press newpicture\n"
+            } else {
+                "press start\n"
+            },
+        )?;
         kiosk.play(&leave, Duration::from_secs(10)).await?;
     }
     println!("\nscreens the visitor saw:");
@@ -169,15 +173,22 @@ async fn main() -> anyhow::Result<()> {
     let mut table = dxctl::sessions::table();
     tokio::time::timeout(
         Duration::from_secs(30),
-        dxctl::sessions::follow(&mut operator, Some(1), &mut dedup, |e| {
-            table.push(dxctl::sessions::row(&e));
-        }, |_| {}),
+        dxctl::sessions::follow(
+            &mut operator,
+            Some(1),
+            &mut dedup,
+            |e| {
+                table.push(dxctl::sessions::row(&e));
+            },
+            |_| {},
+        ),
     )
     .await
     .context("the session report did not arrive over MQTT within 30 s")??;
     println!("\n$ dxctl --broker {broker} --fleet {FLEET} sessions --follow\n{table}");
     let mut devices_link =
-        dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(url, "demo-devices")).await?;
+        dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(url, "demo-devices"))
+            .await?;
     let fleet_state = dxctl::devices::read(&mut devices_link, FLEET).await?;
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -189,7 +200,10 @@ async fn main() -> anyhow::Result<()> {
     devices_link.disconnect().await;
     operator.disconnect().await;
     if let Some(fleet) = kiosk.take_fleet() {
-        fleet.agent.shutdown("demo over", Duration::from_secs(3)).await;
+        fleet
+            .agent
+            .shutdown("demo over", Duration::from_secs(3))
+            .await;
     }
     println!(
         "\nThe tiny random-weight models make abstract pictures; see README.md for real weights."

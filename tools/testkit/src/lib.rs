@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 mod collector;
+pub mod pki;
 pub use collector::{Collector, Received};
 
 /// Where the mosquitto binary is: `$MOSQUITTO`, else `mosquitto` on `PATH`, else Debian's
