@@ -548,6 +548,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_documented_example_loads_and_predicts_as_documented() {
+        let doc = include_str!("../../docs/predictor.md");
+        let block = doc
+            .split("<!-- example-weights -->\n```json\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/predictor.md has the example weights block");
+        let w = Weights::from_json(block).unwrap();
+        assert_eq!(w.model_version(), "example-1");
+        assert_eq!(w.grid(), &[0.25, 0.5, 1.0]);
+        // [3, 4] scaled to [0.6, 0.8], through the example's rows.
+        let text = w.projection().project(&[3.0, 4.0]).unwrap();
+        for (a, b) in text.iter().zip([0.6, 0.8, 0.7, -0.1, 0.0, 0.0, 0.0, 0.0]) {
+            assert!((a - b).abs() < 1e-6, "{text:?}");
+        }
+        // Settled, one round, 25 edge steps: hidden unit 0 is relu(-0.5 + 0.5) = 0, so
+        // z = [0, 0.5, 1] and q = [0.5, 0.5 + 0.5 s(0.5), q1 + (1 - q1) s(1)].
+        let s = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let q0 = 0.5;
+        let q1 = q0 + (1.0 - q0) * s(0.5);
+        let q2 = q1 + (1.0 - q1) * s(1.0);
+        let q = w.predict(&plain().to_vector().unwrap());
+        for (a, b) in q.iter().zip([q0, q1, q2]) {
+            assert!((a - b).abs() < 1e-6, "{q:?}");
+        }
+        assert!((q[1] - 0.811).abs() < 5e-4 && (q[2] - 0.949).abs() < 5e-4);
+        // An unsettled preview predicts lower quality at the small levels.
+        let unsettled = Features {
+            x0_change: 0.05,
+            ..plain()
+        };
+        let q_unsettled = w.predict(&unsettled.to_vector().unwrap());
+        assert!(q_unsettled[0] < q[0] && q_unsettled[1] < q[1]);
+    }
+
+    #[test]
     fn random_networks_predict_monotone_curves() {
         let mut rng = Rng(99);
         for seed in 0..20 {
