@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::{FLEET, WAIT, arrivals, distinct, outbox_ids, subscriber, wait_until};
@@ -53,7 +53,9 @@ fn ids(boot: u64, numbers: std::ops::RangeInclusive<u64>) -> BTreeSet<String> {
 
 /// Reads `committed` lines until `count` arrived, SIGKILLs the child, then reads what was
 /// still in the pipe: returns every committed id, in order.
-fn kill_after(mut child: Child, count: usize) -> Result<Vec<String>> {
+/// Kills `child` once it has printed `count` committed lines and `ready` holds (checked while
+/// it keeps writing).
+fn kill_after(mut child: Child, count: usize, ready: impl Fn() -> bool) -> Result<Vec<String>> {
     let stdout = child.stdout.take().context("stdout")?;
     let (lines, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -65,12 +67,19 @@ fn kill_after(mut child: Child, count: usize) -> Result<Vec<String>> {
     });
     let deadline = Instant::now() + WAIT;
     let mut committed = Vec::new();
-    while committed.len() < count {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .with_context(|| format!("only {} committed lines", committed.len()))?;
-        committed.push(line);
+    while committed.len() < count || !ready() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not ready after {} committed lines",
+            committed.len()
+        );
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(line) => committed.push(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                anyhow::bail!("fleetsim ended after {} committed lines", committed.len())
+            }
+        }
     }
     child.kill()?;
     child.wait()?;
@@ -111,7 +120,7 @@ async fn reports_committed_before_a_sigkill_are_replayed_once_after_the_restart(
     // The broker is down: reports pile up in the outbox, none is in flight.
     broker.stop()?;
     let child = fleetsim(&broker.url(), dir.path(), 100_000, 10, "first.log")?;
-    let committed = kill_after(child, 8)?;
+    let committed = kill_after(child, 8, || true)?;
     assert!(committed.len() >= 8);
     assert_eq!(boot_counter(dir.path())?, "1");
     let outbox = dir.path().join("state/sim-0001/outbox");
@@ -161,8 +170,10 @@ async fn a_sigkill_while_publishing_loses_nothing_and_duplicates_at_most_one() -
     let broker = Mosquitto::start(&dir.path().join("broker"))?;
     let watcher = subscriber(broker.port(), "watcher").await?;
     let child = fleetsim(&broker.url(), dir.path(), 100_000, 2, "first.log")?;
-    // Wait until the broker has acknowledged some, so the kill lands mid-stream.
-    let committed = kill_after(child, 40)?;
+    // Kill once the watcher has seen reports arrive, so the kill lands mid-stream: the agent
+    // sends a report only after the PUBACK of the one before, so five arrivals mean at least
+    // four reports acknowledged and gone from the outbox.
+    let committed = kill_after(child, 40, || arrivals(&watcher.received()).0.len() >= 5)?;
     let outbox = dir.path().join("state/sim-0001/outbox");
     let on_disk = outbox_ids(&outbox)?;
     let mut written: BTreeSet<String> = committed.iter().cloned().collect();
