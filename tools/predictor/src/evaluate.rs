@@ -26,6 +26,9 @@ pub enum Strategy {
         name: String,
         /// The predictor.
         predictor: Predictor,
+        /// Added to the quality target for the decision only (clamped to 1): a safety
+        /// margin against the model's error. Hits are still counted against the target.
+        margin: f32,
     },
 }
 
@@ -71,8 +74,14 @@ pub fn evaluate(
             for r in requests {
                 let k = match strategy {
                     Strategy::Fixed(s) => cloud_steps((s * 10_000.0).round() as u32, n),
-                    Strategy::Predictor { predictor, .. } => {
-                        predictor.decide(&r.features, context, policy)?.cloud_steps
+                    Strategy::Predictor {
+                        predictor, margin, ..
+                    } => {
+                        let asked = Policy {
+                            quality_target: (policy.quality_target + margin).clamp(0.0, 1.0),
+                            ..policy.clone()
+                        };
+                        predictor.decide(&r.features, context, &asked)?.cloud_steps
                     }
                 };
                 let q = r.labelled_quality(k as f32 / n as f32);

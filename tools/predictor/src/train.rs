@@ -90,14 +90,18 @@ pub enum TrainError {
     Weights(#[from] WeightsError),
 }
 
-/// Whether a prompt id is held out: FNV-1a of the id, mixed with the seed.
+/// Whether a prompt id is held out: FNV-1a of the id, mixed with the seed and finalized.
 pub fn is_validation(prompt_id: &str, seed: u64, share: f64) -> bool {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for b in prompt_id.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    // The top 53 bits as a uniform number in [0, 1).
+    // FNV's high bits barely depend on the last bytes: mix them (SplitMix64's finalizer),
+    // then read the top 53 bits as a uniform number in [0, 1).
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
     ((h >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
