@@ -19,6 +19,7 @@
 pub mod dataset;
 pub mod evaluate;
 pub mod net;
+pub mod output;
 pub mod plot;
 pub mod rng;
 pub mod setting;
