@@ -185,7 +185,9 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<LabelRecord>, DatasetError> {
 pub fn to_jsonl(records: &[LabelRecord]) -> String {
     records
         .iter()
-        .map(|r| serde_json::to_string(r).expect("plain numbers and strings always serialize") + "\n")
+        .map(|r| {
+            serde_json::to_string(r).expect("plain numbers and strings always serialize") + "\n"
+        })
         .collect()
 }
 
@@ -267,7 +269,10 @@ pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
                 _ => merged.push((s, y, 1)),
             }
         }
-        q.labels = merged.into_iter().map(|(s, y, n)| (s, y / n as f32)).collect();
+        q.labels = merged
+            .into_iter()
+            .map(|(s, y, n)| (s, y / n as f32))
+            .collect();
     }
     out
 }

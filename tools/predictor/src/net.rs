@@ -258,7 +258,13 @@ mod tests {
             }
             let x = input(&mut rng);
             // Levels below, on, between and above the grid.
-            let labels = [(0.05, 0.2), (0.25, 0.6), (0.6, 0.9), (1.0, 0.97), (0.9, 0.5)];
+            let labels = [
+                (0.05, 0.2),
+                (0.25, 0.6),
+                (0.6, 0.9),
+                (1.0, 0.97),
+                (0.9, 0.5),
+            ];
             let mut grad = vec![0.0; net.params.len()];
             let l = net.backward(&x, &labels, 1.0, &mut grad);
             assert!((l - loss(&net, &x, &labels)).abs() < 1e-12);
@@ -273,7 +279,11 @@ mod tests {
                 let err = (numeric - grad[i]).abs() / (1e-6 + numeric.abs().max(grad[i].abs()));
                 // ReLU kinks can make a one-sided difference; none is within h here.
                 worst = worst.max(err);
-                assert!(err < 1e-5, "param {i}: numeric {numeric}, backprop {}", grad[i]);
+                assert!(
+                    err < 1e-5,
+                    "param {i}: numeric {numeric}, backprop {}",
+                    grad[i]
+                );
             }
             assert!(worst < 1e-5);
         }
@@ -287,7 +297,9 @@ mod tests {
             3,
         );
         let projection = crate::synthetic::projection(1);
-        let w = net.to_weights("t-1".to_owned(), projection).expect("valid shapes");
+        let w = net
+            .to_weights("t-1".to_owned(), projection)
+            .expect("valid shapes");
         let mut rng = Rng::new(9);
         for _ in 0..20 {
             let x = input(&mut rng);

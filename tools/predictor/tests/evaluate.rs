@@ -120,7 +120,10 @@ fn table_numbers_equal_hand_computed_values() {
     for (row, (name, steps, latency, hit, quality)) in rows.iter().zip(expected) {
         assert_eq!(row.name, name);
         assert_eq!(row.mean_cloud_steps, steps, "{name}");
-        assert!((row.mean_latency_ms - latency).abs() < 1e-3, "{name}: {row:?}");
+        assert!(
+            (row.mean_latency_ms - latency).abs() < 1e-3,
+            "{name}: {row:?}"
+        );
         assert_eq!(row.hit_rate, hit, "{name}");
         assert!(close(row.mean_quality, quality), "{name}: {row:?}");
     }
@@ -205,11 +208,15 @@ fn dataset_lines_are_checked_with_their_line_number() {
         format!("{good}\n{v}\n")
     };
     match parse_jsonl(&edit(&|v| v["quality"] = 1.5.into())) {
-        Err(DatasetError::OutOfRange { line, field, .. }) => assert_eq!((line, field), (3, "quality")),
+        Err(DatasetError::OutOfRange { line, field, .. }) => {
+            assert_eq!((line, field), (3, "quality"))
+        }
         other => panic!("{other:?}"),
     }
     match parse_jsonl(&edit(&|v| v["level"] = 0.0.into())) {
-        Err(DatasetError::OutOfRange { line, field, .. }) => assert_eq!((line, field), (3, "level")),
+        Err(DatasetError::OutOfRange { line, field, .. }) => {
+            assert_eq!((line, field), (3, "level"))
+        }
         other => panic!("{other:?}"),
     }
     match parse_jsonl(&edit(&|v| v["seed"] = 3.into())) {

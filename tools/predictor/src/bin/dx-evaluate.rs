@@ -115,7 +115,8 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.data)
         .with_context(|| format!("reading {}", args.data.display()))?;
-    let requests = requests(&parse_jsonl(&text).with_context(|| format!("in {}", args.data.display()))?);
+    let requests =
+        requests(&parse_jsonl(&text).with_context(|| format!("in {}", args.data.display()))?);
     let s = setting(&args)?;
     let context = s.context.to_context().context("invalid context")?;
     let policy = s.policy.to_policy().context("invalid policy")?;
