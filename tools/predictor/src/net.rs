@@ -270,13 +270,13 @@ mod tests {
             assert!((l - loss(&net, &x, &labels)).abs() < 1e-12);
             let h = 1e-6;
             let mut worst = 0.0f64;
-            for i in 0..net.params.len() {
+            for (i, &backprop) in grad.iter().enumerate() {
                 let mut plus = net.clone();
                 plus.params[i] += h;
                 let mut minus = net.clone();
                 minus.params[i] -= h;
                 let numeric = (loss(&plus, &x, &labels) - loss(&minus, &x, &labels)) / (2.0 * h);
-                let err = (numeric - grad[i]).abs() / (1e-6 + numeric.abs().max(grad[i].abs()));
+                let err = (numeric - backprop).abs() / (1e-6 + numeric.abs().max(backprop.abs()));
                 // ReLU kinks can make a one-sided difference; none is within h here.
                 worst = worst.max(err);
                 assert!(

@@ -71,7 +71,7 @@ pub fn true_quality(f: &Features, s: f32) -> f32 {
 /// The projection the synthetic text features are made with (seeded, 8 rows of 768 values
 /// uniform in [-1, 1)); `dx-train` ships it in the weights file.
 pub fn projection(seed: u64) -> Projection {
-    let mut rng = Rng::new(seed ^ 0x5EED_0F_7E47);
+    let mut rng = Rng::new(seed ^ 0x005E_ED0F_7E47);
     Projection::new(
         (0..TEXT_DIMS)
             .map(|_| {

@@ -131,3 +131,32 @@ fn train_recovers_the_known_quality_and_the_learned_policy_beats_fixed_levels() 
     // The rule-based default meets the target on q* (its deficits are larger) but spends more.
     assert!(beats_all(rule, fixed), "{rows:#?}");
 }
+
+#[test]
+fn training_is_deterministic_and_the_split_keeps_prompts_whole() {
+    let proj = projection(3);
+    let records = generate(
+        &SyntheticConfig {
+            seed: 5,
+            requests: 60,
+            ..SyntheticConfig::default()
+        },
+        &proj,
+    );
+    let config = TrainConfig {
+        max_epochs: 5,
+        ..TrainConfig::default()
+    };
+    let a = train(&records, proj.clone(), "a".to_owned(), &config).expect("trains");
+    let b = train(&records, proj.clone(), "a".to_owned(), &config).expect("trains");
+    assert_eq!(a.weights.to_json(), b.weights.to_json());
+    assert_eq!(a.train_requests + a.validation_requests, 60);
+    let other = train(
+        &records,
+        proj,
+        "a".to_owned(),
+        &TrainConfig { seed: 2, ..config },
+    )
+    .expect("trains");
+    assert_ne!(a.weights.to_json(), other.weights.to_json());
+}
