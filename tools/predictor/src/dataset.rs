@@ -1,0 +1,278 @@
+//! The labelled dataset: JSONL, one line per (request, level) label.
+//!
+//! ```json
+//! {"features": {"text": [0.1, ...8 values], "prompt_tokens": 12, "rounds": 1,
+//!   "prompt_cosine": 1.0, "latent_mean": 0.0, "latent_std": 1.0, "x0_change": 0.002,
+//!   "width": 512, "height": 512, "edge_steps": 25},
+//!  "level": 0.3, "quality": 0.87, "cloud_steps": 15, "prompt_id": "p0042", "source": "synthetic"}
+//! ```
+//!
+//! `features` mirrors [`diffusionx_predictor::Features`] field by field (the crate's type has no
+//! serde on purpose: its wire form is this file's business). Lines are parsed strictly
+//! (unknown fields refused) and checked: features valid with 8 text values, `level` in (0, 1],
+//! `quality` in [0, 1]. A *request* is the set of lines with the same `prompt_id` and
+//! features; its labels form its measured quality curve.
+
+use diffusionx_predictor::{Features, INPUT_LEN, InputError};
+use serde::{Deserialize, Serialize};
+
+/// Where a label came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelSource {
+    /// Drawn from the known quality function of [`crate::synthetic`].
+    Synthetic,
+    /// Measured by the `label` tool (edge preview, cloud refinement, score).
+    Label,
+    /// From the fleet's session reports.
+    Fleet,
+}
+
+/// [`Features`] as written in a dataset line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeaturesJson {
+    /// See [`Features::text`].
+    pub text: Vec<f32>,
+    /// See [`Features::prompt_tokens`].
+    pub prompt_tokens: u32,
+    /// See [`Features::rounds`].
+    pub rounds: u32,
+    /// See [`Features::prompt_cosine`].
+    pub prompt_cosine: f32,
+    /// See [`Features::latent_mean`].
+    pub latent_mean: f32,
+    /// See [`Features::latent_std`].
+    pub latent_std: f32,
+    /// See [`Features::x0_change`].
+    pub x0_change: f32,
+    /// See [`Features::width`].
+    pub width: u32,
+    /// See [`Features::height`].
+    pub height: u32,
+    /// See [`Features::edge_steps`].
+    pub edge_steps: u32,
+}
+
+impl From<&Features> for FeaturesJson {
+    fn from(f: &Features) -> Self {
+        Self {
+            text: f.text.clone(),
+            prompt_tokens: f.prompt_tokens,
+            rounds: f.rounds,
+            prompt_cosine: f.prompt_cosine,
+            latent_mean: f.latent_mean,
+            latent_std: f.latent_std,
+            x0_change: f.x0_change,
+            width: f.width,
+            height: f.height,
+            edge_steps: f.edge_steps,
+        }
+    }
+}
+
+impl From<&FeaturesJson> for Features {
+    fn from(f: &FeaturesJson) -> Self {
+        Self {
+            text: f.text.clone(),
+            prompt_tokens: f.prompt_tokens,
+            rounds: f.rounds,
+            prompt_cosine: f.prompt_cosine,
+            latent_mean: f.latent_mean,
+            latent_std: f.latent_std,
+            x0_change: f.x0_change,
+            width: f.width,
+            height: f.height,
+            edge_steps: f.edge_steps,
+        }
+    }
+}
+
+/// One dataset line: the quality measured when the cloud refined a request at a level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRecord {
+    /// The request's features at finalize.
+    pub features: FeaturesJson,
+    /// The noise level the cloud refined at, in (0, 1].
+    pub level: f32,
+    /// The measured quality, 0 to 1 (1 = the cloud model's own image).
+    pub quality: f32,
+    /// The cloud steps that level ran (`floor(N * level)`).
+    pub cloud_steps: u32,
+    /// Identifies the prompt; the validation split never separates a prompt's lines.
+    pub prompt_id: String,
+    /// Where the label came from.
+    pub source: LabelSource,
+}
+
+/// A line that is not a valid label.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatasetError {
+    /// Not JSON, or not the shape of a label line.
+    #[error("line {line}: {source}")]
+    Json {
+        /// 1-based line number.
+        line: usize,
+        /// What serde said.
+        source: serde_json::Error,
+    },
+    /// The features are invalid for the learned model.
+    #[error("line {line}: {source}")]
+    Features {
+        /// 1-based line number.
+        line: usize,
+        /// What the predictor said.
+        source: InputError,
+    },
+    /// `level` or `quality` is out of range or not finite.
+    #[error("line {line}: {field} = {value} is out of range ({expected})")]
+    OutOfRange {
+        /// 1-based line number.
+        line: usize,
+        /// `level` or `quality`.
+        field: &'static str,
+        /// The value.
+        value: f32,
+        /// The range, in words.
+        expected: &'static str,
+    },
+    /// The dataset has no lines.
+    #[error("the dataset has no labels")]
+    Empty,
+}
+
+/// Parses a JSONL dataset (blank lines are skipped).
+pub fn parse_jsonl(text: &str) -> Result<Vec<LabelRecord>, DatasetError> {
+    let mut records = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let record: LabelRecord =
+            serde_json::from_str(raw).map_err(|source| DatasetError::Json { line, source })?;
+        Features::from(&record.features)
+            .to_vector()
+            .map_err(|source| DatasetError::Features { line, source })?;
+        let in_level = record.level > 0.0 && record.level <= 1.0;
+        if !in_level {
+            return Err(DatasetError::OutOfRange {
+                line,
+                field: "level",
+                value: record.level,
+                expected: "(0, 1]",
+            });
+        }
+        if !(0.0..=1.0).contains(&record.quality) {
+            return Err(DatasetError::OutOfRange {
+                line,
+                field: "quality",
+                value: record.quality,
+                expected: "[0, 1]",
+            });
+        }
+        records.push(record);
+    }
+    if records.is_empty() {
+        return Err(DatasetError::Empty);
+    }
+    Ok(records)
+}
+
+/// The dataset as JSONL, one line per record, newline-terminated.
+pub fn to_jsonl(records: &[LabelRecord]) -> String {
+    records
+        .iter()
+        .map(|r| {
+            serde_json::to_string(r).expect("plain numbers and strings always serialize") + "\n"
+        })
+        .collect()
+}
+
+/// A request with its measured quality curve: the lines sharing a prompt id and features.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The prompt id.
+    pub prompt_id: String,
+    /// The features.
+    pub features: Features,
+    /// The model input (features v1).
+    pub input: [f32; INPUT_LEN],
+    /// `(level, quality)` labels, sorted by level.
+    pub labels: Vec<(f32, f32)>,
+}
+
+impl Request {
+    /// The labelled quality at level `s`, read like the crate's grid curve: linear between
+    /// labelled levels, flat above the highest, linear down to 0 at `s = 0` below the lowest.
+    pub fn labelled_quality(&self, s: f32) -> f32 {
+        let levels: Vec<f32> = self.labels.iter().map(|l| l.0).collect();
+        let quality: Vec<f32> = self.labels.iter().map(|l| l.1).collect();
+        interpolate(&levels, &quality, s)
+    }
+}
+
+/// Linear interpolation through `(levels[i], values[i])` exactly as
+/// `diffusionx_predictor::QualityCurve` reads a grid (levels increasing, non-empty).
+pub fn interpolate(levels: &[f32], values: &[f32], s: f32) -> f32 {
+    let s = s.clamp(0.0, 1.0);
+    let i = levels.partition_point(|&g| g <= s);
+    if i == 0 {
+        return values[0] * s / levels[0];
+    }
+    if i == levels.len() {
+        return values[i - 1];
+    }
+    let (g0, g1) = (levels[i - 1], levels[i]);
+    let t = (s - g0) / (g1 - g0);
+    values[i - 1] + t * (values[i] - values[i - 1])
+}
+
+/// Groups records into requests, in order of first appearance. Duplicate levels of one request
+/// are averaged.
+pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
+    let mut out: Vec<Request> = Vec::new();
+    for r in records {
+        let features = Features::from(&r.features);
+        let found = out
+            .iter_mut()
+            .rev()
+            .find(|q| q.prompt_id == r.prompt_id && q.features == features);
+        let request = match found {
+            Some(q) => q,
+            None => {
+                let input = features
+                    .to_vector()
+                    .expect("parse_jsonl validated the features");
+                out.push(Request {
+                    prompt_id: r.prompt_id.clone(),
+                    features,
+                    input,
+                    labels: Vec::new(),
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        request.labels.push((r.level, r.quality));
+    }
+    for q in &mut out {
+        q.labels.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut merged: Vec<(f32, f32, u32)> = Vec::new();
+        for &(s, y) in &q.labels {
+            match merged.last_mut() {
+                Some(m) if m.0 == s => {
+                    m.1 += y;
+                    m.2 += 1;
+                }
+                _ => merged.push((s, y, 1)),
+            }
+        }
+        q.labels = merged
+            .into_iter()
+            .map(|(s, y, n)| (s, y / n as f32))
+            .collect();
+    }
+    out
+}

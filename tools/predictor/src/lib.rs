@@ -1,0 +1,27 @@
+//! Training and evaluation of the noise level predictor (`diffusionx-predictor`), issue #7.
+//!
+//! - [`dataset`]: the labelled JSONL dataset (one line per request and level) and its
+//!   grouping into requests with a measured quality curve;
+//! - [`synthetic`]: a dataset drawn from a known quality function, so learning can be checked;
+//! - [`net`] and [`train`]: the crate's MLP and monotone head in `f64` with hand-written
+//!   backpropagation, trained with Adam on mini-batches, early-stopped on a validation split
+//!   by prompt id, written as the crate's [`diffusionx_predictor::Weights`];
+//! - [`evaluate`], [`plot`] and [`setting`]: the learned and rule-based policies against fixed
+//!   levels (mean cloud steps, expected latency, share meeting the quality target), as a
+//!   markdown table and a hand-drawn PNG.
+//!
+//! Pure apart from the binaries (`dx-synthetic`, `dx-train`, `dx-evaluate`), which read and
+//! write the files. No ML framework: the network is 17-32-32-10, and a few hundred lines of
+//! plain Rust train it in seconds, where candle would take many minutes to compile. It never
+//! depends on an async runtime, a network stack or an inference engine. Labels from real
+//! models need the `label` tool, which is not built yet (`docs/predictor.md`).
+
+pub mod dataset;
+pub mod evaluate;
+pub mod net;
+pub mod output;
+pub mod plot;
+pub mod rng;
+pub mod setting;
+pub mod synthetic;
+pub mod train;

@@ -1,0 +1,233 @@
+//! The trainer: mean squared error between the predicted `q(s)` (the network, the monotone head
+//! and the grid interpolation) and the labelled quality, minimized with Adam over seeded
+//! mini-batches of requests, stopped early on a validation split by prompt id.
+//!
+//! Deterministic: the same records, configuration and seed give bit-identical weights.
+
+use diffusionx_predictor::{Activation, Projection, Weights, WeightsError};
+
+use crate::dataset::{LabelRecord, Request, requests};
+use crate::net::Net;
+use crate::rng::Rng;
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Seed of the initialization, the shuffles and the split.
+    pub seed: u64,
+    /// Hidden layers: width and activation (the output layer is added, linear).
+    pub hidden: Vec<(usize, Activation)>,
+    /// Levels of the outputs, strictly increasing in (0, 1].
+    pub grid: Vec<f32>,
+    /// Most passes over the training requests.
+    pub max_epochs: usize,
+    /// Requests per mini-batch.
+    pub batch: usize,
+    /// Adam's step size.
+    pub learning_rate: f64,
+    /// Stop after this many epochs without a better validation loss.
+    pub patience: usize,
+    /// Share of prompt ids held out for validation, in (0, 1).
+    pub validation_share: f64,
+}
+
+impl Default for TrainConfig {
+    /// 17 -> 32 (relu) -> 32 (tanh) -> 10 on the levels 0.1 ... 1.0; 300 epochs at most,
+    /// batches of 16 requests, Adam at 3e-3, patience 30, 20% of prompts for validation.
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            hidden: vec![(32, Activation::Relu), (32, Activation::Tanh)],
+            grid: (1..=10).map(|i| i as f32 / 10.0).collect(),
+            max_epochs: 300,
+            batch: 16,
+            learning_rate: 3e-3,
+            patience: 30,
+            validation_share: 0.2,
+        }
+    }
+}
+
+/// What training produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainReport {
+    /// The weights of the best validation epoch.
+    pub weights: Weights,
+    /// Epochs run.
+    pub epochs: usize,
+    /// The epoch whose weights were kept (1-based).
+    pub best_epoch: usize,
+    /// RMSE of the kept weights (as `f32` [`Weights`]) against the training labels.
+    pub train_rmse: f32,
+    /// RMSE of the kept weights against the validation labels.
+    pub validation_rmse: f32,
+    /// Requests trained on.
+    pub train_requests: usize,
+    /// Requests validated on.
+    pub validation_requests: usize,
+}
+
+/// Why training could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The split left one side without requests.
+    #[error("the split by prompt id left {train} training and {validation} validation requests")]
+    Split {
+        /// Training requests.
+        train: usize,
+        /// Validation requests.
+        validation: usize,
+    },
+    /// The configuration is unusable.
+    #[error("invalid training configuration: {reason}")]
+    Config {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The trained parameters do not make valid weights (e.g. they diverged to infinity).
+    #[error("the trained weights are invalid: {0}")]
+    Weights(#[from] WeightsError),
+}
+
+/// Whether a prompt id is held out: FNV-1a of the id, mixed with the seed and finalized.
+pub fn is_validation(prompt_id: &str, seed: u64, share: f64) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for b in prompt_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // FNV's high bits barely depend on the last bytes: mix them (SplitMix64's finalizer),
+    // then read the top 53 bits as a uniform number in [0, 1).
+    h = (h ^ (h >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    h ^= h >> 31;
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
+}
+
+/// RMSE of weights against the labels of some requests, through the crate's own curve.
+pub fn rmse(weights: &Weights, requests: &[Request]) -> f32 {
+    let mut sum = 0.0f64;
+    let mut n = 0usize;
+    for r in requests {
+        let curve = weights
+            .curve(&r.features)
+            .expect("requests hold validated features");
+        for &(s, y) in &r.labels {
+            sum += f64::from(curve.quality(s) - y).powi(2);
+            n += 1;
+        }
+    }
+    (sum / n.max(1) as f64).sqrt() as f32
+}
+
+/// Adam's state.
+struct Adam {
+    m: Vec<f64>,
+    v: Vec<f64>,
+    t: i32,
+    lr: f64,
+}
+
+impl Adam {
+    fn step(&mut self, params: &mut [f64], grad: &[f64]) {
+        const B1: f64 = 0.9;
+        const B2: f64 = 0.999;
+        self.t += 1;
+        let c1 = 1.0 - B1.powi(self.t);
+        let c2 = 1.0 - B2.powi(self.t);
+        for (((p, g), m), v) in params
+            .iter_mut()
+            .zip(grad)
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+        {
+            *m = B1 * *m + (1.0 - B1) * g;
+            *v = B2 * *v + (1.0 - B2) * g * g;
+            *p -= self.lr * (*m / c1) / ((*v / c2).sqrt() + 1e-8);
+        }
+    }
+}
+
+/// The mean squared error of the network over some requests' labels.
+fn mse(net: &Net, requests: &[Request]) -> f64 {
+    let mut sum = 0.0;
+    let mut n = 0;
+    for r in requests {
+        let t = net.forward(&r.input);
+        for &(s, y) in &r.labels {
+            sum += (net.quality_at(&t, s) - f64::from(y)).powi(2);
+            n += 1;
+        }
+    }
+    sum / n.max(1) as f64
+}
+
+/// Trains on the records (see the module docs) and returns the best validation weights.
+pub fn train(
+    records: &[LabelRecord],
+    projection: Projection,
+    model_version: String,
+    config: &TrainConfig,
+) -> Result<TrainReport, TrainError> {
+    if config.batch == 0 || config.max_epochs == 0 {
+        return Err(TrainError::Config {
+            reason: "batch and max_epochs must be at least 1",
+        });
+    }
+    if !(config.validation_share > 0.0 && config.validation_share < 1.0) {
+        return Err(TrainError::Config {
+            reason: "validation_share must be in (0, 1)",
+        });
+    }
+    let (validation, mut train): (Vec<Request>, Vec<Request>) = requests(records)
+        .into_iter()
+        .partition(|r| is_validation(&r.prompt_id, config.seed, config.validation_share));
+    if train.is_empty() || validation.is_empty() {
+        return Err(TrainError::Split {
+            train: train.len(),
+            validation: validation.len(),
+        });
+    }
+    let mut net = Net::new(&config.hidden, config.grid.clone(), config.seed);
+    let mut adam = Adam {
+        m: vec![0.0; net.params.len()],
+        v: vec![0.0; net.params.len()],
+        t: 0,
+        lr: config.learning_rate,
+    };
+    let mut rng = Rng::new(config.seed.wrapping_add(1));
+    let mut best = (f64::INFINITY, net.params.clone(), 0);
+    let mut grad = vec![0.0; net.params.len()];
+    let mut epochs = 0;
+    for epoch in 1..=config.max_epochs {
+        epochs = epoch;
+        rng.shuffle(&mut train);
+        for batch in train.chunks(config.batch) {
+            let labels: usize = batch.iter().map(|r| r.labels.len()).sum();
+            let scale = 1.0 / labels.max(1) as f64;
+            grad.iter_mut().for_each(|g| *g = 0.0);
+            for r in batch {
+                net.backward(&r.input, &r.labels, scale, &mut grad);
+            }
+            adam.step(&mut net.params, &grad);
+        }
+        let loss = mse(&net, &validation);
+        if loss < best.0 {
+            best = (loss, net.params.clone(), epoch);
+        } else if epoch - best.2 >= config.patience {
+            break;
+        }
+    }
+    net.params = best.1;
+    let weights = net.to_weights(model_version, projection)?;
+    Ok(TrainReport {
+        train_rmse: rmse(&weights, &train),
+        validation_rmse: rmse(&weights, &validation),
+        weights,
+        epochs,
+        best_epoch: best.2,
+        train_requests: train.len(),
+        validation_requests: validation.len(),
+    })
+}
