@@ -56,8 +56,10 @@ const NATIVE_SIDE: f32 = 512.0;
 /// Edge steps are divided by a typical full schedule.
 const TYPICAL_STEPS: f32 = 50.0;
 
-/// The request as the kiosk sees it at finalize.
-#[derive(Debug, Clone, PartialEq)]
+/// The request as the kiosk sees it at finalize (also the `features` object of a dataset line
+/// and, later, of a session report: unknown fields are refused).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Features {
     /// The final prompt's pooled text embedding through the model's [`Projection`]: exactly
     /// [`TEXT_DIMS`] values for the learned predictor; the rule-based default ignores it.

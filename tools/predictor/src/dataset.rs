@@ -28,72 +28,12 @@ pub enum LabelSource {
     Fleet,
 }
 
-/// [`Features`] as written in a dataset line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FeaturesJson {
-    /// See [`Features::text`].
-    pub text: Vec<f32>,
-    /// See [`Features::prompt_tokens`].
-    pub prompt_tokens: u32,
-    /// See [`Features::rounds`].
-    pub rounds: u32,
-    /// See [`Features::prompt_cosine`].
-    pub prompt_cosine: f32,
-    /// See [`Features::latent_mean`].
-    pub latent_mean: f32,
-    /// See [`Features::latent_std`].
-    pub latent_std: f32,
-    /// See [`Features::x0_change`].
-    pub x0_change: f32,
-    /// See [`Features::width`].
-    pub width: u32,
-    /// See [`Features::height`].
-    pub height: u32,
-    /// See [`Features::edge_steps`].
-    pub edge_steps: u32,
-}
-
-impl From<&Features> for FeaturesJson {
-    fn from(f: &Features) -> Self {
-        Self {
-            text: f.text.clone(),
-            prompt_tokens: f.prompt_tokens,
-            rounds: f.rounds,
-            prompt_cosine: f.prompt_cosine,
-            latent_mean: f.latent_mean,
-            latent_std: f.latent_std,
-            x0_change: f.x0_change,
-            width: f.width,
-            height: f.height,
-            edge_steps: f.edge_steps,
-        }
-    }
-}
-
-impl From<&FeaturesJson> for Features {
-    fn from(f: &FeaturesJson) -> Self {
-        Self {
-            text: f.text.clone(),
-            prompt_tokens: f.prompt_tokens,
-            rounds: f.rounds,
-            prompt_cosine: f.prompt_cosine,
-            latent_mean: f.latent_mean,
-            latent_std: f.latent_std,
-            x0_change: f.x0_change,
-            width: f.width,
-            height: f.height,
-            edge_steps: f.edge_steps,
-        }
-    }
-}
-
 /// One dataset line: the quality measured when the cloud refined a request at a level.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRecord {
     /// The request's features at finalize.
-    pub features: FeaturesJson,
+    pub features: Features,
     /// The noise level the cloud refined at, in (0, 1].
     pub level: f32,
     /// The measured quality, 0 to 1 (1 = the cloud model's own image).
@@ -153,7 +93,9 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<LabelRecord>, DatasetError> {
         }
         let record: LabelRecord =
             serde_json::from_str(raw).map_err(|source| DatasetError::Json { line, source })?;
-        Features::from(&record.features)
+        record
+            .features
+            .clone()
             .to_vector()
             .map_err(|source| DatasetError::Features { line, source })?;
         let in_level = record.level > 0.0 && record.level <= 1.0;
@@ -235,7 +177,7 @@ pub fn interpolate(levels: &[f32], values: &[f32], s: f32) -> f32 {
 pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
     for r in records {
-        let features = Features::from(&r.features);
+        let features = r.features.clone();
         let found = out
             .iter_mut()
             .rev()

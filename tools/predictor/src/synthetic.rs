@@ -19,7 +19,7 @@
 
 use diffusionx_predictor::{Features, Projection, TEXT_DIMS, cloud_steps};
 
-use crate::dataset::{FeaturesJson, LabelRecord, LabelSource};
+use crate::dataset::{LabelRecord, LabelSource};
 use crate::rng::Rng;
 
 /// Width of the synthetic pooled embedding (SD 1.5's text encoder).
@@ -116,7 +116,7 @@ pub fn generate(config: &SyntheticConfig, projection: &Projection) -> Vec<LabelR
     let mut records = Vec::with_capacity(config.requests * config.levels.len());
     for i in 0..config.requests {
         let features = request(&mut rng, projection);
-        let json = FeaturesJson::from(&features);
+        let json = features.clone();
         for &level in &config.levels {
             let noise = config.noise * rng.normal() as f32;
             let quality = (true_quality(&features, level) + noise).clamp(0.0, 1.0);

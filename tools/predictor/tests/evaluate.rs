@@ -1,9 +1,11 @@
 //! The evaluation's numbers on a tiny hand-built dataset, the dominance criterion, the plot
 //! and the dataset format.
 
-use diffusionx_predictor::{Activation, INPUT_LEN, Layer, Policy, Predictor, TEXT_DIMS, Weights};
+use diffusionx_predictor::{
+    Activation, Features, INPUT_LEN, Layer, Policy, Predictor, TEXT_DIMS, Weights,
+};
 use diffusionx_predictor_tools::dataset::{
-    DatasetError, FeaturesJson, LabelRecord, LabelSource, parse_jsonl, requests, to_jsonl,
+    DatasetError, LabelRecord, LabelSource, parse_jsonl, requests, to_jsonl,
 };
 use diffusionx_predictor_tools::evaluate::{
     Row, Strategy, beats_all, dominates, evaluate, markdown, mixture_hit_rate,
@@ -12,8 +14,8 @@ use diffusionx_predictor_tools::plot;
 use diffusionx_predictor_tools::setting::{ContextJson, Setting};
 use diffusionx_predictor_tools::synthetic::projection;
 
-fn features() -> FeaturesJson {
-    FeaturesJson {
+fn features() -> Features {
+    Features {
         text: vec![0.0; TEXT_DIMS],
         prompt_tokens: 12,
         rounds: 1,
@@ -30,7 +32,7 @@ fn features() -> FeaturesJson {
 /// Two requests labelled at 0.2, 0.4, 0.6, 0.8 (listed out of order for request b).
 fn tiny() -> Vec<LabelRecord> {
     let label = |id: &str, level: f32, quality: f32| LabelRecord {
-        features: FeaturesJson {
+        features: Features {
             prompt_tokens: if id == "a" { 12 } else { 30 },
             ..features()
         },
