@@ -643,9 +643,17 @@ async fn concurrent_jobs_are_batched_and_give_the_pixels_they_give_alone() {
             "job {}: latent diff {diff:e}, {differing} pixel values differ by <= {worst}",
             r.seed
         );
-        // See gateway/refine/tests/batching.rs for why this is not bit for bit.
-        assert!(diff <= 1e-4, "latent differs by {diff}");
-        assert!(worst <= 1 && differing * 1000 <= pixels.len());
+        // See gateway/refine/tests/batching.rs for why this is not bit for bit: candle's CPU
+        // matmul takes another kernel for 1-2 rows than for 3+, and here which jobs share a
+        // UNet call depends on arrival timing, so the rounding differences accumulate over 20
+        // steps differently from run to run (up to 1.8e-4 seen on a loaded 2-core machine).
+        // The bound is the one held against diffusers (1e-3); a batching defect (a row given
+        // another job's timestep, rows swapped) moves latents by more than 0.05.
+        assert!(diff <= 1e-3, "latent differs by {diff}");
+        assert!(
+            worst <= 2 && differing * 100 <= pixels.len(),
+            "{differing} pixel values differ, by up to {worst}"
+        );
     }
     setup.gateway.shutdown().await.unwrap();
 }
