@@ -17,8 +17,8 @@ pub mod topic;
 
 pub use histogram::Histogram;
 pub use payload::{
-    CommandReply, ConfigDesired, ConfigReported, Finalize, Info, LatencySummary, Presence,
-    PresenceState, PromptField, RoundReport, SessionReport, Telemetry,
+    CommandReply, ConfigDesired, ConfigReported, Finalize, Info, LatencySummary, PredictorReport,
+    Presence, PresenceState, PromptField, RoundReport, SessionReport, Telemetry,
 };
 pub use settings::{PromptPrivacy, Settings, SettingsError};
 pub use topic::{Command, Leaf, Topic, TopicError};

@@ -214,6 +214,27 @@ pub struct Finalize {
     pub expected_wait_ms: Option<u32>,
     /// Why the cloud was given up, if it was.
     pub fallback_reason: Option<String>,
+    /// How the noise level was chosen (absent when the operator fixed it, or no decision was
+    /// made: the gateway was unreachable before its load was known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<PredictorReport>,
+}
+
+/// The noise level predictor's inputs and decision at finalize: with the session's outcome
+/// (`refine_ms`, `path`) and the visitor's `thumbs_up`, a training example from the fleet
+/// (`dx-train --sessions`, docs/predictor.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictorReport {
+    /// The request's features v1, the text through the projection named below.
+    pub features: diffusionx_predictor::Features,
+    /// `Projection::fingerprint` of the projection that made `features.text`.
+    pub projection: String,
+    /// What the kiosk measured of the cloud and the link.
+    pub context: diffusionx_predictor::Context,
+    /// The operator's policy in force.
+    pub policy: diffusionx_predictor::Policy,
+    /// The level chosen, its steps, the quality and latency expected, and who decided.
+    pub decision: diffusionx_predictor::Decision,
 }
 
 /// The body of `sessions`: one visitor session.

@@ -10,6 +10,8 @@
 //!   [`Projection`]) and the fixed-order model input ([`Features::to_vector`], features v1);
 //! - [`context`]: the measured state of the cloud and the link ([`Context`]) and the
 //!   operator's [`Policy`] (quality target, cloud budget, level bounds);
+//! - [`observe`]: from the kiosk's raw measurements ([`Observation`], [`X0History`]) to
+//!   [`Features`], and the standard text projection;
 //! - [`cost`]: the expected end-to-end latency of a level;
 //! - [`mlp`] and [`weights`]: a small MLP predicting the quality curve `q(s)` on a grid of
 //!   levels, monotone in `s` by construction, with its versioned JSON weights file;
@@ -27,6 +29,7 @@ mod curve;
 mod error;
 pub mod features;
 pub mod mlp;
+pub mod observe;
 pub mod policy;
 pub mod rule;
 mod stats;
@@ -38,6 +41,7 @@ pub use curve::QualityCurve;
 pub use error::{FeatureError, InputError, WeightsError};
 pub use features::{FEATURE_NAMES, FEATURES_VERSION, Features, INPUT_LEN, Projection, TEXT_DIMS};
 pub use mlp::{Activation, Layer, monotone_head};
+pub use observe::{Observation, X0History};
 pub use policy::{Decision, Limit, Predictor, Source};
 pub use stats::{LatentStats, X0_WINDOW, cosine, latent_stats, x0_change};
 pub use weights::{FORMAT, FORMAT_VERSION, Weights};

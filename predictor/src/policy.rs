@@ -36,8 +36,10 @@ pub enum Predictor {
     Learned(Weights),
 }
 
-/// Which predictor made a decision, for the session report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which predictor made a decision, for the session report (`{"learned": {"version": ...}}`
+/// or `"rule_based"`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     /// The trained network with this `model_version`.
     Learned {
@@ -48,8 +50,9 @@ pub enum Source {
     RuleBased,
 }
 
-/// What decided the level, for the session report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What decided the level, for the session report (`"target"`, `"budget"`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Limit {
     /// The smallest level meeting the quality target (within the budget).
     Target,
@@ -61,8 +64,9 @@ pub enum Limit {
     MinLevel,
 }
 
-/// The chosen level and what the predictor expects of it.
-#[derive(Debug, Clone, PartialEq)]
+/// The chosen level and what the predictor expects of it (in session reports as is).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Decision {
     /// The noise level, `level_bp / 10000`, in the policy's bounds.
     pub level: f32,

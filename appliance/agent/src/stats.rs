@@ -120,6 +120,7 @@ mod tests {
                 queue_depth: None,
                 expected_wait_ms: None,
                 fallback_reason: None,
+                predictor: None,
             }),
             thumbs_up: None,
             ending: "finished".into(),

@@ -90,6 +90,7 @@ fn session(agent: &Agent, number: u64) -> SessionReport {
             queue_depth: Some(0),
             expected_wait_ms: Some(0),
             fallback_reason: None,
+            predictor: None,
         }),
         thumbs_up: None,
         ending: "finished".into(),

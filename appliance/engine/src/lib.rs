@@ -22,6 +22,7 @@ pub use error::EngineError;
 pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};
 pub use graph::Graph;
 pub use pipeline::{
-    EngineConfig, Generation, Outcome, Pipeline, Progress, Request, Start, Timings, set_threads,
+    EngineConfig, Generation, Outcome, Pipeline, Progress, PromptFacts, Request, Start, Timings,
+    set_threads,
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};

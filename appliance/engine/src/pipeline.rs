@@ -161,6 +161,15 @@ pub enum Outcome {
     },
 }
 
+/// A prompt as the noise level predictor sees it ([`Pipeline::prompt_facts`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptFacts {
+    /// Length in CLIP tokens, start and end token included (at most 77).
+    pub tokens: u32,
+    /// The pooled text embedding (`hidden` values).
+    pub pooled: Vec<f32>,
+}
+
 /// A loaded Tiny-SD pipeline.
 pub struct Pipeline {
     folder: ModelFolder,
@@ -279,6 +288,21 @@ impl Pipeline {
             .expect("cache lock")
             .insert(text, embedding.clone());
         Ok(embedding)
+    }
+
+    /// What the noise level predictor needs to know about `text`: its length in CLIP tokens
+    /// (start and end token included, at most 77) and its pooled embedding, the text
+    /// encoder's last hidden state at the end token (what CLIP's `pooler_output` is), from the
+    /// same cached encoding the denoising uses.
+    pub fn prompt_facts(&self, text: &str) -> Result<PromptFacts, EngineError> {
+        let tokens = self.tokenizer.count(text)?.min(CONTEXT);
+        let hidden_states = self.encode_text(text)?;
+        let hidden = hidden_states.len() / CONTEXT;
+        let end = tokens - 1;
+        Ok(PromptFacts {
+            tokens: u32::try_from(tokens).expect("at most 77 tokens"),
+            pooled: hidden_states[end * hidden..(end + 1) * hidden].to_vec(),
+        })
     }
 
     fn ids_tensor(&self, ids: &[i64]) -> Result<Tensor, EngineError> {

@@ -184,3 +184,44 @@ fn prepared_plans_give_the_same_result_as_plans_built_on_first_use() {
     };
     assert_eq!(run(&prepared), run(pipeline()));
 }
+
+/// The pooled embedding is CLIP's `pooler_output`: the graph's own second output (what
+/// transformers computes) for the same ids, whatever the prompt's length, truncation included.
+#[test]
+fn prompt_facts_give_the_text_encoders_pooler_output_and_the_token_count() {
+    use tract_onnx::prelude::*;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd");
+    let graph = tract_onnx::onnx()
+        .model_for_path(root.join("text_encoder/model.onnx"))
+        .unwrap()
+        .with_input_fact(0, i64::fact([1, 77]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let long = "a very long prompt ".repeat(30);
+    for (prompt, tokens) in [("", 2), ("a lighthouse at dusk", 6), (long.as_str(), 77)] {
+        let facts = pipeline().prompt_facts(prompt).unwrap();
+        assert_eq!(facts.tokens, tokens, "{prompt:?}");
+        let ids: Vec<i64> = pipeline()
+            .tokenizer()
+            .encode(prompt)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let ids = Tensor::from_shape(&[1, 77], &ids).unwrap();
+        let outputs = graph.run(tvec![ids.into_tvalue()]).unwrap();
+        let pooler = outputs[1].to_plain_array_view::<f32>().unwrap();
+        let pooler: Vec<f32> = pooler.iter().copied().collect();
+        assert_eq!(facts.pooled.len(), pooler.len());
+        let diff = facts
+            .pooled
+            .iter()
+            .zip(&pooler)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "{prompt:?}: {diff}");
+    }
+}

@@ -155,6 +155,7 @@ pub fn session_report(record: &SessionRecord, context: &ReportContext<'_>) -> Se
             queue_depth: record.cloud_load.map(|(depth, _)| depth),
             expected_wait_ms: record.cloud_load.map(|(_, wait)| wait),
             fallback_reason: record.fallback_reason.clone(),
+            predictor: None,
         }),
         thumbs_up: record.thumbs_up,
         ending: ending_name(record.ending).into(),

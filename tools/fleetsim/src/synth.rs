@@ -90,6 +90,7 @@ impl Sessions {
                 queue_depth: Some(queue_depth),
                 expected_wait_ms: Some(queue_depth * 1_500),
                 fallback_reason: None,
+                predictor: None,
             }
         } else {
             let reason = FALLBACK_REASONS[rng.range(0, FALLBACK_REASONS.len() as u64 - 1) as usize];
@@ -100,6 +101,7 @@ impl Sessions {
                 queue_depth: None,
                 expected_wait_ms: None,
                 fallback_reason: Some(reason.into()),
+                predictor: None,
             }
         };
         let thumbs_up = match rng.range(0, 19) {
