@@ -44,6 +44,25 @@ pub struct LabelRecord {
     pub prompt_id: String,
     /// Where the label came from.
     pub source: LabelSource,
+    /// The raw scores `quality` was derived from (label tool lines; absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<Scores>,
+}
+
+/// What the `label` tool measured of a refinement against the cloud model's own image for the
+/// same prompt and seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scores {
+    /// PSNR of the decoded images, in dB (capped at 100 for identical images).
+    pub psnr_db: f32,
+    /// Mean SSIM of the decoded images (luma, 8x8 windows), -1 to 1.
+    pub ssim: f32,
+    /// Root mean square difference of the final latents.
+    pub latent_rmse: f32,
+    /// CLIP score of the image against the prompt, when a CLIP model was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f32>,
 }
 
 /// A line that is not a valid label.

@@ -128,6 +128,7 @@ pub fn generate(config: &SyntheticConfig, projection: &Projection) -> Vec<LabelR
                 cloud_steps: cloud_steps(bp, config.steps_total),
                 prompt_id: format!("{}{i:05}", config.prompt_prefix),
                 source: LabelSource::Synthetic,
+                scores: None,
             });
         }
     }

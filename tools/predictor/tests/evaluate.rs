@@ -41,6 +41,7 @@ fn tiny() -> Vec<LabelRecord> {
         cloud_steps: (level * 50.0).round() as u32,
         prompt_id: id.to_owned(),
         source: LabelSource::Label,
+        scores: None,
     };
     vec![
         label("a", 0.2, 0.5),
