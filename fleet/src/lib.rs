@@ -20,5 +20,5 @@ pub use payload::{
     CommandReply, ConfigDesired, ConfigReported, Finalize, Info, LatencySummary, PredictorReport,
     Presence, PresenceState, PromptField, RoundReport, SessionReport, Telemetry,
 };
-pub use settings::{PromptPrivacy, Settings, SettingsError};
+pub use settings::{NoiseLevelMode, NoisePolicy, PromptPrivacy, Settings, SettingsError};
 pub use topic::{Command, Leaf, Topic, TopicError};

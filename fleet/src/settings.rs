@@ -70,6 +70,50 @@ pub struct Settings {
     /// Words (case-insensitive, whole words) that a prompt may not contain; at most 1000
     /// entries of 1-64 characters.
     pub blocklist: Vec<String>,
+    /// How the noise level is chosen at finalize (absent from older kiosks' reports: the
+    /// defaults).
+    #[serde(flatten, default)]
+    pub noise_policy: NoisePolicy,
+}
+
+/// Who chooses the noise level at finalize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoiseLevelMode {
+    /// The noise level predictor, within the policy below.
+    #[default]
+    Predicted,
+    /// Always `noise_level`.
+    Fixed,
+}
+
+/// The operator's policy for the noise level predictor (`diffusionx_predictor::Policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NoisePolicy {
+    /// `predicted` or `fixed`.
+    pub noise_level_mode: NoiseLevelMode,
+    /// Predicted quality the chosen level must reach, 0..=1.
+    pub quality_target: f32,
+    /// Lowest level the predictor may choose, 0.05..=1.0.
+    pub min_noise_level: f32,
+    /// Highest level it may choose, `min_noise_level..=1.0`.
+    pub max_noise_level: f32,
+    /// Expected cloud latency a session may spend, ms, 100..=600000.
+    pub cloud_budget_ms: u32,
+}
+
+impl Default for NoisePolicy {
+    /// The predictor's default policy: target 0.8, levels 0.2 to 0.8, 4 s.
+    fn default() -> Self {
+        Self {
+            noise_level_mode: NoiseLevelMode::Predicted,
+            quality_target: 0.8,
+            min_noise_level: 0.2,
+            max_noise_level: 0.8,
+            cloud_budget_ms: 4000,
+        }
+    }
 }
 
 /// A change refused: field -> reason.
@@ -91,6 +135,16 @@ impl Settings {
                 errors.insert(field.clone(), reason);
             }
         }
+        let p = next.noise_policy;
+        if errors.is_empty() && p.min_noise_level > p.max_noise_level {
+            errors.insert(
+                "min_noise_level".into(),
+                format!(
+                    "{} is above max_noise_level {}",
+                    p.min_noise_level, p.max_noise_level
+                ),
+            );
+        }
         if errors.is_empty() {
             Ok(next)
         } else {
@@ -105,12 +159,16 @@ impl Settings {
             "idle_timeout_s" => self.idle_timeout_s = int(value, 10, 3600)? as u32,
             "telemetry_interval_s" => self.telemetry_interval_s = int(value, 5, 3600)? as u32,
             "stats_window_s" => self.stats_window_s = int(value, 60, 86_400)? as u32,
-            "noise_level" => {
-                let level = value.as_f64().ok_or("must be a number")?;
-                if !(0.05..=1.0).contains(&level) {
-                    return Err(format!("{level} is outside 0.05..=1.0"));
-                }
-                self.noise_level = level as f32;
+            "noise_level" => self.noise_level = number(value, 0.05, 1.0)?,
+            "noise_level_mode" => {
+                self.noise_policy.noise_level_mode = serde_json::from_value(value.clone())
+                    .map_err(|_| "must be \"predicted\" or \"fixed\"".to_string())?;
+            }
+            "quality_target" => self.noise_policy.quality_target = number(value, 0.0, 1.0)?,
+            "min_noise_level" => self.noise_policy.min_noise_level = number(value, 0.05, 1.0)?,
+            "max_noise_level" => self.noise_policy.max_noise_level = number(value, 0.05, 1.0)?,
+            "cloud_budget_ms" => {
+                self.noise_policy.cloud_budget_ms = int(value, 100, 600_000)? as u32;
             }
             "prompt_privacy" => {
                 self.prompt_privacy = serde_json::from_value(value.clone())
@@ -143,6 +201,15 @@ pub fn blocked_word<'a>(blocklist: &'a [String], prompt: &str) -> Option<&'a str
         let entry = words(entry);
         !entry.is_empty() && prompt.windows(entry.len()).any(|w| w == entry.as_slice())
     })
+}
+
+fn number(value: &Value, min: f64, max: f64) -> Result<f32, String> {
+    let x = value.as_f64().ok_or("must be a number")?;
+    if (min..=max).contains(&x) {
+        Ok(x as f32)
+    } else {
+        Err(format!("{x} is outside {min:?}..={max:?}"))
+    }
 }
 
 fn int(value: &Value, min: u64, max: u64) -> Result<u64, String> {
@@ -184,7 +251,68 @@ mod tests {
             telemetry_interval_s: 30,
             stats_window_s: 3600,
             blocklist: vec![],
+            noise_policy: NoisePolicy::default(),
         }
+    }
+
+    #[test]
+    fn the_noise_policy_is_checked_field_by_field_and_as_a_whole() {
+        let next = base()
+            .apply(&object(
+                json!({"noise_level_mode": "fixed", "quality_target": 0.9,
+                                   "min_noise_level": 0.3, "max_noise_level": 0.6,
+                                   "cloud_budget_ms": 2500}),
+            ))
+            .expect("valid");
+        assert_eq!(
+            next.noise_policy,
+            NoisePolicy {
+                noise_level_mode: NoiseLevelMode::Fixed,
+                quality_target: 0.9,
+                min_noise_level: 0.3,
+                max_noise_level: 0.6,
+                cloud_budget_ms: 2500,
+            }
+        );
+        let error = base()
+            .apply(&object(
+                json!({"noise_level_mode": "auto", "quality_target": 1.5,
+                                   "cloud_budget_ms": 10}),
+            ))
+            .expect_err("refused");
+        assert_eq!(
+            error.errors["noise_level_mode"],
+            "must be \"predicted\" or \"fixed\""
+        );
+        assert_eq!(error.errors["quality_target"], "1.5 is outside 0.0..=1.0");
+        assert_eq!(
+            error.errors["cloud_budget_ms"],
+            "10 is outside 100..=600000"
+        );
+        // Each bound alone is valid; together they cross.
+        let error = base()
+            .apply(&object(
+                json!({"min_noise_level": 0.7, "max_noise_level": 0.4}),
+            ))
+            .expect_err("refused");
+        assert_eq!(
+            error.errors["min_noise_level"],
+            "0.7 is above max_noise_level 0.4"
+        );
+        // The fields are flat in the JSON form, and a report without them reads as defaults.
+        let mut value = serde_json::to_value(base()).expect("serializes");
+        assert_eq!(value["quality_target"], json!(0.8f32));
+        for key in [
+            "noise_level_mode",
+            "quality_target",
+            "min_noise_level",
+            "max_noise_level",
+            "cloud_budget_ms",
+        ] {
+            value.as_object_mut().expect("an object").remove(key);
+        }
+        let old: Settings = serde_json::from_value(value).expect("parses");
+        assert_eq!(old.noise_policy, NoisePolicy::default());
     }
 
     fn object(value: Value) -> serde_json::Map<String, Value> {

@@ -79,8 +79,12 @@ pub struct KioskOptions {
     pub panel: (u32, u32),
     /// Steps of the cloud job's schedule.
     pub cloud_steps: u16,
-    /// The noise level the cloud redoes.
+    /// The noise level the cloud redoes when the policy fixes it (and of local refinement).
     pub noise_level: NoiseLevel,
+    /// How the noise level is chosen.
+    pub noise_policy: diffusionx_fleet::NoisePolicy,
+    /// Trained predictor weights (`None`: the rule-based default).
+    pub predictor: Option<diffusionx_predictor::Weights>,
 }
 
 /// Builds a kiosk that talks to `gateway`.
@@ -100,6 +104,7 @@ pub fn fleet_agent(dir: &Path, broker: &str, fleet: &str) -> anyhow::Result<Flee
         telemetry_interval_s: 60,
         stats_window_s: 3600,
         blocklist: Vec::new(),
+        noise_policy: Default::default(),
     };
     let (agent, events) = Agent::start(AgentOptions {
         mqtt: MqttConfig {
@@ -187,5 +192,7 @@ pub fn kiosk_with_fleet(
         records: RecordStore::open(&options.dir.join("records"))?,
         snapshots: Some(options.dir.join("screens")),
         fleet,
+        noise_policy: options.noise_policy,
+        predictor: options.predictor.clone(),
     })
 }

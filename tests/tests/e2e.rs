@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_e2e::{KioskOptions, kiosk, repo, start_gateway, tiny_sd, tiny_sd15};
+use diffusionx_fleet::{NoiseLevelMode, NoisePolicy};
 use diffusionx_gateway::metrics::Outcome;
 use diffusionx_kiosk::script::{self, ScreenKind, Step};
+use diffusionx_predictor::{Projection, Source};
 use diffusionx_ui::{FinalPath, RefineStatus, Screen};
 
 fn visitor() -> Vec<Step> {
     script::parse(&std::fs::read_to_string(repo().join("tests/visitor.txt")).unwrap()).unwrap()
 }
 
+/// The predictor chooses the level (rule-based default, the default policy).
 fn options(dir: &std::path::Path, cloud_steps: u16) -> KioskOptions {
     KioskOptions {
         dir: dir.to_path_buf(),
@@ -23,6 +26,8 @@ fn options(dir: &std::path::Path, cloud_steps: u16) -> KioskOptions {
         panel: (800, 480),
         cloud_steps,
         noise_level: NoiseLevel::from_bp(5000).unwrap(),
+        noise_policy: NoisePolicy::default(),
+        predictor: None,
     }
 }
 
@@ -73,13 +78,47 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
     );
     assert_eq!(gateway.gateway.metrics().jobs(Outcome::Done), 1);
 
+    // The noise level predictor chose the level from what this kiosk measured, and the
+    // gateway ran exactly the steps it decided.
+    let report = record.predictor.as_deref().expect("the predictor decided");
+    let d = &report.decision;
+    assert_eq!(d.source, Source::RuleBased);
+    assert!((0.2..=0.8).contains(&d.level), "{d:?}");
+    assert_eq!(record.noise_level.unwrap().bp(), d.level_bp);
+    assert_eq!(record.cloud_steps, Some(d.cloud_steps as u16));
+    assert_eq!(d.cloud_steps, 20 * u32::from(d.level_bp) / 10_000);
+    let c = &report.context;
+    assert_eq!((c.queue_depth, c.steps_total), (0, 20));
+    assert!(
+        c.rtt_ms > 0.0 && c.rtt_ms < 1000.0,
+        "loopback RTT {}",
+        c.rtt_ms
+    );
+    assert!(c.uplink_bytes_per_s > 0.0);
+    // The request: a 4x32x32 f16 latent plus the prompt and the header.
+    assert!((8192..9000).contains(&c.latent_bytes), "{}", c.latent_bytes);
+    // Its features are the final preview's, computed as the label tool computes them.
+    let f = &report.features;
+    let pipeline = diffusionx_engine::Pipeline::load(&tiny_sd(), &Default::default()).unwrap();
+    let facts = pipeline
+        .prompt_facts("a lighthouse on a cliff at night")
+        .unwrap();
+    let projection = Projection::standard(facts.pooled.len()).unwrap();
+    assert_eq!(report.projection, projection.fingerprint());
+    assert_eq!(f.text, projection.project(&facts.pooled).unwrap());
+    assert_eq!((f.prompt_tokens, f.rounds), (facts.tokens, 3));
+    assert!(f.prompt_cosine > 0.9999, "round 3 kept round 2's prompt");
+    assert_eq!((f.width, f.height, f.edge_steps), (256, 256, 4));
+    assert!(f.x0_change > 0.0 && f.latent_std > 0.0);
+
     // The record was on disk before the network was touched, with the three rounds.
     let saved: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("records/current.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(saved["rounds"].as_array().unwrap().len(), 3);
-    assert_eq!(saved["noise_level"], 0.5);
+    assert_eq!(saved["noise_level"], serde_json::json!(d.level));
+    assert_eq!(saved["predictor"]["decision"]["level_bp"], d.level_bp);
 
     // One snapshot per screen the visitor saw, in order.
     let kinds: Vec<String> = kiosk
@@ -113,8 +152,11 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
 async fn a_gateway_killed_mid_job_falls_back_to_local_refinement() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
-    // A long cloud job (200 schedule steps at 0.5: 100 steps) so the kill lands mid-job.
-    let mut kiosk = kiosk(&gateway, &options(dir.path(), 200)).unwrap();
+    // A long cloud job (200 schedule steps at a fixed 0.5: 100 steps) so the kill lands
+    // mid-job.
+    let mut options = options(dir.path(), 200);
+    options.noise_policy.noise_level_mode = NoiseLevelMode::Fixed;
+    let mut kiosk = kiosk(&gateway, &options).unwrap();
     let steps = visitor();
     let finalize = steps
         .iter()

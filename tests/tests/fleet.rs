@@ -46,6 +46,8 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         panel: (800, 480),
         cloud_steps: 10,
         noise_level: NoiseLevel::from_bp(5000).unwrap(),
+        noise_policy: Default::default(),
+        predictor: None,
     };
     let mut kiosk = kiosk_with_fleet(&gateway, &options, Some(fleet)).unwrap();
     tokio::time::timeout(WAIT, settings.wait_for(|s| s.blocklist == ["gore"]))
@@ -114,9 +116,20 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
     );
     assert_eq!(report.extra["blocked_prompts"], 1);
     let finalize = report.finalize.as_ref().unwrap();
+    // The predictor's inputs and decision reach the operator with the outcome and the verdict:
+    // a training example (`dx-train --sessions`).
+    let predictor = finalize.predictor.as_ref().expect("the predictor decided");
     assert_eq!(
         (finalize.noise_level, finalize.path.as_deref()),
-        (0.5, Some("cloud"))
+        (predictor.decision.level, Some("cloud"))
+    );
+    assert_eq!(
+        predictor.context.steps_total, 20,
+        "the fleet settings' cloud steps"
+    );
+    assert_eq!(
+        predictor.features.edge_steps, 3,
+        "the operator's preview steps"
     );
     assert_eq!(
         (report.thumbs_up, report.ending.as_str()),

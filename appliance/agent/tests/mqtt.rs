@@ -27,6 +27,7 @@ fn settings() -> Settings {
         telemetry_interval_s: 3600,
         stats_window_s: 3600,
         blocklist: vec![],
+        noise_policy: Default::default(),
     }
 }
 

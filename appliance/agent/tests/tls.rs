@@ -40,6 +40,7 @@ fn options(mqtt: MqttConfig) -> AgentOptions {
             telemetry_interval_s: 3600,
             stats_window_s: 3600,
             blocklist: vec![],
+            noise_policy: Default::default(),
         },
         sync: true,
     }

@@ -117,6 +117,40 @@ pub struct CloudJob {
     pub latent: Vec<f32>,
 }
 
+/// What the kiosk knows about the cloud and the link when it chooses the noise level: the load
+/// probe's answer and its own measurements (the noise level predictor's context).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Measured {
+    /// The gateway's load probe answer.
+    pub load: LoadReport,
+    /// QUIC's smoothed round-trip time after the probe, ms.
+    pub rtt_ms: f32,
+    /// Uplink throughput: measured on the last job, or congestion window / RTT before any.
+    pub uplink_bytes_per_s: f32,
+    /// One cloud step, ms: the gateway's recent mean, else this kiosk's last measurement, else
+    /// `None` (no job ran anywhere yet).
+    pub step_ms: Option<f32>,
+    /// VAE decode, encoding and download of the result on the last job, ms (0 before any).
+    pub result_ms: f32,
+    /// Size of the request on the wire, bytes.
+    pub request_bytes: u32,
+}
+
+/// What past jobs measured (smoothed: 0.7 old, 0.3 new).
+#[derive(Debug, Default, Clone, Copy)]
+struct LinkStats {
+    uplink_bytes_per_s: Option<f32>,
+    step_ms: Option<f32>,
+    result_ms: Option<f32>,
+}
+
+fn smooth(old: Option<f32>, new: f32) -> Option<f32> {
+    if !new.is_finite() || new <= 0.0 {
+        return old;
+    }
+    Some(old.map_or(new, |o| 0.7 * o + 0.3 * new))
+}
+
 /// The QUIC client.
 #[derive(Debug)]
 pub struct Link {
@@ -124,6 +158,18 @@ pub struct Link {
     client: quinn::ClientConfig,
     config: LinkConfig,
     codec: Codec,
+    stats: std::sync::Mutex<LinkStats>,
+}
+
+/// Times seen while a job's answers arrive.
+#[derive(Debug, Default)]
+struct Timeline {
+    sent: Option<std::time::Instant>,
+    request_bytes: usize,
+    rtt: Duration,
+    first_answer: Option<std::time::Instant>,
+    steps: Vec<std::time::Instant>,
+    done: Option<std::time::Instant>,
 }
 
 fn pem_err(path: &std::path::Path, e: impl std::fmt::Display) -> LinkError {
@@ -176,6 +222,7 @@ impl Link {
             client,
             config,
             codec: Codec::new(Limits::default()),
+            stats: std::sync::Mutex::default(),
         })
     }
 
@@ -199,7 +246,12 @@ impl Link {
     pub async fn probe(&self) -> Result<LoadReport, CloudFailure> {
         let connection = self.connect().await?;
         let messages = self
-            .exchange(&connection, &ClientMessage::LoadProbe, &mut |_| {})
+            .exchange(
+                &connection,
+                &ClientMessage::LoadProbe,
+                &mut |_| {},
+                &mut Timeline::default(),
+            )
             .await?;
         match messages {
             ServerMessage::Load(load) => Ok(load),
@@ -210,13 +262,16 @@ impl Link {
     }
 
     /// Probes the gateway's load and, when it accepts work, runs `job` there (one connection);
-    /// `progress` sees the load, the queue position and the steps. A gateway that is full or
-    /// stopping is answered [`CloudFailure::Busy`] before the latent is sent. Gives up with
-    /// [`CloudFailure::Deadline`] after the configured deadline (resetting the stream, which
-    /// cancels the job on the gateway).
+    /// `choose` sets the job's noise level from the probe's answer and the link's measurements
+    /// (the noise level predictor), `progress` sees the load, the queue position and the steps.
+    /// A gateway that is full or stopping is answered [`CloudFailure::Busy`] before the latent
+    /// is sent. Gives up with [`CloudFailure::Deadline`] after the configured deadline
+    /// (resetting the stream, which cancels the job on the gateway). Each job's upload,
+    /// step and result times are measured for the next one's choice.
     pub async fn refine(
         &self,
         job: &CloudJob,
+        choose: &mut (dyn FnMut(&Measured) -> diffusionx_diffusion::NoiseLevel + Send),
         progress: &mut (dyn FnMut(CloudProgress) + Send),
     ) -> Result<CloudResult, CloudFailure> {
         let deadline_ms = u32::try_from(self.config.deadline.as_millis()).unwrap_or(u32::MAX);
@@ -230,7 +285,7 @@ impl Link {
             LatentData::F16(job.latent.iter().map(|v| half_f16(*v)).collect()),
         )
         .map_err(|e| CloudFailure::Refused(format!("the preview latent: {e}")))?;
-        let request = RefineRequest {
+        let mut request = RefineRequest {
             job_id: job.job_id,
             session_id: job.session_id,
             device_id: self.config.device_id.clone(),
@@ -247,10 +302,16 @@ impl Link {
             deadline_ms,
             latent,
         };
+        let mut timeline = Timeline::default();
         let run = async {
             let connection = self.connect().await?;
             let load = match self
-                .exchange(&connection, &ClientMessage::LoadProbe, &mut |_| {})
+                .exchange(
+                    &connection,
+                    &ClientMessage::LoadProbe,
+                    &mut |_| {},
+                    &mut Timeline::default(),
+                )
                 .await?
             {
                 ServerMessage::Load(load) => load,
@@ -268,15 +329,24 @@ impl Link {
                 connection.close(quinn::VarInt::from_u32(0), b"busy");
                 return Err(CloudFailure::Busy);
             }
+            let measured = self.measure(&connection, load, &request)?;
+            request.noise_level = choose(&measured);
             let answer = self
-                .exchange(&connection, &ClientMessage::Refine(request), progress)
+                .exchange(
+                    &connection,
+                    &ClientMessage::Refine(request),
+                    progress,
+                    &mut timeline,
+                )
                 .await;
+            timeline.rtt = connection.rtt();
             connection.close(quinn::VarInt::from_u32(0), b"done");
             answer
         };
         let answer = tokio::time::timeout(self.config.deadline, run)
             .await
             .map_err(|_| CloudFailure::Deadline)??;
+        self.learn(&timeline);
         match answer {
             ServerMessage::Result(result) => {
                 let image = decode_png(&result.image.bytes)
@@ -289,12 +359,68 @@ impl Link {
         }
     }
 
-    /// Sends one request on a new stream and reads up to the final answer.
+    /// The context of the noise level choice: the probe's answer, QUIC's RTT estimate and
+    /// what past jobs measured.
+    fn measure(
+        &self,
+        connection: &quinn::Connection,
+        load: LoadReport,
+        request: &RefineRequest,
+    ) -> Result<Measured, CloudFailure> {
+        let mut frame = Vec::new();
+        self.codec
+            .encode(&ClientMessage::Refine(request.clone()), &mut frame)
+            .map_err(|e| CloudFailure::Refused(format!("the request: {e}")))?;
+        let rtt = connection.rtt();
+        let rtt_ms = rtt.as_secs_f32() * 1000.0;
+        let stats = *self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let window = connection.stats().path.cwnd as f32;
+        let uplink = stats
+            .uplink_bytes_per_s
+            .unwrap_or(window / rtt.as_secs_f32().max(1e-3));
+        Ok(Measured {
+            load,
+            rtt_ms,
+            uplink_bytes_per_s: uplink,
+            step_ms: (load.step_ms > 0)
+                .then_some(load.step_ms as f32)
+                .or(stats.step_ms),
+            result_ms: stats.result_ms.unwrap_or(0.0),
+            request_bytes: u32::try_from(frame.len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Updates the link's measurements from a finished job: upload throughput (request size
+    /// over the time to the first answer, less one RTT), step time (between step reports)
+    /// and result time (last step to the result, which includes its download).
+    fn learn(&self, timeline: &Timeline) {
+        let rtt = timeline.rtt;
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(sent), Some(first)) = (timeline.sent, timeline.first_answer) {
+            let secs = first.saturating_duration_since(sent).saturating_sub(rtt);
+            stats.uplink_bytes_per_s = smooth(
+                stats.uplink_bytes_per_s,
+                timeline.request_bytes as f32 / secs.as_secs_f32().max(1e-3),
+            );
+        }
+        if let [first, .., last] = timeline.steps[..] {
+            let ms = last.saturating_duration_since(first).as_secs_f32() * 1000.0;
+            stats.step_ms = smooth(stats.step_ms, ms / (timeline.steps.len() - 1) as f32);
+        }
+        if let (Some(&last), Some(done)) = (timeline.steps.last(), timeline.done) {
+            let ms = done.saturating_duration_since(last).as_secs_f32() * 1000.0;
+            stats.result_ms = smooth(stats.result_ms, ms);
+        }
+    }
+
+    /// Sends one request on a new stream and reads up to the final answer, noting when the
+    /// request went out and when answers came (`timeline`).
     async fn exchange(
         &self,
         connection: &quinn::Connection,
         message: &ClientMessage,
         progress: &mut (dyn FnMut(CloudProgress) + Send),
+        timeline: &mut Timeline,
     ) -> Result<ServerMessage, CloudFailure> {
         let lost = |e: &dyn std::fmt::Display| CloudFailure::Unreachable(e.to_string());
         let mut frame = Vec::new();
@@ -302,6 +428,8 @@ impl Link {
             .encode(message, &mut frame)
             .map_err(|e| CloudFailure::Refused(format!("the request: {e}")))?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+        timeline.sent = Some(std::time::Instant::now());
+        timeline.request_bytes = frame.len();
         send.write_all(&frame).await.map_err(|e| lost(&e))?;
         send.finish().map_err(|e| lost(&e))?;
         let mut buf = Vec::new();
@@ -313,17 +441,25 @@ impl Link {
                 .map_err(|e| CloudFailure::Refused(format!("a malformed answer: {e}")))?
             {
                 buf.drain(..used);
+                let now = std::time::Instant::now();
+                timeline.first_answer.get_or_insert(now);
                 match message {
                     ServerMessage::Queued(q) => progress(CloudProgress::Queued {
                         position: q.position,
                         wait_ms: q.expected_wait_ms,
                     }),
-                    ServerMessage::Progress(p) => progress(CloudProgress::Step {
-                        step: p.step,
-                        total: p.total,
-                    }),
+                    ServerMessage::Progress(p) => {
+                        timeline.steps.push(now);
+                        progress(CloudProgress::Step {
+                            step: p.step,
+                            total: p.total,
+                        });
+                    }
                     ServerMessage::Error { error, .. } => return Err(failure(error)),
-                    last @ (ServerMessage::Result(_) | ServerMessage::Load(_)) => return Ok(last),
+                    last @ (ServerMessage::Result(_) | ServerMessage::Load(_)) => {
+                        timeline.done = Some(now);
+                        return Ok(last);
+                    }
                 }
             }
             match recv.read(&mut chunk).await.map_err(|e| lost(&e))? {

@@ -59,6 +59,44 @@ pub struct KioskConfig {
     /// What the session reports and telemetry carry.
     #[serde(default)]
     pub reporting: ReportingSection,
+    /// How the noise level is chosen at finalize.
+    #[serde(default)]
+    pub predictor: PredictorSection,
+}
+
+/// The noise level predictor (docs/predictor.md); operators can change all but `weights`
+/// over MQTT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictorSection {
+    /// `predicted` (the predictor, within the bounds below) or `fixed` (always
+    /// `session.noise_level`).
+    pub mode: diffusionx_fleet::NoiseLevelMode,
+    /// The trained weights file; when absent, `predictor.json` in the model folder if there
+    /// is one, else the rule-based default. A file operators installed over MQTT wins.
+    pub weights: Option<PathBuf>,
+    /// Predicted quality the chosen level must reach, 0..=1.
+    pub quality_target: f32,
+    /// Lowest level chosen.
+    pub min_level: f32,
+    /// Highest level chosen.
+    pub max_level: f32,
+    /// Expected cloud latency a session may spend, ms.
+    pub cloud_budget_ms: u32,
+}
+
+impl Default for PredictorSection {
+    fn default() -> Self {
+        let policy = diffusionx_fleet::NoisePolicy::default();
+        Self {
+            mode: policy.noise_level_mode,
+            weights: None,
+            quality_target: policy.quality_target,
+            min_level: policy.min_noise_level,
+            max_level: policy.max_noise_level,
+            cloud_budget_ms: policy.cloud_budget_ms,
+        }
+    }
 }
 
 /// Reporting to the fleet (operators can change these over MQTT).
@@ -288,6 +326,9 @@ impl KioskConfig {
         if let Some(g) = &mut config.gateway {
             paths.extend([&mut g.ca, &mut g.cert, &mut g.key]);
         }
+        if let Some(w) = &mut config.predictor.weights {
+            paths.push(w);
+        }
         if let Some(m) = &mut config.mqtt {
             paths.push(&mut m.state_dir);
             for p in [&mut m.ca, &mut m.cert, &mut m.key, &mut m.password_file]
@@ -426,7 +467,23 @@ impl KioskConfig {
             telemetry_interval_s: self.reporting.telemetry_interval_s,
             stats_window_s: self.reporting.stats_window_s,
             blocklist: self.session.blocklist.clone(),
+            noise_policy: diffusionx_fleet::NoisePolicy {
+                noise_level_mode: self.predictor.mode,
+                quality_target: self.predictor.quality_target,
+                min_noise_level: self.predictor.min_level,
+                max_noise_level: self.predictor.max_level,
+                cloud_budget_ms: self.predictor.cloud_budget_ms,
+            },
         }
+    }
+
+    /// The predictor weights file to load at start, if any: `predictor.weights`, else
+    /// `predictor.json` in the model folder when it exists.
+    pub fn predictor_weights(&self) -> Option<PathBuf> {
+        self.predictor.weights.clone().or_else(|| {
+            let shipped = self.model.path.join("predictor.json");
+            shipped.is_file().then_some(shipped)
+        })
     }
 
     /// The idle timeout.

@@ -11,7 +11,8 @@ use diffusionx_engine::{Outcome, Pipeline, Request, Start};
 use diffusionx_ui::RgbImage;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::session::{Event, Handover};
+use crate::session::{Event, Handover, PreviewFacts};
+use diffusionx_predictor::X0History;
 
 /// How previews and local refinements are made.
 #[derive(Debug, Clone)]
@@ -113,6 +114,7 @@ fn run(
     cancel: &AtomicBool,
     events: &UnboundedSender<Event>,
 ) {
+    let mut x0 = X0History::new();
     let (request, round) = match job {
         Job::Preview {
             round,
@@ -160,6 +162,9 @@ fn run(
         if cancel.load(Ordering::Relaxed) {
             return ControlFlow::Break(());
         }
+        if round.is_some() {
+            x0.push(p.denoised);
+        }
         let (step, total) = (p.step as u16, p.total as u16);
         let _ = events.send(match round {
             Some(round) => Event::PreviewStep {
@@ -183,6 +188,7 @@ fn run(
                     round,
                     image,
                     latent: generation.latent,
+                    facts: preview_facts(pipeline, &request, &x0, generation.steps_run),
                 },
                 None => Event::LocalDone { image },
             }
@@ -196,4 +202,34 @@ fn run(
         },
     };
     let _ = events.send(event);
+}
+
+/// The predictor's facts about a finished preview: the prompt's pooled embedding and token
+/// count (from the cached text encoding, no second encoder run) and how settled the last
+/// steps were. `None`, logged, if they cannot be measured: the session then uses the
+/// configured level.
+fn preview_facts(
+    pipeline: &Pipeline,
+    request: &Request,
+    x0: &X0History,
+    steps_run: usize,
+) -> Option<PreviewFacts> {
+    let measured = pipeline
+        .prompt_facts(&request.prompt)
+        .map_err(|e| e.to_string())
+        .and_then(|prompt| Ok((prompt, x0.change().map_err(|e| e.to_string())?)));
+    match measured {
+        Ok((prompt, x0_change)) => Some(PreviewFacts {
+            pooled: prompt.pooled,
+            prompt_tokens: prompt.tokens,
+            x0_change,
+            width: request.width as u32,
+            height: request.height as u32,
+            edge_steps: steps_run as u32,
+        }),
+        Err(why) => {
+            tracing::warn!(%why, "no predictor features for this preview");
+            None
+        }
+    }
 }

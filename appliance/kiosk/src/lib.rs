@@ -13,6 +13,7 @@ pub mod engine;
 pub mod evdev;
 pub mod facts;
 pub mod fbdev;
+pub mod level;
 pub mod records;
 pub mod runner;
 pub mod script;

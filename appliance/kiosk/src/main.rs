@@ -82,6 +82,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
             config.model.preview_guidance,
         )
         .context("preparing the preview plans")?;
+    let predictor = match config.predictor_weights() {
+        Some(path) => {
+            let width = pipeline.prompt_facts("")?.pooled.len();
+            let weights = diffusionx_kiosk::level::load_weights(&path, width)?;
+            tracing::info!(model = weights.model_version(), path = %path.display(), "predictor weights");
+            Some(weights)
+        }
+        None => {
+            tracing::info!("no predictor weights: the rule-based default chooses noise levels");
+            None
+        }
+    };
     let link = match &config.gateway {
         Some(g) => Some(Link::new(LinkConfig {
             address: g.address,
@@ -209,6 +221,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             records: RecordStore::open(&config.records.dir)?,
             snapshots,
             fleet,
+            noise_policy: config.settings().noise_policy,
+            predictor,
         })?;
         if let Some(sink) = sink {
             kiosk.on_frame(sink);

@@ -92,6 +92,8 @@ pub fn to_json(record: &SessionRecord) -> Value {
             "expected_wait_ms": expected_wait_ms,
         })),
         "fallback_reason": record.fallback_reason,
+        "predictor": record.predictor,
+        "cloud_steps": record.cloud_steps,
         "refine_ms": record.refine_ms,
         "thumbs_up": record.thumbs_up,
         "blocked_prompts": record.blocked_prompts,
@@ -155,7 +157,7 @@ pub fn session_report(record: &SessionRecord, context: &ReportContext<'_>) -> Se
             queue_depth: record.cloud_load.map(|(depth, _)| depth),
             expected_wait_ms: record.cloud_load.map(|(_, wait)| wait),
             fallback_reason: record.fallback_reason.clone(),
-            predictor: None,
+            predictor: record.predictor.as_deref().cloned(),
         }),
         thumbs_up: record.thumbs_up,
         ending: ending_name(record.ending).into(),
@@ -190,6 +192,8 @@ mod tests {
                 preview_ms: Some(2100),
             }],
             noise_level: NoiseLevel::from_bp(4000),
+            predictor: Some(Box::new(predictor_report())),
+            cloud_steps: None,
             path: Some(FinalPath::Local),
             cloud_load: Some((3, 9000)),
             fallback_reason: Some("busy".into()),
@@ -222,9 +226,54 @@ mod tests {
             (finalize.queue_depth, finalize.expected_wait_ms),
             (Some(3), Some(9000))
         );
+        assert_eq!(finalize.predictor, Some(predictor_report()));
+        // The local record keeps it too, in the same form.
+        let local = to_json(&record);
+        let back: diffusionx_fleet::PredictorReport =
+            serde_json::from_value(local["predictor"].clone()).expect("a predictor report");
+        assert_eq!(back, predictor_report());
         assert_eq!(report.extra["blocked_prompts"], 2);
         assert_eq!(report.ending, "finished");
         context.privacy = PromptPrivacy::None;
         assert_eq!(session_report(&record, &context).rounds[0].prompt, None);
+    }
+
+    fn predictor_report() -> diffusionx_fleet::PredictorReport {
+        use diffusionx_predictor::{Context, Decision, Features, Limit, Policy, Source};
+        diffusionx_fleet::PredictorReport {
+            features: Features {
+                text: vec![0.5; 8],
+                prompt_tokens: 5,
+                rounds: 2,
+                prompt_cosine: 0.9,
+                latent_mean: 0.1,
+                latent_std: 0.9,
+                x0_change: 0.02,
+                width: 256,
+                height: 256,
+                edge_steps: 4,
+            },
+            projection: "5fcc5abebe434b61".into(),
+            context: Context {
+                queue_depth: 3,
+                expected_wait_ms: 9000.0,
+                rtt_ms: 12.0,
+                uplink_bytes_per_s: 1e6,
+                step_ms: 80.0,
+                steps_total: 20,
+                latent_bytes: 8300,
+                result_ms: 300.0,
+            },
+            policy: Policy::default(),
+            decision: Decision {
+                level: 0.4,
+                level_bp: 4000,
+                cloud_steps: 8,
+                predicted_quality: 0.83,
+                expected_latency_ms: 9960.0,
+                limit: Limit::MinLevel,
+                source: Source::RuleBased,
+            },
+        }
     }
 }

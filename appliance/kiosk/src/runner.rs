@@ -10,14 +10,15 @@ use diffusionx_protocol::{JobId, Resolution, Scheduler, SessionId};
 use diffusionx_ui::{HeadlessDisplay, Layout, Screen};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::cloud::{CloudJob, CloudProgress, Link};
+use crate::cloud::{CloudJob, CloudProgress, Link, Measured};
 use crate::engine::{EngineSettings, EngineWorker};
 use crate::evdev::Input;
+use crate::level::LevelChooser;
 use crate::records::{RecordStore, ReportContext, session_report};
 use crate::script::{ScreenKind, Step};
 use crate::session::{CloudFailure, Command, Event, Handover, Session, SessionConfig};
 use diffusionx_agent::{Agent, AgentEvent};
-use diffusionx_fleet::{PromptPrivacy, Settings};
+use diffusionx_fleet::{NoisePolicy, PromptPrivacy, Settings};
 use diffusionx_ui::Action;
 use tokio::sync::watch;
 
@@ -52,6 +53,10 @@ pub struct KioskParts {
     pub snapshots: Option<PathBuf>,
     /// The fleet agent; without it reports go to `records`.
     pub fleet: Option<Fleet>,
+    /// How the noise level is chosen (operators change it over MQTT when there is a fleet).
+    pub noise_policy: NoisePolicy,
+    /// Trained predictor weights (`None`: the rule-based default).
+    pub predictor: Option<diffusionx_predictor::Weights>,
 }
 
 /// The kiosk's link to its fleet.
@@ -96,6 +101,8 @@ pub struct Kiosk {
     settings: Option<watch::Receiver<Settings>>,
     privacy: PromptPrivacy,
     stop: Option<Stop>,
+    noise_policy: NoisePolicy,
+    level: LevelChooser,
 }
 
 /// Receives every frame the kiosk draws (a hardware display's `present`).
@@ -148,6 +155,8 @@ impl Kiosk {
             settings,
             privacy: PromptPrivacy::Hash,
             stop: None,
+            noise_policy: parts.noise_policy,
+            level: LevelChooser::new(parts.predictor),
         };
         if let Some(rx) = kiosk.settings.as_mut() {
             let settings = rx.borrow_and_update().clone();
@@ -430,6 +439,7 @@ impl Kiosk {
         config.blocklist = settings.blocklist.clone();
         self.cloud.steps = settings.cloud_steps;
         self.privacy = settings.prompt_privacy;
+        self.noise_policy = settings.noise_policy;
         tracing::info!(?settings, "settings in force");
     }
 
@@ -454,6 +464,32 @@ impl Kiosk {
             scheduler: self.cloud.scheduler,
             latent: handover.latent,
         };
+        let (chooser, policy, observation) =
+            (self.level.clone(), self.noise_policy, handover.observation);
+        let fixed = handover.noise_level;
+        let steps_total = job.steps;
+        let decided = events.clone();
+        let mut choose = move |measured: &Measured| {
+            let choice =
+                chooser.choose(observation.as_ref(), measured, steps_total, &policy, fixed);
+            if let Some(report) = &choice.report {
+                let d = &report.decision;
+                tracing::info!(
+                    level = d.level,
+                    cloud_steps = d.cloud_steps,
+                    predicted_quality = d.predicted_quality,
+                    expected_latency_ms = d.expected_latency_ms,
+                    limit = ?d.limit,
+                    source = ?d.source,
+                    "noise level chosen"
+                );
+            }
+            let _ = decided.send(Event::CloudDecided {
+                noise_level: choice.level,
+                predictor: choice.report.map(Box::new),
+            });
+            choice.level
+        };
         tokio::spawn(async move {
             let progress_events = events.clone();
             let mut progress = move |p: CloudProgress| {
@@ -471,7 +507,7 @@ impl Kiosk {
                     },
                 });
             };
-            let event = match link.refine(&job, &mut progress).await {
+            let event = match link.refine(&job, &mut choose, &mut progress).await {
                 Ok(done) => {
                     tracing::info!(
                         total_ms = done.result.timings.total_us / 1000,

@@ -8,6 +8,8 @@
 use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
+use diffusionx_fleet::PredictorReport;
+use diffusionx_predictor::{Observation, latent_stats};
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
 
 /// What the session needs to know, fixed for the kiosk's lifetime.
@@ -92,6 +94,8 @@ pub enum Event {
         image: RgbImage,
         /// The final latent (scaled), `[4, h, w]`.
         latent: Vec<f32>,
+        /// What the noise level predictor needs of it (`None` if it could not be measured).
+        facts: Option<PreviewFacts>,
     },
     /// Preview `round` failed.
     PreviewFailed {
@@ -106,6 +110,13 @@ pub enum Event {
         queue_depth: u32,
         /// Its estimate of the wait before a job sent now starts.
         expected_wait_ms: u32,
+    },
+    /// The noise level was chosen for the cloud job (after the load probe).
+    CloudDecided {
+        /// The level sent.
+        noise_level: NoiseLevel,
+        /// The predictor's inputs and decision (`None`: the operator fixed the level).
+        predictor: Option<Box<PredictorReport>>,
     },
     /// The cloud job waits at `position`.
     CloudQueued {
@@ -149,6 +160,23 @@ pub enum Event {
     Tick,
 }
 
+/// What the edge engine measured of a finished preview for the noise level predictor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviewFacts {
+    /// The prompt's pooled text embedding.
+    pub pooled: Vec<f32>,
+    /// The prompt's length in CLIP tokens.
+    pub prompt_tokens: u32,
+    /// How much the predicted clean latent still changed over the last steps.
+    pub x0_change: f32,
+    /// Image width in pixels.
+    pub width: u32,
+    /// Image height in pixels.
+    pub height: u32,
+    /// Denoising steps run.
+    pub edge_steps: u32,
+}
+
 /// What the refinement works from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handover {
@@ -156,10 +184,14 @@ pub struct Handover {
     pub prompt: String,
     /// The session's seed.
     pub seed: u64,
-    /// How much of the preview to redo.
+    /// How much of the preview to redo when the operator fixed it, or the cloud could not be
+    /// asked (local refinement).
     pub noise_level: NoiseLevel,
     /// The last preview's latent.
     pub latent: Vec<f32>,
+    /// The request as the noise level predictor sees it (`None` if the preview's facts could
+    /// not be measured: the fixed level is used).
+    pub observation: Option<Observation>,
 }
 
 /// Outputs, to be executed in order.
@@ -224,10 +256,15 @@ pub struct SessionRecord {
     pub number: u64,
     /// Every preview round.
     pub rounds: Vec<RoundRecord>,
-    /// The noise level asked for at finalize.
+    /// The noise level of the refinement: the predictor's for the cloud, the configured one
+    /// for a local refinement.
     pub noise_level: Option<NoiseLevel>,
+    /// The noise level predictor's inputs and decision, when it decided.
+    pub predictor: Option<Box<PredictorReport>>,
     /// Cloud or local, once known.
     pub path: Option<FinalPath>,
+    /// Denoising steps the gateway runs for this job, as its progress reports say.
+    pub cloud_steps: Option<u16>,
     /// The gateway's load at finalize: (jobs waiting, expected wait in ms).
     pub cloud_load: Option<(u32, u32)>,
     /// Why the cloud was given up, if it was.
@@ -259,6 +296,7 @@ enum State {
     Previewing {
         image: RgbImage,
         latent: Vec<f32>,
+        facts: Option<PreviewFacts>,
     },
     Refining {
         status: RefineStatus,
@@ -293,6 +331,9 @@ pub struct Session {
     reported: bool,
     /// Why the last prompt was refused, shown until the next key.
     notice: Option<String>,
+    /// Pooled text embeddings of the last two finished previews of this session (previous,
+    /// last), for the predictor's prompt change.
+    pooled: (Option<Vec<f32>>, Option<Vec<f32>>),
 }
 
 /// What a visitor sees when the blocklist refuses their prompt: no word is repeated back.
@@ -313,6 +354,7 @@ impl Session {
             last_picture: None,
             reported: false,
             notice: None,
+            pooled: (None, None),
         }
     }
 
@@ -428,6 +470,7 @@ impl Session {
                 self.reported = false;
                 self.seed = session_seed(self.config.base_seed, self.sessions);
                 self.round = 0;
+                self.pooled = (None, None);
                 self.prompt.clear();
                 self.state = State::Editing {
                     shift: false,
@@ -500,12 +543,23 @@ impl Session {
                 self.seed = next_seed(self.seed);
                 self.start_round(now, out);
             }
-            (State::Previewing { latent, image }, Action::Finalize) => {
+            (
+                State::Previewing {
+                    latent,
+                    image,
+                    facts,
+                },
+                Action::Finalize,
+            ) => {
+                let observation = facts
+                    .take()
+                    .and_then(|facts| observe(facts, self.pooled.0.clone(), self.round, latent));
                 let handover = Handover {
                     prompt: self.prompt.clone(),
                     seed: self.seed,
                     noise_level: self.config.noise_level,
                     latent: std::mem::take(latent),
+                    observation,
                 };
                 let image = image.clone();
                 self.record.noise_level = Some(self.config.noise_level);
@@ -556,13 +610,21 @@ impl Session {
                     round: r,
                     image,
                     latent,
+                    facts,
                 },
             ) if *round == r => {
+                if let Some(f) = &facts {
+                    self.pooled = (self.pooled.1.take(), Some(f.pooled.clone()));
+                }
                 let ms = now.saturating_duration_since(*started).as_millis() as u64;
                 if let Some(last) = self.record.rounds.last_mut() {
                     last.preview_ms = Some(ms);
                 }
-                self.state = State::Previewing { image, latent };
+                self.state = State::Previewing {
+                    image,
+                    latent,
+                    facts,
+                };
                 // The idle timer restarts when the result appears.
                 self.last_input = now;
             }
@@ -583,10 +645,23 @@ impl Session {
                     expected_wait_ms,
                 },
             ) => self.record.cloud_load = Some((queue_depth, expected_wait_ms)),
+            (
+                State::Refining { .. },
+                Event::CloudDecided {
+                    noise_level,
+                    predictor,
+                },
+            ) => {
+                self.record.noise_level = Some(noise_level);
+                self.record.predictor = predictor;
+                // The decision is part of the durable record before the latent goes out.
+                out.push(Command::SaveRecord(self.record.clone()));
+            }
             (State::Refining { status, .. }, Event::CloudQueued { position, wait_ms }) => {
                 *status = RefineStatus::Queued { position, wait_ms };
             }
             (State::Refining { status, .. }, Event::CloudStep { step, total }) => {
+                self.record.cloud_steps = Some(total);
                 *status = RefineStatus::Cloud { step, total };
             }
             (State::Refining { started, .. }, Event::CloudDone { image }) => {
@@ -601,6 +676,8 @@ impl Session {
             ) if !matches!(status, RefineStatus::Local { .. }) => {
                 // Only the first failure counts: a deadline after a drop starts nothing new.
                 self.record.fallback_reason = Some(why.reason());
+                // The kiosk redoes its own configured share, whatever the cloud was asked.
+                self.record.noise_level = Some(handover.noise_level);
                 *status = RefineStatus::Local { step: 0, total: 0 };
                 out.push(Command::RefineLocally(handover.clone()));
             }
@@ -685,6 +762,8 @@ fn new_record(number: u64) -> SessionRecord {
         number,
         rounds: Vec::new(),
         noise_level: None,
+        predictor: None,
+        cloud_steps: None,
         path: None,
         cloud_load: None,
         fallback_reason: None,
@@ -693,6 +772,36 @@ fn new_record(number: u64) -> SessionRecord {
         blocked_prompts: 0,
         ending: Ending::Open,
     }
+}
+
+/// The predictor's view of the final preview; `None` (the fixed level is used) if the
+/// latent cannot be summarized (NaN from a broken model: the gateway refuses it anyway).
+fn observe(
+    facts: PreviewFacts,
+    previous_pooled: Option<Vec<f32>>,
+    rounds: u32,
+    latent: &[f32],
+) -> Option<Observation> {
+    let stats = match latent_stats(latent) {
+        Ok(stats) => stats,
+        Err(why) => {
+            tracing::warn!(%why, "the preview latent cannot be summarized for the predictor");
+            return None;
+        }
+    };
+    // The previous round's embedding is only comparable when the encoder is the same.
+    let previous_pooled = previous_pooled.filter(|p| p.len() == facts.pooled.len());
+    Some(Observation {
+        pooled: facts.pooled,
+        previous_pooled,
+        prompt_tokens: facts.prompt_tokens,
+        rounds: rounds.max(1),
+        latent: stats,
+        x0_change: facts.x0_change,
+        width: facts.width,
+        height: facts.height,
+        edge_steps: facts.edge_steps,
+    })
 }
 
 fn upper(c: char) -> char {

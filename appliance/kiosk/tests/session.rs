@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_kiosk::session::{
-    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig,
+    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, PreviewFacts, Session,
+    SessionConfig,
 };
+use diffusionx_predictor::{LatentStats, Observation};
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
 
 fn image(v: u8) -> RgbImage {
@@ -61,8 +63,21 @@ impl Sim {
                 round,
                 image: image(round as u8),
                 latent: vec![latent; 4],
+                facts: Some(facts(round)),
             },
         )
+    }
+}
+
+/// Round `round`'s predictor facts: its pooled embedding is `[round, 1]`.
+fn facts(round: u32) -> PreviewFacts {
+    PreviewFacts {
+        pooled: vec![round as f32, 1.0],
+        prompt_tokens: 3 + round,
+        x0_change: 0.01 * round as f32,
+        width: 256,
+        height: 256,
+        edge_steps: 4,
     }
 }
 
@@ -132,11 +147,26 @@ fn three_rounds_then_finalize_in_the_cloud() {
 
     // Finalize: the record is saved before the cloud is asked, with the last latent.
     let cmds = sim.act(Action::Finalize);
+    // The predictor sees the final round's facts and the round before's embedding.
     let handover = Handover {
         prompt: "red cat".into(),
         seed: seed3,
         noise_level: NoiseLevel::from_bp(4000).unwrap(),
         latent: vec![3.0; 4],
+        observation: Some(Observation {
+            pooled: vec![3.0, 1.0],
+            previous_pooled: Some(vec![2.0, 1.0]),
+            prompt_tokens: 6,
+            rounds: 3,
+            latent: LatentStats {
+                mean: 3.0,
+                std: 0.0,
+            },
+            x0_change: 0.03,
+            width: 256,
+            height: 256,
+            edge_steps: 4,
+        }),
     };
     match &cmds[..] {
         [Command::SaveRecord(record), Command::RefineInCloud(h)] => {
@@ -145,8 +175,18 @@ fn three_rounds_then_finalize_in_the_cloud() {
         }
         other => panic!("{other:?}"),
     }
+    // The level the cloud is asked for after the load probe is the one recorded, durably.
+    let cmds = sim.at(
+        0.1,
+        Event::CloudDecided {
+            noise_level: NoiseLevel::from_bp(2600).unwrap(),
+            predictor: None,
+        },
+    );
+    assert!(matches!(&cmds[..], [Command::SaveRecord(r)]
+        if r.noise_level == NoiseLevel::from_bp(2600)));
     sim.at(
-        0.2,
+        0.1,
         Event::CloudQueued {
             position: 1,
             wait_ms: 900,
@@ -183,6 +223,7 @@ fn three_rounds_then_finalize_in_the_cloud() {
     assert_eq!(record.ending, Ending::Finished);
     assert_eq!(record.path, Some(FinalPath::Cloud));
     assert_eq!(record.thumbs_up, Some(true));
+    assert_eq!(record.noise_level, NoiseLevel::from_bp(2600));
     assert_eq!(record.refine_ms, Some(2200));
     let times: Vec<Option<u64>> = record.rounds.iter().map(|r| r.preview_ms).collect();
     assert_eq!(times, vec![Some(2000), Some(2000), Some(1000)]);
@@ -230,12 +271,25 @@ fn the_cloud_failing_falls_back_to_local_and_says_so() {
     sim.typed("tree");
     sim.act(Action::Key(Key::Done));
     sim.preview_done(1, 1.0, 0.5);
-    sim.act(Action::Finalize);
+    let cmds = sim.act(Action::Finalize);
+    // One round: no previous embedding to compare with.
+    assert!(matches!(&cmds[..], [_, Command::RefineInCloud(h)]
+        if h.observation.as_ref().unwrap().previous_pooled.is_none()));
+    sim.at(
+        0.1,
+        Event::CloudDecided {
+            noise_level: NoiseLevel::from_bp(7000).unwrap(),
+            predictor: None,
+        },
+    );
     let cmds = sim.at(
-        0.3,
+        0.2,
         Event::CloudFailed(CloudFailure::Unreachable("connection lost".into())),
     );
-    assert!(matches!(&cmds[..], [Command::RefineLocally(h)] if h.latent == vec![0.5; 4]));
+    // The kiosk redoes its configured share, and the record says so.
+    assert!(matches!(&cmds[..], [Command::RefineLocally(h)]
+        if h.latent == vec![0.5; 4] && h.noise_level.bp() == 4000));
+    assert_eq!(sim.session.record().noise_level, NoiseLevel::from_bp(4000));
     assert!(matches!(
         sim.session.screen(),
         Screen::Refining {

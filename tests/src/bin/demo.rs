@@ -107,6 +107,8 @@ async fn main() -> anyhow::Result<()> {
         panel: (w, h),
         cloud_steps: 20,
         noise_level: NoiseLevel::from_bp(5000).context("noise level")?,
+        noise_policy: Default::default(),
+        predictor: None,
     };
     let mut kiosk = kiosk_with_fleet(&gateway, &options, Some(fleet))?;
     println!(
@@ -166,6 +168,19 @@ async fn main() -> anyhow::Result<()> {
         record["fallback_reason"].as_str().unwrap_or("no fallback"),
         record["refine_ms"]
     );
+    let decision = &record["predictor"]["decision"];
+    if !decision.is_null() {
+        println!(
+            "  noise level predictor ({}): level {} = {} cloud steps, predicted quality {:.3}, \
+             expected cloud latency {:.0} ms, limited by {}",
+            decision["source"],
+            decision["level"],
+            decision["cloud_steps"],
+            decision["predicted_quality"].as_f64().unwrap_or(f64::NAN),
+            decision["expected_latency_ms"].as_f64().unwrap_or(f64::NAN),
+            decision["limit"]
+        );
+    }
     println!("  session record: {}", args.out.join("records").display());
 
     // What the operator sees: the session report over MQTT, then the fleet.

@@ -95,6 +95,7 @@ pub fn settings(telemetry_interval_s: u32) -> Settings {
         telemetry_interval_s,
         stats_window_s: 3_600,
         blocklist: Vec::new(),
+        noise_policy: Default::default(),
     }
 }
 
