@@ -182,3 +182,48 @@ fn dx_train_needs_data_or_sessions() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--data"), "{stderr}");
 }
+
+#[test]
+fn dx_train_takes_the_standard_projection_by_name() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let standard = diffusionx_predictor::Projection::standard(768).expect("standard");
+    let fingerprint = standard.fingerprint();
+    let sessions: Vec<String> = (0..30)
+        .map(|i| {
+            session(
+                &format!("k1-1-{i}"),
+                Some(i % 2 == 0),
+                &fingerprint,
+                "cloud",
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("s.jsonl"), sessions.join("\n")).expect("write");
+    let out = dx_train(
+        &[
+            "--sessions",
+            "s.jsonl",
+            "--projection",
+            "standard",
+            "--out",
+            "w.json",
+            "--model-version",
+            "fleet-0",
+            "--max-epochs",
+            "3",
+        ],
+        dir.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().next(), Some("projection 5fcc5abebe434b61"));
+    assert!(
+        stdout.contains("30 fleet labels from 30 lines; skipped: 0 malformed"),
+        "{stdout}"
+    );
+    let weights = Weights::from_json(
+        &std::fs::read_to_string(dir.path().join("w.json")).expect("weights written"),
+    )
+    .expect("valid weights");
+    assert_eq!(weights.projection(), &standard);
+}

@@ -10,6 +10,7 @@ use diffusionx_predictor::Projection;
 use diffusionx_predictor_tools::dataset::{LabelRecord, LabelSource, parse_jsonl};
 use diffusionx_predictor_tools::output::print;
 use diffusionx_predictor_tools::sessions::SessionLabels;
+use diffusionx_predictor_tools::synthetic::EMBEDDING_LEN;
 use diffusionx_predictor_tools::train::{TrainConfig, TrainReport, train};
 
 /// Trains the noise level predictor (17 -> hidden relu -> hidden tanh -> 10, levels 0.1..1.0).
@@ -25,8 +26,9 @@ struct Args {
     /// Weight of each fleet request's squared error against 1 for each dataset label.
     #[arg(long, default_value_t = 1.0)]
     session_weight: f64,
-    /// The text projection the features' `text` were made with: a JSON array of 8 rows; it
-    /// ships inside the weights file, and session reports made with another one are skipped.
+    /// The text projection the features' `text` were made with: a JSON array of 8 rows, or
+    /// `standard` for the kiosks' default (`Projection::standard(768)`); it ships inside the
+    /// weights file, and session reports made with another one are skipped.
     #[arg(long)]
     projection: PathBuf,
     /// The weights file to write.
@@ -62,11 +64,21 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// The value of `--projection` that names the standard projection instead of a file.
+const STANDARD: &str = "standard";
+
+fn load_projection(path: &PathBuf) -> anyhow::Result<Projection> {
+    if path.as_os_str() == STANDARD {
+        return Projection::standard(EMBEDDING_LEN).context("the standard projection");
+    }
+    let rows: Vec<Vec<f32>> = serde_json::from_str(&read(path)?)
+        .with_context(|| format!("{} is not a JSON array of rows", path.display()))?;
+    Projection::new(rows).context("invalid projection")
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rows: Vec<Vec<f32>> = serde_json::from_str(&read(&args.projection)?)
-        .with_context(|| format!("{} is not a JSON array of rows", args.projection.display()))?;
-    let projection = Projection::new(rows).context("invalid projection")?;
+    let projection = load_projection(&args.projection)?;
     let fingerprint = projection.fingerprint();
     let mut report = format!("projection {fingerprint}\n");
     let mut records: Vec<LabelRecord> = Vec::new();
