@@ -10,8 +10,9 @@
 //! `features` mirrors [`diffusionx_predictor::Features`] field by field (the crate's type has no
 //! serde on purpose: its wire form is this file's business). Lines are parsed strictly
 //! (unknown fields refused) and checked: features valid with 8 text values, `level` in (0, 1],
-//! `quality` in [0, 1]. A *request* is the set of lines with the same `prompt_id` and
-//! features; its labels form its measured quality curve.
+//! `quality` in [0, 1]. A *request* is the set of lines with the same `prompt_id`, features
+//! and source; its labels form its measured quality curve. (Sources are never merged into one
+//! curve: a fleet thumbs label and a label tool score are on different scales.)
 
 use diffusionx_predictor::{Features, INPUT_LEN, InputError};
 use serde::{Deserialize, Serialize};
@@ -152,11 +153,14 @@ pub fn to_jsonl(records: &[LabelRecord]) -> String {
         .collect()
 }
 
-/// A request with its measured quality curve: the lines sharing a prompt id and features.
+/// A request with its measured quality curve: the lines sharing a prompt id, features and
+/// source.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// The prompt id.
     pub prompt_id: String,
+    /// Where its labels came from (the trainer weights fleet requests apart).
+    pub source: LabelSource,
     /// The features.
     pub features: Features,
     /// The model input (features v1).
@@ -191,8 +195,8 @@ pub fn interpolate(levels: &[f32], values: &[f32], s: f32) -> f32 {
     values[i - 1] + t * (values[i] - values[i - 1])
 }
 
-/// Groups records into requests, in order of first appearance. Duplicate levels of one request
-/// are averaged.
+/// Groups records into requests (same prompt id, source and features), in order of first
+/// appearance. Duplicate levels of one request are averaged.
 pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
     let mut out: Vec<Request> = Vec::new();
     for r in records {
@@ -200,7 +204,7 @@ pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
         let found = out
             .iter_mut()
             .rev()
-            .find(|q| q.prompt_id == r.prompt_id && q.features == features);
+            .find(|q| q.prompt_id == r.prompt_id && q.source == r.source && q.features == features);
         let request = match found {
             Some(q) => q,
             None => {
@@ -209,6 +213,7 @@ pub fn requests(records: &[LabelRecord]) -> Vec<Request> {
                     .expect("parse_jsonl validated the features");
                 out.push(Request {
                     prompt_id: r.prompt_id.clone(),
+                    source: r.source,
                     features,
                     input,
                     labels: Vec::new(),

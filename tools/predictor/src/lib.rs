@@ -6,9 +6,11 @@
 //! - [`net`] and [`train`]: the crate's MLP and monotone head in `f64` with hand-written
 //!   backpropagation, trained with Adam on mini-batches, early-stopped on a validation split
 //!   by prompt id, written as the crate's [`diffusionx_predictor::Weights`];
+//! - [`sessions`]: labels from the fleet's session reports (a thumbs verdict at the level the
+//!   cloud ran), filtered by projection, de-duplicated, every skipped line counted;
 //! - [`evaluate`], [`plot`] and [`setting`]: the learned and rule-based policies against fixed
 //!   levels (mean cloud steps, expected latency, share meeting the quality target), as a
-//!   markdown table and a hand-drawn PNG.
+//!   markdown table and a PNG with axis titles, tick values and a legend.
 //!
 //! Pure apart from the binaries (`dx-synthetic`, `dx-train`, `dx-evaluate`), which read and
 //! write the files. No ML framework: the network is 17-32-32-10, and a few hundred lines of
@@ -22,6 +24,7 @@ pub mod net;
 pub mod output;
 pub mod plot;
 pub mod rng;
+pub mod sessions;
 pub mod setting;
 pub mod synthetic;
 pub mod train;

@@ -265,8 +265,11 @@ mod tests {
                 (1.0, 0.97),
                 (0.9, 0.5),
             ];
+            // A scale other than 1, as the trainer passes (the batch's weighted mean):
+            // the gradient must be exactly that multiple of the loss's.
+            let scale = 0.37;
             let mut grad = vec![0.0; net.params.len()];
-            let l = net.backward(&x, &labels, 1.0, &mut grad);
+            let l = net.backward(&x, &labels, scale, &mut grad);
             assert!((l - loss(&net, &x, &labels)).abs() < 1e-12);
             let h = 1e-6;
             let mut worst = 0.0f64;
@@ -275,7 +278,8 @@ mod tests {
                 plus.params[i] += h;
                 let mut minus = net.clone();
                 minus.params[i] -= h;
-                let numeric = (loss(&plus, &x, &labels) - loss(&minus, &x, &labels)) / (2.0 * h);
+                let numeric =
+                    scale * (loss(&plus, &x, &labels) - loss(&minus, &x, &labels)) / (2.0 * h);
                 let err = (numeric - backprop).abs() / (1e-6 + numeric.abs().max(backprop.abs()));
                 // ReLU kinks can make a one-sided difference; none is within h here.
                 worst = worst.max(err);

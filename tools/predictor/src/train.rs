@@ -2,11 +2,23 @@
 //! and the grid interpolation) and the labelled quality, minimized with Adam over seeded
 //! mini-batches of requests, stopped early on a validation split by prompt id.
 //!
+//! The error is **weighted**: every squared error of a fleet request (a session report's
+//! thumbs label, [`crate::sessions`]) counts [`TrainConfig::session_weight`] times, every other
+//! label once, and a batch's loss is the weighted mean
+//!
+//! ```text
+//! L = sum_r w_r * sum_i (q_r(s_i) - y_i)^2  /  sum_r w_r * n_r
+//! ```
+//!
+//! over its requests `r` with `n_r` labels each ([`weighted_mse`]). The validation loss that
+//! picks the kept epoch is the same weighted mean. A weight of 0 drops the fleet requests
+//! before the split and the shuffles, so the weights are exactly those trained without them.
+//!
 //! Deterministic: the same records, configuration and seed give bit-identical weights.
 
 use diffusionx_predictor::{Activation, Projection, Weights, WeightsError};
 
-use crate::dataset::{LabelRecord, Request, requests};
+use crate::dataset::{LabelRecord, LabelSource, Request, requests};
 use crate::net::Net;
 use crate::rng::Rng;
 
@@ -29,11 +41,15 @@ pub struct TrainConfig {
     pub patience: usize,
     /// Share of prompt ids held out for validation, in (0, 1).
     pub validation_share: f64,
+    /// Weight of each squared error of a fleet request (source [`LabelSource::Fleet`]) against
+    /// 1 for every other label; finite and at least 0 (0 ignores the fleet requests).
+    pub session_weight: f64,
 }
 
 impl Default for TrainConfig {
     /// 17 -> 32 (relu) -> 32 (tanh) -> 10 on the levels 0.1 ... 1.0; 300 epochs at most,
-    /// batches of 16 requests, Adam at 3e-3, patience 30, 20% of prompts for validation.
+    /// batches of 16 requests, Adam at 3e-3, patience 30, 20% of prompts for validation,
+    /// fleet requests weighted 1.
     fn default() -> Self {
         Self {
             seed: 1,
@@ -44,8 +60,33 @@ impl Default for TrainConfig {
             learning_rate: 3e-3,
             patience: 30,
             validation_share: 0.2,
+            session_weight: 1.0,
         }
     }
+}
+
+/// The weight of each squared error of a request: `session_weight` for fleet requests, 1 for
+/// the others.
+pub fn request_weight(request: &Request, session_weight: f64) -> f64 {
+    match request.source {
+        LabelSource::Fleet => session_weight,
+        LabelSource::Synthetic | LabelSource::Label => 1.0,
+    }
+}
+
+/// RMSE of the kept weights on the requests of one source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceReport {
+    /// Where the labels came from.
+    pub source: LabelSource,
+    /// Requests of this source trained on.
+    pub train_requests: usize,
+    /// Requests of this source validated on.
+    pub validation_requests: usize,
+    /// RMSE against their training labels (`None` without training requests).
+    pub train_rmse: Option<f32>,
+    /// RMSE against their validation labels (`None` without validation requests).
+    pub validation_rmse: Option<f32>,
 }
 
 /// What training produced.
@@ -65,6 +106,12 @@ pub struct TrainReport {
     pub train_requests: usize,
     /// Requests validated on.
     pub validation_requests: usize,
+    /// The same per label source, in the order synthetic, label, fleet (sources with
+    /// requests only): fleet thumbs labels are 0 or 1, so their RMSE is on another scale
+    /// (the root of the Brier score) and is reported apart.
+    pub by_source: Vec<SourceReport>,
+    /// Fleet requests left out because [`TrainConfig::session_weight`] is 0.
+    pub ignored_fleet_requests: usize,
 }
 
 /// Why training could not run.
@@ -149,18 +196,67 @@ impl Adam {
     }
 }
 
-/// The mean squared error of the network over some requests' labels.
-fn mse(net: &Net, requests: &[Request]) -> f64 {
+/// The weighted mean squared error of the network over some requests' labels (see the module
+/// docs): `sum_r w_r * sum_i e_ri^2 / sum_r w_r * n_r`, 0 when the weights sum to 0.
+pub fn weighted_mse(net: &Net, requests: &[Request], session_weight: f64) -> f64 {
     let mut sum = 0.0;
-    let mut n = 0;
+    let mut total = 0.0;
     for r in requests {
+        let w = request_weight(r, session_weight);
         let t = net.forward(&r.input);
         for &(s, y) in &r.labels {
-            sum += (net.quality_at(&t, s) - f64::from(y)).powi(2);
-            n += 1;
+            sum += w * (net.quality_at(&t, s) - f64::from(y)).powi(2);
+            total += w;
         }
     }
-    sum / n.max(1) as f64
+    if total > 0.0 { sum / total } else { 0.0 }
+}
+
+/// The gradient of [`weighted_mse`] over a batch, written into `grad` (overwritten).
+pub fn batch_gradient(net: &Net, batch: &[Request], session_weight: f64, grad: &mut [f64]) {
+    grad.iter_mut().for_each(|g| *g = 0.0);
+    let total: f64 = batch
+        .iter()
+        .map(|r| request_weight(r, session_weight) * r.labels.len() as f64)
+        .sum();
+    if total <= 0.0 {
+        return;
+    }
+    let scale = 1.0 / total;
+    for r in batch {
+        let w = request_weight(r, session_weight);
+        if w != 0.0 {
+            net.backward(&r.input, &r.labels, scale * w, grad);
+        }
+    }
+}
+
+fn rmse_by_source(
+    weights: &Weights,
+    train: &[Request],
+    validation: &[Request],
+) -> Vec<SourceReport> {
+    let rmse_of = |rs: &[Request]| (!rs.is_empty()).then(|| rmse(weights, rs));
+    [
+        LabelSource::Synthetic,
+        LabelSource::Label,
+        LabelSource::Fleet,
+    ]
+    .into_iter()
+    .filter_map(|source| {
+        let pick = |rs: &[Request]| -> Vec<Request> {
+            rs.iter().filter(|r| r.source == source).cloned().collect()
+        };
+        let (t, v) = (pick(train), pick(validation));
+        (!t.is_empty() || !v.is_empty()).then(|| SourceReport {
+            source,
+            train_requests: t.len(),
+            validation_requests: v.len(),
+            train_rmse: rmse_of(&t),
+            validation_rmse: rmse_of(&v),
+        })
+    })
+    .collect()
 }
 
 /// Trains on the records (see the module docs) and returns the best validation weights.
@@ -180,7 +276,16 @@ pub fn train(
             reason: "validation_share must be in (0, 1)",
         });
     }
-    let (validation, mut train): (Vec<Request>, Vec<Request>) = requests(records)
+    let w = config.session_weight;
+    if !(w.is_finite() && w >= 0.0) {
+        return Err(TrainError::Config {
+            reason: "session_weight must be finite and at least 0",
+        });
+    }
+    let (kept, ignored): (Vec<Request>, Vec<Request>) = requests(records)
+        .into_iter()
+        .partition(|r| request_weight(r, w) > 0.0);
+    let (validation, mut train): (Vec<Request>, Vec<Request>) = kept
         .into_iter()
         .partition(|r| is_validation(&r.prompt_id, config.seed, config.validation_share));
     if train.is_empty() || validation.is_empty() {
@@ -204,15 +309,10 @@ pub fn train(
         epochs = epoch;
         rng.shuffle(&mut train);
         for batch in train.chunks(config.batch) {
-            let labels: usize = batch.iter().map(|r| r.labels.len()).sum();
-            let scale = 1.0 / labels.max(1) as f64;
-            grad.iter_mut().for_each(|g| *g = 0.0);
-            for r in batch {
-                net.backward(&r.input, &r.labels, scale, &mut grad);
-            }
+            batch_gradient(&net, batch, w, &mut grad);
             adam.step(&mut net.params, &grad);
         }
-        let loss = mse(&net, &validation);
+        let loss = weighted_mse(&net, &validation, w);
         if loss < best.0 {
             best = (loss, net.params.clone(), epoch);
         } else if epoch - best.2 >= config.patience {
@@ -221,6 +321,7 @@ pub fn train(
     }
     net.params = best.1;
     let weights = net.to_weights(model_version, projection)?;
+    let by_source = rmse_by_source(&weights, &train, &validation);
     Ok(TrainReport {
         train_rmse: rmse(&weights, &train),
         validation_rmse: rmse(&weights, &validation),
@@ -229,5 +330,7 @@ pub fn train(
         best_epoch: best.2,
         train_requests: train.len(),
         validation_requests: validation.len(),
+        by_source,
+        ignored_fleet_requests: ignored.len(),
     })
 }

@@ -182,21 +182,110 @@ fn the_plot_has_its_size_and_a_marker_per_policy() {
     let rows = [row("a", 10.0, 0.5), row("b", 40.0, 1.0)];
     let img = plot::draw(&rows, 50);
     assert_eq!(img.dimensions(), (plot::WIDTH, plot::HEIGHT));
-    assert_eq!((plot::WIDTH, plot::HEIGHT), (640, 400));
-    // (10 steps, 50%): x = 40 + 580 * 10 / 50 = 156, y = 360 - 340 * 0.5 = 190.
-    assert_eq!(plot::pixel(10.0, 0.5, 50), (156, 190));
-    assert_eq!(img.get_pixel(156, 190).0, plot::COLOURS[0].0);
-    assert_eq!(img.get_pixel(156 + 6, 190 - 6).0, plot::COLOURS[0].0);
+    assert_eq!((plot::WIDTH, plot::HEIGHT), (900, 440));
+    // (10 steps, 50%): x = 60 + 540 * 10 / 50 = 168, y = 390 - 360 * 0.5 = 210.
+    assert_eq!(plot::pixel(10.0, 0.5, 50), (168, 210));
+    assert_eq!(img.get_pixel(168, 210).0, plot::COLOURS[0].0);
+    assert_eq!(img.get_pixel(168 + 6, 210 - 6).0, plot::COLOURS[0].0);
     let (x, y) = plot::pixel(40.0, 1.0, 50);
     assert_eq!(img.get_pixel(x as u32, y as u32).0, plot::COLOURS[1].0);
     // Background, axis.
-    assert_eq!(img.get_pixel(630, 395).0, [255, 255, 255]);
-    assert_eq!(img.get_pixel(40, 300).0, [0, 0, 0]);
+    assert_eq!(img.get_pixel(610, 435).0, [255, 255, 255]);
+    assert_eq!(img.get_pixel(60, 300).0, [0, 0, 0]);
     let png = plot::png(&img);
     assert_eq!(&png[1..4], b"PNG");
     let back = image::load_from_memory(&png).expect("a PNG").to_rgb8();
     assert_eq!(back, img);
     assert_eq!(plot::legend(&rows), "a = blue, b = orange");
+}
+
+/// Black pixels (text and axes) in `[x0, x1) x [y0, y1)`.
+fn ink(img: &image::RgbImage, (x0, y0): (u32, u32), (x1, y1): (u32, u32)) -> usize {
+    (y0..y1)
+        .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+        .filter(|&(x, y)| img.get_pixel(x, y).0 == [0, 0, 0])
+        .count()
+}
+
+#[test]
+fn the_plot_names_its_axes_ticks_and_every_policy() {
+    let rows: Vec<Row> = (0..7)
+        .map(|i| {
+            row(
+                &format!("policy {i}"),
+                5.0 * f64::from(i),
+                0.1 * f64::from(i),
+            )
+        })
+        .collect();
+    let img = plot::draw(&rows, 50);
+    // The legend: each entry's swatch in its row's colour (cycling after six), its name in
+    // ink to the right; nothing below the last entry.
+    for i in 0..rows.len() {
+        let (x, y) = plot::legend_entry(i);
+        let colour = plot::COLOURS[i % plot::COLOURS.len()].0;
+        for (dx, dy) in [(0, 0), (5, 5), (plot::SWATCH - 1, plot::SWATCH - 1)] {
+            assert_eq!(img.get_pixel(x + dx, y + dy).0, colour, "swatch {i}");
+        }
+        let name = ink(
+            &img,
+            (plot::LEGEND_TEXT_X, y),
+            (plot::WIDTH, y + plot::SWATCH),
+        );
+        assert!(name > 20, "legend entry {i} has {name} ink pixels");
+    }
+    let (_, below) = plot::legend_entry(rows.len());
+    assert_eq!(
+        ink(&img, (plot::LEGEND_X, below), (plot::WIDTH, plot::HEIGHT)),
+        0
+    );
+    // The two names differ only in the digit: their pixels differ, so the text is the name.
+    let (_, y0) = plot::legend_entry(0);
+    let (_, y1) = plot::legend_entry(1);
+    let strip = |y: u32| -> Vec<[u8; 3]> {
+        (y..y + plot::SWATCH)
+            .flat_map(|yy| (plot::LEGEND_TEXT_X..plot::WIDTH).map(move |x| (x, yy)))
+            .map(|(x, yy)| img.get_pixel(x, yy).0)
+            .collect()
+    };
+    assert_ne!(strip(y0), strip(y1));
+    // The x tick values under the axis (at 0 and 50 steps), the x title below them, the y
+    // tick values left of the axis, the y title above the plot.
+    let (x0, y_axis) = plot::pixel(0.0, 0.0, 50);
+    let (x50, _) = plot::pixel(50.0, 0.0, 50);
+    let (x0, y_axis, x50) = (x0 as u32, y_axis as u32, x50 as u32);
+    assert!(
+        ink(&img, (x0 - 4, y_axis + 4), (x0 + 4, y_axis + 16)) > 5,
+        "tick 0"
+    );
+    assert!(
+        ink(&img, (x50 - 8, y_axis + 4), (x50 + 8, y_axis + 16)) > 10,
+        "tick 50"
+    );
+    assert!(
+        ink(&img, (x0, plot::HEIGHT - 20), (x50, plot::HEIGHT)) > 100,
+        "x title"
+    );
+    let (_, y100) = plot::pixel(0.0, 1.0, 50);
+    assert!(
+        ink(&img, (0, y100 as u32 - 6), (x0 - 2, y100 as u32 + 6)) > 20,
+        "100%"
+    );
+    assert!(
+        ink(&img, (0, 0), (plot::WIDTH, y100 as u32 - 8)) > 200,
+        "y title"
+    );
+    // Tick spacing: at most 10 intervals.
+    assert_eq!(
+        [1, 10, 11, 20, 50, 51, 100, 250, 1000].map(plot::x_tick),
+        [1, 1, 2, 2, 5, 10, 10, 50, 100]
+    );
+    // Long names are cut to fit.
+    let long = "x".repeat(plot::LEGEND_CHARS + 5);
+    let cut = plot::legend_name(&long);
+    assert_eq!(cut.len(), plot::LEGEND_CHARS);
+    assert!(cut.ends_with("..."));
+    assert_eq!(plot::legend_name("fixed 0.3"), "fixed 0.3");
 }
 
 #[test]

@@ -126,8 +126,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.out_md {
         let doc = format!(
             "{table}\nPlot: share meeting the target (y, 0 to 100%) against mean cloud steps \
-             (x, 0 to {}); grid every 10% and 5 steps. {}.\n",
+             (x, 0 to {}); grid every 10% and {} steps; the legend names each policy. {}.\n",
             context.steps_total,
+            plot::x_tick(context.steps_total),
             plot::legend(&rows)
         );
         std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;

@@ -1,0 +1,229 @@
+//! `dx-train` as operators run it: a labelled dataset plus the fleet's session reports.
+
+use std::path::Path;
+use std::process::Command;
+
+use diffusionx_fleet::{Finalize, PredictorReport, SessionReport};
+use diffusionx_predictor::{Policy, Predictor, Weights};
+use diffusionx_predictor_tools::dataset::to_jsonl;
+use diffusionx_predictor_tools::setting::ContextJson;
+use diffusionx_predictor_tools::synthetic::{SyntheticConfig, generate, projection};
+
+fn session(id: &str, thumbs_up: Option<bool>, fingerprint: &str, path: &str) -> String {
+    let features = generate(
+        &SyntheticConfig {
+            requests: 1,
+            levels: vec![0.5],
+            ..SyntheticConfig::default()
+        },
+        &projection(3),
+    )
+    .remove(0)
+    .features;
+    let context = ContextJson::default().to_context().expect("valid context");
+    let policy = Policy::default();
+    let decision = Predictor::rule_based()
+        .decide(&features, &context, &policy)
+        .expect("a decision");
+    let report = SessionReport {
+        id: id.to_owned(),
+        boot: 1,
+        number: 1,
+        ts_ms: 0,
+        rounds: Vec::new(),
+        finalize: Some(Finalize {
+            noise_level: decision.level,
+            path: Some(path.to_owned()),
+            refine_ms: Some(2000),
+            queue_depth: None,
+            expected_wait_ms: None,
+            fallback_reason: None,
+            predictor: Some(PredictorReport {
+                features,
+                projection: fingerprint.to_owned(),
+                context,
+                policy,
+                decision,
+            }),
+        }),
+        thumbs_up,
+        ending: "finished".to_owned(),
+        extra: Default::default(),
+    };
+    serde_json::to_string(&report).expect("serializes")
+}
+
+fn dx_train(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dx-train"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("dx-train runs")
+}
+
+#[test]
+fn dx_train_reads_sessions_beside_a_dataset_and_prints_what_it_skipped() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let proj = projection(3);
+    let fingerprint = proj.fingerprint();
+    std::fs::write(
+        dir.path().join("proj.json"),
+        serde_json::to_string(proj.rows()).expect("rows serialize"),
+    )
+    .expect("write");
+    let data = generate(
+        &SyntheticConfig {
+            requests: 40,
+            ..SyntheticConfig::default()
+        },
+        &proj,
+    );
+    std::fs::write(dir.path().join("train.jsonl"), to_jsonl(&data)).expect("write");
+    let mut sessions: Vec<String> = (0..12)
+        .map(|i| {
+            session(
+                &format!("k1-1-{i}"),
+                Some(i % 3 != 0),
+                &fingerprint,
+                "cloud",
+            )
+        })
+        .collect();
+    sessions.push(sessions[0].clone());
+    sessions.push(session("k1-2-1", Some(true), "0000000000000000", "cloud"));
+    sessions.push(session("k1-2-2", Some(true), &fingerprint, "local"));
+    sessions.push(session("k1-2-3", None, &fingerprint, "cloud"));
+    sessions.push("{\"id\":".to_owned());
+    std::fs::write(dir.path().join("s.jsonl"), sessions.join("\n")).expect("write");
+
+    let out = dx_train(
+        &[
+            "--data",
+            "train.jsonl",
+            "--sessions",
+            "s.jsonl",
+            "--session-weight",
+            "0.5",
+            "--projection",
+            "proj.json",
+            "--out",
+            "w.json",
+            "--model-version",
+            "fleet-1",
+            "--max-epochs",
+            "5",
+        ],
+        dir.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], format!("projection {fingerprint}"));
+    assert_eq!(lines[1], "train.jsonl: 400 labels");
+    assert_eq!(
+        lines[2],
+        "12 fleet labels from 17 lines; skipped: 1 malformed, 1 duplicate id, 0 without \
+         predictor data, 1 not refined by the cloud, 1 without a thumbs verdict, 1 made with \
+         another projection"
+    );
+    assert_eq!(lines[3], "  projection 0000000000000000: 1 reports");
+    assert!(lines[4].starts_with("  s.jsonl line 17: not a session report"));
+    assert_eq!(
+        lines[5],
+        format!(
+            "412 labels; {} validation requests (split by prompt id)",
+            split_of(&stdout)
+        )
+    );
+    assert!(stdout.contains("  fleet (thumbs, 0 or 1): "), "{stdout}");
+    let weights = Weights::from_json(
+        &std::fs::read_to_string(dir.path().join("w.json")).expect("weights written"),
+    )
+    .expect("valid weights");
+    assert_eq!(weights.model_version(), "fleet-1");
+    assert_eq!(weights.projection().fingerprint(), fingerprint);
+}
+
+/// "`T` training and `V`" from the summary line (the split is the trainer's business), checked
+/// to cover all 52 requests.
+fn split_of(stdout: &str) -> String {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("412 labels; "))
+        .expect("the summary line");
+    let words: Vec<&str> = line.split(' ').collect();
+    let (t, v): (usize, usize) = (
+        words[2].parse().expect("a count"),
+        words[5].parse().expect("a count"),
+    );
+    assert_eq!(t + v, 52, "40 labelled and 12 fleet requests");
+    format!("{t} training and {v}")
+}
+
+#[test]
+fn dx_train_needs_data_or_sessions() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let out = dx_train(
+        &[
+            "--projection",
+            "proj.json",
+            "--out",
+            "w.json",
+            "--model-version",
+            "x",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--data"), "{stderr}");
+}
+
+#[test]
+fn dx_train_takes_the_standard_projection_by_name() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let standard = diffusionx_predictor::Projection::standard(768).expect("standard");
+    let fingerprint = standard.fingerprint();
+    let sessions: Vec<String> = (0..30)
+        .map(|i| {
+            session(
+                &format!("k1-1-{i}"),
+                Some(i % 2 == 0),
+                &fingerprint,
+                "cloud",
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("s.jsonl"), sessions.join("\n")).expect("write");
+    let out = dx_train(
+        &[
+            "--sessions",
+            "s.jsonl",
+            "--projection",
+            "standard",
+            "--out",
+            "w.json",
+            "--model-version",
+            "fleet-0",
+            "--max-epochs",
+            "3",
+        ],
+        dir.path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(stdout.lines().next(), Some("projection 5fcc5abebe434b61"));
+    assert!(
+        stdout.contains("30 fleet labels from 30 lines; skipped: 0 malformed"),
+        "{stdout}"
+    );
+    let weights = Weights::from_json(
+        &std::fs::read_to_string(dir.path().join("w.json")).expect("weights written"),
+    )
+    .expect("valid weights");
+    assert_eq!(weights.projection(), &standard);
+}
