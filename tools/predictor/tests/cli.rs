@@ -227,3 +227,35 @@ fn dx_train_takes_the_standard_projection_by_name() {
     .expect("valid weights");
     assert_eq!(weights.projection(), &standard);
 }
+
+#[test]
+fn dx_train_takes_a_standard_projection_of_another_width() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let four = diffusionx_predictor::Projection::standard(4).expect("standard");
+    std::fs::write(dir.path().join("s.jsonl"), "").expect("write");
+    let args = |projection: &'static str| {
+        [
+            "--sessions",
+            "s.jsonl",
+            "--projection",
+            projection,
+            "--out",
+            "w.json",
+            "--model-version",
+            "tiny-0",
+        ]
+    };
+    let out = dx_train(&args("standard:4"), dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().next(),
+        Some(format!("projection {}", four.fingerprint()).as_str())
+    );
+    let out = dx_train(&args("standard:0"), dir.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--projection standard:0: the width must be a positive number"),
+        "{stderr}"
+    );
+}

@@ -27,7 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     session_weight: f64,
     /// The text projection the features' `text` were made with: a JSON array of 8 rows, or
-    /// `standard` for the kiosks' default (`Projection::standard(768)`); it ships inside the
+    /// `standard` for the kiosks' default for a 768-value text encoder (`standard:N` for an
+    /// N-value one, e.g. `standard:4` for the tiny test model); it ships inside the
     /// weights file, and session reports made with another one are skipped.
     #[arg(long)]
     projection: PathBuf,
@@ -68,8 +69,16 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
 const STANDARD: &str = "standard";
 
 fn load_projection(path: &PathBuf) -> anyhow::Result<Projection> {
-    if path.as_os_str() == STANDARD {
+    let text = path.to_string_lossy();
+    if text == STANDARD {
         return Projection::standard(EMBEDDING_LEN).context("the standard projection");
+    }
+    if let Some(width) = text.strip_prefix("standard:") {
+        let width: usize =
+            width.parse().ok().filter(|&w| w > 0).with_context(|| {
+                format!("--projection {text}: the width must be a positive number")
+            })?;
+        return Projection::standard(width).context("the standard projection");
     }
     let rows: Vec<Vec<f32>> = serde_json::from_str(&read(path)?)
         .with_context(|| format!("{} is not a JSON array of rows", path.display()))?;
