@@ -310,6 +310,12 @@ pub struct ConfigDesired {
     pub version: u64,
     /// Field -> value, as in [`Settings`].
     pub settings: serde_json::Map<String, Value>,
+    /// Noise level predictor weights to install (a `dx-train` weights file, as JSON); absent
+    /// or `null`: the kiosk's own (shipped with its model, or the rule-based default). Like
+    /// the settings, this is the operators' whole wish: a version without it removes earlier
+    /// weights (`dxctl config set` carries them forward unless told otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<Value>,
 }
 
 /// The body of `config/reported`.
@@ -324,9 +330,13 @@ pub struct ConfigReported {
     pub applied_version: u64,
     /// The settings in force.
     pub settings: Settings,
-    /// Field -> why it was refused.
+    /// Field -> why it was refused (`predictor` for the weights).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, String>,
+    /// The `model_version` of operator-installed predictor weights in force (absent: the
+    /// kiosk's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<String>,
     /// Unix ms.
     pub ts_ms: u64,
 }

@@ -87,6 +87,10 @@ pub struct KioskOptions {
     pub predictor: Option<diffusionx_predictor::Weights>,
 }
 
+/// The pooled text embedding width of the tiny Tiny-SD fixture (`text_hidden_size` in its
+/// manifest; a test checks the two agree).
+pub const TINY_TEXT_WIDTH: usize = 4;
+
 /// Builds a kiosk that talks to `gateway`.
 pub fn kiosk(gateway: &LocalGateway, options: &KioskOptions) -> anyhow::Result<Kiosk> {
     kiosk_with_fleet(gateway, options, None)
@@ -137,6 +141,8 @@ pub fn fleet_agent(dir: &Path, broker: &str, fleet: &str) -> anyhow::Result<Flee
         },
         settings,
         sync: true,
+        // The tiny Tiny-SD's text encoder width.
+        predictor_width: Some(TINY_TEXT_WIDTH),
     })?;
     Ok(Fleet {
         agent,

@@ -103,6 +103,7 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
     let facts = pipeline
         .prompt_facts("a lighthouse on a cliff at night")
         .unwrap();
+    assert_eq!(facts.pooled.len(), diffusionx_e2e::TINY_TEXT_WIDTH);
     let projection = Projection::standard(facts.pooled.len()).unwrap();
     assert_eq!(report.projection, projection.fingerprint());
     assert_eq!(f.text, projection.project(&facts.pooled).unwrap());

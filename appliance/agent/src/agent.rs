@@ -37,6 +37,7 @@ use crate::outbox::Outbox;
 use crate::state::{Overrides, StateDir};
 use crate::stats::Window;
 use crate::system;
+use diffusionx_predictor::Weights;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -74,14 +75,38 @@ pub struct AgentOptions {
     pub settings: Settings,
     /// fsync the outbox and state (false only for the fleet simulator).
     pub sync: bool,
+    /// The width of the kiosk's pooled text embedding: predictor weights from operators are
+    /// accepted only when their projection reads it (`None`: the kiosk has no predictor and
+    /// refuses weights).
+    pub predictor_width: Option<usize>,
 }
 
 /// What the agent asks of the kiosk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AgentEvent {
     /// An operator asked for a restart (the reply was delivered): exit so the service manager
     /// starts the kiosk again.
     Restart,
+    /// Use these operator-installed predictor weights from now on (`None`: the kiosk's own).
+    /// Sent at start when weights are installed, and on every change.
+    Predictor(Option<Arc<Weights>>),
+}
+
+/// Checks operator predictor weights (a weights file's JSON) for a kiosk whose text embedding
+/// has `width` values.
+pub fn predictor_weights(value: &Value, width: Option<usize>) -> Result<Weights, String> {
+    let Some(width) = width else {
+        return Err("this kiosk has no noise level predictor".into());
+    };
+    let weights = Weights::from_json(&value.to_string()).map_err(|e| e.to_string())?;
+    let reads = weights.projection().input_len();
+    if reads != width {
+        return Err(format!(
+            "the weights project a {reads}-value text embedding, this kiosk's model gives \
+             {width}: they were trained for another model"
+        ));
+    }
+    Ok(weights)
 }
 
 /// A snapshot for tests and the kiosk's own logs.
@@ -160,6 +185,13 @@ impl Agent {
             .settings
             .apply(&overrides.settings)
             .map_err(AgentError::Overrides)?;
+        let installed = overrides.predictor.as_ref().and_then(|value| {
+            predictor_weights(value, options.predictor_width)
+                .inspect_err(|why| {
+                    tracing::error!(%why, "saved operator predictor weights ignored");
+                })
+                .ok()
+        });
 
         let mut mqtt = MqttOptions::new(options.mqtt.device.clone(), address.host, address.port);
         mqtt.set_clean_start(false)
@@ -198,6 +230,9 @@ impl Agent {
         }));
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
+        if let Some(weights) = installed.clone() {
+            let _ = events_tx.send(AgentEvent::Predictor(Some(Arc::new(weights))));
+        }
         let (net_tx, net_rx) = mpsc::unbounded_channel();
         let (settings_tx, settings_rx) = watch::channel(settings);
         let poller = tokio::spawn(poll(eventloop, topics.clone(), boot, net_tx));
@@ -210,6 +245,8 @@ impl Agent {
             state,
             base: options.settings,
             overrides,
+            predictor_width: options.predictor_width,
+            predictor: installed.map(|w| w.model_version().to_owned()),
             settings: settings_tx,
             facts: options.facts,
             connected: false,
@@ -439,6 +476,9 @@ struct Controller {
     state: StateDir,
     base: Settings,
     overrides: Overrides,
+    predictor_width: Option<usize>,
+    /// The model version of the operator weights in force.
+    predictor: Option<String>,
     settings: watch::Sender<Settings>,
     facts: Facts,
     connected: bool,
@@ -615,6 +655,7 @@ impl Controller {
             applied_version: self.overrides.version,
             settings: self.settings.borrow().clone(),
             errors,
+            predictor: self.predictor.clone(),
             ts_ms: now_ms(),
         }
     }
@@ -786,17 +827,38 @@ impl Controller {
             return;
         }
         self.overrides.considered = desired.version;
-        let reported = match self.base.apply(&desired.settings) {
-            Ok(settings) => {
+        let settings = self.base.apply(&desired.settings);
+        let weights = match desired.predictor.as_ref().filter(|v| !v.is_null()) {
+            Some(value) => predictor_weights(value, self.predictor_width).map(Some),
+            None => Ok(None),
+        };
+        let reported = match (settings, weights) {
+            (Ok(settings), Ok(weights)) => {
                 self.overrides.version = desired.version;
                 self.overrides.settings = desired.settings;
+                self.overrides.predictor = weights.as_ref().and(desired.predictor);
                 self.settings.send_replace(settings);
+                let version = weights.as_ref().map(|w| w.model_version().to_owned());
+                if version != self.predictor || weights.is_some() {
+                    self.predictor = version;
+                    let _ = self
+                        .events
+                        .send(AgentEvent::Predictor(weights.map(Arc::new)));
+                }
                 tracing::info!(version = desired.version, "desired configuration applied");
                 self.reported(desired.version, true, Default::default())
             }
-            Err(refused) => {
-                tracing::warn!(version = desired.version, %refused, "desired configuration refused");
-                self.reported(desired.version, false, refused.errors)
+            (settings, weights) => {
+                let mut errors = settings.err().map(|e| e.errors).unwrap_or_default();
+                if let Err(why) = weights {
+                    errors.insert("predictor".into(), why);
+                }
+                tracing::warn!(
+                    version = desired.version,
+                    ?errors,
+                    "desired configuration refused"
+                );
+                self.reported(desired.version, false, errors)
             }
         };
         if let Err(error) = self.state.save_overrides(&self.overrides) {

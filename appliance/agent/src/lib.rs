@@ -17,5 +17,7 @@ pub mod state;
 pub mod stats;
 pub mod system;
 
-pub use agent::{Agent, AgentError, AgentEvent, AgentOptions, AgentStatus, Facts};
+pub use agent::{
+    Agent, AgentError, AgentEvent, AgentOptions, AgentStatus, Facts, predictor_weights,
+};
 pub use config::MqttConfig;

@@ -16,6 +16,9 @@ pub struct Overrides {
     pub considered: u64,
     /// Field -> value.
     pub settings: Map<String, Value>,
+    /// Predictor weights installed by operators (the weights file's JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<Value>,
 }
 
 /// The state folder.

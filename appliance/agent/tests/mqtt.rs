@@ -66,6 +66,7 @@ fn options(port: u16, device: &str, state: &Path) -> AgentOptions {
         },
         settings: settings(),
         sync: true,
+        predictor_width: Some(4),
     }
 }
 
@@ -467,5 +468,136 @@ async fn commands_and_desired_configuration() -> Result<()> {
     agent.shutdown("restart", WAIT).await;
     let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
     assert_eq!(agent.settings().borrow().preview_steps, 8);
+    Ok(())
+}
+
+/// Weights for a `width`-value text embedding: `17 -> 10` on the levels 0.1 .. 1.0.
+fn weights(version: &str, width: usize) -> Result<diffusionx_predictor::Weights> {
+    use diffusionx_predictor::{Activation, INPUT_LEN, Layer, Projection, Weights};
+    Ok(Weights::new(
+        version.into(),
+        (1..=10).map(|i| i as f32 / 10.0).collect(),
+        Projection::standard(width)?,
+        vec![Layer {
+            w: vec![vec![0.01; INPUT_LEN]; 10],
+            b: vec![0.0; 10],
+            activation: Activation::Linear,
+        }],
+    )?)
+}
+
+async fn desired(
+    operator: &rumqttc::v5::AsyncClient,
+    reported: &Collector,
+    body: serde_json::Value,
+) -> Result<ConfigReported> {
+    let version = body["version"].as_u64().context("a version")?;
+    operator
+        .publish(
+            "kiosk/v1/museum/k1/config/desired",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&body)?,
+        )
+        .await?;
+    let got = reported
+        .wait(WAIT, |r| {
+            r.iter().any(|m| {
+                serde_json::from_slice::<ConfigReported>(&m.payload)
+                    .is_ok_and(|c| c.version == version)
+            })
+        })
+        .await;
+    got.iter()
+        .filter_map(|m| serde_json::from_slice::<ConfigReported>(&m.payload).ok())
+        .find(|r| r.version == version)
+        .context("the version reported")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let reported = Collector::start(
+        broker.port(),
+        "ops-config",
+        "kiosk/v1/museum/k1/config/reported",
+    );
+    let state = dir.path().join("k1");
+    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &state))?;
+    reported.wait(WAIT, |r| !r.is_empty()).await;
+    let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
+        rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
+        10,
+    );
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+
+    // Weights for another text encoder are refused with the reason; nothing changes.
+    let wrong = serde_json::from_str::<serde_json::Value>(&weights("wide-1", 768)?.to_json())?;
+    let refused = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 1, "settings": {}, "predictor": wrong}),
+    )
+    .await?;
+    assert!(!refused.accepted);
+    assert!(
+        refused.errors["predictor"].contains("768-value text embedding"),
+        "{:?}",
+        refused.errors
+    );
+    assert_eq!(refused.predictor, None);
+    // Malformed weights too, and with them the settings of the same version.
+    let refused = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 2, "settings": {"preview_steps": 8},
+                           "predictor": {"format": "nonsense"}}),
+    )
+    .await?;
+    assert!(!refused.accepted);
+    assert_eq!(agent.settings().borrow().preview_steps, 4);
+
+    // Fitting weights: accepted, reported by model version, handed to the kiosk.
+    let good = weights("museum-3", 4)?;
+    let body = serde_json::from_str::<serde_json::Value>(&good.to_json())?;
+    let accepted = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 3, "settings": {}, "predictor": body}),
+    )
+    .await?;
+    assert!(accepted.accepted, "{:?}", accepted.errors);
+    assert_eq!(accepted.predictor.as_deref(), Some("museum-3"));
+    let event = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(
+        event,
+        Some(AgentEvent::Predictor(Some(std::sync::Arc::new(
+            good.clone()
+        ))))
+    );
+
+    // They survive a restart: the new agent hands them over at once.
+    agent.shutdown("restart", WAIT).await;
+    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &state))?;
+    let event = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(
+        event,
+        Some(AgentEvent::Predictor(Some(std::sync::Arc::new(good))))
+    );
+
+    // A version without weights gives the kiosk back its own.
+    let plain = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 4, "settings": {}}),
+    )
+    .await?;
+    assert!(plain.accepted);
+    assert_eq!(plain.predictor, None);
+    let event = tokio::time::timeout(WAIT, events.recv()).await?;
+    assert_eq!(event, Some(AgentEvent::Predictor(None)));
+    agent.shutdown("done", WAIT).await;
     Ok(())
 }

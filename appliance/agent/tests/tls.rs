@@ -43,6 +43,7 @@ fn options(mqtt: MqttConfig) -> AgentOptions {
             noise_policy: Default::default(),
         },
         sync: true,
+        predictor_width: None,
     }
 }
 

@@ -154,3 +154,197 @@ impl LevelChooser {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusionx_predictor::{Activation, INPUT_LEN, LatentStats, Layer, Source};
+    use diffusionx_protocol::LoadReport;
+
+    fn observation() -> Observation {
+        Observation {
+            pooled: vec![0.5, -0.5, 1.0, 0.25],
+            previous_pooled: None,
+            prompt_tokens: 7,
+            rounds: 1,
+            latent: LatentStats {
+                mean: 0.1,
+                std: 0.9,
+            },
+            x0_change: 0.001,
+            width: 256,
+            height: 256,
+            edge_steps: 25,
+        }
+    }
+
+    fn measured(step_ms: Option<f32>, expected_wait_ms: u32) -> Measured {
+        Measured {
+            load: LoadReport {
+                queue_depth: 0,
+                running: 0,
+                max_batch: 4,
+                expected_wait_ms,
+                step_ms: 0,
+                accepting: true,
+            },
+            rtt_ms: 20.0,
+            uplink_bytes_per_s: 1e6,
+            step_ms,
+            result_ms: 200.0,
+            request_bytes: 8300,
+        }
+    }
+
+    /// Weights whose curve is flat at `sigmoid(0) = 0.5` then closes half the gap per level:
+    /// `q(0.1) = 0.5`, `q(0.2) = 0.75`, `q(0.3) = 0.875`, ...
+    fn weights(width: usize) -> Weights {
+        Weights::new(
+            "halves-1".into(),
+            (1..=10).map(|i| i as f32 / 10.0).collect(),
+            Projection::standard(width).unwrap(),
+            vec![Layer {
+                w: vec![vec![0.0; INPUT_LEN]; 10],
+                b: vec![0.0; 10],
+                activation: Activation::Linear,
+            }],
+        )
+        .unwrap()
+    }
+
+    fn fixed() -> NoiseLevel {
+        NoiseLevel::from_bp(5000).unwrap()
+    }
+
+    #[test]
+    fn fixed_mode_or_no_observation_sends_the_fixed_level_without_a_report() {
+        let chooser = LevelChooser::new(None);
+        let policy = NoisePolicy {
+            noise_level_mode: NoiseLevelMode::Fixed,
+            ..NoisePolicy::default()
+        };
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(None, 0),
+            50,
+            &policy,
+            fixed(),
+        );
+        assert_eq!((choice.level, choice.report), (fixed(), None));
+        let choice = chooser.choose(
+            None,
+            &measured(None, 0),
+            50,
+            &NoisePolicy::default(),
+            fixed(),
+        );
+        assert_eq!((choice.level, choice.report), (fixed(), None));
+    }
+
+    #[test]
+    fn the_rule_based_default_decides_with_the_standard_projection() {
+        let chooser = LevelChooser::new(None);
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(Some(50.0), 0),
+            50,
+            &NoisePolicy::default(),
+            fixed(),
+        );
+        let report = choice.report.unwrap();
+        // Settled, one round, 25 edge steps: d = 0.35, 13 of 50 steps, level 0.26 (the
+        // documented case, docs/predictor.md).
+        assert_eq!(report.decision.source, Source::RuleBased);
+        assert_eq!((report.decision.cloud_steps, choice.level.bp()), (13, 2600));
+        let standard = Projection::standard(4).unwrap();
+        assert_eq!(report.projection, standard.fingerprint());
+        assert_eq!(
+            report.features.text,
+            standard.project(&observation().pooled).unwrap()
+        );
+        assert_eq!(report.context.latent_bytes, 8300);
+        assert_eq!(report.policy.quality_target, 0.8);
+    }
+
+    #[test]
+    fn learned_weights_decide_when_they_fit_and_the_budget_lowers_the_level() {
+        let chooser = LevelChooser::new(Some(weights(4)));
+        let policy = NoisePolicy {
+            min_noise_level: 0.1,
+            max_noise_level: 1.0,
+            ..NoisePolicy::default()
+        };
+        // Linear between grid points, q reaches 0.8 at 0.2 + 0.1 * 0.05 / 0.125 = 0.24: 12 of
+        // 50 steps.
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(Some(50.0), 0),
+            50,
+            &policy,
+            fixed(),
+        );
+        let d = choice.report.unwrap().decision;
+        assert_eq!(
+            d.source,
+            Source::Learned {
+                version: "halves-1".into()
+            }
+        );
+        assert_eq!((d.cloud_steps, choice.level.bp()), (12, 2400));
+        // A 3.5 s queue leaves 4000 - 3500 - 20 - 8.3 - 200 = 271.7 ms: 5 steps of 50 ms.
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(Some(50.0), 3500),
+            50,
+            &policy,
+            fixed(),
+        );
+        let d = choice.report.unwrap().decision;
+        assert_eq!((d.cloud_steps, choice.level.bp()), (5, 1000));
+        // An unknown step time puts no pressure on the budget.
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(None, 3500),
+            50,
+            &policy,
+            fixed(),
+        );
+        let report = choice.report.unwrap();
+        assert_eq!(report.decision.cloud_steps, 12);
+        assert_eq!(report.context.step_ms, UNKNOWN_STEP_MS);
+    }
+
+    #[test]
+    fn weights_for_another_text_encoder_fall_back_to_the_rule() {
+        let chooser = LevelChooser::new(Some(weights(768)));
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(Some(50.0), 0),
+            50,
+            &NoisePolicy::default(),
+            fixed(),
+        );
+        let report = choice.report.unwrap();
+        assert_eq!(report.decision.source, Source::RuleBased);
+        assert_eq!(
+            report.projection,
+            Projection::standard(4).unwrap().fingerprint()
+        );
+    }
+
+    #[test]
+    fn a_weights_file_is_checked_against_the_text_encoder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("predictor.json");
+        std::fs::write(&path, weights(4).to_json()).unwrap();
+        assert_eq!(load_weights(&path, 4).unwrap(), weights(4));
+        let err = load_weights(&path, 768).unwrap_err().to_string();
+        assert!(
+            err.contains("4-value text embedding") && err.contains("gives 768"),
+            "{err}"
+        );
+        std::fs::write(&path, "{").unwrap();
+        let err = format!("{:#}", load_weights(&path, 4).unwrap_err());
+        assert!(err.contains("predictor.json"), "{err}");
+    }
+}

@@ -82,9 +82,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
             config.model.preview_guidance,
         )
         .context("preparing the preview plans")?;
+    // The pooled text embedding's width: predictor weights must project exactly this.
+    let text_width = pipeline.prompt_facts("")?.pooled.len();
     let predictor = match config.predictor_weights() {
         Some(path) => {
-            let width = pipeline.prompt_facts("")?.pooled.len();
+            let width = text_width;
             let weights = diffusionx_kiosk::level::load_weights(&path, width)?;
             tracing::info!(model = weights.model_version(), path = %path.display(), "predictor weights");
             Some(weights)
@@ -183,6 +185,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                     },
                     settings: config.settings(),
                     sync: true,
+                    predictor_width: Some(text_width),
                 })
                 .context("starting the fleet agent")?;
                 Some(Fleet {

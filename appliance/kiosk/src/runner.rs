@@ -103,6 +103,8 @@ pub struct Kiosk {
     stop: Option<Stop>,
     noise_policy: NoisePolicy,
     level: LevelChooser,
+    /// The weights the kiosk came with (operators' weights replace them until removed).
+    own_predictor: Option<diffusionx_predictor::Weights>,
 }
 
 /// Receives every frame the kiosk draws (a hardware display's `present`).
@@ -156,7 +158,8 @@ impl Kiosk {
             privacy: PromptPrivacy::Hash,
             stop: None,
             noise_policy: parts.noise_policy,
-            level: LevelChooser::new(parts.predictor),
+            level: LevelChooser::new(parts.predictor.clone()),
+            own_predictor: parts.predictor,
         };
         if let Some(rx) = kiosk.settings.as_mut() {
             let settings = rx.borrow_and_update().clone();
@@ -201,6 +204,11 @@ impl Kiosk {
     /// The session (its record, its screen).
     pub fn session(&self) -> &Session {
         &self.session
+    }
+
+    /// The noise level chooser in force.
+    pub fn level_chooser(&self) -> &LevelChooser {
+        &self.level
     }
 
     /// The display.
@@ -338,6 +346,14 @@ impl Kiosk {
                     Some(AgentEvent::Restart) => {
                         tracing::warn!("restart requested by an operator");
                         self.stop = Some(Stop::Restart);
+                    }
+                    Some(AgentEvent::Predictor(installed)) => {
+                        let weights = installed.map(|w| (*w).clone()).or_else(|| self.own_predictor.clone());
+                        tracing::info!(
+                            model = weights.as_ref().map(|w| w.model_version()),
+                            "predictor weights from the fleet in force from the next finalize"
+                        );
+                        self.level = LevelChooser::new(weights);
                     }
                     None => {
                         tracing::error!("the fleet agent stopped; reports stay in its outbox");

@@ -130,6 +130,17 @@ pub enum SetOutcome {
     },
 }
 
+/// What a `config set` does to the operator-installed predictor weights.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PredictorChange {
+    /// Carry the weights of the retained `config/desired` forward (the default).
+    Keep,
+    /// Install these (a weights file's JSON).
+    Install(Value),
+    /// Remove them: the kiosk goes back to its own.
+    Remove,
+}
+
 /// Publishes `patch` as the device's retained `config/desired` with the next version (see
 /// [`DeviceConfig::next_version`]) and waits for the `config/reported` of that version.
 pub async fn set(
@@ -137,6 +148,7 @@ pub async fn set(
     fleet: &str,
     device: &str,
     patch: Patch,
+    predictor: PredictorChange,
 ) -> Result<SetOutcome, DxError> {
     let known = read(link, fleet, device).await?;
     let version = known.next_version();
@@ -144,6 +156,11 @@ pub async fn set(
     let desired = ConfigDesired {
         version,
         settings: patch,
+        predictor: match predictor {
+            PredictorChange::Keep => known.desired.and_then(|d| d.predictor),
+            PredictorChange::Install(weights) => Some(weights),
+            PredictorChange::Remove => None,
+        },
     };
     let body = serde_json::to_vec(&desired).expect("a JSON map always serializes");
     link.publish(
@@ -222,6 +239,7 @@ mod tests {
         config.desired = Some(ConfigDesired {
             version: 7,
             settings: Map::new(),
+            predictor: None,
         });
         assert_eq!(config.next_version(), 8);
         let settings: Settings = serde_json::from_value(json!({
@@ -235,6 +253,7 @@ mod tests {
             applied_version: 3,
             settings,
             errors: BTreeMap::new(),
+            predictor: None,
             ts_ms: 0,
         });
         assert_eq!(config.next_version(), 10);

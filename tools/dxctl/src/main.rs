@@ -131,11 +131,15 @@ enum ConfigCmd {
         /// The kiosk.
         device: String,
         /// Settings as key=value (values are JSON, or strings).
-        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        #[arg(required_unless_present_any = ["file", "predictor"], conflicts_with = "file")]
         assignments: Vec<String>,
         /// A JSON object of settings instead.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Install noise level predictor weights (a `dx-train` weights file), or `none` to
+        /// go back to the kiosk's own; without it the weights installed before stay.
+        #[arg(long)]
+        predictor: Option<PathBuf>,
     },
     /// Check a patch locally against the kiosk's reported settings (publishes nothing).
     Check {
@@ -363,14 +367,27 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             device,
             assignments,
             file,
+            predictor,
         } => {
             let patch = match file {
                 Some(file) => config::parse_patch(&read_file(&file)?).map_err(|e| anyhow!(e))?,
                 None => config::parse_assignments(&assignments).map_err(|e| anyhow!(e))?,
             };
+            let predictor = match predictor {
+                None => config::PredictorChange::Keep,
+                Some(p) if p.as_os_str() == "none" => config::PredictorChange::Remove,
+                Some(p) => {
+                    let text = read_file(&p)?;
+                    // Checked here so a typo is not published to a whole fleet.
+                    let weights = diffusionx_predictor::Weights::from_json(&text)
+                        .with_context(|| format!("{} is not predictor weights", p.display()))?;
+                    eprintln!("installing predictor weights {}", weights.model_version());
+                    config::PredictorChange::Install(serde_json::from_str(&text)?)
+                }
+            };
             let (mut link, fleet) = connect(connection).await?;
             config::check_names(&fleet, &device)?;
-            let outcome = config::set(&mut link, &fleet, &device, patch).await?;
+            let outcome = config::set(&mut link, &fleet, &device, patch, predictor).await?;
             link.disconnect().await;
             print_set(&device, &outcome, json)
         }
@@ -430,6 +447,10 @@ fn config_text(device: &str, read: &config::DeviceConfig) -> String {
                     text.push_str(&format!("  {key:<width$}  {value}\n"));
                 }
             }
+            text.push_str(&format!(
+                "  predictor weights  {}\n",
+                reported.predictor.as_deref().unwrap_or("the kiosk's own")
+            ));
             for line in config::error_lines(&reported.errors) {
                 text.push_str(&format!("  error {line}\n"));
             }

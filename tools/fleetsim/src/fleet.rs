@@ -127,6 +127,7 @@ pub fn agent_options(config: &FleetConfig, device: &str) -> AgentOptions {
         },
         settings: settings(config.telemetry_interval_s),
         sync: config.sync,
+        predictor_width: None,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use diffusionx_fleet::Leaf;
-use dxctl::config::{self, SetOutcome};
+use dxctl::config::{self, PredictorChange, SetOutcome};
 use serde_json::{Value, json};
 
 use crate::kiosk::{Kiosk, State, settings};
@@ -22,9 +22,15 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     let serving = kiosk.serve(State::new(settings())).await;
 
     let mut link = operator(&url).await;
-    let outcome = config::set(&mut link, FLEET, "k1", patch(json!({"preview_steps": 8})))
-        .await
-        .expect("set");
+    let outcome = config::set(
+        &mut link,
+        FLEET,
+        "k1",
+        patch(json!({"preview_steps": 8})),
+        PredictorChange::Keep,
+    )
+    .await
+    .expect("set");
     let SetOutcome::Accepted { reported } = outcome else {
         panic!("accepted: {outcome:?}")
     };
@@ -40,6 +46,7 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
         FLEET,
         "k1",
         patch(json!({"cloud_steps": 30, "preview_steps": 0, "colour": "red"})),
+        PredictorChange::Keep,
     )
     .await
     .expect("set");
@@ -90,7 +97,64 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     assert_eq!(got["reported"]["applied_version"], 4);
     assert_eq!(got["reported"]["settings"]["prompt_privacy"], "hash");
     assert_eq!(got["reported"]["settings"]["preview_steps"], 8);
+
+    // Predictor weights ride on config/desired: installed, carried forward by later changes,
+    // removed with `none`; a file that is not weights is refused before anything is sent.
+    let weights = dir.path().join("weights.json");
+    std::fs::write(&weights, predictor_weights()).expect("written");
+    let path = weights.to_str().expect("utf-8");
+    let output = dxctl(&url, &["config", "set", "k1", "--predictor", path]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let desired = |got: &Value| got["desired"]["predictor"]["model_version"].clone();
+    let get = || async {
+        let output = dxctl(&url, &["config", "get", "k1", "--json"]).await;
+        serde_json::from_str::<Value>(&stdout(&output)).expect("JSON")
+    };
+    let got = get().await;
+    assert_eq!(got["desired"]["version"], 5);
+    assert_eq!(desired(&got), json!("ops-1"));
+    let output = dxctl(&url, &["config", "set", "k1", "preview_steps=6"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let got = get().await;
+    assert_eq!(got["desired"]["settings"], json!({"preview_steps": 6}));
+    assert_eq!(desired(&got), json!("ops-1"), "carried forward");
+    let output = dxctl(&url, &["config", "set", "k1", "--predictor", "none"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let got = get().await;
+    assert_eq!(
+        (got["desired"]["version"].clone(), desired(&got)),
+        (json!(7), Value::Null)
+    );
+    let output = dxctl(
+        &url,
+        &["config", "set", "k1", "--predictor", "/nonexistent.json"],
+    )
+    .await;
+    assert_ne!(output.status.code(), Some(0));
+    assert!(
+        stderr(&output).contains("/nonexistent.json"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(get().await["desired"]["version"], 7, "nothing published");
     serving.abort();
+}
+
+/// A weights file (`17 -> 10`, a 4-value text embedding).
+fn predictor_weights() -> String {
+    use diffusionx_predictor::{Activation, INPUT_LEN, Layer, Projection, Weights};
+    Weights::new(
+        "ops-1".into(),
+        (1..=10).map(|i| i as f32 / 10.0).collect(),
+        Projection::standard(4).expect("a projection"),
+        vec![Layer {
+            w: vec![vec![0.0; INPUT_LEN]; 10],
+            b: vec![0.0; 10],
+            activation: Activation::Linear,
+        }],
+    )
+    .expect("valid weights")
+    .to_json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

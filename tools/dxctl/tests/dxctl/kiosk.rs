@@ -344,6 +344,7 @@ impl Kiosk {
             applied_version: state.applied_version,
             settings: state.settings.clone(),
             errors,
+            predictor: None,
             ts_ms: 1_700_000_000_000,
         };
         let body = serde_json::to_value(&reported).expect("json");
