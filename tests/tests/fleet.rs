@@ -24,13 +24,16 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(&dir.path().join("broker")).unwrap();
     let watcher = Collector::start(broker.port(), "operator", "kiosk/v1/lobby/#");
-    // The operator's desired settings are waiting (retained) before the kiosk first connects.
+    // The operator's desired settings and predictor weights are waiting (retained) before
+    // the kiosk first connects.
+    let weights: serde_json::Value = serde_json::from_str(&fleet_weights().to_json()).unwrap();
     watcher
         .publish(
             &format!("kiosk/v1/lobby/{DEVICE}/config/desired"),
             serde_json::to_vec(&serde_json::json!({
                 "version": 1,
-                "settings": {"blocklist": ["gore"], "preview_steps": 3}
+                "settings": {"blocklist": ["gore"], "preview_steps": 3},
+                "predictor": weights
             }))
             .unwrap(),
             true,
@@ -76,6 +79,7 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         ),
         (1, true, 1)
     );
+    assert_eq!(reported.predictor.as_deref(), Some("lobby-1"));
 
     let visitor = script::parse(
         "press start\ntype gore fox\nkey done\nafter 300\nkey clear\ntype red fox\nkey done\n\
@@ -119,6 +123,13 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
     // The predictor's inputs and decision reach the operator with the outcome and the verdict:
     // a training example (`dx-train --sessions`).
     let predictor = finalize.predictor.as_ref().expect("the predictor decided");
+    assert_eq!(
+        predictor.decision.source,
+        diffusionx_predictor::Source::Learned {
+            version: "lobby-1".into()
+        },
+        "the weights the operator installed decided"
+    );
     assert_eq!(
         (finalize.noise_level, finalize.path.as_deref()),
         (predictor.decision.level, Some("cloud"))
@@ -171,4 +182,21 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         (bye.state, bye.reason.as_deref()),
         (PresenceState::Offline, Some("test over"))
     );
+}
+
+/// Weights for the tiny model's 4-value text embedding: a constant curve (the network's
+/// outputs do not depend on the request), `17 -> 10` on the levels 0.1 .. 1.0.
+fn fleet_weights() -> diffusionx_predictor::Weights {
+    use diffusionx_predictor::{Activation, INPUT_LEN, Layer, Projection, Weights};
+    Weights::new(
+        "lobby-1".into(),
+        (1..=10).map(|i| i as f32 / 10.0).collect(),
+        Projection::standard(diffusionx_e2e::TINY_TEXT_WIDTH).unwrap(),
+        vec![Layer {
+            w: vec![vec![0.0; INPUT_LEN]; 10],
+            b: vec![0.0; 10],
+            activation: Activation::Linear,
+        }],
+    )
+    .unwrap()
 }
