@@ -218,6 +218,9 @@ pub struct Finalize {
     /// made: the gateway was unreachable before its load was known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<PredictorReport>,
+    /// Why the predictor could not decide (the fixed `noise_level` was sent then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor_error: Option<String>,
 }
 
 /// The noise level predictor's inputs and decision at finalize: with the session's outcome
@@ -330,6 +333,11 @@ pub struct ConfigReported {
     pub applied_version: u64,
     /// The settings in force.
     pub settings: Settings,
+    /// The operators' settings in force (field -> value, on top of the kiosk's own file): the
+    /// applied desired version's and later `set-config` changes. Tools build the next desired
+    /// version on it (absent from older kiosks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrides: Option<serde_json::Map<String, Value>>,
     /// Field -> why it was refused (`predictor` for the weights).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub errors: BTreeMap<String, String>,
@@ -401,5 +409,30 @@ mod tests {
         assert_eq!(report.extra["predictor"], json!({"level": 0.5}));
         assert_eq!(serde_json::to_value(&report).expect("serializes"), text);
         assert_eq!(SessionReport::make_id("k1", 3, 7), report.id);
+    }
+
+    /// A newer kiosk may add fields inside the predictor's report too: older readers
+    /// (`dxctl sessions`, `dx-train --sessions`) keep the session.
+    #[test]
+    fn predictor_reports_from_newer_kiosks_still_parse() {
+        let text = json!({
+            "features": {"text": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "prompt_tokens": 5,
+                         "rounds": 1, "prompt_cosine": 1.0, "latent_mean": 0.0,
+                         "latent_std": 1.0, "x0_change": 0.01, "width": 512, "height": 512,
+                         "edge_steps": 4, "future_feature": 3},
+            "projection": "5fcc5abebe434b61",
+            "context": {"queue_depth": 0, "expected_wait_ms": 0.0, "rtt_ms": 12.0,
+                        "uplink_bytes_per_s": 1e6, "step_ms": 50.0, "steps_total": 50,
+                        "latent_bytes": 33000, "result_ms": 200.0, "gpu": "h100"},
+            "policy": {"quality_target": 0.8, "min_level": 0.2, "max_level": 0.8,
+                       "cloud_budget_ms": 4000.0, "tier": "gold"},
+            "decision": {"level": 0.26, "level_bp": 2600, "cloud_steps": 13,
+                         "predicted_quality": 0.81, "expected_latency_ms": 900.0,
+                         "limit": "target", "source": "rule_based", "margin": 0.02}
+        });
+        let report: PredictorReport = serde_json::from_value(text).expect("parses");
+        assert_eq!(report.decision.cloud_steps, 13);
+        assert_eq!(report.context.steps_total, 50);
+        assert_eq!(report.features.edge_steps, 4);
     }
 }

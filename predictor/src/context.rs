@@ -7,9 +7,8 @@ use crate::error::InputError;
 pub const LEVEL_BP: u32 = 10_000;
 
 /// The state of the cloud and the link at finalize, from the gateway's load probe and the
-/// kiosk's own measurements (in session reports as is; unknown fields refused).
+/// kiosk's own measurements (in session reports as is; readers ignore fields they do not know, as everywhere in a report).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Context {
     /// Jobs waiting at the gateway (load probe). The v1 cost model reads `expected_wait_ms`,
     /// which the gateway derives from the queue; the depth is carried for reports and models.
@@ -99,7 +98,6 @@ impl Context {
 /// The operator's policy: how good the final image must be, how long a session may wait for
 /// the cloud, and the range of levels allowed (in session reports as is).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Predicted quality the chosen level must reach, 0 to 1 (1 = what the cloud model makes
     /// from scratch for the same prompt and seed).

@@ -151,6 +151,18 @@ pub enum WeightsError {
     /// The last layer has an activation; the monotone head reads its raw (linear) outputs.
     #[error("the last layer's activation must be \"linear\" (the monotone head follows it)")]
     LastActivation,
+    /// The projection reads a pooled embedding of another width than the kiosk's text
+    /// encoder gives: the weights were trained for another model.
+    #[error(
+        "the weights project a {expected}-value text embedding, this model's text encoder \
+         gives {found}: they were trained for another model"
+    )]
+    TextWidth {
+        /// What the projection reads.
+        expected: usize,
+        /// What the model gives.
+        found: usize,
+    },
     /// A number is NaN or infinite; `location` is its JSON path, e.g. `layers[1].w[3][0]`.
     #[error("{location} is not finite")]
     NotFinite {

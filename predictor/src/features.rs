@@ -57,9 +57,9 @@ const NATIVE_SIDE: f32 = 512.0;
 const TYPICAL_STEPS: f32 = 50.0;
 
 /// The request as the kiosk sees it at finalize (also the `features` object of a dataset line
-/// and, later, of a session report: unknown fields are refused).
+/// and of a session report; readers ignore fields they do not know, as everywhere in a
+/// report, and a change of meaning is a new [`FEATURES_VERSION`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Features {
     /// The final prompt's pooled text embedding through the model's [`Projection`]: exactly
     /// [`TEXT_DIMS`] values for the learned predictor; the rule-based default ignores it.

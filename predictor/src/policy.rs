@@ -66,7 +66,6 @@ pub enum Limit {
 
 /// The chosen level and what the predictor expects of it (in session reports as is).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Decision {
     /// The noise level, `level_bp / 10000`, in the policy's bounds.
     pub level: f32,

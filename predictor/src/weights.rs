@@ -152,6 +152,20 @@ impl Weights {
         &self.grid
     }
 
+    /// Checks the projection reads a pooled embedding of `width` values (the model's text
+    /// encoder), the condition for these weights to decide for that model.
+    pub fn check_text_width(&self, width: usize) -> Result<(), WeightsError> {
+        let expected = self.projection.input_len();
+        if expected == width {
+            Ok(())
+        } else {
+            Err(WeightsError::TextWidth {
+                expected,
+                found: width,
+            })
+        }
+    }
+
     /// The projection that makes `Features::text` from the pooled text embedding.
     pub fn projection(&self) -> &Projection {
         &self.projection

@@ -35,7 +35,10 @@ fn options(dir: &std::path::Path, cloud_steps: u16) -> KioskOptions {
 async fn a_visitor_gets_a_cloud_refined_picture() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
-    let mut kiosk = kiosk(&gateway, &options(dir.path(), 20)).unwrap();
+    // The fixed level lies outside the predictor's bounds, so it cannot pass for a decision.
+    let mut options = options(dir.path(), 20);
+    options.noise_level = NoiseLevel::from_bp(9000).unwrap();
+    let mut kiosk = kiosk(&gateway, &options).unwrap();
     kiosk
         .play(&visitor(), Duration::from_secs(120))
         .await

@@ -99,13 +99,7 @@ pub fn predictor_weights(value: &Value, width: Option<usize>) -> Result<Weights,
         return Err("this kiosk has no noise level predictor".into());
     };
     let weights = Weights::from_json(&value.to_string()).map_err(|e| e.to_string())?;
-    let reads = weights.projection().input_len();
-    if reads != width {
-        return Err(format!(
-            "the weights project a {reads}-value text embedding, this kiosk's model gives \
-             {width}: they were trained for another model"
-        ));
-    }
+    weights.check_text_width(width).map_err(|e| e.to_string())?;
     Ok(weights)
 }
 
@@ -185,10 +179,13 @@ impl Agent {
             .settings
             .apply(&overrides.settings)
             .map_err(AgentError::Overrides)?;
+        let mut predictor_error = None;
         let installed = overrides.predictor.as_ref().and_then(|value| {
             predictor_weights(value, options.predictor_width)
                 .inspect_err(|why| {
                     tracing::error!(%why, "saved operator predictor weights ignored");
+                    // Reported until operators send a new version: never a silent fallback.
+                    predictor_error = Some(format!("saved weights ignored: {why}"));
                 })
                 .ok()
         });
@@ -246,6 +243,7 @@ impl Agent {
             base: options.settings,
             overrides,
             predictor_width: options.predictor_width,
+            predictor_error,
             predictor: installed.map(|w| w.model_version().to_owned()),
             settings: settings_tx,
             facts: options.facts,
@@ -477,6 +475,8 @@ struct Controller {
     base: Settings,
     overrides: Overrides,
     predictor_width: Option<usize>,
+    /// Why saved operator weights could not be used at start (until the next accepted version).
+    predictor_error: Option<String>,
     /// The model version of the operator weights in force.
     predictor: Option<String>,
     settings: watch::Sender<Settings>,
@@ -647,13 +647,19 @@ impl Controller {
         &self,
         version: u64,
         accepted: bool,
-        errors: std::collections::BTreeMap<String, String>,
+        mut errors: std::collections::BTreeMap<String, String>,
     ) -> ConfigReported {
+        if let Some(why) = &self.predictor_error {
+            errors
+                .entry("predictor".into())
+                .or_insert_with(|| why.clone());
+        }
         ConfigReported {
             version,
             accepted,
             applied_version: self.overrides.version,
             settings: self.settings.borrow().clone(),
+            overrides: Some(self.overrides.settings.clone()),
             errors,
             predictor: self.predictor.clone(),
             ts_ms: now_ms(),
@@ -834,6 +840,7 @@ impl Controller {
         };
         let reported = match (settings, weights) {
             (Ok(settings), Ok(weights)) => {
+                self.predictor_error = None;
                 self.overrides.version = desired.version;
                 self.overrides.settings = desired.settings;
                 self.overrides.predictor = weights.as_ref().and(desired.predictor);

@@ -121,6 +121,7 @@ mod tests {
                 expected_wait_ms: None,
                 fallback_reason: None,
                 predictor: None,
+                predictor_error: None,
             }),
             thumbs_up: None,
             ending: "finished".into(),

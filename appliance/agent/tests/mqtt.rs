@@ -93,6 +93,7 @@ fn session(agent: &Agent, number: u64) -> SessionReport {
             expected_wait_ms: Some(0),
             fallback_reason: None,
             predictor: None,
+            predictor_error: None,
         }),
         thumbs_up: None,
         ending: "finished".into(),
@@ -598,6 +599,69 @@ async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart(
     assert_eq!(plain.predictor, None);
     let event = tokio::time::timeout(WAIT, events.recv()).await?;
     assert_eq!(event, Some(AgentEvent::Predictor(None)));
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_weights_that_no_longer_fit_the_model_are_reported_not_silently_dropped() -> Result<()>
+{
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let reported = Collector::start(
+        broker.port(),
+        "ops-config",
+        "kiosk/v1/museum/k1/config/reported",
+    );
+    let state = dir.path().join("k1");
+    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &state))?;
+    reported.wait(WAIT, |r| !r.is_empty()).await;
+    let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
+        rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
+        10,
+    );
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let body = serde_json::from_str::<serde_json::Value>(&weights("museum-3", 4)?.to_json())?;
+    let accepted = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 1, "settings": {}, "predictor": body}),
+    )
+    .await?;
+    assert!(accepted.accepted);
+    tokio::time::timeout(WAIT, events.recv()).await?;
+    agent.shutdown("model update", WAIT).await;
+
+    // The kiosk comes back with a model whose text encoder gives 8 values.
+    let mut wider = options(broker.port(), "k1", &state);
+    wider.predictor_width = Some(8);
+    let before = reported.received().len();
+    let (agent, mut events) = Agent::start(wider)?;
+    let got = reported.wait(WAIT, |r| r.len() > before).await;
+    let birth: ConfigReported = serde_json::from_slice(&got[before].payload)?;
+    assert_eq!((birth.version, birth.applied_version), (1, 1));
+    assert_eq!(birth.predictor, None, "the kiosk's own weights decide");
+    assert!(
+        birth.errors["predictor"]
+            .starts_with("saved weights ignored: the weights project a 4-value"),
+        "{:?}",
+        birth.errors
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err(),
+        "no weights handed to the kiosk"
+    );
+    // The next accepted version clears it.
+    let next = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 2, "settings": {}}),
+    )
+    .await?;
+    assert!(next.accepted && next.errors.is_empty(), "{:?}", next.errors);
     agent.shutdown("done", WAIT).await;
     Ok(())
 }

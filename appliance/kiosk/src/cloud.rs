@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use diffusionx_protocol::{
     ClientMessage, Codec, DeviceId, JobError, JobId, Latent, LatentData, LatentShape, Limits,
-    LoadReport, OutputFormat, RefineRequest, RefineResult, Resolution, Scheduler, ServerMessage,
-    SessionId,
+    LoadReport, OutputFormat, PhaseTimings, RefineRequest, RefineResult, Resolution, Scheduler,
+    ServerMessage, SessionId,
 };
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
@@ -125,12 +125,12 @@ pub struct Measured {
     pub load: LoadReport,
     /// QUIC's smoothed round-trip time after the probe, ms.
     pub rtt_ms: f32,
-    /// Uplink throughput: measured on the last job, or congestion window / RTT before any.
+    /// Uplink throughput: measured over past jobs, or congestion window / RTT before any.
     pub uplink_bytes_per_s: f32,
-    /// One cloud step, ms: the gateway's recent mean, else this kiosk's last measurement, else
+    /// One cloud step, ms: the gateway's recent mean, else this kiosk's past jobs, else
     /// `None` (no job ran anywhere yet).
     pub step_ms: Option<f32>,
-    /// VAE decode, encoding and download of the result on the last job, ms (0 before any).
+    /// VAE decode, encoding and download of the result over past jobs, ms (0 before any).
     pub result_ms: f32,
     /// Size of the request on the wire, bytes.
     pub request_bytes: u32,
@@ -149,6 +149,44 @@ fn smooth(old: Option<f32>, new: f32) -> Option<f32> {
         return old;
     }
     Some(old.map_or(new, |o| 0.7 * o + 0.3 * new))
+}
+
+impl LinkStats {
+    /// Updates the measurements from a finished job:
+    /// - uplink: request bytes over the time from sending to the gateway's first answer,
+    ///   less one RTT (at least 1 ms);
+    /// - step time: the gateway's own denoising time of the job over its steps (arrival
+    ///   times of progress frames bunch up when frames are coalesced or retransmitted);
+    /// - result time: the gateway's VAE decode and image encoding, or the time from the last
+    ///   progress frame to the result if longer (that includes the download).
+    fn learn(&mut self, timeline: &Timeline, result: Option<(PhaseTimings, u16)>) {
+        if let (Some(sent), Some(first)) = (timeline.sent, timeline.first_answer) {
+            let secs = first
+                .saturating_duration_since(sent)
+                .saturating_sub(timeline.rtt)
+                .as_secs_f32()
+                .max(1e-3);
+            self.uplink_bytes_per_s = smooth(
+                self.uplink_bytes_per_s,
+                timeline.request_bytes as f32 / secs,
+            );
+        }
+        let Some((timings, steps)) = result else {
+            return;
+        };
+        if steps > 0 {
+            let ms = timings.denoise_us as f32 / 1000.0 / f32::from(steps);
+            self.step_ms = smooth(self.step_ms, ms);
+        }
+        let gateway_ms = (timings.decode_us + timings.encode_us) as f32 / 1000.0;
+        let arrival_ms = match (timeline.steps.last(), timeline.done) {
+            (Some(&last), Some(done)) => {
+                done.saturating_duration_since(last).as_secs_f32() * 1000.0
+            }
+            _ => 0.0,
+        };
+        self.result_ms = smooth(self.result_ms, gateway_ms.max(arrival_ms));
+    }
 }
 
 /// The QUIC client.
@@ -346,7 +384,14 @@ impl Link {
         let answer = tokio::time::timeout(self.config.deadline, run)
             .await
             .map_err(|_| CloudFailure::Deadline)??;
-        self.learn(&timeline);
+        let timings = match &answer {
+            ServerMessage::Result(result) => Some((result.timings, result.steps_run)),
+            _ => None,
+        };
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(&timeline, timings);
         match answer {
             ServerMessage::Result(result) => {
                 let image = decode_png(&result.image.bytes)
@@ -388,29 +433,6 @@ impl Link {
             result_ms: stats.result_ms.unwrap_or(0.0),
             request_bytes: u32::try_from(frame.len()).unwrap_or(u32::MAX),
         })
-    }
-
-    /// Updates the link's measurements from a finished job: upload throughput (request size
-    /// over the time to the first answer, less one RTT), step time (between step reports)
-    /// and result time (last step to the result, which includes its download).
-    fn learn(&self, timeline: &Timeline) {
-        let rtt = timeline.rtt;
-        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(sent), Some(first)) = (timeline.sent, timeline.first_answer) {
-            let secs = first.saturating_duration_since(sent).saturating_sub(rtt);
-            stats.uplink_bytes_per_s = smooth(
-                stats.uplink_bytes_per_s,
-                timeline.request_bytes as f32 / secs.as_secs_f32().max(1e-3),
-            );
-        }
-        if let [first, .., last] = timeline.steps[..] {
-            let ms = last.saturating_duration_since(first).as_secs_f32() * 1000.0;
-            stats.step_ms = smooth(stats.step_ms, ms / (timeline.steps.len() - 1) as f32);
-        }
-        if let (Some(&last), Some(done)) = (timeline.steps.last(), timeline.done) {
-            let ms = done.saturating_duration_since(last).as_secs_f32() * 1000.0;
-            stats.result_ms = smooth(stats.result_ms, ms);
-        }
     }
 
     /// Sends one request on a new stream and reads up to the final answer, noting when the
@@ -489,4 +511,76 @@ fn half_f16(v: f32) -> half::f16 {
 /// Decodes a PNG into the UI's image type.
 pub fn decode_png(bytes: &[u8]) -> Result<diffusionx_ui::RgbImage, diffusionx_ui::ImageError> {
     diffusionx_ui::RgbImage::from_png(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn timings(denoise_ms: u32, decode_ms: u32, encode_ms: u32) -> PhaseTimings {
+        PhaseTimings {
+            queue_us: 0,
+            text_us: 0,
+            denoise_us: denoise_ms * 1000,
+            decode_us: decode_ms * 1000,
+            encode_us: encode_ms * 1000,
+            total_us: 0,
+        }
+    }
+
+    fn timeline(t0: Instant, first_ms: u64, steps_ms: &[u64], done_ms: u64) -> Timeline {
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        Timeline {
+            sent: Some(t0),
+            request_bytes: 10_000,
+            rtt: Duration::from_millis(20),
+            first_answer: Some(at(first_ms)),
+            steps: steps_ms.iter().map(|&ms| at(ms)).collect(),
+            done: Some(at(done_ms)),
+        }
+    }
+
+    #[test]
+    fn a_job_gives_uplink_step_and_result_times_then_they_are_smoothed() {
+        let t0 = Instant::now();
+        let mut stats = LinkStats::default();
+        // 10 kB answered after 120 ms with a 20 ms RTT: 100 kB/s. 10 steps in 500 ms of
+        // denoising: 50 ms. Decode and encode 80 ms; the result came 100 ms after the last
+        // step: the download shows, 100 ms.
+        stats.learn(
+            &timeline(t0, 120, &[200, 250, 700], 800),
+            Some((timings(500, 60, 20), 10)),
+        );
+        assert_eq!(stats.uplink_bytes_per_s, Some(100_000.0));
+        assert_eq!(stats.step_ms, Some(50.0));
+        assert_eq!(stats.result_ms, Some(100.0));
+        // Frames that arrive bunched together do not make steps look free: the gateway's
+        // own time counts (80 ms a step here), and the result time is at least its decode.
+        stats.learn(
+            &timeline(t0, 120, &[700, 700, 700], 700),
+            Some((timings(800, 60, 20), 10)),
+        );
+        assert_eq!(stats.step_ms, Some(0.7 * 50.0 + 0.3 * 80.0));
+        assert_eq!(stats.result_ms, Some(0.7 * 100.0 + 0.3 * 80.0));
+    }
+
+    #[test]
+    fn degenerate_jobs_never_give_zero_or_infinite_measurements() {
+        let t0 = Instant::now();
+        let mut stats = LinkStats::default();
+        // An answer within the RTT: the upload took at most 1 ms, not 0.
+        stats.learn(&timeline(t0, 10, &[], 10), Some((timings(0, 0, 0), 0)));
+        assert_eq!(stats.uplink_bytes_per_s, Some(10_000_000.0));
+        assert_eq!(
+            (stats.step_ms, stats.result_ms),
+            (None, None),
+            "nothing measured"
+        );
+        // A failed job (no result) teaches only the uplink.
+        let mut failed = LinkStats::default();
+        failed.learn(&timeline(t0, 120, &[200], 0), None);
+        assert_eq!((failed.step_ms, failed.result_ms), (None, None));
+        assert!(failed.uplink_bytes_per_s.is_some());
+    }
 }

@@ -252,7 +252,8 @@ pub struct GatewayConfig {
 pub struct SessionSection {
     /// Back to the attract screen after this many idle seconds.
     pub idle_timeout_s: u64,
-    /// How much of the preview the cloud redoes (0..=1) until the predictor decides.
+    /// How much of the preview the cloud redoes (0..=1) when `[predictor] mode = "fixed"`,
+    /// and of a local refinement.
     pub noise_level: f32,
     /// The attract screen's text.
     pub hint: String,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_fleet::{NoiseLevelMode, NoisePolicy, PredictorReport};
-use diffusionx_predictor::{Context, Observation, Policy, Predictor, Projection, Weights};
+use diffusionx_predictor::{
+    Context, Observation, Policy, Predictor, Projection, Weights, WeightsError,
+};
 
 use crate::cloud::Measured;
 
@@ -21,22 +23,18 @@ pub fn load_weights(path: &std::path::Path, width: usize) -> anyhow::Result<Weig
         .with_context(|| format!("reading the predictor weights {}", path.display()))?;
     let weights = Weights::from_json(&text)
         .with_context(|| format!("the predictor weights {}", path.display()))?;
-    let expects = weights.projection().input_len();
-    if expects != width {
-        anyhow::bail!(
-            "the predictor weights {} ({}) project a {expects}-value text embedding, this \
-             model's text encoder gives {width}: they were trained for another model",
-            path.display(),
-            weights.model_version()
-        );
-    }
+    weights
+        .check_text_width(width)
+        .with_context(|| format!("the predictor weights {}", path.display()))?;
     Ok(weights)
 }
 
-/// Chooses the level; cheap to clone (the weights are shared).
+/// Chooses the level; cheap to clone (the weights and the standard projection are shared).
 #[derive(Debug, Clone)]
 pub struct LevelChooser {
     predictor: Arc<Predictor>,
+    /// `Projection::standard` of the model's width and its fingerprint, made once.
+    standard: Arc<std::sync::OnceLock<(Projection, String)>>,
 }
 
 /// The level to send and, when the predictor chose it, what it saw and decided.
@@ -44,9 +42,11 @@ pub struct LevelChooser {
 pub struct Choice {
     /// The level.
     pub level: NoiseLevel,
-    /// The predictor's inputs and decision (`None`: fixed by the operator, or the predictor
-    /// could not decide and the fixed level was used, logged).
+    /// The predictor's inputs and decision (`None`: fixed by the operator, no observation,
+    /// or the predictor could not decide: see `error`).
     pub report: Option<PredictorReport>,
+    /// Why the predictor could not decide (the fixed level was sent).
+    pub error: Option<String>,
 }
 
 impl LevelChooser {
@@ -54,6 +54,25 @@ impl LevelChooser {
     pub fn new(weights: Option<Weights>) -> Self {
         Self {
             predictor: Arc::new(weights.map_or(Predictor::rule_based(), Predictor::learned)),
+            standard: Arc::default(),
+        }
+    }
+
+    fn standard(&self, width: usize) -> Result<Projection, WeightsError> {
+        if let Some((p, _)) = self.standard.get()
+            && p.input_len() == width
+        {
+            return Ok(p.clone());
+        }
+        let p = Projection::standard(width)?;
+        let _ = self.standard.set((p.clone(), p.fingerprint()));
+        Ok(p)
+    }
+
+    fn fingerprint(&self, projection: &Projection) -> String {
+        match self.standard.get() {
+            Some((p, fingerprint)) if p == projection => fingerprint.clone(),
+            _ => projection.fingerprint(),
         }
     }
 
@@ -77,6 +96,15 @@ impl LevelChooser {
         let fixed_choice = Choice {
             level: fixed,
             report: None,
+            error: None,
+        };
+        let failed = |why: String| {
+            tracing::warn!(%why, "the predictor could not decide: the fixed level is used");
+            Choice {
+                level: fixed,
+                report: None,
+                error: Some(why),
+            }
         };
         let Some(observation) = observation else {
             return fixed_choice;
@@ -99,12 +127,9 @@ impl LevelChooser {
                         "predictor weights do not fit this text encoder: rule-based default"
                     );
                 }
-                match Projection::standard(width) {
+                match self.standard(width) {
                     Ok(p) => (&rule, p),
-                    Err(why) => {
-                        tracing::warn!(%why, "no projection for the predictor");
-                        return fixed_choice;
-                    }
+                    Err(why) => return failed(format!("no projection: {why}")),
                 }
             }
         };
@@ -139,18 +164,19 @@ impl LevelChooser {
                     level,
                     report: Some(PredictorReport {
                         features,
-                        projection: projection.fingerprint(),
+                        projection: self.fingerprint(&projection),
                         context,
                         policy,
                         decision,
                     }),
+                    error: None,
                 },
-                None => fixed_choice,
+                None => failed(format!(
+                    "level {} bp is not a noise level",
+                    decision.level_bp
+                )),
             },
-            Err(why) => {
-                tracing::warn!(%why, "the predictor could not decide: the fixed level is used");
-                fixed_choice
-            }
+            Err(why) => failed(why),
         }
     }
 }
@@ -230,7 +256,10 @@ mod tests {
             &policy,
             fixed(),
         );
-        assert_eq!((choice.level, choice.report), (fixed(), None));
+        assert_eq!(
+            (choice.level, choice.report, choice.error),
+            (fixed(), None, None)
+        );
         let choice = chooser.choose(
             None,
             &measured(None, 0),
@@ -238,7 +267,10 @@ mod tests {
             &NoisePolicy::default(),
             fixed(),
         );
-        assert_eq!((choice.level, choice.report), (fixed(), None));
+        assert_eq!(
+            (choice.level, choice.report, choice.error),
+            (fixed(), None, None)
+        );
     }
 
     #[test]
@@ -338,7 +370,7 @@ mod tests {
         let path = dir.path().join("predictor.json");
         std::fs::write(&path, weights(4).to_json()).unwrap();
         assert_eq!(load_weights(&path, 4).unwrap(), weights(4));
-        let err = load_weights(&path, 768).unwrap_err().to_string();
+        let err = format!("{:#}", load_weights(&path, 768).unwrap_err());
         assert!(
             err.contains("4-value text embedding") && err.contains("gives 768"),
             "{err}"
@@ -346,5 +378,25 @@ mod tests {
         std::fs::write(&path, "{").unwrap();
         let err = format!("{:#}", load_weights(&path, 4).unwrap_err());
         assert!(err.contains("predictor.json"), "{err}");
+    }
+
+    #[test]
+    fn a_predictor_that_cannot_decide_sends_the_fixed_level_and_says_why() {
+        let chooser = LevelChooser::new(None);
+        // 3 cloud steps at most 0.3 of them: no whole step.
+        let policy = NoisePolicy {
+            max_noise_level: 0.3,
+            ..NoisePolicy::default()
+        };
+        let choice = chooser.choose(
+            Some(&observation()),
+            &measured(Some(50.0), 0),
+            3,
+            &policy,
+            fixed(),
+        );
+        assert_eq!((choice.level, choice.report), (fixed(), None));
+        let why = choice.error.unwrap();
+        assert!(why.contains("runs no step of a 3-step schedule"), "{why}");
     }
 }

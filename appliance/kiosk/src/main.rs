@@ -83,11 +83,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         )
         .context("preparing the preview plans")?;
     // The pooled text embedding's width: predictor weights must project exactly this.
-    let text_width = pipeline.prompt_facts("")?.pooled.len();
+    let text_width = pipeline
+        .prompt_facts("")
+        .context("measuring the text encoder's width")?
+        .pooled
+        .len();
     let predictor = match config.predictor_weights() {
         Some(path) => {
-            let width = text_width;
-            let weights = diffusionx_kiosk::level::load_weights(&path, width)?;
+            let weights = diffusionx_kiosk::level::load_weights(&path, text_width)?;
             tracing::info!(model = weights.model_version(), path = %path.display(), "predictor weights");
             Some(weights)
         }

@@ -93,6 +93,7 @@ pub fn to_json(record: &SessionRecord) -> Value {
         })),
         "fallback_reason": record.fallback_reason,
         "predictor": record.predictor,
+        "predictor_error": record.predictor_error,
         "cloud_steps": record.cloud_steps,
         "refine_ms": record.refine_ms,
         "thumbs_up": record.thumbs_up,
@@ -158,6 +159,7 @@ pub fn session_report(record: &SessionRecord, context: &ReportContext<'_>) -> Se
             expected_wait_ms: record.cloud_load.map(|(_, wait)| wait),
             fallback_reason: record.fallback_reason.clone(),
             predictor: record.predictor.as_deref().cloned(),
+            predictor_error: record.predictor_error.clone(),
         }),
         thumbs_up: record.thumbs_up,
         ending: ending_name(record.ending).into(),
@@ -193,6 +195,7 @@ mod tests {
             }],
             noise_level: NoiseLevel::from_bp(4000),
             predictor: Some(Box::new(predictor_report())),
+            predictor_error: Some("example".into()),
             cloud_steps: None,
             path: Some(FinalPath::Local),
             cloud_load: Some((3, 9000)),
@@ -227,6 +230,7 @@ mod tests {
             (Some(3), Some(9000))
         );
         assert_eq!(finalize.predictor, Some(predictor_report()));
+        assert_eq!(finalize.predictor_error.as_deref(), Some("example"));
         // The local record keeps it too, in the same form.
         let local = to_json(&record);
         let back: diffusionx_fleet::PredictorReport =

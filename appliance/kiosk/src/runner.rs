@@ -503,6 +503,7 @@ impl Kiosk {
             let _ = decided.send(Event::CloudDecided {
                 noise_level: choice.level,
                 predictor: choice.report.map(Box::new),
+                predictor_error: choice.error,
             });
             choice.level
         };

@@ -19,7 +19,8 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Edge denoising steps per preview.
     pub preview_steps: u16,
-    /// Noise level the cloud re-noises the preview to (until the predictor decides it).
+    /// Noise level the cloud re-noises the preview to when the operator fixes it, and of a
+    /// local refinement.
     pub noise_level: NoiseLevel,
     /// The first seed; each session derives its own from it and the session count.
     pub base_seed: u64,
@@ -115,8 +116,11 @@ pub enum Event {
     CloudDecided {
         /// The level sent.
         noise_level: NoiseLevel,
-        /// The predictor's inputs and decision (`None`: the operator fixed the level).
+        /// The predictor's inputs and decision (`None`: the operator fixed the level, or the
+        /// predictor could not decide).
         predictor: Option<Box<PredictorReport>>,
+        /// Why the predictor could not decide, if it could not.
+        predictor_error: Option<String>,
     },
     /// The cloud job waits at `position`.
     CloudQueued {
@@ -261,6 +265,8 @@ pub struct SessionRecord {
     pub noise_level: Option<NoiseLevel>,
     /// The noise level predictor's inputs and decision, when it decided.
     pub predictor: Option<Box<PredictorReport>>,
+    /// Why the predictor could not decide (the fixed level was sent).
+    pub predictor_error: Option<String>,
     /// Cloud or local, once known.
     pub path: Option<FinalPath>,
     /// Denoising steps the gateway runs for this job, as its progress reports say.
@@ -650,10 +656,12 @@ impl Session {
                 Event::CloudDecided {
                     noise_level,
                     predictor,
+                    predictor_error,
                 },
             ) => {
                 self.record.noise_level = Some(noise_level);
                 self.record.predictor = predictor;
+                self.record.predictor_error = predictor_error;
                 // The decision is part of the durable record before the latent goes out.
                 out.push(Command::SaveRecord(self.record.clone()));
             }
@@ -678,6 +686,7 @@ impl Session {
                 self.record.fallback_reason = Some(why.reason());
                 // The kiosk redoes its own configured share, whatever the cloud was asked.
                 self.record.noise_level = Some(handover.noise_level);
+                self.record.cloud_steps = None;
                 *status = RefineStatus::Local { step: 0, total: 0 };
                 out.push(Command::RefineLocally(handover.clone()));
             }
@@ -763,6 +772,7 @@ fn new_record(number: u64) -> SessionRecord {
         rounds: Vec::new(),
         noise_level: None,
         predictor: None,
+        predictor_error: None,
         cloud_steps: None,
         path: None,
         cloud_load: None,

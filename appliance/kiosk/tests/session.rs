@@ -181,6 +181,7 @@ fn three_rounds_then_finalize_in_the_cloud() {
         Event::CloudDecided {
             noise_level: NoiseLevel::from_bp(2600).unwrap(),
             predictor: None,
+            predictor_error: None,
         },
     );
     assert!(matches!(&cmds[..], [Command::SaveRecord(r)]
@@ -280,6 +281,7 @@ fn the_cloud_failing_falls_back_to_local_and_says_so() {
         Event::CloudDecided {
             noise_level: NoiseLevel::from_bp(7000).unwrap(),
             predictor: None,
+            predictor_error: Some("why".into()),
         },
     );
     let cmds = sim.at(
@@ -290,6 +292,7 @@ fn the_cloud_failing_falls_back_to_local_and_says_so() {
     assert!(matches!(&cmds[..], [Command::RefineLocally(h)]
         if h.latent == vec![0.5; 4] && h.noise_level.bp() == 4000));
     assert_eq!(sim.session.record().noise_level, NoiseLevel::from_bp(4000));
+    assert_eq!(sim.session.record().predictor_error.as_deref(), Some("why"));
     assert!(matches!(
         sim.session.screen(),
         Screen::Refining {

@@ -141,8 +141,67 @@ pub enum PredictorChange {
     Remove,
 }
 
-/// Publishes `patch` as the device's retained `config/desired` with the next version (see
-/// [`DeviceConfig::next_version`]) and waits for the `config/reported` of that version.
+/// The next desired version for a change: the operators' settings in force (as the kiosk
+/// reports them; from the retained desired version when it is the one applied, for kiosks that
+/// do not report them) with `patch` on top, and the predictor weights the change asks for.
+/// Weights are carried forward only when the kiosk reports them in force, so weights it
+/// refused do not make every later change refused too. Returns notes for the operator.
+pub fn plan(
+    known: &DeviceConfig,
+    patch: Patch,
+    predictor: PredictorChange,
+) -> (ConfigDesired, Vec<String>) {
+    let mut notes = Vec::new();
+    let applied_desired = known.desired.as_ref().filter(|d| {
+        known
+            .reported
+            .as_ref()
+            .is_some_and(|r| r.applied_version == d.version)
+    });
+    let mut settings = match known.reported.as_ref().and_then(|r| r.overrides.clone()) {
+        Some(overrides) => overrides,
+        None => applied_desired
+            .map(|d| d.settings.clone())
+            .unwrap_or_default(),
+    };
+    settings.extend(patch);
+    let in_force = known.reported.as_ref().and_then(|r| r.predictor.clone());
+    let predictor = match predictor {
+        PredictorChange::Keep => {
+            let retained = known.desired.as_ref().and_then(|d| d.predictor.clone());
+            let version = |w: &Value| w["model_version"].as_str().map(str::to_owned);
+            match retained {
+                Some(w) if in_force.is_some() && version(&w) == in_force => {
+                    notes.push(format!(
+                        "keeping predictor weights {}",
+                        in_force.as_deref().unwrap_or_default()
+                    ));
+                    Some(w)
+                }
+                Some(w) => {
+                    notes.push(format!(
+                        "not keeping predictor weights {}: the kiosk does not run them",
+                        version(&w).unwrap_or_else(|| "(unnamed)".into())
+                    ));
+                    None
+                }
+                None => None,
+            }
+        }
+        PredictorChange::Install(weights) => Some(weights),
+        PredictorChange::Remove => None,
+    };
+    let desired = ConfigDesired {
+        version: known.next_version(),
+        settings,
+        predictor,
+    };
+    (desired, notes)
+}
+
+/// Publishes a change as the device's retained `config/desired` with the next version (see
+/// [`plan`] and [`DeviceConfig::next_version`]) and waits for the `config/reported` of that
+/// version.
 pub async fn set(
     link: &mut Link,
     fleet: &str,
@@ -151,17 +210,12 @@ pub async fn set(
     predictor: PredictorChange,
 ) -> Result<SetOutcome, DxError> {
     let known = read(link, fleet, device).await?;
-    let version = known.next_version();
+    let (desired, notes) = plan(&known, patch, predictor);
+    for note in notes {
+        eprintln!("{device}: {note}");
+    }
+    let version = desired.version;
     let (desired_topic, reported_topic) = config_topics(fleet, device)?;
-    let desired = ConfigDesired {
-        version,
-        settings: patch,
-        predictor: match predictor {
-            PredictorChange::Keep => known.desired.and_then(|d| d.predictor),
-            PredictorChange::Install(weights) => Some(weights),
-            PredictorChange::Remove => None,
-        },
-    };
     let body = serde_json::to_vec(&desired).expect("a JSON map always serializes");
     link.publish(
         &desired_topic.to_string(),
@@ -252,10 +306,126 @@ mod tests {
             accepted: false,
             applied_version: 3,
             settings,
+            overrides: None,
             errors: BTreeMap::new(),
             predictor: None,
             ts_ms: 0,
         });
         assert_eq!(config.next_version(), 10);
+    }
+
+    fn known(
+        overrides: Option<Value>,
+        applied: u64,
+        desired: Value,
+        in_force: Option<&str>,
+    ) -> DeviceConfig {
+        let settings: Settings = serde_json::from_value(json!({
+            "preview_steps": 4, "noise_level": 0.5, "cloud_steps": 20, "idle_timeout_s": 60,
+            "prompt_privacy": "full", "telemetry_interval_s": 30, "stats_window_s": 3600,
+            "blocklist": []}))
+        .expect("valid");
+        DeviceConfig {
+            reported: Some(ConfigReported {
+                version: 3,
+                accepted: true,
+                applied_version: applied,
+                settings,
+                overrides: overrides.map(|o| o.as_object().cloned().expect("an object")),
+                errors: BTreeMap::new(),
+                predictor: in_force.map(str::to_owned),
+                ts_ms: 0,
+            }),
+            desired: Some(serde_json::from_value(desired).expect("a desired version")),
+            malformed: Vec::new(),
+        }
+    }
+
+    fn patch(value: Value) -> Patch {
+        value.as_object().cloned().expect("an object")
+    }
+
+    #[test]
+    fn a_change_keeps_the_operators_other_settings_and_only_weights_in_force() {
+        let weights = json!({"model_version": "m1", "format": "diffusionx-predictor"});
+        // The kiosk reports its overrides: the change goes on top of them.
+        let k = known(
+            Some(json!({"preview_steps": 8})),
+            3,
+            json!({"version": 3, "settings": {"preview_steps": 8}, "predictor": weights}),
+            Some("m1"),
+        );
+        let (d, notes) = plan(
+            &k,
+            patch(json!({"prompt_privacy": "hash"})),
+            PredictorChange::Keep,
+        );
+        assert_eq!(d.version, 4);
+        assert_eq!(
+            Value::Object(d.settings),
+            json!({"preview_steps": 8, "prompt_privacy": "hash"})
+        );
+        assert_eq!(d.predictor, Some(weights.clone()));
+        assert_eq!(notes, ["keeping predictor weights m1"]);
+        // Installing or removing weights alone keeps every setting.
+        let (d, _) = plan(&k, Patch::new(), PredictorChange::Remove);
+        assert_eq!(
+            (Value::Object(d.settings), d.predictor),
+            (json!({"preview_steps": 8}), None)
+        );
+        let (d, _) = plan(&k, Patch::new(), PredictorChange::Install(json!({"x": 1})));
+        assert_eq!(d.predictor, Some(json!({"x": 1})));
+
+        // Weights the kiosk refused are not carried into the next change.
+        let refused = known(
+            Some(json!({"preview_steps": 8})),
+            2,
+            json!({"version": 3, "settings": {}, "predictor": weights}),
+            None,
+        );
+        let (d, notes) = plan(
+            &refused,
+            patch(json!({"cloud_steps": 30})),
+            PredictorChange::Keep,
+        );
+        assert_eq!(d.predictor, None);
+        assert_eq!(
+            Value::Object(d.settings),
+            json!({"preview_steps": 8, "cloud_steps": 30}),
+            "from what the kiosk runs, not from the refused version"
+        );
+        assert_eq!(
+            notes,
+            ["not keeping predictor weights m1: the kiosk does not run them"]
+        );
+
+        // A kiosk that does not report its overrides: the retained version if it is applied.
+        let old = known(
+            None,
+            3,
+            json!({"version": 3, "settings": {"preview_steps": 8}}),
+            None,
+        );
+        let (d, _) = plan(
+            &old,
+            patch(json!({"cloud_steps": 30})),
+            PredictorChange::Keep,
+        );
+        assert_eq!(
+            Value::Object(d.settings),
+            json!({"preview_steps": 8, "cloud_steps": 30})
+        );
+        let old = known(
+            None,
+            2,
+            json!({"version": 3, "settings": {"preview_steps": 0}}),
+            None,
+        );
+        let (d, _) = plan(
+            &old,
+            patch(json!({"cloud_steps": 30})),
+            PredictorChange::Keep,
+        );
+        assert_eq!(Value::Object(d.settings), json!({"cloud_steps": 30}));
     }
 }

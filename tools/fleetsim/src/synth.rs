@@ -91,6 +91,7 @@ impl Sessions {
                 expected_wait_ms: Some(queue_depth * 1_500),
                 fallback_reason: None,
                 predictor: None,
+                predictor_error: None,
             }
         } else {
             let reason = FALLBACK_REASONS[rng.range(0, FALLBACK_REASONS.len() as u64 - 1) as usize];
@@ -102,6 +103,7 @@ impl Sessions {
                 expected_wait_ms: None,
                 fallback_reason: Some(reason.into()),
                 predictor: None,
+                predictor_error: None,
             }
         };
         let thumbs_up = match rng.range(0, 19) {

@@ -45,6 +45,7 @@ fn session(id: &str, thumbs_up: Option<bool>, fingerprint: &str, path: &str) -> 
                 policy,
                 decision,
             }),
+            predictor_error: None,
         }),
         thumbs_up,
         ending: "finished".to_owned(),

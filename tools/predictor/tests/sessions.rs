@@ -57,6 +57,7 @@ fn report(id: &str, thumbs_up: Option<bool>, tokens: u32) -> SessionReport {
                 policy,
                 decision,
             }),
+            predictor_error: None,
         }),
         thumbs_up,
         ending: "finished".to_owned(),

@@ -92,7 +92,8 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     let got: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
     assert_eq!(
         got["desired"],
-        json!({"version": 4, "settings": {"prompt_privacy": "hash"}})
+        json!({"version": 4, "settings": {"preview_steps": 8, "prompt_privacy": "hash"}}),
+        "built on the operators' settings in force (version 1's preview steps)"
     );
     assert_eq!(got["reported"]["applied_version"], 4);
     assert_eq!(got["reported"]["settings"]["prompt_privacy"], "hash");
@@ -116,7 +117,10 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     let output = dxctl(&url, &["config", "set", "k1", "preview_steps=6"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");
     let got = get().await;
-    assert_eq!(got["desired"]["settings"], json!({"preview_steps": 6}));
+    assert_eq!(
+        got["desired"]["settings"],
+        json!({"preview_steps": 6, "prompt_privacy": "hash"})
+    );
     assert_eq!(desired(&got), json!("ops-1"), "carried forward");
     let output = dxctl(&url, &["config", "set", "k1", "--predictor", "none"]).await;
     assert_eq!(output.status.code(), Some(0), "{output:?}");

@@ -45,6 +45,8 @@ pub(crate) struct State {
     /// Reply once with other correlation data before the real reply.
     pub(crate) decoy_reply: bool,
     pub(crate) applied_version: u64,
+    pub(crate) overrides: serde_json::Map<String, Value>,
+    pub(crate) predictor: Option<String>,
     pub(crate) considered_version: u64,
     pub(crate) requests: Arc<Mutex<Vec<Seen>>>,
 }
@@ -57,6 +59,8 @@ impl State {
             firmware: "1.2.0".into(),
             decoy_reply: false,
             applied_version: 0,
+            overrides: serde_json::Map::new(),
+            predictor: None,
             considered_version: 0,
             requests: Arc::default(),
         }
@@ -292,6 +296,10 @@ impl Kiosk {
                     Ok(next) => {
                         state.settings = next;
                         state.applied_version = desired.version;
+                        state.overrides = desired.settings;
+                        state.predictor = desired
+                            .predictor
+                            .and_then(|w| w["model_version"].as_str().map(str::to_owned));
                         self.report(state, desired.version, true, Default::default())
                             .await;
                     }
@@ -343,8 +351,9 @@ impl Kiosk {
             accepted,
             applied_version: state.applied_version,
             settings: state.settings.clone(),
+            overrides: Some(state.overrides.clone()),
             errors,
-            predictor: None,
+            predictor: state.predictor.clone(),
             ts_ms: 1_700_000_000_000,
         };
         let body = serde_json::to_value(&reported).expect("json");
