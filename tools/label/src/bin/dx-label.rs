@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
-use diffusionx_diffusion::SchedulerKind;
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::{EngineConfig, Pipeline};
 use diffusionx_label::cloud::CloudSettings;
 use diffusionx_label::label::{
@@ -172,6 +172,35 @@ fn load_models(args: &Args) -> anyhow::Result<(Pipeline, Refiner)> {
     Ok((pipeline, refiner))
 }
 
+/// The labelling settings the flags ask for.
+fn settings(args: &Args, levels: Vec<NoiseLevel>) -> LabelSettings {
+    LabelSettings {
+        preview: PreviewSettings {
+            width: args.width,
+            height: args.height,
+            steps: args.steps,
+            guidance_scale: args.guidance,
+            scheduler: args.scheduler.into(),
+        },
+        cloud: CloudSettings {
+            steps: args.cloud_steps,
+            guidance_scale: args.cloud_guidance,
+            scheduler: args.cloud_scheduler.into(),
+        },
+        levels,
+        score: args.score.into(),
+    }
+}
+
+/// `--projection-out`, or `<out>.projection.json`.
+fn projection_out(args: &Args) -> PathBuf {
+    args.projection_out.clone().unwrap_or_else(|| {
+        let mut name = args.out.as_os_str().to_os_string();
+        name.push(".projection.json");
+        PathBuf::from(name)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let args = Args::parse();
@@ -210,22 +239,7 @@ fn main() -> anyhow::Result<()> {
         }
         _ => standard_projection(&pipeline)?,
     };
-    let settings = LabelSettings {
-        preview: PreviewSettings {
-            width: args.width,
-            height: args.height,
-            steps: args.steps,
-            guidance_scale: args.guidance,
-            scheduler: args.scheduler.into(),
-        },
-        cloud: CloudSettings {
-            steps: args.cloud_steps,
-            guidance_scale: args.cloud_guidance,
-            scheduler: args.cloud_scheduler.into(),
-        },
-        levels,
-        score: args.score.into(),
-    };
+    let settings = settings(&args, levels);
     let total = prompts.len() * args.seeds.len();
     let mut records = Vec::with_capacity(total * settings.levels.len());
     for (i, prompt) in prompts.iter().enumerate() {
@@ -242,11 +256,7 @@ fn main() -> anyhow::Result<()> {
             records.extend(labelled.records);
         }
     }
-    let projection_out = args.projection_out.clone().unwrap_or_else(|| {
-        let mut name = args.out.as_os_str().to_os_string();
-        name.push(".projection.json");
-        PathBuf::from(name)
-    });
+    let projection_out = projection_out(&args);
     write_atomically(&projection_out, projection_json(&projection).as_bytes())?;
     write_atomically(&args.out, to_jsonl(&records).as_bytes())?;
     print(&format!(
