@@ -37,7 +37,7 @@ pub struct LabelRecord {
     pub features: Features,
     /// The noise level the cloud refined at, in (0, 1].
     pub level: f32,
-    /// The measured quality, 0 to 1 (1 = the cloud model's own image).
+    /// The measured quality, 0 to 1 (1 = the cloud's full redo, level 1.0).
     pub quality: f32,
     /// The cloud steps that level ran (`floor(N * level)`).
     pub cloud_steps: u32,
@@ -50,8 +50,8 @@ pub struct LabelRecord {
     pub scores: Option<Scores>,
 }
 
-/// What the `label` tool measured of a refinement against the cloud model's own image for the
-/// same prompt and seed.
+/// What the `label` tool measured of a refinement against the cloud's full redo (its
+/// refinement of the same preview at level 1.0) for the same prompt and seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scores {

@@ -16,7 +16,7 @@
 //! write the files. No ML framework: the network is 17-32-32-10, and a few hundred lines of
 //! plain Rust train it in seconds, where candle would take many minutes to compile. It never
 //! depends on an async runtime, a network stack or an inference engine. Labels from real
-//! models need the `label` tool, which is not built yet (`docs/predictor.md`).
+//! models come from the `label` tool (`tools/label`, `docs/predictor.md`).
 
 pub mod dataset;
 pub mod evaluate;

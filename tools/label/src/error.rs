@@ -1,0 +1,62 @@
+//! What can go wrong while labelling.
+
+use diffusionx_engine::EngineError;
+use diffusionx_predictor::{FeatureError, WeightsError};
+use diffusionx_refine::RefineError;
+
+/// A labelling step that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabelError {
+    /// The edge pipeline failed.
+    #[error("edge preview: {0}")]
+    Engine(#[from] EngineError),
+    /// The cloud refiner failed.
+    #[error("cloud refinement: {0}")]
+    Refine(#[from] RefineError),
+    /// The preview's measurements do not make features.
+    #[error("features: {0}")]
+    Features(#[from] FeatureError),
+    /// The text projection is invalid.
+    #[error("projection: {0}")]
+    Projection(#[from] WeightsError),
+    /// The text projection reads an embedding of another width than the edge text encoder's.
+    #[error(
+        "the projection's rows have {rows} values, the edge text encoder's pooled embedding \
+         has {pooled}"
+    )]
+    ProjectionWidth {
+        /// The length of the projection's rows.
+        rows: usize,
+        /// The pooled embedding's length.
+        pooled: usize,
+    },
+    /// A noise level of the grid is unusable.
+    #[error("level {value}: {reason}")]
+    Level {
+        /// The level as given.
+        value: f32,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The grid has no level.
+    #[error("no noise level to label")]
+    NoLevels,
+    /// Every level of the grid runs zero cloud steps.
+    #[error("every level runs 0 of the {steps} cloud steps")]
+    NoCloudWork {
+        /// The cloud schedule's steps.
+        steps: u16,
+    },
+    /// The prompt list holds no prompt.
+    #[error("the prompt list holds no prompt (blank lines and # comments are skipped)")]
+    NoPrompts,
+    /// Two images or latents to compare differ in shape, or are empty.
+    #[error("cannot compare {what}: {reason}")]
+    Compare {
+        /// Images or latents.
+        what: &'static str,
+        /// The shapes.
+        reason: String,
+    },
+}

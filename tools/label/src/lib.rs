@@ -1,0 +1,25 @@
+//! The noise level predictor's labelling tool (issue #7): real training labels from the edge
+//! and cloud models.
+//!
+//! For each prompt and seed it runs the kiosk's preview on the edge pipeline (tract) and
+//! computes the predictor's features exactly as the kiosk does ([`preview`]); then it runs the
+//! gateway's refinement of that preview (candle) at level 1.0 as the reference and at each
+//! level of a grid ([`cloud`], [`levels`]), and scores each result against the reference
+//! ([`score`]: PSNR, SSIM, latent RMSE, one of them mapped to the `quality`). [`label`] ties
+//! these into the `diffusionx-predictor-tools` dataset lines; [`summary`] sums a run up.
+//!
+//! It owns no model code: the pipelines are `diffusionx-engine`'s and `diffusionx-refine`'s,
+//! the features `diffusionx-predictor`'s, the dataset `diffusionx-predictor-tools`'. It never
+//! depends on an async runtime, a network stack or an MQTT client; only the `dx-label`
+//! binary reads and writes files. The design is in `docs/predictor.md`.
+
+pub mod cloud;
+mod error;
+pub mod label;
+pub mod levels;
+pub mod preview;
+pub mod prompts;
+pub mod score;
+pub mod summary;
+
+pub use error::LabelError;
