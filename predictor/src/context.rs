@@ -99,8 +99,8 @@ impl Context {
 /// the cloud, and the range of levels allowed (in session reports as is).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
-    /// Predicted quality the chosen level must reach, 0 to 1 (1 = what the cloud model makes
-    /// from scratch for the same prompt and seed).
+    /// Predicted quality the chosen level must reach, 0 to 1 (1 = the cloud's full redo of
+    /// the preview, level 1.0, for the same prompt and seed; see `dx-label`).
     pub quality_target: f32,
     /// Lowest level ever chosen, in (0, 1].
     pub min_level: f32,

@@ -98,8 +98,9 @@ struct Args {
     /// Preview scheduler (the kiosk's model.scheduler).
     #[arg(long, value_enum, default_value = "ddim")]
     scheduler: SchedulerArg,
-    /// Steps N of the full cloud schedule; a level s runs floor(N * s).
-    #[arg(long, default_value_t = 50)]
+    /// Steps N of the full cloud schedule (the kiosk's gateway.steps, default 20); a level s
+    /// runs floor(N * s).
+    #[arg(long, default_value_t = 20)]
     cloud_steps: u16,
     /// Cloud guidance (the kiosk's gateway.guidance).
     #[arg(long, default_value_t = 7.5)]
