@@ -188,7 +188,7 @@ fn errors_name_the_flag_and_the_file() {
             "0.5,0.25",
             "level 0.25: the levels must be strictly increasing",
         ),
-        ("0.001,0.01", "every level runs 0 of the 50 cloud steps"),
+        ("0.001,0.01", "every level runs 0 of the 20 cloud steps"),
     ] {
         let output = run(&list, &tiny, levels);
         assert!(!output.status.success());
