@@ -13,6 +13,7 @@
 //! depends on an async runtime, a network stack or an MQTT client; only the `dx-label`
 //! binary reads and writes files. The design is in `docs/predictor.md`.
 
+pub mod clip;
 pub mod cloud;
 mod error;
 pub mod label;
