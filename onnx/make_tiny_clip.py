@@ -114,6 +114,7 @@ def main() -> None:
         for p in model.parameters():
             p.copy_(p.half().float())
     model.half().save_pretrained(str(model_dir), safe_serialization=True)
+    (model_dir / "model.safetensors").chmod(0o644)  # save_pretrained writes it 0600
     model.float()
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor.save_pretrained(str(model_dir))
