@@ -5,7 +5,7 @@
 //! with the projected (not normalized) features of transformers' `get_image_features` and
 //! `get_text_features`. It judges prompt fidelity, not closeness to the cloud's image.
 //!
-//! The folder holds `config.json` ([`config`]), `model.safetensors` (keys `text_model.*`,
+//! The folder holds `config.json` (see [`ClipScorer::load`]), `model.safetensors` (keys `text_model.*`,
 //! `vision_model.*`, `text_projection.weight`, `visual_projection.weight`, any float dtype:
 //! computed in f32), the tokenizer (`tokenizer.json`, `tokenizer_config.json`, read by
 //! `diffusionx_text::ClipTokenizer`: 77 ids padded with `<|endoftext|>` as transformers pads
@@ -122,7 +122,12 @@ fn weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>, ClipError
 }
 
 impl ClipScorer {
-    /// Loads the `CLIPModel` folder `dir` onto `device`, in f32.
+    /// Loads the `CLIPModel` folder `dir` onto `device`, in f32. The configuration comes
+    /// from `config.json`, absent keys taking transformers' defaults; a config candle's CLIP
+    /// cannot run is refused naming the field ([`ClipError::Config`]): `model_type` other than
+    /// `clip`, `hidden_act` other than `quick_gelu`, `layer_norm_eps` other than 1e-5,
+    /// `num_channels` other than 3, heads that do not divide the hidden size; so is a
+    /// `preprocessor_config.json` asking for other preprocessing than [`preprocess`]'s.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ClipError> {
         let config = config::clip_config(dir)?;
         config::check_preprocessor(dir, config.image_size)?;
