@@ -4,6 +4,8 @@ use diffusionx_engine::EngineError;
 use diffusionx_predictor::{FeatureError, WeightsError};
 use diffusionx_refine::RefineError;
 
+use crate::clip::ClipError;
+
 /// A labelling step that failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -17,6 +19,14 @@ pub enum LabelError {
     /// The preview's measurements do not make features.
     #[error("features: {0}")]
     Features(#[from] FeatureError),
+    /// The CLIP model failed.
+    #[error("CLIP score: {0}")]
+    Clip(#[from] ClipError),
+    /// The quality is the CLIP score but no CLIP model was given.
+    #[error(
+        "the quality is the CLIP score (--score clip) but no CLIP model was given (--clip DIR)"
+    )]
+    NoClipModel,
     /// The text projection is invalid.
     #[error("projection: {0}")]
     Projection(#[from] WeightsError),

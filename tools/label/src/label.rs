@@ -6,6 +6,7 @@ use diffusionx_predictor::Projection;
 use diffusionx_predictor_tools::dataset::{LabelRecord, LabelSource, Scores};
 use diffusionx_refine::{Refined, Refiner};
 
+use crate::clip::ClipScorer;
 use crate::cloud::{CloudSettings, refine_at, wire_latent};
 use crate::error::LabelError;
 use crate::preview::{Preview, PreviewSettings, edge_preview};
@@ -59,15 +60,22 @@ pub struct Labelled {
 /// Labels `prompt` with `seed`: the kiosk's preview and its features through `projection`,
 /// the reference (the gateway's refinement at level 1.0: all `N` steps from the preview
 /// re-noised to the top of the schedule), then the refinement at each level, scored against
-/// the reference. Level 1.0 is the reference itself, so it scores exactly 1.
+/// the reference. Level 1.0 is the reference itself, so it scores exactly 1 by closeness.
+/// With a CLIP model every refinement also gets its CLIP score against `prompt`
+/// (`scores.clip`); [`Score::Clip`] without one is refused before any model work.
 pub fn label_request(
     pipeline: &Pipeline,
     refiner: &Refiner,
+    clip: Option<&ClipScorer>,
     prompt: &str,
     seed: u64,
     projection: &Projection,
     settings: &LabelSettings,
 ) -> Result<Labelled, LabelError> {
+    if settings.score == Score::Clip && clip.is_none() {
+        return Err(LabelError::NoClipModel);
+    }
+    let text = clip.map(|c| c.text_features(prompt)).transpose()?;
     let preview = edge_preview(pipeline, prompt, seed, &settings.preview)?;
     let features = preview.observation.features(projection)?;
     let [_, h, w] = preview.latent_shape;
@@ -95,16 +103,23 @@ pub fn label_request(
             refine(level)?
         };
         let image = refined.image.as_deref().expect("decode was asked");
+        let clip_score = match (clip, &text) {
+            (Some(clip), Some(text)) => Some(clip.score_image(image, 8 * h, 8 * w, text)?),
+            _ => None,
+        };
         let scores = Scores {
             psnr_db: psnr_db(image, reference_image)?,
             ssim: ssim(image, reference_image, 8 * h, 8 * w)?,
             latent_rmse: latent_rmse(&refined.latent, &reference.latent)?,
-            clip: None,
+            clip: clip_score,
         };
         records.push(LabelRecord {
             features: features.clone(),
             level: level.fraction(),
-            quality: settings.score.quality(&scores),
+            quality: settings
+                .score
+                .quality(&scores)
+                .expect("a CLIP score is computed whenever the quality is the CLIP score"),
             cloud_steps: u32::try_from(refined.steps_run).expect("at most N steps"),
             prompt_id: id.clone(),
             source: LabelSource::Label,

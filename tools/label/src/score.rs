@@ -151,16 +151,21 @@ pub enum Score {
     /// `exp(-latent_rmse)`: SD latents are scaled to about unit variance, so an RMSE as large
     /// as the latent itself scores `1/e`; identical latents score 1.
     Latent,
+    /// `clamp(clip / 100, 0, 1)`: the CLIP score of the image against its prompt (prompt
+    /// fidelity, not closeness to the reference; needs a CLIP model, [`crate::clip`]).
+    Clip,
 }
 
 impl Score {
-    /// The quality in [0, 1] of a refinement with these scores.
-    pub fn quality(self, scores: &Scores) -> f32 {
-        match self {
+    /// The quality in [0, 1] of a refinement with these scores; `None` for [`Score::Clip`]
+    /// where the scores hold no CLIP score.
+    pub fn quality(self, scores: &Scores) -> Option<f32> {
+        Some(match self {
             Self::Ssim => scores.ssim.clamp(0.0, 1.0),
             Self::Psnr => ((scores.psnr_db - 10.0) / 30.0).clamp(0.0, 1.0),
             Self::Latent => (-scores.latent_rmse).exp().clamp(0.0, 1.0),
-        }
+            Self::Clip => (scores.clip? / 100.0).clamp(0.0, 1.0),
+        })
     }
 }
 
@@ -250,12 +255,21 @@ mod tests {
             latent_rmse,
             clip: None,
         };
-        assert_eq!(Score::Ssim.quality(&scores(0.0, 0.75, 0.0)), 0.75);
-        assert_eq!(Score::Ssim.quality(&scores(0.0, -0.3, 0.0)), 0.0);
-        assert_eq!(Score::Psnr.quality(&scores(25.0, 0.0, 0.0)), 0.5);
-        assert_eq!(Score::Psnr.quality(&scores(100.0, 0.0, 0.0)), 1.0);
-        assert_eq!(Score::Psnr.quality(&scores(5.0, 0.0, 0.0)), 0.0);
-        assert_eq!(Score::Latent.quality(&scores(0.0, 0.0, 0.0)), 1.0);
-        assert!((Score::Latent.quality(&scores(0.0, 0.0, 2f32.ln())) - 0.5).abs() < 1e-7);
+        let quality = |score: Score, scores: Scores| score.quality(&scores).unwrap();
+        assert_eq!(quality(Score::Ssim, scores(0.0, 0.75, 0.0)), 0.75);
+        assert_eq!(quality(Score::Ssim, scores(0.0, -0.3, 0.0)), 0.0);
+        assert_eq!(quality(Score::Psnr, scores(25.0, 0.0, 0.0)), 0.5);
+        assert_eq!(quality(Score::Psnr, scores(100.0, 0.0, 0.0)), 1.0);
+        assert_eq!(quality(Score::Psnr, scores(5.0, 0.0, 0.0)), 0.0);
+        assert_eq!(quality(Score::Latent, scores(0.0, 0.0, 0.0)), 1.0);
+        assert!((quality(Score::Latent, scores(0.0, 0.0, 2f32.ln())) - 0.5).abs() < 1e-7);
+        let with_clip = |clip: f32| Scores {
+            clip: Some(clip),
+            ..scores(0.0, 0.0, 0.0)
+        };
+        assert_eq!(quality(Score::Clip, with_clip(31.5)), 0.315);
+        assert_eq!(quality(Score::Clip, with_clip(0.0)), 0.0);
+        assert_eq!(quality(Score::Clip, with_clip(130.0)), 1.0);
+        assert_eq!(Score::Clip.quality(&scores(0.0, 0.9, 0.0)), None);
     }
 }

@@ -117,8 +117,16 @@ fn labels_train_a_model_that_evaluates_and_decides() {
     // 1. Label.
     let mut records: Vec<LabelRecord> = Vec::new();
     for (i, prompt) in PROMPTS.into_iter().enumerate() {
-        let labelled =
-            label_request(&pipeline, &refiner, prompt, SEED, &projection, &settings).unwrap();
+        let labelled = label_request(
+            &pipeline,
+            &refiner,
+            None,
+            prompt,
+            SEED,
+            &projection,
+            &settings,
+        )
+        .unwrap();
         let expected_features = independent_features(&pipeline, prompt, &projection);
 
         // The reference is the refine crate's own level 1.0 job on the half-float latent

@@ -200,3 +200,85 @@ fn errors_name_the_flag_and_the_file() {
     }
     assert!(!dir.path().join("out.jsonl").exists());
 }
+
+#[test]
+fn with_a_clip_model_every_line_has_its_clip_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = fixtures().join("tiny-clip");
+    let output = tiny_run(
+        dir.path(),
+        "a lighthouse at dusk\na red fox\n",
+        &[
+            "--cloud-steps",
+            "2",
+            "--levels",
+            "0.5,1.0",
+            "--clip",
+            clip.to_str().unwrap(),
+            "--score",
+            "clip",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let records =
+        parse_jsonl(&std::fs::read_to_string(dir.path().join("labels.jsonl")).unwrap()).unwrap();
+    assert_eq!(records.len(), 4);
+    for record in &records {
+        let clip = record.scores.as_ref().unwrap().clip.unwrap();
+        assert!((0.0..=100.0).contains(&clip), "{clip}");
+        eprintln!("CLIPVAL {clip}");
+        assert_eq!(record.quality, (clip / 100.0).clamp(0.0, 1.0));
+    }
+    // Without --score clip the quality stays the SSIM and the CLIP score is still written.
+    let output = tiny_run(
+        dir.path(),
+        "a lighthouse at dusk\n",
+        &[
+            "--cloud-steps",
+            "2",
+            "--levels",
+            "0.5,1.0",
+            "--clip",
+            clip.to_str().unwrap(),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let again =
+        parse_jsonl(&std::fs::read_to_string(dir.path().join("labels.jsonl")).unwrap()).unwrap();
+    assert_eq!(again[1].quality, 1.0, "level 1.0 is the reference");
+    assert_eq!(
+        again[1].scores.as_ref().unwrap().clip,
+        records[1].scores.as_ref().unwrap().clip,
+        "the same image and prompt score the same"
+    );
+}
+
+#[test]
+fn a_clip_quality_without_a_clip_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tiny_run(dir.path(), "a fox\n", &["--score", "clip"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains(
+            "--score clip: the quality is the CLIP score, which needs a CLIP model: pass --clip DIR"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    let missing = dir.path().join("no-clip");
+    let output = tiny_run(
+        dir.path(),
+        "a fox\n",
+        &["--clip", missing.to_str().unwrap()],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains(&format!(
+            "--clip {}: no such model folder",
+            missing.display()
+        )),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!dir.path().join("labels.jsonl").exists());
+}

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::{EngineConfig, Pipeline};
+use diffusionx_label::clip::ClipScorer;
 use diffusionx_label::cloud::CloudSettings;
 use diffusionx_label::label::{
     LabelSettings, check_projection, label_request, projection_json, standard_projection,
@@ -53,6 +54,8 @@ enum ScoreArg {
     Psnr,
     /// exp(-latent RMSE).
     Latent,
+    /// clamp(CLIP score / 100, 0, 1): prompt fidelity by the --clip model.
+    Clip,
 }
 
 impl From<ScoreArg> for Score {
@@ -61,6 +64,7 @@ impl From<ScoreArg> for Score {
             ScoreArg::Ssim => Self::Ssim,
             ScoreArg::Psnr => Self::Psnr,
             ScoreArg::Latent => Self::Latent,
+            ScoreArg::Clip => Self::Clip,
         }
     }
 }
@@ -111,9 +115,14 @@ struct Args {
     /// Noise levels to label, each in (0, 1] in basis points, increasing.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_LEVELS)]
     levels: Vec<f32>,
-    /// Which score becomes the quality.
+    /// Which score becomes the quality (clip needs --clip).
     #[arg(long, value_enum, default_value = "ssim")]
     score: ScoreArg,
+    /// A Hugging Face CLIPModel folder (config.json, model.safetensors, tokenizer.json,
+    /// tokenizer_config.json): every line gets the CLIP score of its image against the prompt
+    /// (`scores.clip`). Runs where the cloud model runs.
+    #[arg(long)]
+    clip: Option<PathBuf>,
     /// The text projection (JSON array of 8 rows); the standard one for the edge text
     /// encoder's width if absent.
     #[arg(long)]
@@ -153,12 +162,42 @@ fn read_projection(path: &Path) -> anyhow::Result<Projection> {
     Projection::new(rows).with_context(|| format!("--projection {}", path.display()))
 }
 
-fn load_models(args: &Args) -> anyhow::Result<(Pipeline, Refiner)> {
-    for (flag, dir) in [("--edge", &args.edge), ("--cloud", &args.cloud)] {
+/// Refuses missing model folders and a CLIP quality without a CLIP model, before any model
+/// work.
+fn check_models(args: &Args) -> anyhow::Result<()> {
+    let clip = args.clip.iter().map(|dir| ("--clip", dir));
+    for (flag, dir) in [("--edge", &args.edge), ("--cloud", &args.cloud)]
+        .into_iter()
+        .chain(clip)
+    {
         if !dir.is_dir() {
             bail!("{flag} {}: no such model folder", dir.display());
         }
     }
+    if matches!(args.score, ScoreArg::Clip) && args.clip.is_none() {
+        bail!(
+            "--score clip: the quality is the CLIP score, which needs a CLIP model: pass --clip DIR"
+        );
+    }
+    Ok(())
+}
+
+/// The CLIP model of `--clip`, on the cloud model's device.
+fn load_clip(args: &Args) -> anyhow::Result<Option<ClipScorer>> {
+    let Some(dir) = &args.clip else {
+        return Ok(None);
+    };
+    let device = match args.cuda {
+        None => candle_core::Device::Cpu,
+        Some(ordinal) => candle_core::Device::new_cuda(ordinal)
+            .with_context(|| format!("--clip on CUDA device {ordinal}"))?,
+    };
+    let scorer = ClipScorer::load(dir, &device)
+        .with_context(|| format!("loading the CLIP model --clip {}", dir.display()))?;
+    Ok(Some(scorer))
+}
+
+fn load_models(args: &Args) -> anyhow::Result<(Pipeline, Refiner)> {
     let config = EngineConfig {
         threads: args.threads.unwrap_or(EngineConfig::default().threads),
         ..EngineConfig::default()
@@ -231,7 +270,9 @@ fn main() -> anyhow::Result<()> {
         .as_deref()
         .map(read_projection)
         .transpose()?;
+    check_models(&args)?;
     let (pipeline, refiner) = load_models(&args)?;
+    let clip = load_clip(&args)?;
     let projection = match (given, &args.projection) {
         (Some(projection), Some(path)) => {
             check_projection(&pipeline, &projection)
@@ -246,8 +287,16 @@ fn main() -> anyhow::Result<()> {
     for (i, prompt) in prompts.iter().enumerate() {
         for (j, &seed) in args.seeds.iter().enumerate() {
             let request = Instant::now();
-            let labelled = label_request(&pipeline, &refiner, prompt, seed, &projection, &settings)
-                .with_context(|| format!("prompt {} ({prompt:?}), seed {seed}", i + 1))?;
+            let labelled = label_request(
+                &pipeline,
+                &refiner,
+                clip.as_ref(),
+                prompt,
+                seed,
+                &projection,
+                &settings,
+            )
+            .with_context(|| format!("prompt {} ({prompt:?}), seed {seed}", i + 1))?;
             eprintln!(
                 "labelled {}/{total}: {} seed {seed} ({:.1} s)",
                 i * args.seeds.len() + j + 1,
