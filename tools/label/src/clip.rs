@@ -103,8 +103,8 @@ impl std::fmt::Debug for ClipScorer {
     }
 }
 
-/// The weights of `<dir>/model.safetensors`, memory-mapped.
-#[allow(unsafe_code)] // The one unsafe call of this crate: candle's memory map.
+/// The weights of `<dir>/model.safetensors`, read into memory (as the gateway reads its
+/// models: no memory map, so no `unsafe`), converted to f32 as the model is built.
 fn weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>, ClipError> {
     let path = dir.join("model.safetensors");
     if !path.is_file() {
@@ -113,12 +113,11 @@ fn weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>, ClipError
             source: std::io::ErrorKind::NotFound.into(),
         });
     }
-    // SAFETY: the map must not change while it is read. It is read only while the model is
-    // built (every tensor is copied to the device in f32 there) and dropped right after, and
-    // the model folder is an input this tool never writes.
-    candle("mapping model.safetensors", unsafe {
-        VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device)
-    })
+    let tensors = candle(
+        "reading model.safetensors",
+        candle_core::safetensors::load(&path, device),
+    )?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
 
 impl ClipScorer {
