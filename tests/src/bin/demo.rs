@@ -162,22 +162,30 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "  finalize: noise level {}, refined {} ({}), {} ms",
-        record["noise_level"],
+        "  finalize: noise level {:.2}, refined {} ({}), {} ms",
+        record["noise_level"].as_f64().unwrap_or(f64::NAN),
         record["path"].as_str().unwrap_or("-"),
         record["fallback_reason"].as_str().unwrap_or("no fallback"),
         record["refine_ms"]
     );
     let decision = &record["predictor"]["decision"];
     if !decision.is_null() {
+        let number = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+        // A fresh gateway has timed no step yet: the cost model has no step time to use.
+        let unmeasured = number(&record["predictor"]["context"]["step_ms"])
+            <= f64::from(diffusionx_kiosk::level::UNKNOWN_STEP_MS);
         println!(
-            "  noise level predictor ({}): level {} = {} cloud steps, predicted quality {:.3}, \
-             expected cloud latency {:.0} ms, limited by {}",
+            "  noise level predictor ({}): level {:.2} = {} cloud steps, predicted quality \
+             {:.3}, expected cloud latency {}, limited by {}",
             decision["source"],
-            decision["level"],
+            number(&decision["level"]),
             decision["cloud_steps"],
-            decision["predicted_quality"].as_f64().unwrap_or(f64::NAN),
-            decision["expected_latency_ms"].as_f64().unwrap_or(f64::NAN),
+            number(&decision["predicted_quality"]),
+            if unmeasured {
+                "unknown (no step timed yet)".to_string()
+            } else {
+                format!("{:.0} ms", number(&decision["expected_latency_ms"]))
+            },
             decision["limit"]
         );
     }
