@@ -515,8 +515,19 @@ async fn desired(
         .context("the version reported")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart() -> Result<()> {
+/// A broker, kiosk `k1`'s agent (its birth report seen), an operator client and a collector
+/// of `k1`'s `config/reported`.
+struct ConfigSetup {
+    dir: tempfile::TempDir,
+    broker: Mosquitto,
+    reported: Collector,
+    state: std::path::PathBuf,
+    agent: Agent,
+    events: tokio::sync::mpsc::UnboundedReceiver<AgentEvent>,
+    operator: rumqttc::v5::AsyncClient,
+}
+
+async fn config_setup() -> Result<ConfigSetup> {
     logs();
     let dir = tempfile::tempdir()?;
     let broker = Mosquitto::start(&dir.path().join("broker"))?;
@@ -526,13 +537,35 @@ async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart(
         "kiosk/v1/museum/k1/config/reported",
     );
     let state = dir.path().join("k1");
-    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &state))?;
+    let (agent, events) = Agent::start(options(broker.port(), "k1", &state))?;
     reported.wait(WAIT, |r| !r.is_empty()).await;
     let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
         rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
         10,
     );
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    Ok(ConfigSetup {
+        dir,
+        broker,
+        reported,
+        state,
+        agent,
+        events,
+        operator,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported,
+        state,
+        agent,
+        mut events,
+        operator,
+    } = config_setup().await?;
 
     // Weights for another text encoder are refused with the reason; nothing changes.
     let wrong = serde_json::from_str::<serde_json::Value>(&weights("wide-1", 768)?.to_json())?;
@@ -606,22 +639,15 @@ async fn predictor_weights_arrive_over_the_config_channel_and_survive_a_restart(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saved_weights_that_no_longer_fit_the_model_are_reported_not_silently_dropped() -> Result<()>
 {
-    logs();
-    let dir = tempfile::tempdir()?;
-    let broker = Mosquitto::start(&dir.path().join("broker"))?;
-    let reported = Collector::start(
-        broker.port(),
-        "ops-config",
-        "kiosk/v1/museum/k1/config/reported",
-    );
-    let state = dir.path().join("k1");
-    let (agent, mut events) = Agent::start(options(broker.port(), "k1", &state))?;
-    reported.wait(WAIT, |r| !r.is_empty()).await;
-    let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
-        rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
-        10,
-    );
-    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported,
+        state,
+        agent,
+        mut events,
+        operator,
+    } = config_setup().await?;
     let body = serde_json::from_str::<serde_json::Value>(&weights("museum-3", 4)?.to_json())?;
     let accepted = desired(
         &operator,
