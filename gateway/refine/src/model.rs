@@ -25,6 +25,9 @@ pub enum Compute {
     /// The CPU, in f32.
     #[default]
     Cpu,
+    /// The CPU in f16: the GPU's arithmetic on a machine without one, so that tests check the
+    /// f16 path everywhere (several times slower than f32 on a CPU; not for serving).
+    CpuF16,
     /// An NVIDIA GPU through CUDA, in f16. Needs the `cuda` feature.
     Cuda {
         /// The GPU's index.
@@ -111,6 +114,7 @@ impl Refiner {
     pub fn load_on(root: &Path, compute: Compute) -> Result<Self, RefineError> {
         let (device, dtype) = match compute {
             Compute::Cpu => (Device::Cpu, DType::F32),
+            Compute::CpuF16 => (Device::Cpu, DType::F16),
             Compute::Cuda { ordinal } => (cuda_device(ordinal)?, DType::F16),
         };
         let tokenizer = ClipTokenizer::from_folder(&root.join("tokenizer"))?;

@@ -7,7 +7,7 @@
 //! Apache-2.0/MIT) with the timestep embedding computed per row. Only the top level differs:
 //! with every row at the same timestep it computes exactly what candle's model computes.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::unet_2d::{
@@ -224,7 +224,12 @@ impl BatchUnet {
         } else {
             xs.clone()
         };
-        let emb = self.time_proj.forward(&timesteps.to_dtype(xs.dtype())?)?;
+        // The sinusoids in f32, as diffusers computes them: in f16, `t * freq` for t near 1000
+        // keeps 11 bits, so the phase of the sines is off by tenths of a radian.
+        let emb = self
+            .time_proj
+            .forward(&timesteps.to_dtype(DType::F32)?)?
+            .to_dtype(xs.dtype())?;
         let emb = self.time_embedding.forward(&emb)?;
         let xs = self.conv_in.forward(&xs)?;
         let mut down_res = vec![xs.clone()];

@@ -24,7 +24,7 @@ use diffusionx_protocol::{
     ClientMessage, Codec, DeviceId, JobId, Latent, LatentData, LatentShape, Limits, OutputFormat,
     RefineRequest, Resolution, Scheduler, ServerMessage, SessionId,
 };
-use diffusionx_refine::{RefineJob, RefineTask, Refiner};
+use diffusionx_refine::{Compute, RefineJob, RefineTask, Refiner};
 use serde_json::Value;
 
 mod machine;
@@ -63,9 +63,64 @@ struct Args {
     /// Python with diffusers (onnx/requirements.txt); empty to skip the diffusers column.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Where candle runs: `cpu` (f32) or `cuda` (the first NVIDIA GPU, f16; needs a binary built
+    /// with `--features cuda`). diffusers runs on the same device in the same precision.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
     /// Markdown file the results are appended to.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
+}
+
+/// Where both sides of the comparison run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Device {
+    /// The CPU, f32 on both sides.
+    Cpu,
+    /// The first NVIDIA GPU, f16 on both sides.
+    Cuda,
+}
+
+impl Device {
+    fn compute(self) -> Compute {
+        match self {
+            Device::Cpu => Compute::Cpu,
+            Device::Cuda => Compute::Cuda { ordinal: 0 },
+        }
+    }
+
+    /// The name diffusers_bench.py and the gateway's config use.
+    fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+
+    /// What the report's header says about it.
+    fn label(self) -> String {
+        match self {
+            Device::Cpu => "CPU f32".into(),
+            Device::Cuda => format!("CUDA f16 on {}", gpu_name()),
+        }
+    }
+}
+
+/// The first GPU's name and driver as `nvidia-smi` reports them.
+fn gpu_name() -> String {
+    Command::new("nvidia-smi")
+        .args(["--query-gpu=name,driver_version", "--format=csv,noheader"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8(o.stdout)
+                .ok()?
+                .lines()
+                .next()
+                .map(|l| l.replace(", ", ", driver "))
+        })
+        .unwrap_or_else(|| "an NVIDIA GPU (nvidia-smi did not answer)".into())
 }
 
 fn job(args: &Args, seed: u64, strength: f32) -> Result<RefineJob> {
@@ -101,7 +156,14 @@ fn main() -> Result<()> {
         bail!("--steps and --concurrency need at least one value");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let refiner = Refiner::load(&args.model).context("loading the model")?;
+    let t0 = Instant::now();
+    let refiner =
+        Refiner::load_on(&args.model, args.device.compute()).context("loading the model")?;
+    eprintln!(
+        "model loaded on {} in {:.1} s",
+        args.device.name(),
+        t0.elapsed().as_secs_f64()
+    );
     let mut sections = String::new();
     if args.sections.iter().any(|s| s == "latency") {
         sections.push_str(&latency(&args, &refiner)?);
@@ -113,12 +175,18 @@ fn main() -> Result<()> {
         sections.push_str(&throughput(&args, refiner)?);
     }
     let header = format!(
-        "\n## Gateway refinement (candle, CPU f32): {} at {}x{} latents ({} px)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-gateway -- {}`\n- jobs: DDIM, guidance 7.5 (two UNet rows per job), {:?} schedule steps; times are medians of {} runs after a warm-up\n",
+        "\n## Gateway refinement (candle, {}): {} at {}x{} latents ({} px)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench{} --bin bench-gateway -- {}`\n- jobs: DDIM, guidance 7.5 (two UNet rows per job), {:?} schedule steps; times are medians of {} runs after a warm-up\n",
+        args.device.label(),
         args.name,
         args.latent,
         args.latent,
         args.latent * 8,
         machine(),
+        if args.device == Device::Cuda {
+            " --features cuda"
+        } else {
+            ""
+        },
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         args.steps,
         args.repeat,
@@ -191,6 +259,7 @@ fn diffusers_call(args: &Args, rows: usize) -> Result<Option<f64>> {
         .args(["--latent", &args.latent.to_string()])
         .args(["--rows", &rows.to_string()])
         .args(["--repeat", &args.repeat.to_string()])
+        .args(["--device", args.device.name()])
         .output()
         .context("running diffusers_bench.py")?;
     if !output.status.success() {
@@ -249,9 +318,10 @@ fn throughput(args: &Args, refiner: Refiner) -> Result<String> {
     let names: Vec<&str> = devices.iter().map(String::as_str).collect();
     let pki = Arc::new(DevPki::generate(&names)?);
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nmodel = {:?}\n[tls]\ncert = \"-\"\nkey = \"-\"\nclient_ca = \"-\"\n\
+        "listen = \"127.0.0.1:0\"\nmodel = {:?}\ndevice = \"{}\"\n[tls]\ncert = \"-\"\nkey = \"-\"\nclient_ca = \"-\"\n\
          [queue]\nmax_batch = {max}\ncapacity = {}\n[metrics]\nenabled = false\n",
         args.model,
+        args.device.name(),
         max.max(2)
     );
     let config = Config::parse(&text)?;

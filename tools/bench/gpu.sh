@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The gateway's GPU checks in one run, for a machine with an NVIDIA GPU, PyTorch and no network
+# (docs/benchmarks.md, "Gateway on a GPU", says how the inputs are prepared):
+#
+#   tools/bench/gpu.sh CARRY OUT
+#
+# CARRY holds what was built elsewhere: `bench-gateway.gz` and `conformance.gz` (release builds
+# with `--features cuda`), `tokenizer/` (the CLIP tokenizer folder of a model made by
+# onnx/make_fullsize_sd15.py), `wheels/` (diffusers and importlib_metadata, which the
+# machine's Python lacks) and `built-at` (the repository root the binaries were built in). OUT receives the logs and the benchmark rows.
+#
+# 1. the conformance test on the GPU: candle in f16 against diffusers' f32 references on the tiny
+#    committed fixtures;
+# 2. full-size random-weight SD v1.5 made there (onnx/make_fullsize_sd15.py);
+# 3. bench-gateway --device cuda, with diffusers on the same GPU in the same run.
+set -uo pipefail
+carry=$(realpath "$1")
+out=$(realpath "$2")
+repo=$(pwd)
+mkdir -p "$out" /tmp/dx
+step() { echo "== $(date +%T) $*"; }
+
+step GPU
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+
+step "Python packages"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$carry"/wheels/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+
+step "CUDA runtime libraries"
+libs=""
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+    found=$(find /usr/local /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
+    echo "$lib: ${found:-NOT FOUND}"
+    [ -n "$found" ] && libs="$libs:$(dirname "$found")"
+done
+export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for b in bench-gateway conformance; do
+    gunzip -c "$carry/$b.gz" > "/tmp/dx/$b" && chmod +x "/tmp/dx/$b"
+done
+ldd /tmp/dx/bench-gateway | grep -E "not found|cuda|cublas|curand|nvrtc"
+
+# The binaries find the fixtures and diffusers_bench.py through the path they were built at.
+built_at=$(cat "$carry/built-at")
+if [ -n "$built_at" ] && [ ! -e "$built_at" ]; then
+    mkdir -p "$(dirname "$built_at")" && ln -s "$repo" "$built_at"
+fi
+echo "built at: $built_at"
+
+step "conformance on the GPU (f16 against f32 diffusers)"
+/tmp/dx/conformance --nocapture --test-threads 1 2>&1 | tee "$out/conformance.log"
+
+step "full-size random-weight SD v1.5"
+python3 onnx/make_fullsize_sd15.py --out /tmp/sd15-full --tokenizer "$carry/tokenizer" \
+    --threads "$(nproc)" 2>&1 | tail -6 | tee "$out/model.log"
+
+step "bench-gateway --device cuda"
+cp docs/benchmarks.md "$out/benchmarks.md"
+/tmp/dx/bench-gateway --model /tmp/sd15-full --name "SD v1.5 layout, full size, random weights" \
+    --device cuda --latent 64 --repeat 3 --python python3 --out "$out/benchmarks.md" \
+    2>&1 | tee "$out/bench.log"
+step done
+tail -n 40 "$out/benchmarks.md"
