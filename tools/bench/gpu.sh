@@ -12,7 +12,9 @@
 # 1. the conformance test on the GPU: candle in f16 against diffusers' f32 references on the tiny
 #    committed fixtures;
 # 2. full-size random-weight SD v1.5 made there (onnx/make_fullsize_sd15.py);
-# 3. bench-gateway --device cuda, with diffusers on the same GPU in the same run.
+# 3. bench-gateway --device cuda, with diffusers on the same GPU in the same run;
+# 4. with PROFILE=1, Nsight Compute's time of every kernel of one batched UNet call (8 jobs, 16
+#    rows), summed by kernel name (ncu-kernels.txt).
 set -uo pipefail
 carry=$(realpath "$1")
 out=$(realpath "$2")
@@ -60,5 +62,16 @@ cp docs/benchmarks.md "$out/benchmarks.md"
 /tmp/dx/bench-gateway --model /tmp/sd15-full --name "SD v1.5 layout, full size, random weights" \
     --device cuda --latent 64 --repeat 3 --python python3 --out "$out/benchmarks.md" \
     2>&1 | tee "$out/bench.log"
+if [ "${PROFILE:-0}" = 1 ]; then
+    step "kernel times of one 8-job UNet call (ncu)"
+    ncu=$(command -v ncu || find /opt/nvidia /usr/local -name ncu -type f 2>/dev/null | head -1)
+    # The bench's unet section runs a warm-up call and one timed call; the 2nd call is profiled.
+    "$ncu" --metrics gpu__time_duration.sum --csv --log-file "$out/ncu.csv" \
+        /tmp/dx/bench-gateway --model /tmp/sd15-full --name profile --device cuda --latent 64 \
+        --sections unet --concurrency 8 --repeat 1 --python "" --out /tmp/profile.md \
+        > "$out/ncu-run.log" 2>&1
+    tail -3 "$out/ncu-run.log"
+    python3 tools/bench/ncu_summary.py "$out/ncu.csv" | tee "$out/ncu-kernels.txt"
+fi
 step done
 tail -n 40 "$out/benchmarks.md"

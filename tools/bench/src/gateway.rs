@@ -182,10 +182,9 @@ fn main() -> Result<()> {
         args.latent,
         args.latent * 8,
         machine(),
-        if args.device == Device::Cuda {
-            " --features cuda"
-        } else {
-            ""
+        match args.device {
+            Device::Cuda => " --features cuda",
+            Device::Cpu => "",
         },
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         args.steps,
