@@ -10,6 +10,7 @@
 //! Jobs advance one step at a time ([`Refiner::step_batch`]), several per UNet call, each at its
 //! own timestep, so the server can batch continuously.
 
+mod blocks;
 mod error;
 mod model;
 mod refine;

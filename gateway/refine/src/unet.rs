@@ -2,10 +2,10 @@
 //!
 //! candle-transformers 0.11.1's `UNet2DConditionModel::forward` takes a single `f64` timestep
 //! for the whole batch, so jobs at different points of their schedules could not share a UNet
-//! call. This is the same composition (the same candle blocks, built from the same weights under
-//! the same names, in the same order; adapted from candle-transformers' `unet_2d.rs`,
-//! Apache-2.0/MIT) with the timestep embedding computed per row. Only the top level differs:
-//! with every row at the same timestep it computes exactly what candle's model computes.
+//! call. This is the same composition (built from the same weights under the same names, in the
+//! same order; adapted from candle-transformers' `unet_2d.rs`, Apache-2.0/MIT) with the timestep
+//! embedding computed per row, in f32 as diffusers does, and the cross-attention blocks of
+//! `blocks.rs` (attention in the model's precision, exact GELU); the other blocks are candle's.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn as nn;
@@ -14,19 +14,20 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
+    DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig,
 };
+
+use crate::blocks::{CrossAttnDown, CrossAttnMid, CrossAttnUp, TransformerShape};
 
 enum Down {
     Basic(DownBlock2D),
-    CrossAttn(CrossAttnDownBlock2D),
+    CrossAttn(CrossAttnDown),
 }
 
+#[allow(clippy::large_enum_variant)] // Four blocks, built once per model.
 enum Up {
     Basic(UpBlock2D),
-    CrossAttn(CrossAttnUpBlock2D),
+    CrossAttn(CrossAttnUp),
 }
 
 /// The conditional UNet of SD 1.x, taking one timestep per batch row.
@@ -35,7 +36,7 @@ pub(crate) struct BatchUnet {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<Down>,
-    mid_block: UNetMidBlock2DCrossAttn,
+    mid_block: CrossAttnMid,
     up_blocks: Vec<Up>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2d,
@@ -67,6 +68,13 @@ impl BatchUnet {
         let time_embedding =
             TimestepEmbedding::new(vs.pp("time_embedding"), b_channels, time_embed_dim)?;
 
+        let shape = |depth: usize, heads: usize| TransformerShape {
+            depth,
+            groups: config.norm_num_groups,
+            heads,
+            context_dim: config.cross_attention_dim,
+            linear_projection: config.use_linear_projection,
+        };
         let vs_db = vs.pp("down_blocks");
         let mut down_blocks = Vec::with_capacity(n_blocks);
         for (i, block) in config.blocks.iter().enumerate() {
@@ -89,20 +97,13 @@ impl BatchUnet {
                 ..Default::default()
             };
             down_blocks.push(match use_cross_attn {
-                Some(transformer_layers_per_block) => Down::CrossAttn(CrossAttnDownBlock2D::new(
+                Some(depth) => Down::CrossAttn(CrossAttnDown::new(
                     vs_db.pp(i.to_string()),
                     in_channels,
                     out_channels,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: db_cfg,
-                        attn_num_head_channels: attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: config.sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block,
-                    },
+                    time_embed_dim,
+                    db_cfg,
+                    shape(depth, attention_head_dim),
                 )?),
                 None => Down::Basic(DownBlock2D::new(
                     vs_db.pp(i.to_string()),
@@ -114,21 +115,13 @@ impl BatchUnet {
             });
         }
 
-        let mid_block = UNetMidBlock2DCrossAttn::new(
+        let mid_block = CrossAttnMid::new(
             vs.pp("mid_block"),
             bl_channels,
-            Some(time_embed_dim),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: config.norm_eps,
-                output_scale_factor: config.mid_block_scale_factor,
-                cross_attn_dim: config.cross_attention_dim,
-                attn_num_head_channels: last.attention_head_dim,
-                resnet_groups: Some(config.norm_num_groups),
-                use_linear_projection: config.use_linear_projection,
-                transformer_layers_per_block: last.use_cross_attn.unwrap_or(1),
-                ..Default::default()
-            },
+            time_embed_dim,
+            config.norm_eps,
+            config.mid_block_scale_factor,
+            shape(last.use_cross_attn.unwrap_or(1), last.attention_head_dim),
         )?;
 
         let vs_ub = vs.pp("up_blocks");
@@ -160,21 +153,12 @@ impl BatchUnet {
                 ..Default::default()
             };
             up_blocks.push(match use_cross_attn {
-                Some(transformer_layers_per_block) => Up::CrossAttn(CrossAttnUpBlock2D::new(
+                Some(depth) => Up::CrossAttn(CrossAttnUp::new(
                     vs_ub.pp(i.to_string()),
-                    in_channels,
-                    prev_out_channels,
-                    out_channels,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: ub_cfg,
-                        attn_num_head_channels: attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: config.sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block,
-                    },
+                    (in_channels, prev_out_channels, out_channels),
+                    time_embed_dim,
+                    ub_cfg,
+                    shape(depth, attention_head_dim),
                 )?),
                 None => Up::Basic(UpBlock2D::new(
                     vs_ub.pp(i.to_string()),
@@ -237,19 +221,17 @@ impl BatchUnet {
         for block in &self.down_blocks {
             let (out, res) = match block {
                 Down::Basic(b) => b.forward(&xs, Some(&emb))?,
-                Down::CrossAttn(b) => b.forward(&xs, Some(&emb), Some(encoder_hidden_states))?,
+                Down::CrossAttn(b) => b.forward(&xs, &emb, encoder_hidden_states)?,
             };
             down_res.extend(res);
             xs = out;
         }
-        let mut xs = self
-            .mid_block
-            .forward(&xs, Some(&emb), Some(encoder_hidden_states))?;
+        let mut xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states)?;
         let mut upsample_size = None;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let n_resnets = match block {
                 Up::Basic(b) => b.resnets.len(),
-                Up::CrossAttn(b) => b.upblock.resnets.len(),
+                Up::CrossAttn(b) => b.n_resnets(),
             };
             let res = down_res.split_off(down_res.len() - n_resnets);
             if i < n_blocks - 1
@@ -261,13 +243,9 @@ impl BatchUnet {
             }
             xs = match block {
                 Up::Basic(b) => b.forward(&xs, &res, Some(&emb), upsample_size)?,
-                Up::CrossAttn(b) => b.forward(
-                    &xs,
-                    &res,
-                    Some(&emb),
-                    upsample_size,
-                    Some(encoder_hidden_states),
-                )?,
+                Up::CrossAttn(b) => {
+                    b.forward(&xs, &res, &emb, upsample_size, encoder_hidden_states)?
+                }
             };
         }
         let xs = self.conv_norm_out.forward(&xs)?;

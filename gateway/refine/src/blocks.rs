@@ -1,0 +1,438 @@
+//! The UNet's cross-attention blocks with the attention in the model's own precision.
+//!
+//! candle-transformers 0.11.1's `CrossAttention` (without its `flash-attn` feature) casts q, k
+//! and v to f32 and materialises the scores in f32: on an H100 in f16 that was 35% of a UNet
+//! call's kernel time (`softmax_f32` 20%, f32 FFMA matrix products 15%; docs/benchmarks.md). Here
+//! the products run in the model's dtype (cuBLAS f16 on tensor cores, accumulating in f32) and
+//! the scale is folded into q. The softmax accumulates in f32 everywhere: candle's CUDA kernel
+//! does so for f16 input, and on the CPU, whose f16 kernel would sum 4096 terms in f16, the
+//! scores are widened to f32 first, so that the CPU f16 tests see the GPU's arithmetic.
+//!
+//! The rest is the same composition as candle-transformers' `attention.rs` and
+//! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names: candle's
+//! `ResnetBlock2D` for the resnets, and candle's `DownBlock2D` / `UpBlock2D` with no resnets for
+//! the down- and upsamplers (their samplers are not public on their own). GEGLU uses the exact
+//! (erf) GELU, as diffusers does.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn as nn;
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig,
+};
+
+/// Softmax over the last dimension, accumulating in f32 on every device.
+fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if matches!(xs.device(), Device::Cpu) && xs.dtype() != DType::F32 {
+        nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
+    } else {
+        nn::ops::softmax_last_dim(xs)
+    }
+}
+
+struct CrossAttention {
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl CrossAttention {
+    fn new(
+        vs: nn::VarBuilder<'_>,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+    ) -> Result<Self> {
+        let inner_dim = dim_head * heads;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        Ok(Self {
+            to_q: nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?,
+            to_k: nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?,
+            to_v: nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?,
+            to_out: nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (dim_head as f64).sqrt(),
+        })
+    }
+
+    /// `[b, n, h * d]` -> `[b * h, n, d]`.
+    fn heads_to_batch(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, dim) = xs.dims3()?;
+        xs.reshape((b, n, self.heads, dim / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, dim / self.heads))
+    }
+
+    /// `[b * h, n, d]` -> `[b, n, h * d]`.
+    fn batch_to_heads(&self, xs: &Tensor) -> Result<Tensor> {
+        let (bh, n, d) = xs.dims3()?;
+        xs.reshape((bh / self.heads, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((bh / self.heads, n, d * self.heads))
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(xs).contiguous()?;
+        let q = self.heads_to_batch(&(self.to_q.forward(xs)? * self.scale)?)?;
+        let k = self.heads_to_batch(&self.to_k.forward(&context)?)?;
+        let v = self.heads_to_batch(&self.to_v.forward(&context)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let out = softmax_last_dim(&scores)?.matmul(&v)?;
+        self.to_out.forward(&self.batch_to_heads(&out)?)
+    }
+}
+
+struct FeedForward {
+    proj: nn::Linear,
+    out: nn::Linear,
+}
+
+impl FeedForward {
+    fn new(vs: nn::VarBuilder<'_>, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        let vs = vs.pp("net");
+        Ok(Self {
+            proj: nn::linear(dim, inner * 2, vs.pp("0").pp("proj"))?,
+            out: nn::linear(inner, dim, vs.pp("2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let halves = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
+        let hidden = (&halves[0] * halves[1].gelu_erf()?)?;
+        self.out.forward(&hidden)
+    }
+}
+
+struct TransformerBlock {
+    attn1: CrossAttention,
+    attn2: CrossAttention,
+    ff: FeedForward,
+    norm1: nn::LayerNorm,
+    norm2: nn::LayerNorm,
+    norm3: nn::LayerNorm,
+}
+
+impl TransformerBlock {
+    fn new(
+        vs: nn::VarBuilder<'_>,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        context_dim: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            attn1: CrossAttention::new(vs.pp("attn1"), dim, None, heads, dim_head)?,
+            attn2: CrossAttention::new(vs.pp("attn2"), dim, Some(context_dim), heads, dim_head)?,
+            ff: FeedForward::new(vs.pp("ff"), dim)?,
+            norm1: nn::layer_norm(dim, 1e-5, vs.pp("norm1"))?,
+            norm2: nn::layer_norm(dim, 1e-5, vs.pp("norm2"))?,
+            norm3: nn::layer_norm(dim, 1e-5, vs.pp("norm3"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + xs)?;
+        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+    }
+}
+
+enum Proj {
+    Conv(nn::Conv2d),
+    Linear(nn::Linear),
+}
+
+/// The shape of one block's transformers (diffusers' `Transformer2DModel`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TransformerShape {
+    pub(crate) depth: usize,
+    pub(crate) groups: usize,
+    pub(crate) heads: usize,
+    pub(crate) context_dim: usize,
+    pub(crate) linear_projection: bool,
+}
+
+/// diffusers' `Transformer2DModel` (candle's `SpatialTransformer`).
+struct SpatialTransformer {
+    norm: nn::GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Proj,
+}
+
+impl SpatialTransformer {
+    fn new(vs: nn::VarBuilder<'_>, channels: usize, shape: TransformerShape) -> Result<Self> {
+        let dim_head = channels / shape.heads;
+        let inner = shape.heads * dim_head;
+        let proj = |name: &str, i: usize, o: usize| -> Result<Proj> {
+            Ok(if shape.linear_projection {
+                Proj::Linear(nn::linear(i, o, vs.pp(name))?)
+            } else {
+                Proj::Conv(nn::conv2d(i, o, 1, Default::default(), vs.pp(name))?)
+            })
+        };
+        let vs_blocks = vs.pp("transformer_blocks");
+        Ok(Self {
+            norm: nn::group_norm(shape.groups, channels, 1e-6, vs.pp("norm"))?,
+            proj_in: proj("proj_in", channels, inner)?,
+            blocks: (0..shape.depth)
+                .map(|i| {
+                    TransformerBlock::new(
+                        vs_blocks.pp(i.to_string()),
+                        inner,
+                        shape.heads,
+                        dim_head,
+                        shape.context_dim,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out", inner, channels)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let tokens = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(1)?;
+            t.transpose(1, 2)?.t()?.reshape((b, h * w, c))
+        };
+        let mut hidden = match &self.proj_in {
+            Proj::Conv(p) => tokens(&p.forward(&normed)?)?,
+            Proj::Linear(p) => p.forward(&tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            hidden = block.forward(&hidden, context)?;
+        }
+        let image = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(2)?;
+            t.reshape((b, h, w, c))?.t()?.transpose(1, 2)
+        };
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&image(&hidden)?)?,
+            Proj::Linear(p) => image(&p.forward(&hidden)?)?,
+        };
+        out + xs
+    }
+}
+
+fn transformers(
+    vs: nn::VarBuilder<'_>,
+    n: usize,
+    channels: usize,
+    shape: TransformerShape,
+) -> Result<Vec<SpatialTransformer>> {
+    let vs = vs.pp("attentions");
+    (0..n)
+        .map(|i| SpatialTransformer::new(vs.pp(i.to_string()), channels, shape))
+        .collect()
+}
+
+/// diffusers' `CrossAttnDownBlock2D`: (resnet, transformer) pairs, then an optional downsampler.
+pub(crate) struct CrossAttnDown {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    /// candle's `DownBlock2D` with no resnets: the downsampler alone.
+    downsampler: Option<DownBlock2D>,
+}
+
+impl CrossAttnDown {
+    pub(crate) fn new(
+        vs: nn::VarBuilder<'_>,
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: usize,
+        config: DownBlock2DConfig,
+        shape: TransformerShape,
+    ) -> Result<Self> {
+        // As candle's DownBlock2D builds them (resnet groups at their default).
+        let resnet_cfg = ResnetBlock2DConfig {
+            out_channels: Some(out_channels),
+            eps: config.resnet_eps,
+            output_scale_factor: config.output_scale_factor,
+            temb_channels: Some(temb_channels),
+            ..Default::default()
+        };
+        let vs_resnets = vs.pp("resnets");
+        let resnets = (0..config.num_layers)
+            .map(|i| {
+                let c_in = if i == 0 { in_channels } else { out_channels };
+                ResnetBlock2D::new(vs_resnets.pp(i.to_string()), c_in, resnet_cfg)
+            })
+            .collect::<Result<_>>()?;
+        let downsampler = config
+            .add_downsample
+            .then(|| {
+                DownBlock2D::new(
+                    vs.clone(),
+                    out_channels,
+                    out_channels,
+                    Some(temb_channels),
+                    DownBlock2DConfig {
+                        num_layers: 0,
+                        ..config
+                    },
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            resnets,
+            attentions: transformers(vs, config.num_layers, out_channels, shape)?,
+            downsampler,
+        })
+    }
+
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        let mut xs = xs.clone();
+        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
+            xs = attn.forward(&resnet.forward(&xs, Some(temb))?, context)?;
+            states.push(xs.clone());
+        }
+        if let Some(down) = &self.downsampler {
+            let (out, _) = down.forward(&xs, Some(temb))?;
+            states.push(out.clone());
+            xs = out;
+        }
+        Ok((xs, states))
+    }
+}
+
+/// diffusers' `CrossAttnUpBlock2D`: (resnet over the skip concatenation, transformer) pairs, then
+/// an optional upsampler.
+pub(crate) struct CrossAttnUp {
+    /// candle's `UpBlock2D` without its upsampler: the resnets.
+    resnets: UpBlock2D,
+    attentions: Vec<SpatialTransformer>,
+    /// candle's `UpBlock2D` with no resnets: the upsampler alone.
+    upsampler: Option<UpBlock2D>,
+}
+
+impl CrossAttnUp {
+    pub(crate) fn new(
+        vs: nn::VarBuilder<'_>,
+        channels: (usize, usize, usize),
+        temb_channels: usize,
+        config: UpBlock2DConfig,
+        shape: TransformerShape,
+    ) -> Result<Self> {
+        let (in_channels, prev_out_channels, out_channels) = channels;
+        let resnets = UpBlock2D::new(
+            vs.clone(),
+            in_channels,
+            prev_out_channels,
+            out_channels,
+            Some(temb_channels),
+            UpBlock2DConfig {
+                add_upsample: false,
+                ..config
+            },
+        )?;
+        let upsampler = config
+            .add_upsample
+            .then(|| {
+                UpBlock2D::new(
+                    vs.clone(),
+                    out_channels,
+                    out_channels,
+                    out_channels,
+                    Some(temb_channels),
+                    UpBlock2DConfig {
+                        num_layers: 0,
+                        ..config
+                    },
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            attentions: transformers(vs, config.num_layers, out_channels, shape)?,
+            resnets,
+            upsampler,
+        })
+    }
+
+    /// Resnets this block takes skip connections for.
+    pub(crate) fn n_resnets(&self) -> usize {
+        self.resnets.resnets.len()
+    }
+
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (index, (resnet, attn)) in self
+            .resnets
+            .resnets
+            .iter()
+            .zip(&self.attentions)
+            .enumerate()
+        {
+            xs = Tensor::cat(&[&xs, &skips[skips.len() - index - 1]], 1)?.contiguous()?;
+            xs = attn.forward(&resnet.forward(&xs, Some(temb))?, context)?;
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&xs, &[], Some(temb), upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// diffusers' `UNetMidBlock2DCrossAttn`: a resnet, then (transformer, resnet) pairs.
+pub(crate) struct CrossAttnMid {
+    resnet: ResnetBlock2D,
+    pairs: Vec<(SpatialTransformer, ResnetBlock2D)>,
+}
+
+impl CrossAttnMid {
+    pub(crate) fn new(
+        vs: nn::VarBuilder<'_>,
+        channels: usize,
+        temb_channels: usize,
+        eps: f64,
+        output_scale_factor: f64,
+        shape: TransformerShape,
+    ) -> Result<Self> {
+        let resnet_cfg = ResnetBlock2DConfig {
+            eps,
+            groups: shape.groups,
+            output_scale_factor,
+            temb_channels: Some(temb_channels),
+            ..Default::default()
+        };
+        let vs_resnets = vs.pp("resnets");
+        let vs_attns = vs.pp("attentions");
+        let resnet = ResnetBlock2D::new(vs_resnets.pp("0"), channels, resnet_cfg)?;
+        // diffusers' mid block has one transformer (num_layers = 1).
+        let pairs = vec![(
+            SpatialTransformer::new(vs_attns.pp("0"), channels, shape)?,
+            ResnetBlock2D::new(vs_resnets.pp("1"), channels, resnet_cfg)?,
+        )];
+        Ok(Self { resnet, pairs })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnet.forward(xs, Some(temb))?;
+        for (attn, resnet) in &self.pairs {
+            xs = resnet.forward(&attn.forward(&xs, context)?, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
