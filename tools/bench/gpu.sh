@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The gateway's GPU checks in one run, for a machine with an NVIDIA GPU, PyTorch and no network
-# (docs/benchmarks.md, "Gateway on a GPU", says how the inputs are prepared):
+# (tools/bench/gpu-prepare.sh makes CARRY; docs/benchmarks.md, "Gateway on a GPU"):
 #
 #   tools/bench/gpu.sh CARRY OUT
 #
