@@ -193,6 +193,20 @@ impl Mosquitto {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
+
+    /// Waits until the broker's log contains `needle` (the log file is the only trace of what
+    /// the broker refused, so it is read again every 20 ms), up to `timeout`; an error naming
+    /// `what` after that.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration, what: &str) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            if Instant::now() > deadline {
+                bail!("{what}: {needle:?} not in the broker log");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Mosquitto {
