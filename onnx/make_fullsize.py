@@ -1,6 +1,6 @@
 """Full-size RANDOM-WEIGHT Tiny-SD graphs for benchmarks (never committed, never used for pictures).
 
-    python onnx/make_fullsize.py [--out /work/models/tiny-sd-full] [--verify]
+    python onnx/make_fullsize.py [--out models/tiny-sd-full] [--verify]
 
 Writes `OUT/f32/` (export.py layout + manifest) and `OUT/int8/` (quantize.py). Layout: segmind/tiny-sd
 (BK-SDM-Tiny) UNet (block_out_channels 320/640/1280, 3 cross-attention stages, no mid block, one
@@ -28,7 +28,7 @@ EXPECTED_UNET_PARAMS = 323_384_964
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/work/models/tiny-sd-full"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "tiny-sd-full")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--verify", action="store_true", help="check graphs against PyTorch at 256x256 (slow)")

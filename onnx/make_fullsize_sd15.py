@@ -1,7 +1,7 @@
 """Full-size RANDOM-WEIGHT Stable Diffusion v1.5 diffusers folder for gateway benchmarks (never
 committed, never used for pictures).
 
-    python onnx/make_fullsize_sd15.py [--out /work/models/sd15-full] [--seed 0] [--count-only]
+    python onnx/make_fullsize_sd15.py [--out models/sd15-full] [--seed 0] [--count-only]
         [--tokenizer DIR] [--threads N]
 
 Layout (layouts_sd15.py): the runwayml SD v1.5 UNet (block_out_channels 320/640/1280/1280,
@@ -34,7 +34,7 @@ import make_tokenizer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/work/models/sd15-full"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "sd15-full")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count-only", action="store_true", help="build on the meta device, print parameter counts, write nothing")
     ap.add_argument("--tokenizer", type=Path, help="copy this tokenizer folder instead of building one")

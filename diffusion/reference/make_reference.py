@@ -3,7 +3,7 @@
 
 Pinned: diffusers 0.42.1, torch 2.15, numpy 2.4 (CPU). Run from anywhere:
 
-    /work/venvs/onnx/bin/python diffusion/reference/make_reference.py
+    python diffusion/reference/make_reference.py   (the venv of onnx/requirements.txt)
 
 Each trajectory runs one diffusers scheduler the way StableDiffusionPipeline (text-to-image) and
 StableDiffusionImg2ImgPipeline (img2img) drive it, on a [1, 4, 4, 4] latent, with a deterministic

@@ -25,10 +25,10 @@ use machine::machine;
 #[derive(Debug, Parser)]
 struct Args {
     /// Full-size f32 model folder (from `onnx/make_fullsize.py`).
-    #[arg(long, default_value = "/work/models/tiny-sd-full/f32")]
+    #[arg(long, default_value = "models/tiny-sd-full/f32")]
     f32: PathBuf,
     /// Full-size int8 model folder.
-    #[arg(long, default_value = "/work/models/tiny-sd-full/int8")]
+    #[arg(long, default_value = "models/tiny-sd-full/int8")]
     int8: PathBuf,
     /// Threads for both runtimes.
     #[arg(long, default_value_t = 1)]
