@@ -123,7 +123,13 @@ impl Graph {
                 )
                 .map_err(|e| EngineError::tract(self.name, "setting input shapes", e))?;
         }
-        let plan = model
+        let mut typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
+        crate::split::split_wide_convolutions(&mut typed, crate::split::MAX_K)
+            .map_err(|e| EngineError::tract(self.name, "splitting wide convolutions", e))?;
+        let plan = typed
             .into_optimized()
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?
             .into_runnable()

@@ -16,6 +16,7 @@ pub use tract_onnx::prelude::{DatumType, Tensor};
 pub mod npy;
 mod pipeline;
 mod preview;
+mod split;
 
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
@@ -26,3 +27,4 @@ pub use pipeline::{
     set_threads,
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
+pub use split::{MAX_K, split_wide_convolutions};
