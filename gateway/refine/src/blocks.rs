@@ -9,17 +9,17 @@
 //! scores are widened to f32 first, so that the CPU f16 tests see the GPU's arithmetic.
 //!
 //! The rest is the same composition as candle-transformers' `attention.rs` and
-//! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names: candle's
-//! `ResnetBlock2D` for the resnets, and candle's `DownBlock2D` / `UpBlock2D` with no resnets for
-//! the down- and upsamplers (their samplers are not public on their own). GEGLU uses the exact
-//! (erf) GELU, as diffusers does.
+//! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names, with the resnets
+//! and samplers of [`crate::resnet`]. GEGLU uses the exact (erf) GELU, as diffusers does.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn as nn;
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig,
+    DownBlock2DConfig, UpBlock2DConfig,
 };
+
+use crate::resnet::{Down, Resnet, Up};
 
 /// Softmax over the last dimension, accumulating in f32 on every device.
 fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
@@ -238,10 +238,10 @@ fn transformers(
 
 /// diffusers' `CrossAttnDownBlock2D`: (resnet, transformer) pairs, then an optional downsampler.
 pub(crate) struct CrossAttnDown {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
-    /// candle's `DownBlock2D` with no resnets: the downsampler alone.
-    downsampler: Option<DownBlock2D>,
+    /// A `DownBlock2D` with no resnets: the downsampler alone.
+    downsampler: Down,
 }
 
 impl CrossAttnDown {
@@ -265,24 +265,19 @@ impl CrossAttnDown {
         let resnets = (0..config.num_layers)
             .map(|i| {
                 let c_in = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(vs_resnets.pp(i.to_string()), c_in, resnet_cfg)
+                Resnet::new(vs_resnets.pp(i.to_string()), c_in, resnet_cfg)
             })
             .collect::<Result<_>>()?;
-        let downsampler = config
-            .add_downsample
-            .then(|| {
-                DownBlock2D::new(
-                    vs.clone(),
-                    out_channels,
-                    out_channels,
-                    Some(temb_channels),
-                    DownBlock2DConfig {
-                        num_layers: 0,
-                        ..config
-                    },
-                )
-            })
-            .transpose()?;
+        let downsampler = Down::new(
+            vs.clone(),
+            out_channels,
+            out_channels,
+            Some(temb_channels),
+            DownBlock2DConfig {
+                num_layers: 0,
+                ..config
+            },
+        )?;
         Ok(Self {
             resnets,
             attentions: transformers(vs, config.num_layers, out_channels, shape)?,
@@ -302,8 +297,7 @@ impl CrossAttnDown {
             xs = attn.forward(&resnet.forward(&xs, Some(temb))?, context)?;
             states.push(xs.clone());
         }
-        if let Some(down) = &self.downsampler {
-            let (out, _) = down.forward(&xs, Some(temb))?;
+        if let Some(out) = self.downsampler.downsample(&xs)? {
             states.push(out.clone());
             xs = out;
         }
@@ -314,11 +308,9 @@ impl CrossAttnDown {
 /// diffusers' `CrossAttnUpBlock2D`: (resnet over the skip concatenation, transformer) pairs, then
 /// an optional upsampler.
 pub(crate) struct CrossAttnUp {
-    /// candle's `UpBlock2D` without its upsampler: the resnets.
-    resnets: UpBlock2D,
+    /// An `UpBlock2D`: the resnets and the upsampler.
+    resnets: Up,
     attentions: Vec<SpatialTransformer>,
-    /// candle's `UpBlock2D` with no resnets: the upsampler alone.
-    upsampler: Option<UpBlock2D>,
 }
 
 impl CrossAttnUp {
@@ -329,44 +321,16 @@ impl CrossAttnUp {
         config: UpBlock2DConfig,
         shape: TransformerShape,
     ) -> Result<Self> {
-        let (in_channels, prev_out_channels, out_channels) = channels;
-        let resnets = UpBlock2D::new(
-            vs.clone(),
-            in_channels,
-            prev_out_channels,
-            out_channels,
-            Some(temb_channels),
-            UpBlock2DConfig {
-                add_upsample: false,
-                ..config
-            },
-        )?;
-        let upsampler = config
-            .add_upsample
-            .then(|| {
-                UpBlock2D::new(
-                    vs.clone(),
-                    out_channels,
-                    out_channels,
-                    out_channels,
-                    Some(temb_channels),
-                    UpBlock2DConfig {
-                        num_layers: 0,
-                        ..config
-                    },
-                )
-            })
-            .transpose()?;
+        let resnets = Up::new(vs.clone(), channels, Some(temb_channels), config)?;
         Ok(Self {
-            attentions: transformers(vs, config.num_layers, out_channels, shape)?,
+            attentions: transformers(vs, config.num_layers, channels.2, shape)?,
             resnets,
-            upsampler,
         })
     }
 
     /// Resnets this block takes skip connections for.
     pub(crate) fn n_resnets(&self) -> usize {
-        self.resnets.resnets.len()
+        self.resnets.resnets().len()
     }
 
     pub(crate) fn forward(
@@ -380,7 +344,7 @@ impl CrossAttnUp {
         let mut xs = xs.clone();
         for (index, (resnet, attn)) in self
             .resnets
-            .resnets
+            .resnets()
             .iter()
             .zip(&self.attentions)
             .enumerate()
@@ -388,17 +352,14 @@ impl CrossAttnUp {
             xs = Tensor::cat(&[&xs, &skips[skips.len() - index - 1]], 1)?.contiguous()?;
             xs = attn.forward(&resnet.forward(&xs, Some(temb))?, context)?;
         }
-        match &self.upsampler {
-            Some(up) => up.forward(&xs, &[], Some(temb), upsample_size),
-            None => Ok(xs),
-        }
+        self.resnets.upsample(xs, upsample_size)
     }
 }
 
 /// diffusers' `UNetMidBlock2DCrossAttn`: a resnet, then (transformer, resnet) pairs.
 pub(crate) struct CrossAttnMid {
-    resnet: ResnetBlock2D,
-    pairs: Vec<(SpatialTransformer, ResnetBlock2D)>,
+    resnet: Resnet,
+    pairs: Vec<(SpatialTransformer, Resnet)>,
 }
 
 impl CrossAttnMid {
@@ -419,11 +380,11 @@ impl CrossAttnMid {
         };
         let vs_resnets = vs.pp("resnets");
         let vs_attns = vs.pp("attentions");
-        let resnet = ResnetBlock2D::new(vs_resnets.pp("0"), channels, resnet_cfg)?;
+        let resnet = Resnet::new(vs_resnets.pp("0"), channels, resnet_cfg)?;
         // diffusers' mid block has one transformer (num_layers = 1).
         let pairs = vec![(
             SpatialTransformer::new(vs_attns.pp("0"), channels, shape)?,
-            ResnetBlock2D::new(vs_resnets.pp("1"), channels, resnet_cfg)?,
+            Resnet::new(vs_resnets.pp("1"), channels, resnet_cfg)?,
         )];
         Ok(Self { resnet, pairs })
     }

@@ -10,10 +10,12 @@
 //! Jobs advance one step at a time ([`Refiner::step_batch`]), several per UNet call, each at its
 //! own timestep, so the server can batch continuously.
 
+pub mod allocator;
 mod blocks;
 mod error;
 mod model;
 mod refine;
+mod resnet;
 mod unet;
 
 pub use error::RefineError;

@@ -14,10 +14,11 @@ use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig,
+    DownBlock2DConfig, UpBlock2DConfig,
 };
 
 use crate::blocks::{CrossAttnDown, CrossAttnMid, CrossAttnUp, TransformerShape};
+use crate::resnet::{Conv2d, Down as DownBlock2D, Up as UpBlock2D};
 
 enum Down {
     Basic(DownBlock2D),
@@ -32,14 +33,14 @@ enum Up {
 
 /// The conditional UNet of SD 1.x, taking one timestep per batch row.
 pub(crate) struct BatchUnet {
-    conv_in: nn::Conv2d,
+    conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     down_blocks: Vec<Down>,
     mid_block: CrossAttnMid,
     up_blocks: Vec<Up>,
     conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
+    conv_out: Conv2d,
     config: UNet2DConditionModelConfig,
 }
 
@@ -63,7 +64,7 @@ impl BatchUnet {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = nn::conv2d(in_channels, b_channels, 3, conv_cfg, vs.pp("conv_in"))?;
+        let conv_in = Conv2d::new(vs.pp("conv_in"), in_channels, b_channels, 3, conv_cfg)?;
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =
             TimestepEmbedding::new(vs.pp("time_embedding"), b_channels, time_embed_dim)?;
@@ -162,9 +163,7 @@ impl BatchUnet {
                 )?),
                 None => Up::Basic(UpBlock2D::new(
                     vs_ub.pp(i.to_string()),
-                    in_channels,
-                    prev_out_channels,
-                    out_channels,
+                    (in_channels, prev_out_channels, out_channels),
                     Some(time_embed_dim),
                     ub_cfg,
                 )?),
@@ -177,7 +176,7 @@ impl BatchUnet {
             config.norm_eps,
             vs.pp("conv_norm_out"),
         )?;
-        let conv_out = nn::conv2d(b_channels, out_channels, 3, conv_cfg, vs.pp("conv_out"))?;
+        let conv_out = Conv2d::new(vs.pp("conv_out"), b_channels, out_channels, 3, conv_cfg)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -230,7 +229,7 @@ impl BatchUnet {
         let mut upsample_size = None;
         for (i, block) in self.up_blocks.iter().enumerate() {
             let n_resnets = match block {
-                Up::Basic(b) => b.resnets.len(),
+                Up::Basic(b) => b.resnets().len(),
                 Up::CrossAttn(b) => b.n_resnets(),
             };
             let res = down_res.split_off(down_res.len() - n_resnets);

@@ -24,7 +24,7 @@ use diffusionx_protocol::{
     ClientMessage, Codec, DeviceId, JobId, Latent, LatentData, LatentShape, Limits, OutputFormat,
     RefineRequest, Resolution, Scheduler, ServerMessage, SessionId,
 };
-use diffusionx_refine::{Compute, RefineJob, RefineTask, Refiner};
+use diffusionx_refine::{Compute, RefineJob, RefineTask, Refiner, allocator};
 use serde_json::Value;
 
 mod machine;
@@ -67,6 +67,10 @@ struct Args {
     /// with `--features cuda`). diffusers runs on the same device in the same precision.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
+    /// Leave glibc's allocator thresholds at their defaults instead of raising them as gatewayd
+    /// does (`diffusionx_refine::allocator`), to measure what that policy is worth.
+    #[arg(long)]
+    default_malloc: bool,
     /// Markdown file the results are appended to.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -156,6 +160,13 @@ fn main() -> Result<()> {
         bail!("--steps and --concurrency need at least one value");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let allocator = match args.default_malloc {
+        true => "glibc's default thresholds (`--default-malloc`)".to_string(),
+        false => format!(
+            "{:?} (`diffusionx_refine::allocator::keep_freed_buffers`, as gatewayd)",
+            allocator::keep_freed_buffers()
+        ),
+    };
     let t0 = Instant::now();
     let refiner =
         Refiner::load_on(&args.model, args.device.compute()).context("loading the model")?;
@@ -175,7 +186,7 @@ fn main() -> Result<()> {
         sections.push_str(&throughput(&args, refiner)?);
     }
     let header = format!(
-        "\n## Gateway refinement (candle, {}): {} at {}x{} latents ({} px)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench{} --bin bench-gateway -- {}`\n- jobs: DDIM, guidance 7.5 (two UNet rows per job), {:?} schedule steps; times are medians of {} runs after a warm-up\n",
+        "\n## Gateway refinement (candle, {}): {} at {}x{} latents ({} px)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench{} --bin bench-gateway -- {}`\n- jobs: DDIM, guidance 7.5 (two UNet rows per job), {:?} schedule steps; times are medians of {} runs after a warm-up\n- allocator: {}\n",
         args.device.label(),
         args.name,
         args.latent,
@@ -189,6 +200,7 @@ fn main() -> Result<()> {
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         args.steps,
         args.repeat,
+        allocator,
     );
     let mut existing = std::fs::read_to_string(&args.out).unwrap_or_default();
     existing.push_str(&header);

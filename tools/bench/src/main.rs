@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value = "python3")]
     python: String,
     /// Measurements to run (names as in the table); all when empty.
-    #[arg(long)]
+    #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Markdown file the results are appended to.
     #[arg(long, default_value = "docs/benchmarks.md")]
@@ -380,7 +380,7 @@ fn profile(args: &Args, key: &str) -> Result<()> {
 fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
     let mut text = format!(
-        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --repeat {} --python {}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 (dynamic quantization)\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
+        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --repeat {} --python {}{}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 (dynamic quantization)\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
         args.threads,
         machine(),
         args.threads,
@@ -389,6 +389,11 @@ fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
             "''"
         } else {
             &args.python
+        },
+        if args.only.is_empty() {
+            String::new()
+        } else {
+            format!(" --only {}", args.only.join(","))
         },
         args.repeat,
     );
