@@ -7,8 +7,8 @@
 //! into convolutions over slices of its input channels, whose outputs are added, is the `k`
 //! blocking the kernels lack. Measured on one core of the benchmark machine (docs/benchmarks.md):
 //! a 1280 -> 1280 3x3 convolution at 16x16 took 228 ms as one node and 101 ms as ten parts of 128
-//! channels (onnxruntime: 53 ms); the full-size Tiny-SD UNet call at 32x32 went from 1.85-1.96 s
-//! to 1.57-1.61 s. The split is exact up to the order of the additions.
+//! channels (onnxruntime: 53 ms); the full-size Tiny-SD UNet call at 32x32 went from 2.01 s to
+//! 1.64 s in the same run. The split is exact up to the order of the additions.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::array::Slice;
