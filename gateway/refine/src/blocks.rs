@@ -238,10 +238,9 @@ fn transformers(
 
 /// diffusers' `CrossAttnDownBlock2D`: (resnet, transformer) pairs, then an optional downsampler.
 pub(crate) struct CrossAttnDown {
-    resnets: Vec<Resnet>,
+    /// A `DownBlock2D`: the resnets and the downsampler.
+    down: Down,
     attentions: Vec<SpatialTransformer>,
-    /// A `DownBlock2D` with no resnets: the downsampler alone.
-    downsampler: Down,
 }
 
 impl CrossAttnDown {
@@ -253,35 +252,16 @@ impl CrossAttnDown {
         config: DownBlock2DConfig,
         shape: TransformerShape,
     ) -> Result<Self> {
-        // As candle's DownBlock2D builds them (resnet groups at their default).
-        let resnet_cfg = ResnetBlock2DConfig {
-            out_channels: Some(out_channels),
-            eps: config.resnet_eps,
-            output_scale_factor: config.output_scale_factor,
-            temb_channels: Some(temb_channels),
-            ..Default::default()
-        };
-        let vs_resnets = vs.pp("resnets");
-        let resnets = (0..config.num_layers)
-            .map(|i| {
-                let c_in = if i == 0 { in_channels } else { out_channels };
-                Resnet::new(vs_resnets.pp(i.to_string()), c_in, resnet_cfg)
-            })
-            .collect::<Result<_>>()?;
-        let downsampler = Down::new(
+        let down = Down::new(
             vs.clone(),
-            out_channels,
+            in_channels,
             out_channels,
             Some(temb_channels),
-            DownBlock2DConfig {
-                num_layers: 0,
-                ..config
-            },
+            config,
         )?;
         Ok(Self {
-            resnets,
+            down,
             attentions: transformers(vs, config.num_layers, out_channels, shape)?,
-            downsampler,
         })
     }
 
@@ -291,13 +271,13 @@ impl CrossAttnDown {
         temb: &Tensor,
         context: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut states = Vec::with_capacity(self.resnets.len() + 1);
+        let mut states = Vec::with_capacity(self.attentions.len() + 1);
         let mut xs = xs.clone();
-        for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
+        for (resnet, attn) in self.down.resnets().iter().zip(&self.attentions) {
             xs = attn.forward(&resnet.forward(&xs, Some(temb))?, context)?;
             states.push(xs.clone());
         }
-        if let Some(out) = self.downsampler.downsample(&xs)? {
+        if let Some(out) = self.down.downsample(&xs)? {
             states.push(out.clone());
             xs = out;
         }

@@ -225,7 +225,11 @@ impl Down {
         })
     }
 
-    /// The downsampler alone (identity when there is none).
+    pub(crate) fn resnets(&self) -> &[Resnet] {
+        &self.resnets
+    }
+
+    /// The downsampler alone (`None` when there is none).
     pub(crate) fn downsample(&self, xs: &Tensor) -> Result<Option<Tensor>> {
         let Some((conv, padding)) = &self.downsampler else {
             return Ok(None);
