@@ -73,8 +73,10 @@ impl Conv2d {
         let padded = xs
             .pad_with_zeros(D::Minus2, pad, pad)?
             .pad_with_zeros(D::Minus1, pad, pad)?;
-        let row_bytes = channels * k * k * ho * wo * xs.dtype().size_in_bytes();
-        let rows = (MAX_COLUMNS_BYTES / row_bytes.max(1)).clamp(1, batch);
+        let rows = rows_per_product(
+            batch,
+            channels * k * k * ho * wo * xs.dtype().size_in_bytes(),
+        );
         let mut parts = Vec::with_capacity(batch.div_ceil(rows));
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
@@ -92,6 +94,11 @@ impl Conv2d {
             None => Ok(ys),
         }
     }
+}
+
+/// How many of `batch` rows one product takes when a row's stacked views take `row_bytes`.
+fn rows_per_product(batch: usize, row_bytes: usize) -> usize {
+    (MAX_COLUMNS_BYTES / row_bytes.max(1)).clamp(1, batch)
 }
 
 impl Module for Conv2d {
@@ -409,6 +416,8 @@ mod tests {
     fn a_batch_too_large_for_one_buffer_is_convolved_in_slices() -> Result<()> {
         // 64 channels x 9 taps x 96 x 96 x 4 bytes = 21 MiB a row: six rows per slice, so eight
         // rows take two products.
+        assert_eq!(rows_per_product(8, 64 * 9 * 96 * 96 * 4), 6);
+        assert_eq!(rows_per_product(8, 1 << 30), 1);
         let conv = conv(64, 2, padded(1))?;
         let xs = input((8, 64, 96, 96))?;
         let ours = conv.forward(&xs)?;
