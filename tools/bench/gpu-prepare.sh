@@ -7,9 +7,9 @@
 # 1. TOOLKIT: a CUDA 13.0 toolkit assembled from NVIDIA's pip wheels (nvcc, headers, cuBLAS,
 #    cuRAND, NVRTC, the runtime) with a stub libcuda.so to link against (the real one comes with
 #    the driver on the GPU machine), and TOOLKIT/env.sh to source for the build;
-# 2. release builds of bench-gateway and the refine crate's conformance test with
+# 2. release builds of bench-gateway, the refine crate's conformance test and unit tests with
 #    `--features cuda` for compute capability 9.0 (H100/H200; set CUDA_COMPUTE_CAP to change),
-#    stripped and gzipped into CARRY;
+#    stripped and xz-compressed into CARRY;
 # 3. CARRY/tokenizer (the CLIP tokenizer of a model made by onnx/make_fullsize_sd15.py, from
 #    SD15_MODEL, default models/sd15-full), CARRY/wheels (diffusers, importlib_metadata) and
 #    CARRY/built-at.
@@ -57,14 +57,22 @@ nvcc --version | tail -1
 
 echo "== release builds with --features cuda"
 cargo build --release -p diffusionx-bench --features cuda --bin bench-gateway
-test_bin=$(cargo test --release -p diffusionx-refine --features cuda --test conformance --no-run \
-    --message-format=json | grep -o '"executable":"[^"]*conformance[^"]*"' | tail -1 |
-    sed 's/"executable":"\(.*\)"/\1/')
+# The test executables of the refine crate: the conformance test and the unit tests (the
+# crate's CUDA kernels against candle on the GPU).
+test_exe() {
+    cargo test --release -p diffusionx-refine --features cuda "$@" --no-run \
+        --message-format=json | grep -o '"executable":"[^"]*"' | tail -1 |
+        sed 's/"executable":"\(.*\)"/\1/'
+}
+conformance=$(test_exe --test conformance)
+kernels=$(test_exe --lib)
 target=$(cargo metadata --format-version 1 --no-deps | grep -o '"target_directory":"[^"]*"' |
     sed 's/"target_directory":"\(.*\)"/\1/')
-for pair in "$target/release/bench-gateway:bench-gateway" "$test_bin:conformance"; do
-    objcopy --strip-debug "${pair%%:*}" "$toolkit/${pair##*:}"
-    gzip -c "$toolkit/${pair##*:}" > "$carry/${pair##*:}.gz"
+for pair in "$target/release/bench-gateway:bench-gateway" "$conformance:conformance" \
+    "$kernels:refine-unit"; do
+    # Stripped and xz-compressed: the device tool carries 64 MiB with the working tree.
+    strip --strip-all -o "$toolkit/${pair##*:}" "${pair%%:*}"
+    xz -9 -T0 -c "$toolkit/${pair##*:}" > "$carry/${pair##*:}.xz"
 done
 
 echo "== tokenizer, wheels"

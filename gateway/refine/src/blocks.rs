@@ -4,37 +4,30 @@
 //! and v to f32 and materialises the scores in f32: on an H100 in f16 that was 35% of a UNet
 //! call's kernel time (`softmax_f32` 20%, f32 FFMA matrix products 15%; docs/benchmarks.md). Here
 //! the products run in the model's dtype (cuBLAS f16 on tensor cores, accumulating in f32) and
-//! the scale is folded into q. The softmax accumulates in f32 everywhere: candle's CUDA kernel
-//! does so for f16 input, and on the CPU, whose f16 kernel would sum 4096 terms in f16, the
-//! scores are widened to f32 first, so that the CPU f16 tests see the GPU's arithmetic.
+//! the scale is folded into q. The softmax accumulates in f32 everywhere
+//! ([`crate::fused::softmax_last_dim`]: the crate's kernel on a GPU; on the CPU, whose f16 kernel
+//! would sum 4096 terms in f16, the scores are widened to f32 first, so that the CPU f16 tests
+//! see the GPU's arithmetic). Norms, bias adds and GEGLU are [`crate::fused`]'s.
 //!
 //! The rest is the same composition as candle-transformers' `attention.rs` and
 //! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names, with the resnets
 //! and samplers of [`crate::resnet`]. GEGLU uses the exact (erf) GELU, as diffusers does.
 
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownBlock2DConfig, UpBlock2DConfig,
 };
 
-use crate::resnet::{Down, Resnet, Up};
-
-/// Softmax over the last dimension, accumulating in f32 on every device.
-fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if matches!(xs.device(), Device::Cpu) && xs.dtype() != DType::F32 {
-        nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype())
-    } else {
-        nn::ops::softmax_last_dim(xs)
-    }
-}
+use crate::fused::{GroupNorm, Linear, geglu, softmax_last_dim};
+use crate::resnet::{Conv2d, Down, Resnet, Up};
 
 struct CrossAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     scale: f64,
 }
@@ -50,10 +43,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?,
-            to_k: nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?,
-            to_v: nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?,
-            to_out: nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?,
+            to_q: Linear::no_bias(query_dim, inner_dim, vs.pp("to_q"))?,
+            to_k: Linear::no_bias(context_dim, inner_dim, vs.pp("to_k"))?,
+            to_v: Linear::no_bias(context_dim, inner_dim, vs.pp("to_v"))?,
+            to_out: Linear::new(inner_dim, query_dim, vs.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (dim_head as f64).sqrt(),
         })
@@ -87,8 +80,8 @@ impl CrossAttention {
 }
 
 struct FeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: Linear,
+    out: Linear,
 }
 
 impl FeedForward {
@@ -96,15 +89,13 @@ impl FeedForward {
         let inner = dim * 4;
         let vs = vs.pp("net");
         Ok(Self {
-            proj: nn::linear(dim, inner * 2, vs.pp("0").pp("proj"))?,
-            out: nn::linear(inner, dim, vs.pp("2"))?,
+            proj: Linear::new(dim, inner * 2, vs.pp("0").pp("proj"))?,
+            out: Linear::new(inner, dim, vs.pp("2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let halves = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        let hidden = (&halves[0] * halves[1].gelu_erf()?)?;
-        self.out.forward(&hidden)
+        self.out.forward(&geglu(&self.proj.forward(xs)?)?)
     }
 }
 
@@ -146,8 +137,8 @@ impl TransformerBlock {
 }
 
 enum Proj {
-    Conv(nn::Conv2d),
-    Linear(nn::Linear),
+    Conv(Conv2d),
+    Linear(Linear),
 }
 
 /// The shape of one block's transformers (diffusers' `Transformer2DModel`).
@@ -162,7 +153,7 @@ pub(crate) struct TransformerShape {
 
 /// diffusers' `Transformer2DModel` (candle's `SpatialTransformer`).
 struct SpatialTransformer {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Proj,
     blocks: Vec<TransformerBlock>,
     proj_out: Proj,
@@ -174,14 +165,14 @@ impl SpatialTransformer {
         let inner = shape.heads * dim_head;
         let proj = |name: &str, i: usize, o: usize| -> Result<Proj> {
             Ok(if shape.linear_projection {
-                Proj::Linear(nn::linear(i, o, vs.pp(name))?)
+                Proj::Linear(Linear::new(i, o, vs.pp(name))?)
             } else {
-                Proj::Conv(nn::conv2d(i, o, 1, Default::default(), vs.pp(name))?)
+                Proj::Conv(Conv2d::new(vs.pp(name), i, o, 1, Default::default())?)
             })
         };
         let vs_blocks = vs.pp("transformer_blocks");
         Ok(Self {
-            norm: nn::group_norm(shape.groups, channels, 1e-6, vs.pp("norm"))?,
+            norm: GroupNorm::new(shape.groups, channels, 1e-6, vs.pp("norm"))?,
             proj_in: proj("proj_in", channels, inner)?,
             blocks: (0..shape.depth)
                 .map(|i| {

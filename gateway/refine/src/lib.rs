@@ -12,7 +12,10 @@
 
 pub mod allocator;
 mod blocks;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
+mod fused;
 mod model;
 mod refine;
 mod resnet;

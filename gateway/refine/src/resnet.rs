@@ -16,6 +16,8 @@
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn as nn;
+
+use crate::fused::{GroupNorm, Linear, add_channel_bias, add_per_channel};
 use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownBlock2DConfig, UpBlock2DConfig,
@@ -25,9 +27,14 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 /// convolved a slice of rows at a time (at least one row).
 const MAX_COLUMNS_BYTES: usize = 128 << 20;
 
+/// The same bound on a GPU, where the columns of a 16-row call at 64x64 (377 MiB in f16) fit.
+const MAX_GPU_COLUMNS_BYTES: usize = 1 << 30;
+
 /// A 2-D convolution loaded from `weight` and `bias` under its diffusers name.
 pub(crate) struct Conv2d {
+    /// candle's convolution without the bias, which [`add_channel_bias`] adds.
     inner: nn::Conv2d,
+    bias: Option<Tensor>,
     /// The weights viewed as `[out, in x kh x kw]` (the same storage).
     matrix: Tensor,
     kernel: usize,
@@ -41,25 +48,24 @@ impl Conv2d {
         kernel: usize,
         config: nn::Conv2dConfig,
     ) -> Result<Self> {
-        let inner = nn::conv2d(in_channels, out_channels, kernel, config, vs)?;
-        let matrix = inner
+        let loaded = nn::conv2d(in_channels, out_channels, kernel, config, vs)?;
+        let matrix = loaded
             .weight()
             .reshape((out_channels, in_channels * kernel * kernel))?;
         Ok(Self {
-            inner,
+            inner: nn::Conv2d::new(loaded.weight().clone(), None, config),
+            bias: loaded.bias().cloned(),
             matrix,
             kernel,
         })
     }
 
-    /// Whether `xs` takes the stacked-views path.
+    /// Whether `xs` takes the one-product path: on the CPU for 3x3 (stacked views), on a GPU for
+    /// every stride-1 convolution (the crate's im2col kernel, or none for 1x1).
     fn as_one_product(&self, xs: &Tensor) -> bool {
         let config = self.inner.config();
-        xs.device().is_cpu()
-            && self.kernel > 1
-            && config.stride == 1
-            && config.dilation == 1
-            && config.groups == 1
+        let plain = config.stride == 1 && config.dilation == 1 && config.groups == 1;
+        plain && (self.kernel > 1 && xs.device().is_cpu() || xs.device().is_cuda())
     }
 
     fn forward_as_one_product(&self, xs: &Tensor) -> Result<Tensor> {
@@ -70,35 +76,84 @@ impl Conv2d {
             (w + 2 * pad + 1).saturating_sub(k),
         );
         let out_channels = self.matrix.dim(0)?;
-        let padded = xs
-            .pad_with_zeros(D::Minus2, pad, pad)?
-            .pad_with_zeros(D::Minus1, pad, pad)?;
+        let padded = if xs.device().is_cpu() {
+            xs.pad_with_zeros(D::Minus2, pad, pad)?
+                .pad_with_zeros(D::Minus1, pad, pad)?
+        } else {
+            xs.clone()
+        };
         let rows = rows_per_product(
             batch,
             channels * k * k * ho * wo * xs.dtype().size_in_bytes(),
+            max_columns_bytes(xs.device()),
         );
         let mut parts = Vec::with_capacity(batch.div_ceil(rows));
         for start in (0..batch).step_by(rows) {
             let n = rows.min(batch - start);
             let slice = padded.narrow(0, start, n)?;
-            let views = (0..k * k)
-                .map(|tap| slice.narrow(2, tap / k, ho)?.narrow(3, tap % k, wo))
-                .collect::<Result<Vec<_>>>()?;
-            let columns = Tensor::stack(&views, 2)?.reshape((n, channels * k * k, ho * wo))?;
+            let columns = match self.columns(&slice, pad, ho, wo)? {
+                Some(columns) => columns,
+                None => return self.forward_candle(xs),
+            };
             let weights = self.matrix.broadcast_left(n)?;
             parts.push(weights.matmul(&columns)?);
         }
         let ys = Tensor::cat(&parts, 0)?.reshape((batch, out_channels, ho, wo))?;
-        match self.inner.bias() {
-            Some(bias) => ys.broadcast_add(&bias.reshape((1, out_channels, 1, 1))?),
+        match &self.bias {
+            Some(bias) => add_channel_bias(&ys, bias),
             None => Ok(ys),
         }
     }
+
+    /// The `[n, in x k x k, ho x wo]` columns of `slice` (already padded on the CPU), or `None`
+    /// where the GPU kernel does not take it.
+    fn columns(&self, slice: &Tensor, pad: usize, ho: usize, wo: usize) -> Result<Option<Tensor>> {
+        let (n, channels, _, _) = slice.dims4()?;
+        let k = self.kernel;
+        if slice.device().is_cpu() {
+            let views = (0..k * k)
+                .map(|tap| slice.narrow(2, tap / k, ho)?.narrow(3, tap % k, wo))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(Some(Tensor::stack(&views, 2)?.reshape((
+                n,
+                channels * k * k,
+                ho * wo,
+            ))?));
+        }
+        if k == 1 && pad == 0 {
+            return Ok(Some(slice.contiguous()?.reshape((n, channels, ho * wo))?));
+        }
+        #[cfg(feature = "cuda")]
+        return crate::cuda::im2col(&slice.contiguous()?, k, pad);
+        #[cfg(not(feature = "cuda"))]
+        Ok(None)
+    }
 }
 
-/// How many of `batch` rows one product takes when a row's stacked views take `row_bytes`.
-fn rows_per_product(batch: usize, row_bytes: usize) -> usize {
-    (MAX_COLUMNS_BYTES / row_bytes.max(1)).clamp(1, batch)
+/// The most bytes one columns buffer may take on `device`.
+fn max_columns_bytes(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        MAX_COLUMNS_BYTES
+    } else {
+        MAX_GPU_COLUMNS_BYTES
+    }
+}
+
+/// How many of `batch` rows one product takes when a row's columns take `row_bytes` and a
+/// buffer at most `max_bytes`.
+fn rows_per_product(batch: usize, row_bytes: usize, max_bytes: usize) -> usize {
+    (max_bytes / row_bytes.max(1)).clamp(1, batch)
+}
+
+impl Conv2d {
+    /// candle's convolution, then the bias.
+    fn forward_candle(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.inner.forward(xs)?;
+        match &self.bias {
+            Some(bias) => add_channel_bias(&ys, bias),
+            None => Ok(ys),
+        }
+    }
 }
 
 impl Module for Conv2d {
@@ -106,7 +161,7 @@ impl Module for Conv2d {
         if self.as_one_product(xs) {
             self.forward_as_one_product(xs)
         } else {
-            self.inner.forward(xs)
+            self.forward_candle(xs)
         }
     }
 }
@@ -122,11 +177,11 @@ fn conv3x3(vs: nn::VarBuilder<'_>, i: usize, o: usize, stride: usize) -> Result<
 
 /// diffusers' `ResnetBlock2D` (candle's, with [`Conv2d`]).
 pub(crate) struct Resnet {
-    norm1: nn::GroupNorm,
+    norm1: GroupNorm,
     conv1: Conv2d,
-    norm2: nn::GroupNorm,
+    norm2: GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<Linear>,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
 }
@@ -143,13 +198,13 @@ impl Resnet {
             .use_in_shortcut
             .unwrap_or(in_channels != out_channels);
         Ok(Self {
-            norm1: nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?,
+            norm1: GroupNorm::new(config.groups, in_channels, config.eps, vs.pp("norm1"))?,
             conv1: conv3x3(vs.pp("conv1"), in_channels, out_channels, 1)?,
-            norm2: nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?,
+            norm2: GroupNorm::new(groups_out, out_channels, config.eps, vs.pp("norm2"))?,
             conv2: conv3x3(vs.pp("conv2"), out_channels, out_channels, 1)?,
             time_emb_proj: config
                 .temb_channels
-                .map(|t| nn::linear(t, out_channels, vs.pp("time_emb_proj")))
+                .map(|t| Linear::new(t, out_channels, vs.pp("time_emb_proj")))
                 .transpose()?,
             conv_shortcut: shortcut
                 .then(|| {
@@ -166,20 +221,14 @@ impl Resnet {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hs = self
-            .conv1
-            .forward(&nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let hs = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let hs = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(proj)) => proj
-                .forward(&nn::ops::silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?
-                .broadcast_add(&hs)?,
+            (Some(temb), Some(proj)) => {
+                add_per_channel(&hs, &proj.forward(&nn::ops::silu(temb)?)?)?
+            }
             _ => hs,
         };
-        let hs = self
-            .conv2
-            .forward(&nn::ops::silu(&self.norm2.forward(&hs)?)?)?;
+        let hs = self.conv2.forward(&self.norm2.forward_silu(&hs)?)?;
         (shortcut + hs)? / self.output_scale_factor
     }
 }
@@ -404,7 +453,7 @@ mod tests {
             let xs = input((3, 5, 6, 9))?;
             assert!(conv.as_one_product(&xs));
             let ours = conv.forward(&xs)?;
-            let candles = conv.inner.forward(&xs)?;
+            let candles = conv.forward_candle(&xs)?;
             assert_eq!(ours.dims(), candles.dims());
             let worst = largest_difference(&ours, &candles)?;
             assert!(worst < 1e-5, "padding {pad}: off by {worst}");
@@ -416,12 +465,15 @@ mod tests {
     fn a_batch_too_large_for_one_buffer_is_convolved_in_slices() -> Result<()> {
         // 64 channels x 9 taps x 96 x 96 x 4 bytes = 21 MiB a row: six rows per slice, so eight
         // rows take two products.
-        assert_eq!(rows_per_product(8, 64 * 9 * 96 * 96 * 4), 6);
-        assert_eq!(rows_per_product(8, 1 << 30), 1);
+        assert_eq!(
+            rows_per_product(8, 64 * 9 * 96 * 96 * 4, MAX_COLUMNS_BYTES),
+            6
+        );
+        assert_eq!(rows_per_product(8, 1 << 30, MAX_COLUMNS_BYTES), 1);
         let conv = conv(64, 2, padded(1))?;
         let xs = input((8, 64, 96, 96))?;
         let ours = conv.forward(&xs)?;
-        let candles = conv.inner.forward(&xs)?;
+        let candles = conv.forward_candle(&xs)?;
         let worst = largest_difference(&ours, &candles)?;
         assert!(worst < 1e-4, "off by {worst}");
         Ok(())
@@ -439,7 +491,7 @@ mod tests {
         assert!(!conv.as_one_product(&xs));
         let ours = conv.forward(&xs)?;
         assert_eq!(ours.dims(), &[1, 2, 4, 4]);
-        assert_eq!(largest_difference(&ours, &conv.inner.forward(&xs)?)?, 0.0);
+        assert_eq!(largest_difference(&ours, &conv.forward_candle(&xs)?)?, 0.0);
         Ok(())
     }
 }

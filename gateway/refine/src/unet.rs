@@ -18,6 +18,7 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 };
 
 use crate::blocks::{CrossAttnDown, CrossAttnMid, CrossAttnUp, TransformerShape};
+use crate::fused::GroupNorm;
 use crate::resnet::{Conv2d, Down as DownBlock2D, Up as UpBlock2D};
 
 enum Down {
@@ -39,7 +40,7 @@ pub(crate) struct BatchUnet {
     down_blocks: Vec<Down>,
     mid_block: CrossAttnMid,
     up_blocks: Vec<Up>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNet2DConditionModelConfig,
 }
@@ -170,7 +171,7 @@ impl BatchUnet {
             });
         }
 
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = GroupNorm::new(
             config.norm_num_groups,
             b_channels,
             config.norm_eps,
@@ -247,8 +248,7 @@ impl BatchUnet {
                 }
             };
         }
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

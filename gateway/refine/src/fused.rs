@@ -1,0 +1,419 @@
+//! The UNet's normalisations, bias adds and GEGLU, each one kernel on a GPU.
+//!
+//! On a CUDA device (with the `cuda` feature) these take the crate's own kernels
+//! ([`crate::cuda`]); everywhere else, and for what those kernels do not take, they are
+//! exactly candle's composition, so the CPU computes what it did before.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn as nn;
+
+/// `xs` `[n, c, h, w]` plus a per-channel `bias` `[c]` (candle's `Conv2d` bias add).
+pub(crate) fn add_channel_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_, c, h, w) = xs.dims4()?;
+    #[cfg(feature = "cuda")]
+    if let Some(ys) = crate::cuda::add_broadcast(xs, bias, h * w, c)? {
+        return Ok(ys);
+    }
+    let _ = (h, w);
+    xs.broadcast_add(&bias.reshape((1, c, 1, 1))?)
+}
+
+/// `xs` `[.., c]` plus `bias` `[c]` (candle's `Linear` bias add).
+pub(crate) fn add_last_bias(xs: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(ys) = crate::cuda::add_broadcast(xs, bias, 1, bias.elem_count())? {
+        return Ok(ys);
+    }
+    xs.broadcast_add(bias)
+}
+
+/// `xs` `[n, c, h, w]` plus `t` `[n, c]` broadcast over the pixels (a resnet's time embedding).
+pub(crate) fn add_per_channel(xs: &Tensor, t: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (n, c, h, w) = xs.dims4()?;
+        if let Some(ys) = crate::cuda::add_broadcast(xs, t, h * w, n * c)? {
+            return Ok(ys);
+        }
+    }
+    t.unsqueeze(D::Minus1)?
+        .unsqueeze(D::Minus1)?
+        .broadcast_add(xs)
+}
+
+/// GEGLU of the projection `xs` `[.., 2 * inner]`: the first half times the exact GELU of the
+/// second.
+pub(crate) fn geglu(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(ys) = crate::cuda::geglu(xs)? {
+        return Ok(ys);
+    }
+    let halves = xs.chunk(2, D::Minus1)?;
+    &halves[0] * halves[1].gelu_erf()?
+}
+
+/// Softmax over the last dimension, accumulating in f32 on every device (the CPU's f16 kernel
+/// would sum in f16, so there the input is widened first).
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(ys) = crate::cuda::softmax_last_dim(xs)? {
+        return Ok(ys);
+    }
+    if xs.device().is_cpu() && xs.dtype() != candle_core::DType::F32 {
+        nn::ops::softmax_last_dim(&xs.to_dtype(candle_core::DType::F32)?)?.to_dtype(xs.dtype())
+    } else {
+        nn::ops::softmax_last_dim(xs)
+    }
+}
+
+/// diffusers' `GroupNorm` (candle's), optionally followed by SiLU in the same kernel.
+pub(crate) struct GroupNorm {
+    inner: nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(
+        groups: usize,
+        channels: usize,
+        eps: f64,
+        vs: nn::VarBuilder<'_>,
+    ) -> Result<Self> {
+        let weight = vs.get_with_hints(channels, "weight", nn::Init::Const(1.))?;
+        let bias = vs.get_with_hints(channels, "bias", nn::Init::Const(0.))?;
+        Ok(Self {
+            inner: nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?,
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    /// The normalised `xs`.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, false)
+    }
+
+    /// SiLU of the normalised `xs`.
+    pub(crate) fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.apply(xs, true)
+    }
+
+    fn apply(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(ys) =
+            crate::cuda::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu)?
+        {
+            return Ok(ys);
+        }
+        let _ = (&self.weight, &self.bias, self.groups, self.eps);
+        let ys = self.inner.forward(xs)?;
+        if silu { nn::ops::silu(&ys) } else { Ok(ys) }
+    }
+}
+
+/// diffusers' `Linear` (candle's), with the bias added by [`add_last_bias`].
+pub(crate) struct Linear {
+    product: nn::Linear,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn new(i: usize, o: usize, vs: nn::VarBuilder<'_>) -> Result<Self> {
+        let layer = nn::linear(i, o, vs)?;
+        Ok(Self {
+            product: nn::Linear::new(layer.weight().clone(), None),
+            bias: layer.bias().cloned(),
+        })
+    }
+
+    pub(crate) fn no_bias(i: usize, o: usize, vs: nn::VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            product: nn::linear_no_bias(i, o, vs)?,
+            bias: None,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.product.forward(xs)?;
+        match &self.bias {
+            Some(bias) => add_last_bias(&ys, bias),
+            None => Ok(ys),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    fn random(shape: &[usize], device: &Device, dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+    }
+
+    fn vars(entries: &[(&str, Tensor)], device: &Device) -> nn::VarBuilder<'static> {
+        let map: HashMap<String, Tensor> = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        nn::VarBuilder::from_tensors(map, entries[0].1.dtype(), device)
+    }
+
+    /// On the CPU the layers are candle's composition, bit for bit.
+    #[test]
+    fn on_the_cpu_the_layers_are_candles() {
+        let cpu = Device::Cpu;
+        let xs = random(&[2, 8, 5, 3], &cpu, DType::F32);
+        let (w, b) = (
+            random(&[8], &cpu, DType::F32),
+            random(&[8], &cpu, DType::F32),
+        );
+        let norm = GroupNorm::new(
+            4,
+            8,
+            1e-5,
+            vars(&[("weight", w.clone()), ("bias", b.clone())], &cpu),
+        )
+        .unwrap();
+        let candle = nn::GroupNorm::new(w.clone(), b.clone(), 8, 4, 1e-5).unwrap();
+        let expected = candle.forward(&xs).unwrap();
+        assert_eq!(max_diff(&norm.forward(&xs).unwrap(), &expected), 0.0);
+        let expected_silu = nn::ops::silu(&expected).unwrap();
+        assert_eq!(
+            max_diff(&norm.forward_silu(&xs).unwrap(), &expected_silu),
+            0.0
+        );
+
+        let tokens = random(&[2, 6, 8], &cpu, DType::F32);
+        let weight = random(&[4, 8], &cpu, DType::F32);
+        let bias = random(&[4], &cpu, DType::F32);
+        let linear = Linear::new(
+            8,
+            4,
+            vars(&[("weight", weight.clone()), ("bias", bias.clone())], &cpu),
+        )
+        .unwrap();
+        let candle = nn::Linear::new(weight, Some(bias));
+        assert_eq!(
+            max_diff(
+                &linear.forward(&tokens).unwrap(),
+                &candle.forward(&tokens).unwrap()
+            ),
+            0.0
+        );
+
+        let t = random(&[2, 8], &cpu, DType::F32);
+        let expected = (&xs
+            + t.reshape((2, 8, 1, 1))
+                .unwrap()
+                .broadcast_as(xs.shape())
+                .unwrap())
+        .unwrap();
+        assert_eq!(max_diff(&add_per_channel(&xs, &t).unwrap(), &expected), 0.0);
+        let expected = (&xs
+            + b.reshape((1, 8, 1, 1))
+                .unwrap()
+                .broadcast_as(xs.shape())
+                .unwrap())
+        .unwrap();
+        assert_eq!(
+            max_diff(&add_channel_bias(&xs, &b).unwrap(), &expected),
+            0.0
+        );
+
+        let projected = random(&[2, 6, 8], &cpu, DType::F32);
+        let a = projected.narrow(2, 0, 4).unwrap();
+        let g = projected.narrow(2, 4, 4).unwrap();
+        let expected = (a * g.gelu_erf().unwrap()).unwrap();
+        assert_eq!(max_diff(&geglu(&projected).unwrap(), &expected), 0.0);
+    }
+
+    /// Every kernel of [`crate::cuda`] against candle's composition on the same GPU, in f32 and
+    /// f16, on shapes of the SD v1.5 UNet (and odd ones). Run on a GPU machine by
+    /// tools/bench/gpu.sh; with the `cuda` feature and no GPU it fails.
+    #[cfg(feature = "cuda")]
+    mod on_cuda {
+        use super::*;
+        use crate::cuda::Kernel;
+
+        fn gpu() -> Device {
+            Device::new_cuda(0).expect("these tests need an NVIDIA GPU")
+        }
+
+        /// The bound for a kernel's result against candle's, relative to the largest value.
+        fn bound(dtype: DType) -> f32 {
+            if dtype == DType::F16 { 4e-3 } else { 1e-4 }
+        }
+
+        fn check(name: &str, got: &Tensor, expected: &Tensor, dtype: DType) {
+            let scale = max_diff(expected, &expected.zeros_like().unwrap()).max(1.0);
+            let diff = max_diff(got, expected);
+            println!("{name} {dtype:?}: max diff {diff:.3e} (scale {scale:.3})");
+            assert_eq!(got.dims(), expected.dims(), "{name}");
+            assert!(
+                diff <= bound(dtype) * scale,
+                "{name} {dtype:?}: {diff} > {}",
+                bound(dtype) * scale
+            );
+        }
+
+        #[test]
+        fn add_matches_candle() {
+            assert!(Kernel::Add.enabled());
+            let dev = gpu();
+            for dtype in [DType::F32, DType::F16] {
+                for (n, c, h, w) in [(16, 320, 64, 64), (3, 5, 7, 11)] {
+                    let xs = random(&[n, c, h, w], &dev, dtype);
+                    let b = random(&[c], &dev, dtype);
+                    let t = random(&[n, c], &dev, dtype);
+                    let expected = xs.broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+                    check(
+                        "channel bias",
+                        &add_channel_bias(&xs, &b).unwrap(),
+                        &expected,
+                        dtype,
+                    );
+                    let expected = xs.broadcast_add(&t.reshape((n, c, 1, 1)).unwrap()).unwrap();
+                    check(
+                        "per channel",
+                        &add_per_channel(&xs, &t).unwrap(),
+                        &expected,
+                        dtype,
+                    );
+                    let tokens = random(&[n, h * w, c], &dev, dtype);
+                    let expected = tokens.broadcast_add(&b).unwrap();
+                    check(
+                        "last bias",
+                        &add_last_bias(&tokens, &b).unwrap(),
+                        &expected,
+                        dtype,
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn group_norm_matches_candle() {
+            assert!(Kernel::GroupNorm.enabled());
+            let dev = gpu();
+            for dtype in [DType::F32, DType::F16] {
+                for (n, c, h, w, groups) in
+                    [(2, 320, 64, 64, 32), (16, 1280, 8, 8, 32), (3, 6, 5, 7, 3)]
+                {
+                    // An offset, as activations have, to catch a one-pass variance.
+                    let xs = (random(&[n, c, h, w], &dev, dtype) + 3.0).unwrap();
+                    let (wt, b) = (random(&[c], &dev, dtype), random(&[c], &dev, dtype));
+                    let norm = GroupNorm::new(
+                        groups,
+                        c,
+                        1e-6,
+                        vars(&[("weight", wt.clone()), ("bias", b.clone())], &dev),
+                    )
+                    .unwrap();
+                    let candle = nn::GroupNorm::new(wt, b, c, groups, 1e-6).unwrap();
+                    let expected = candle.forward(&xs).unwrap();
+                    check("group norm", &norm.forward(&xs).unwrap(), &expected, dtype);
+                    let expected = nn::ops::silu(&expected).unwrap();
+                    check(
+                        "group norm + silu",
+                        &norm.forward_silu(&xs).unwrap(),
+                        &expected,
+                        dtype,
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn geglu_matches_candle() {
+            assert!(Kernel::Geglu.enabled());
+            let dev = gpu();
+            for dtype in [DType::F32, DType::F16] {
+                for shape in [[2, 4096, 2560], [3, 7, 10]] {
+                    let xs = random(&shape, &dev, dtype);
+                    let halves = xs.chunk(2, D::Minus1).unwrap();
+                    let expected = (&halves[0] * halves[1].gelu_erf().unwrap()).unwrap();
+                    check("geglu", &geglu(&xs).unwrap(), &expected, dtype);
+                }
+            }
+        }
+
+        #[test]
+        fn softmax_matches_candle() {
+            assert!(Kernel::Softmax.enabled());
+            let dev = gpu();
+            for dtype in [DType::F32, DType::F16] {
+                // Rows held in registers (4096, 77) and longer ones read three times (5000).
+                for shape in [[16, 4096, 4096], [16, 4096, 77], [3, 5, 5000]] {
+                    let xs = (random(&shape, &dev, dtype) * 4.0).unwrap();
+                    let expected =
+                        nn::ops::softmax_last_dim(&xs.to_dtype(DType::F32).unwrap()).unwrap();
+                    let got = softmax_last_dim(&xs).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    check("softmax", &got, &expected, dtype);
+                }
+            }
+        }
+
+        #[test]
+        fn im2col_convolution_matches_candle() {
+            assert!(Kernel::Im2col.enabled());
+            let dev = gpu();
+            for dtype in [DType::F32, DType::F16] {
+                for (n, c, o, h, w, k, pad) in [
+                    (2, 320, 320, 64, 64, 3, 1),
+                    (3, 5, 4, 7, 6, 3, 1),
+                    (2, 640, 320, 8, 8, 1, 0),
+                    (2, 4, 3, 6, 6, 3, 0),
+                ] {
+                    let xs = random(&[n, c, h, w], &dev, dtype);
+                    let weight = (random(&[o, c, k, k], &dev, dtype)
+                        * (1.0 / ((c * k * k) as f64).sqrt()))
+                    .unwrap();
+                    let bias = random(&[o], &dev, dtype);
+                    let config = nn::Conv2dConfig {
+                        padding: pad,
+                        ..Default::default()
+                    };
+                    let candle = nn::Conv2d::new(weight.clone(), Some(bias.clone()), config);
+                    let conv = crate::resnet::Conv2d::new(
+                        vars(&[("weight", weight), ("bias", bias)], &dev),
+                        c,
+                        o,
+                        k,
+                        config,
+                    )
+                    .unwrap();
+                    let expected = candle.forward(&xs).unwrap();
+                    check("convolution", &conv.forward(&xs).unwrap(), &expected, dtype);
+                }
+            }
+        }
+    }
+}
