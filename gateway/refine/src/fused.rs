@@ -131,6 +131,14 @@ impl Linear {
         })
     }
 
+    /// A layer of `weight` `[out, in]` and `bias`.
+    pub(crate) fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            product: nn::Linear::new(weight, None),
+            bias,
+        }
+    }
+
     pub(crate) fn no_bias(i: usize, o: usize, vs: nn::VarBuilder<'_>) -> Result<Self> {
         Ok(Self {
             product: nn::linear_no_bias(i, o, vs)?,

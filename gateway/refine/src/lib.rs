@@ -20,6 +20,7 @@ mod model;
 mod refine;
 mod resnet;
 mod unet;
+mod vae;
 
 pub use error::RefineError;
 pub use model::{Compute, Refiner};

@@ -11,13 +11,13 @@ use candle_transformers::models::clip::text_model::{
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use diffusionx_diffusion::SchedulerConfig;
 use diffusionx_text::ClipTokenizer;
 use serde_json::Value;
 
 use crate::error::RefineError;
 use crate::unet::BatchUnet;
+use crate::vae::{Decoder, DecoderConfig};
 
 /// Where a refiner runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -57,7 +57,7 @@ pub struct Refiner {
     pub(crate) tokenizer: ClipTokenizer,
     pub(crate) text_encoder: ClipTextTransformer,
     pub(crate) unet: BatchUnet,
-    pub(crate) vae: AutoEncoderKL,
+    pub(crate) vae: Decoder,
     pub(crate) scheduler_config: SchedulerConfig,
     pub(crate) scaling_factor: f64,
 }
@@ -254,11 +254,7 @@ fn load_unet(dir: &Path, device: &Device, dtype: DType) -> Result<BatchUnet, Ref
     })
 }
 
-fn load_vae(
-    dir: &Path,
-    device: &Device,
-    dtype: DType,
-) -> Result<(AutoEncoderKL, f64), RefineError> {
+fn load_vae(dir: &Path, device: &Device, dtype: DType) -> Result<(Decoder, f64), RefineError> {
     let path = dir.join("config.json");
     let config = read_json(&path)?;
     let block_out_channels = config["block_out_channels"]
@@ -272,13 +268,14 @@ fn load_vae(
             path: path.clone(),
             reason: "block_out_channels missing".into(),
         })?;
-    let vae_config = AutoEncoderKLConfig {
+    let vae_config = DecoderConfig {
         block_out_channels,
         layers_per_block: usize_of(&config, "layers_per_block", &path)?,
         latent_channels: usize_of(&config, "latent_channels", &path)?,
+        out_channels: usize_of(&config, "out_channels", &path)?,
         norm_num_groups: usize_of(&config, "norm_num_groups", &path)?,
-        use_quant_conv: config["use_quant_conv"].as_bool().unwrap_or(true),
         use_post_quant_conv: config["use_post_quant_conv"].as_bool().unwrap_or(true),
+        mid_block_add_attention: config["mid_block_add_attention"].as_bool().unwrap_or(true),
     };
     let scaling = config["scaling_factor"].as_f64().unwrap_or(0.18215);
     let vb = VarBuilder::from_tensors(
@@ -286,13 +283,7 @@ fn load_vae(
         dtype,
         device,
     );
-    let vae = AutoEncoderKL::new(
-        vb,
-        usize_of(&config, "in_channels", &path)?,
-        usize_of(&config, "out_channels", &path)?,
-        vae_config,
-    )
-    .map_err(|source| RefineError::Load {
+    let vae = Decoder::new(vb, &vae_config).map_err(|source| RefineError::Load {
         part: "vae",
         source,
     })?;

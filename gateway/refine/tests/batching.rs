@@ -169,3 +169,49 @@ fn asking_for_cuda_without_the_feature_fails_loudly() {
          or set device = \"cpu\")"
     );
 }
+
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Finished jobs of one size decode together (`finish_all`, at most `max_batch` per VAE call)
+/// into the images each decodes to alone; a job that is not finished fails alone.
+#[test]
+fn images_decoded_together_are_the_images_decoded_alone() {
+    let refiner = refiner();
+    assert_eq!(
+        refiner.decode_batch_limit(),
+        1,
+        "the CPU decodes one at a time"
+    );
+    let jobs = jobs();
+    let mut tasks: Vec<RefineTask> = jobs.iter().map(|j| refiner.start(j).unwrap()).collect();
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let mut batch: Vec<&mut RefineTask> =
+            tasks.iter_mut().filter(|t| !t.is_finished()).collect();
+        refiner.step_batch(&mut batch).unwrap();
+    }
+    // One more, never stepped.
+    tasks.push(refiner.start(&jobs[0]).unwrap());
+    // Three jobs per VAE call: groups of three and one, then the unfinished one.
+    let results = refiner.finish_all(tasks, 3);
+    assert_eq!(results.len(), 5);
+    for (index, result) in results.iter().take(4).enumerate() {
+        let refined = result.as_ref().unwrap();
+        let image = refined.image.as_ref().unwrap();
+        let alone = refiner.decode(&refined.latent, 16, 16).unwrap();
+        assert_eq!(image.len(), 3 * 128 * 128);
+        let worst = largest_difference(image, &alone);
+        assert!(worst < 1e-5, "job {index}: {worst}");
+    }
+    let error = results[4].as_ref().unwrap_err().to_string();
+    assert!(error.contains("finish after 0 of"), "{error}");
+    // The decoded images differ from one another (not one image copied to all).
+    let first = results[0].as_ref().unwrap().image.as_ref().unwrap();
+    let second = results[1].as_ref().unwrap().image.as_ref().unwrap();
+    assert!(largest_difference(first, second) > 0.01);
+}

@@ -15,7 +15,7 @@ use diffusionx_protocol::{
     EncodedImage, ImageFormat, JobError, JobId, Latent, LatentData, LoadReport, OutputFormat,
     PhaseTimings, Queued, RefineRequest, RefineResult, Resolution, ServerMessage, StepProgress,
 };
-use diffusionx_refine::{RefineJob, RefineTask, Refiner};
+use diffusionx_refine::{RefineError, RefineJob, RefineTask, Refined, Refiner};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::QueueConfig;
@@ -75,6 +75,15 @@ struct Running {
     started: Instant,
     text: Duration,
     stepping: Duration,
+}
+
+/// A finished job's bookkeeping while its result is made.
+struct Closing {
+    submission: Submission,
+    started: Instant,
+    text: Duration,
+    stepping: Duration,
+    steps_run: u16,
 }
 
 struct State {
@@ -259,9 +268,7 @@ impl Scheduler {
                 running.into_iter().partition(|r| r.task.is_finished());
             running = still;
             self.set_running(running.len());
-            for job in done {
-                self.finish(refiner, job);
-            }
+            self.finish(refiner, done);
         }
     }
 
@@ -436,18 +443,46 @@ impl Scheduler {
         }
     }
 
-    fn finish(&self, refiner: &Refiner, job: Running) {
-        let Running {
+    /// Closes the jobs that are done, decoding their images together where they share a size
+    /// ([`Refiner::finish_all`]), and answers each.
+    fn finish(&self, refiner: &Refiner, done: Vec<Running>) {
+        if done.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let (jobs, tasks): (Vec<_>, Vec<_>) = done
+            .into_iter()
+            .map(|r| {
+                let steps_run = r.task.total_steps() as u16;
+                let closing = Closing {
+                    submission: r.submission,
+                    started: r.started,
+                    text: r.text,
+                    stepping: r.stepping,
+                    steps_run,
+                };
+                (closing, r.task)
+            })
+            .unzip();
+        let results = refiner.finish_all(tasks, refiner.decode_batch_limit());
+        // Each job of a decode batch waited for the whole batch: that is its decode time.
+        let decode = t0.elapsed();
+        for (closing, refined) in jobs.into_iter().zip(results) {
+            self.answer(closing, decode, refined);
+        }
+    }
+
+    /// Answers one finished job: its encoded image and latent, or the error.
+    fn answer(&self, closing: Closing, decode: Duration, refined: Result<Refined, RefineError>) {
+        let Closing {
             submission,
-            task,
             started,
             text,
             stepping,
-        } = job;
+            steps_run,
+        } = closing;
         let request = &submission.request;
-        let steps_run = task.total_steps() as u16;
-        let t0 = Instant::now();
-        let refined = match refiner.finish(task) {
+        let refined = match refined {
             Ok(refined) => refined,
             Err(e) => {
                 self.metrics.job(Outcome::Failed);
@@ -460,7 +495,6 @@ impl Scheduler {
                 return;
             }
         };
-        let decode = t0.elapsed();
         let t1 = Instant::now();
         let image = refined
             .image

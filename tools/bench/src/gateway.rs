@@ -57,8 +57,12 @@ struct Args {
     /// Timed runs per measurement (after one warm-up).
     #[arg(long, default_value_t = 2)]
     repeat: usize,
-    /// Sections to run: latency, unet, throughput.
-    #[arg(long, value_delimiter = ',', default_value = "latency,unet,throughput")]
+    /// Sections to run: latency, unet, decode, throughput.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "latency,unet,decode,throughput"
+    )]
     sections: Vec<String>,
     /// Python with diffusers (onnx/requirements.txt); empty to skip the diffusers column.
     #[arg(long, default_value = "python3")]
@@ -182,6 +186,9 @@ fn main() -> Result<()> {
     if args.sections.iter().any(|s| s == "unet") {
         sections.push_str(&unet(&args, &refiner)?);
     }
+    if args.sections.iter().any(|s| s == "decode") {
+        sections.push_str(&decode(&args, &refiner)?);
+    }
     if args.sections.iter().any(|s| s == "throughput") {
         sections.push_str(&throughput(&args, refiner)?);
     }
@@ -259,7 +266,8 @@ fn latency(args: &Args, refiner: &Refiner) -> Result<String> {
     Ok(out)
 }
 
-fn diffusers_call(args: &Args, rows: usize) -> Result<Option<f64>> {
+/// diffusers' time for one call of `part` (`unet` or `vae`) on `rows` rows.
+fn diffusers_call(args: &Args, part: &str, rows: usize) -> Result<Option<f64>> {
     if args.python.is_empty() {
         return Ok(None);
     }
@@ -271,6 +279,7 @@ fn diffusers_call(args: &Args, rows: usize) -> Result<Option<f64>> {
         .args(["--rows", &rows.to_string()])
         .args(["--repeat", &args.repeat.to_string()])
         .args(["--device", args.device.name()])
+        .args(["--part", part])
         .output()
         .context("running diffusers_bench.py")?;
     if !output.status.success() {
@@ -311,7 +320,7 @@ fn unet(args: &Args, refiner: &Refiner) -> Result<String> {
         let candle = median(times);
         let rate = n as f64 / candle;
         let base = *single.get_or_insert(rate);
-        let theirs = diffusers_call(args, 2 * n)?;
+        let theirs = diffusers_call(args, "unet", 2 * n)?;
         out.push_str(&format!(
             "| {n} | {} | {candle:.3} | {rate:.2} | {:.2}x | {} | {} |\n",
             2 * n,
@@ -321,6 +330,32 @@ fn unet(args: &Args, refiner: &Refiner) -> Result<String> {
         ));
     }
     Ok(out)
+}
+
+/// One VAE decode of a `latent`-sided latent to an image, candle against diffusers.
+fn decode(args: &Args, refiner: &Refiner) -> Result<String> {
+    let side = args.latent;
+    let mut latent = vec![0.0f32; 4 * side * side];
+    gaussian_noise(7, 0, &mut latent);
+    let mut times = Vec::new();
+    for i in 0..=args.repeat {
+        let t0 = Instant::now();
+        let image = refiner.decode(&latent, side, side)?;
+        let s = t0.elapsed().as_secs_f64();
+        eprintln!("decode: run {i}: {s:.3} s ({} values)", image.len());
+        if i > 0 {
+            times.push(s);
+        }
+    }
+    let candle = median(times);
+    let theirs = diffusers_call(args, "vae", 1)?;
+    Ok(format!(
+        "\n| VAE decode | candle s | diffusers s | candle / diffusers |\n|---|---|---|---|\n| {0}x{0} latent to {1}x{1} px | {candle:.3} | {2} | {3} |\n",
+        side,
+        side * 8,
+        theirs.map_or("-".into(), |t| format!("{t:.3}")),
+        theirs.map_or("-".into(), |t| format!("{:.2}", candle / t)),
+    ))
 }
 
 fn throughput(args: &Args, refiner: Refiner) -> Result<String> {
