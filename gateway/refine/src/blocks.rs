@@ -7,7 +7,9 @@
 //! the scale is folded into q. The softmax accumulates in f32 everywhere
 //! ([`crate::fused::softmax_last_dim`]: the crate's kernel on a GPU; on the CPU, whose f16 kernel
 //! would sum 4096 terms in f16, the scores are widened to f32 first, so that the CPU f16 tests
-//! see the GPU's arithmetic). Norms, bias adds and GEGLU are [`crate::fused`]'s.
+//! see the GPU's arithmetic). On the CPU in f32 the attention is [`crate::attention`]'s, in
+//! blocks of queries without the score matrix in memory. Norms, bias adds and GEGLU are
+//! [`crate::fused`]'s.
 //!
 //! The rest is the same composition as candle-transformers' `attention.rs` and
 //! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names, with the resnets
@@ -20,7 +22,8 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
     DownBlock2DConfig, UpBlock2DConfig,
 };
 
-use crate::fused::{GroupNorm, Linear, geglu, softmax_last_dim};
+use crate::attention::attention;
+use crate::fused::{GroupNorm, Linear, geglu};
 use crate::resnet::{Conv2d, Down, Resnet, Up};
 
 struct CrossAttention {
@@ -73,8 +76,7 @@ impl CrossAttention {
         let q = self.heads_to_batch(&(self.to_q.forward(xs)? * self.scale)?)?;
         let k = self.heads_to_batch(&self.to_k.forward(&context)?)?;
         let v = self.heads_to_batch(&self.to_v.forward(&context)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let out = softmax_last_dim(&scores)?.matmul(&v)?;
+        let out = attention(&q, &k, &v)?;
         self.to_out.forward(&self.batch_to_heads(&out)?)
     }
 }

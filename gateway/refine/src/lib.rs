@@ -11,6 +11,7 @@
 //! own timestep, so the server can batch continuously.
 
 pub mod allocator;
+mod attention;
 mod blocks;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -21,6 +22,7 @@ mod refine;
 mod resnet;
 mod unet;
 mod vae;
+mod vmath;
 
 pub use error::RefineError;
 pub use model::{Compute, Refiner};

@@ -11,7 +11,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
 
-use crate::fused::{GroupNorm, Linear, softmax_last_dim};
+use crate::attention::attention;
+use crate::fused::{GroupNorm, Linear};
 use crate::resnet::{Conv2d, Resnet, conv3x3};
 
 /// The parts of a VAE's `config.json` the decoder needs.
@@ -77,7 +78,7 @@ impl Attention {
         let q = (self.to_q.forward(&tokens)? * self.scale)?;
         let k = self.to_k.forward(&tokens)?;
         let v = self.to_v.forward(&tokens)?;
-        let attended = softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(&v)?;
+        let attended = attention(&q, &k, &v)?;
         let out = self
             .to_out
             .forward(&attended)?
