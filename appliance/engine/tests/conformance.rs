@@ -32,10 +32,17 @@ fn kind(name: &str) -> SchedulerKind {
     SchedulerKind::from_diffusers_class(name).unwrap_or_else(|| panic!("unknown scheduler {name}"))
 }
 
-/// Tolerances reached, stated per quantity (f32 tract vs f32 PyTorch).
+/// Tolerances, stated per quantity (f32 tract vs f32 PyTorch); what each case reaches is in
+/// docs/kiosk.md, "The diffusion engine against diffusers".
 const EMBEDDING_TOLERANCE: f32 = 1e-5;
 const LATENT_TOLERANCE: f32 = 1e-4;
 const IMAGE_TOLERANCE: f32 = 1e-4;
+/// Text-to-image with classifier-free guidance: the noise prediction `uncond + 7.5 (cond -
+/// uncond)` scales the two UNet outputs' rounding differences by up to 14, and over four steps
+/// from pure noise they reach 1e-4: onnxruntime on the same graphs ends 6.0e-5 to 9.2e-5 from
+/// PyTorch on these cases (`ort_final_latent_max_abs_diff` in cases.json), tract with its
+/// AVX-512 kernels under 1e-4, with its AVX2 kernels (a 2-core AMD EPYC) 1.04e-4 to 1.13e-4.
+const GUIDED_T2I_LATENT_TOLERANCE: f32 = 1.5e-4;
 
 #[test]
 fn every_reference_case_matches_diffusers() {
@@ -126,6 +133,11 @@ fn every_reference_case_matches_diffusers() {
             decode: files.contains(&"image.npy"),
         };
 
+        let latent_tolerance = if guidance > 1.0 && case["mode"] == "t2i" {
+            GUIDED_T2I_LATENT_TOLERANCE
+        } else {
+            LATENT_TOLERANCE
+        };
         let mut step_diffs = Vec::new();
         let outcome = pipeline
             .generate(&request, &mut |p| {
@@ -152,11 +164,11 @@ fn every_reference_case_matches_diffusers() {
             "{name}: per-step max abs diff {step_diffs:?}, final {final_diff:e}, image {image_diff:?}"
         );
         assert!(
-            step_diffs.iter().all(|d| *d <= LATENT_TOLERANCE),
+            step_diffs.iter().all(|d| *d <= latent_tolerance),
             "{name}: steps {step_diffs:?}"
         );
         assert!(
-            final_diff <= LATENT_TOLERANCE,
+            final_diff <= latent_tolerance,
             "{name}: final latent differs by {final_diff}"
         );
         if let Some(diff) = image_diff {

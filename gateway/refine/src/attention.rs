@@ -45,9 +45,14 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
                 v.dims()
             );
         }
-        return q
-            .contiguous()?
-            .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &CpuAttention);
+        // Empty matrices (no keys, zero widths) are left to the composition.
+        if m > 0 && d > 0 && v.dim(2)? > 0 {
+            return q.contiguous()?.apply_op3_no_bwd(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &CpuAttention,
+            );
+        }
     }
     softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v)
 }
@@ -297,6 +302,22 @@ mod tests {
             ),
             0.0
         );
+    }
+
+    /// Degenerate shapes (no queries, no keys, zero widths) give the composition's answer,
+    /// never a panic.
+    #[test]
+    fn empty_shapes_do_not_panic() {
+        for (n, m, d, e) in [(0, 5, 4, 4), (3, 5, 0, 4), (3, 5, 4, 0)] {
+            let q = Tensor::zeros((2, n, d), DType::F32, &Device::Cpu).expect("q");
+            let k = Tensor::zeros((2, m, d), DType::F32, &Device::Cpu).expect("k");
+            let v = Tensor::ones((2, m, e), DType::F32, &Device::Cpu).expect("v");
+            let ours = attention(&q, &k, &v).expect("attention");
+            assert_eq!(ours.dims(), &[2, n, e]);
+            // Zero scores: every query takes the mean of v's rows, all ones.
+            let values: Vec<f32> = ours.flatten_all().expect("flat").to_vec1().expect("vec");
+            assert!(values.iter().all(|&x| x == 1.0), "{values:?}");
+        }
     }
 
     /// Mismatched shapes are an error, not a panic.
