@@ -198,24 +198,10 @@ impl candle_core::CustomOp3 for CpuGroupNorm {
         let per_group = dims[1] / self.groups;
         let len = per_group * dims[2..].iter().product::<usize>();
         let mut ys = vec![0f32; xs.len()];
-        let blocks = xs.len() / len.max(1);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = blocks.div_ceil(threads).max(1);
-        std::thread::scope(|scope| {
-            for (t, (xs, ys)) in xs
-                .chunks(per_thread * len)
-                .zip(ys.chunks_mut(per_thread * len))
-                .enumerate()
-            {
-                let (weight, bias) = (&weight, &bias);
-                scope.spawn(move || {
-                    for (i, (x, y)) in xs.chunks(len).zip(ys.chunks_mut(len)).enumerate() {
-                        let group = (t * per_thread + i) % self.groups;
-                        let channels = group * per_group..(group + 1) * per_group;
-                        self.block(x, y, &weight[channels.clone()], &bias[channels]);
-                    }
-                });
-            }
+        par_rows(xs, len, &mut ys, len, |block, x, y| {
+            let group = block % self.groups;
+            let channels = group * per_group..(group + 1) * per_group;
+            self.block(x, y, &weight[channels.clone()], &bias[channels]);
         });
         Ok((candle_core::CpuStorage::F32(ys), l1.shape().clone()))
     }
@@ -249,28 +235,51 @@ impl candle_core::CustomOp1 for CpuGeglu {
         let inner = *last / 2;
         *last = inner;
         let mut ys = vec![0f32; xs.len() / 2];
-        if let Some(rows) = ys.len().checked_div(inner) {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let per_thread = rows.div_ceil(threads).max(1);
-            std::thread::scope(|scope| {
-                for (xs, ys) in xs
-                    .chunks(per_thread * 2 * inner)
-                    .zip(ys.chunks_mut(per_thread * inner))
-                {
-                    scope.spawn(move || {
-                        for (x, y) in xs.chunks_exact(2 * inner).zip(ys.chunks_exact_mut(inner)) {
-                            let (a, g) = x.split_at(inner);
-                            crate::vmath::geglu(a, g, y);
-                        }
-                    });
-                }
-            });
-        }
+        par_rows(xs, 2 * inner, &mut ys, inner, |_, x, y| {
+            let (a, g) = x.split_at(inner);
+            crate::vmath::geglu(a, g, y);
+        });
         Ok((
             candle_core::CpuStorage::F32(ys),
             candle_core::Shape::from(dims),
         ))
     }
+}
+
+/// Runs `f(row, input, output)` over the rows of `xs` (`in_len` values each) and `ys` (`out_len`
+/// each), the rows dealt out in contiguous runs to the threads of the machine; `row` counts from
+/// the first row of `xs`. Nothing runs when either length is 0.
+fn par_rows(
+    xs: &[f32],
+    in_len: usize,
+    ys: &mut [f32],
+    out_len: usize,
+    f: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+) {
+    let rows = xs.len().checked_div(in_len).unwrap_or(0);
+    if rows == 0 || out_len == 0 {
+        return;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_thread = rows.div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        for (t, (xs, ys)) in xs
+            .chunks(per_thread * in_len)
+            .zip(ys.chunks_mut(per_thread * out_len))
+            .enumerate()
+        {
+            scope.spawn(move || {
+                for (i, (x, y)) in xs
+                    .chunks_exact(in_len)
+                    .zip(ys.chunks_exact_mut(out_len))
+                    .enumerate()
+                {
+                    f(t * per_thread + i, x, y);
+                }
+            });
+        }
+    });
 }
 
 /// diffusers' `Linear` (candle's), with the bias added by [`add_last_bias`].
