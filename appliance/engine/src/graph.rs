@@ -129,6 +129,8 @@ impl Graph {
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
         crate::split::split_wide_convolutions(&mut typed, crate::split::MAX_K)
             .map_err(|e| EngineError::tract(self.name, "splitting wide convolutions", e))?;
+        crate::attention::fuse_attention(&mut typed)
+            .map_err(|e| EngineError::tract(self.name, "fusing attention", e))?;
         let plan = typed
             .into_optimized()
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?

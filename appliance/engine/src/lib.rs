@@ -7,6 +7,7 @@
 //! error in [`EngineError`]. It never touches the network, the display or the clock, and it
 //! never decides policy (steps, resolution, noise level): callers pass those in.
 
+mod attention;
 mod cache;
 mod error;
 mod folder;
@@ -18,6 +19,7 @@ mod pipeline;
 mod preview;
 mod split;
 
+pub use attention::{Attention, fuse_attention};
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
 pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};

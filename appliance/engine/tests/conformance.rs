@@ -37,12 +37,18 @@ fn kind(name: &str) -> SchedulerKind {
 const EMBEDDING_TOLERANCE: f32 = 1e-5;
 const LATENT_TOLERANCE: f32 = 1e-4;
 const IMAGE_TOLERANCE: f32 = 1e-4;
-/// Text-to-image with classifier-free guidance: the noise prediction `uncond + 7.5 (cond -
-/// uncond)` scales the two UNet outputs' rounding differences by up to 14, and over four steps
-/// from pure noise they reach 1e-4: onnxruntime on the same graphs ends 6.0e-5 to 9.2e-5 from
-/// PyTorch on these cases (`ort_final_latent_max_abs_diff` in cases.json), tract with its
-/// AVX-512 kernels under 1e-4, with its AVX2 kernels (a 2-core AMD EPYC) 1.04e-4 to 1.13e-4.
-const GUIDED_T2I_LATENT_TOLERANCE: f32 = 1.5e-4;
+/// Text-to-image cases that amplify rounding: with classifier-free guidance the noise prediction
+/// `uncond + 7.5 (cond - uncond)` scales the two UNet outputs' rounding differences by up to 14,
+/// and LCM's first step takes its clean-latent prediction `(x - sqrt(1 - abar) eps) / sqrt(abar)`
+/// at t = 999 (`sqrt(abar)` = 0.068: the prediction's differences times 14.7) as the sample it
+/// re-noises. Over four steps from pure noise, any change of rounding (a kernel, a summation
+/// order, an exponential's last bit) moves where these cases end by tens of percent of 1e-4:
+/// onnxruntime on the same graphs ends 5.3e-5 to 9.2e-5 from PyTorch on them
+/// (`ort_final_latent_max_abs_diff` in cases.json), tract's composition with its AVX-512 kernels
+/// under 1e-4, with its AVX2 kernels (a 2-core AMD EPYC) 8.8e-5 to 1.13e-4, the fused attention
+/// (`diffusionx_engine::fuse_attention`) on the AVX2 kernels 9.9e-5 to 1.40e-4 (docs/kiosk.md).
+/// The unamplified cases stay at 1e-4 and reach 4.5e-5 at most.
+const AMPLIFIED_LATENT_TOLERANCE: f32 = 2e-4;
 
 #[test]
 fn every_reference_case_matches_diffusers() {
@@ -133,8 +139,10 @@ fn every_reference_case_matches_diffusers() {
             decode: files.contains(&"image.npy"),
         };
 
-        let latent_tolerance = if guidance > 1.0 && case["mode"] == "t2i" {
-            GUIDED_T2I_LATENT_TOLERANCE
+        let amplified = case["mode"] == "t2i"
+            && (guidance > 1.0 || case["scheduler"].as_str() == Some("LCMScheduler"));
+        let latent_tolerance = if amplified {
+            AMPLIFIED_LATENT_TOLERANCE
         } else {
             LATENT_TOLERANCE
         };

@@ -4,31 +4,18 @@
 //! once: at 64x64 latents that is 4096 x 4096 f32 per head, 1 GiB for one guided job of SD v1.5
 //! (8 heads, 2 rows) in every self-attention layer, written by one product, read and written by
 //! the softmax (whose `expf` is a libm call per element) and read again by the next product, all
-//! in fresh pages. On the CPU in f32 this module instead walks blocks of [`QUERY_BLOCK`] queries
-//! of one head on each thread: the block's scores are computed into a buffer the thread reuses,
-//! replaced by their exponentials in place ([`crate::vmath::exponentials`], vector code), and
-//! multiplied by v; each output row is then divided by its row's sum (e values instead of the m
-//! of the score row). The arithmetic is the composition's (the same products, the same
-//! softmax); only summation order, the place of the division and the exponential's last bit
-//! differ (tests: within 2e-6 of candle's).
+//! in fresh pages. On the CPU in f32 this module instead deals blocks of
+//! [`QUERY_BLOCK`] queries of one head out to the threads, each computed by the kernel the kiosk
+//! shares, [`diffusionx_kernels::attend`] (scores in a buffer the thread reuses, exponentials in
+//! vector code, the division moved to the output rows; within 2e-6 of candle's composition).
 //!
 //! Elsewhere (GPUs, f16 and bf16) it is the composition, with the softmax of
 //! [`crate::fused::softmax_last_dim`].
-//!
-//! The products are the `gemm` crate's (candle's own CPU matrix-product kernels) through
-//! [`product`], the module's one `unsafe` call, behind a check that every index it can touch is
-//! inside its slice.
-#![allow(unsafe_code)]
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use diffusionx_kernels::{QUERY_BLOCK, Scratch, View, ViewMut, attend};
 
 use crate::fused::softmax_last_dim;
-use crate::vmath::exponentials;
-
-/// Queries per block: their scores against 4096 keys are 2 MiB per thread. Measured on a 2-core
-/// AMD EPYC (512 KiB L2 per core, 8 MiB L3), one SD v1.5 self-attention at 64x64 (16 x 4096 x
-/// 40): 32 queries 0.92 s, 64 0.88, 128 0.85, 256 0.86, 512 0.91 (candle's composition: 2.0 s).
-const QUERY_BLOCK: usize = 128;
 
 /// `softmax(q kᵀ) v` per leading index: `q` `[b, n, d]` (already scaled), `k` `[b, m, d]`, `v`
 /// `[b, m, e]`; `[b, n, e]` out.
@@ -102,40 +89,36 @@ impl CustomOp3 for CpuAttention {
             rest = tail;
         }
         std::thread::scope(|scope| {
-            for (range, run) in runs {
-                scope.spawn(move || {
-                    let mut scores = vec![0f32; qb * m];
-                    let mut sums = vec![0f32; qb];
-                    let mut at = 0;
-                    for task in range {
-                        let (head, block) = (task / blocks, task % blocks);
-                        let first = block * qb;
-                        let rows = qb.min(n - first);
-                        let q = &q[(head * n + first) * d..(head * n + first + rows) * d];
-                        let k = &k[head * m * d..(head + 1) * m * d];
-                        let v = &v[head * m * e..(head + 1) * m * e];
-                        let scores = &mut scores[..rows * m];
-                        // scores = q kᵀ: k read as its transpose (rows of k are columns).
-                        product((rows, m, d), scores, View::new(q, d, 1), View::new(k, 1, d));
-                        for (row, sum) in scores.chunks_exact_mut(m).zip(&mut sums) {
-                            *sum = exponentials(row);
+            let handles: Vec<_> = runs
+                .into_iter()
+                .map(|(range, run)| {
+                    scope.spawn(move || {
+                        let mut scratch = Scratch::default();
+                        let mut at = 0;
+                        for task in range {
+                            let (head, block) = (task / blocks, task % blocks);
+                            let first = block * qb;
+                            let rows = qb.min(n - first);
+                            attend(
+                                View::new(&q[(head * n + first) * d..], d, 1),
+                                View::new(&k[head * m * d..], d, 1),
+                                View::new(&v[head * m * e..], e, 1),
+                                (rows, m, d, e),
+                                ViewMut::new(&mut run[at..at + rows * e], e, 1),
+                                &mut scratch,
+                            )?;
+                            at += rows * e;
                         }
-                        let out = &mut run[at..at + rows * e];
-                        product(
-                            (rows, e, m),
-                            out,
-                            View::new(scores, m, 1),
-                            View::new(v, e, 1),
-                        );
-                        for (row, sum) in out.chunks_exact_mut(e).zip(&sums) {
-                            let inv = 1.0 / sum;
-                            row.iter_mut().for_each(|x| *x *= inv);
-                        }
-                        at += rows * e;
-                    }
-                });
-            }
-        });
+                        Ok::<_, diffusionx_kernels::OutOfBounds>(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| candle_core::Error::Msg("an attention thread panicked".into()))?
+                    .map_err(candle_core::Error::wrap)
+            })
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((b, n, e))))
     }
 }
@@ -145,77 +128,6 @@ fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
         None => candle_core::bail!("attention takes contiguous tensors"),
-    }
-}
-
-/// A matrix as a slice with a row stride and a column stride.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> View<'a> {
-    fn new(data: &'a [f32], row_stride: usize, col_stride: usize) -> Self {
-        Self {
-            data,
-            row_stride,
-            col_stride,
-        }
-    }
-
-    /// Whether every element of a `rows` x `cols` matrix lies inside the slice.
-    fn holds(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
-    }
-}
-
-/// `dst` (`m` x `n`, rows contiguous) = `lhs` (`m` x `k`) times `rhs` (`k` x `n`), on the
-/// calling thread.
-///
-/// # Panics
-/// If a matrix does not fit its slice (a bug in the caller; never reached from outside).
-fn product((m, n, k): (usize, usize, usize), dst: &mut [f32], lhs: View<'_>, rhs: View<'_>) {
-    assert!(
-        dst.len() == m * n && lhs.holds(m, k) && rhs.holds(k, n),
-        "attention product out of bounds"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst.fill(0.0);
-        return;
-    }
-    let stride = |s: usize| s as isize;
-    // SAFETY: the assertion above keeps every index the product reads (lhs, rhs) or writes
-    // (dst, rows of n contiguous values) inside its slice; `dst` is borrowed mutably, so it
-    // aliases neither input; `read_dst` is false, so dst's old values are never read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            stride(n),
-            false,
-            lhs.data.as_ptr(),
-            stride(lhs.col_stride),
-            stride(lhs.row_stride),
-            rhs.data.as_ptr(),
-            stride(rhs.col_stride),
-            stride(rhs.row_stride),
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 
@@ -331,32 +243,5 @@ mod tests {
             err.to_string().contains("attention shapes disagree"),
             "{err}"
         );
-    }
-
-    fn softmax_in_place(row: &mut [f32]) {
-        let sum = exponentials(row);
-        row.iter_mut().for_each(|x| *x /= sum);
-    }
-
-    /// A row whose scores are far apart: the largest takes all the weight, the others
-    /// underflow to (almost) nothing instead of overflowing.
-    #[test]
-    fn softmax_of_a_wide_row() {
-        let mut row = vec![0.0, 1.0, 2.0, -3.0, 1000.0];
-        softmax_in_place(&mut row);
-        assert_eq!(row[4], 1.0);
-        assert!(row[..4].iter().all(|&p| p < 1e-37), "{row:?}");
-        // Lengths past the vector lanes, with a remainder: uniform rows stay uniform.
-        let mut row = vec![5.0; 19];
-        softmax_in_place(&mut row);
-        assert!(
-            row.iter().all(|&p| (p - 1.0 / 19.0).abs() < 1e-7),
-            "{row:?}"
-        );
-        let mut row = vec![0.0, 2f32.ln(), 3f32.ln()];
-        softmax_in_place(&mut row);
-        for (p, expected) in row.iter().zip([1.0 / 6.0, 1.0 / 3.0, 0.5]) {
-            assert!((p - expected).abs() < 1e-7, "{row:?}");
-        }
     }
 }

@@ -164,7 +164,7 @@ impl CpuGroupNorm {
             // y = (x - mean) * rstd * w + b = x * scale + shift
             let scale = (rstd * f64::from(weight[c])) as f32;
             let shift = (f64::from(bias[c]) - mean * rstd * f64::from(weight[c])) as f32;
-            crate::vmath::scale_shift(x, scale, shift, self.silu, y);
+            diffusionx_kernels::vmath::scale_shift(x, scale, shift, self.silu, y);
         }
     }
 }
@@ -208,7 +208,7 @@ impl candle_core::CustomOp3 for CpuGroupNorm {
 }
 
 /// GEGLU of contiguous f32 on the CPU in one pass over the threads of the machine, with the
-/// vectorisable GELU of [`crate::vmath::gelu_erf`]: candle's composition takes libm's scalar
+/// vectorisable GELU of [`diffusionx_kernels::vmath::gelu_erf`]: candle's composition takes libm's scalar
 /// `erff` per element on one thread and writes two full-size tensors (the GELU, then the
 /// product of strided halves); for one guided SD v1.5 job at 64x64 that is 42 M elements in
 /// each of the five 4096-token transformer blocks.
@@ -237,7 +237,7 @@ impl candle_core::CustomOp1 for CpuGeglu {
         let mut ys = vec![0f32; xs.len() / 2];
         par_rows(xs, 2 * inner, &mut ys, inner, |_, x, y| {
             let (a, g) = x.split_at(inner);
-            crate::vmath::geglu(a, g, y);
+            diffusionx_kernels::vmath::geglu(a, g, y);
         });
         Ok((
             candle_core::CpuStorage::F32(ys),

@@ -22,7 +22,6 @@ mod refine;
 mod resnet;
 mod unet;
 mod vae;
-mod vmath;
 
 pub use error::RefineError;
 pub use model::{Compute, Refiner};

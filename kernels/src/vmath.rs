@@ -1,9 +1,9 @@
-//! Element-wise functions for the CPU kernels of [`crate::attention`] and [`crate::fused`],
-//! written in plain arithmetic (no calls, no table lookups, no branches) so that loops over them
+//! Element-wise functions for the CPU kernels ([`crate::attention`]; the gateway's GroupNorm and
+//! GEGLU), written in plain arithmetic (no calls, no table lookups, no branches) so that loops over them
 //! compile to vector code. candle's CPU ops call libm's scalar `expf` and `erff` per element.
 //!
 //! The loops are compiled twice, as the target allows and for AVX2, and the AVX2 copy runs
-//! where the CPU has it ([`with_avx2`]): calling a `#[target_feature]` function is this
+//! where the CPU has it (the `with_avx2` macro): calling a `#[target_feature]` function is this
 //! module's `unsafe`, after the run-time check that makes it sound.
 #![allow(unsafe_code)]
 
@@ -12,7 +12,7 @@
 /// Below -87 (where `e^x` < 2^-125, far below what a softmax or an erf resolves) it returns
 /// e^-87, never a subnormal.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const SHIFTER: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4; // 355/512, exact
@@ -39,7 +39,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// `erff`): erf by Abramowitz and Stegun 7.1.26 (absolute error 1.5e-7) on |x| and its odd
 /// symmetry, with [`exp`].
 #[inline(always)]
-pub(crate) fn gelu_erf(x: f32) -> f32 {
+pub fn gelu_erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -81,8 +81,8 @@ const LANES: usize = 8;
 
 /// The softmax of one row of scores but for its division: replaces each score `x` by
 /// `e^(x - max)` and returns their sum, in f32 as candle's CPU kernel does. The caller divides
-/// (in [`crate::attention`], the row's output, `e` values, instead of the row, `m` values).
-pub(crate) fn exponentials(row: &mut [f32]) -> f32 {
+/// (in [`crate::attend`], the row's output, `e` values, instead of the row, `m` values).
+pub fn exponentials(row: &mut [f32]) -> f32 {
     #[inline(always)]
     fn lanes(row: &mut [f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; LANES];
@@ -117,7 +117,7 @@ pub(crate) fn exponentials(row: &mut [f32]) -> f32 {
 }
 
 /// `y = a * gelu_erf(g)`, element by element (GEGLU's halves).
-pub(crate) fn geglu(a: &[f32], g: &[f32], y: &mut [f32]) {
+pub fn geglu(a: &[f32], g: &[f32], y: &mut [f32]) {
     #[inline(always)]
     fn lanes(a: &[f32], g: &[f32], y: &mut [f32]) {
         for ((y, &a), &g) in y.iter_mut().zip(a).zip(g) {
@@ -128,7 +128,7 @@ pub(crate) fn geglu(a: &[f32], g: &[f32], y: &mut [f32]) {
 }
 
 /// `y = x * scale + shift`, then SiLU (`v / (1 + e^-v)`) if `silu` (a GroupNorm's affine step).
-pub(crate) fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, y: &mut [f32]) {
+pub fn scale_shift(x: &[f32], scale: f32, shift: f32, silu: bool, y: &mut [f32]) {
     #[inline(always)]
     fn lanes(x: &[f32], scale: f32, shift: f32, silu: bool, y: &mut [f32]) {
         if silu {

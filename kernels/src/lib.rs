@@ -1,0 +1,16 @@
+//! CPU kernels both engines share: the kiosk's (tract) and the gateway's (candle).
+//!
+//! - [`attention`]: `softmax(q kᵀ) v` for a block of queries of one head, with the block's scores
+//!   in a buffer the caller reuses instead of the whole score matrix in memory, on strided views
+//!   so that each engine passes its tensors as they lie (the gateway `[heads, tokens, width]`,
+//!   the kiosk's ONNX graphs `[batch, tokens, heads, width]`). Each engine splits the blocks
+//!   over its own threads.
+//! - [`vmath`]: `exp` and the erf GELU in plain arithmetic, so that loops over them compile to
+//!   vector code, and run as AVX2 code where the CPU has it.
+//!
+//! Pure: no ML framework, no I/O; plain `f32` slices.
+
+pub mod attention;
+pub mod vmath;
+
+pub use attention::{OutOfBounds, QUERY_BLOCK, Scratch, View, ViewMut, attend};
