@@ -365,26 +365,20 @@ mod tests {
         let v = vec![0f32; 7];
         let mut out = vec![0f32; 8];
         let mut scratch = Scratch::default();
-        let err = attend(
-            View::new(&q, 4, 1),
-            View::new(&k, 4, 1),
-            View::new(&v, 4, 1),
-            (2, 2, 4, 4),
-            ViewMut::new(&mut out, 4, 1),
-            &mut scratch,
-        )
-        .expect_err("v is one short");
+        let mut call = |v: &[f32], keys: usize| {
+            attend(
+                View::new(&q, 4, 1),
+                View::new(&k, 4, 1),
+                View::new(v, 4, 1),
+                (2, keys, 4, 4),
+                ViewMut::new(&mut out, 4, 1),
+                &mut scratch,
+            )
+        };
+        let err = call(&v, 2).expect_err("v is one short");
         assert_eq!(err.dims, (2, 2, 4, 4));
         assert!(err.to_string().contains("does not fit"), "{err}");
-        let err = attend(
-            View::new(&q, 4, 1),
-            View::new(&k, 4, 1),
-            View::new(&v, 4, 1),
-            (2, 0, 4, 4),
-            ViewMut::new(&mut out, 4, 1),
-            &mut scratch,
-        )
-        .expect_err("no keys");
+        let err = call(&k, 0).expect_err("no keys");
         assert_eq!(err.dims, (2, 0, 4, 4));
         // A stride whose product overflows is out of bounds, not a wrapped index.
         assert!(!View::new(&q, usize::MAX, 1).holds(2, 1));

@@ -30,3 +30,16 @@ pub use pipeline::{
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 pub use split::{MAX_K, split_wide_convolutions};
+
+/// Helpers of this crate's unit tests.
+#[cfg(test)]
+mod test_support {
+    /// The largest absolute difference between two equally long slices.
+    pub(crate) fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+}

@@ -167,12 +167,7 @@ mod tests {
         let split = split.into_compact()?;
         assert_eq!(conv_count(&split), 3);
         let got = run(split, &input)?;
-        assert_eq!(got.len(), expected.len());
-        let worst = got
-            .iter()
-            .zip(&expected)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = crate::test_support::largest_difference(&got, &expected);
         assert!(worst < 1e-5, "split differs by {worst}");
         Ok(())
     }
