@@ -154,8 +154,11 @@ pub fn attend(
     for (i, sum) in scratch.sums[..rows].iter().enumerate() {
         let inv = 1.0 / sum;
         let row = &mut out.data[i * out.row_stride..];
-        for j in 0..e {
-            row[j * out.col_stride] *= inv;
+        if out.col_stride == 1 {
+            // Contiguous rows (both engines' layouts): a loop the compiler vectorises.
+            row[..e].iter_mut().for_each(|x| *x *= inv);
+        } else {
+            (0..e).for_each(|j| row[j * out.col_stride] *= inv);
         }
     }
     Ok(())
