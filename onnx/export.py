@@ -1,6 +1,7 @@
 """Export a diffusers Stable Diffusion 1.x folder to the optimum ONNX layout, plus our manifest.
 
-    python onnx/export.py --diffusers DIR --out DIR [--opset 17] [--check 256x256 ...]
+    python onnx/export.py --diffusers DIR --out DIR [--opset 17] [--check 256x256 ...] [--tiny-decoder TAESD_DIR]
+    python onnx/export.py --out DIR --tiny-decoder TAESD_DIR     (add the preview decoder to a folder)
 
 Layout written (the one `optimum-cli export onnx` writes for a Stable Diffusion pipeline):
 
@@ -15,6 +16,9 @@ Layout written (the one `optimum-cli export onnx` writes for a Stable Diffusion 
                                                                    -> sample f32 [batch, 3, 8h, 8w] in [-1, 1]
     vae_encoder/model.onnx    sample f32 [batch, 3, H, W] in [-1, 1]
                                   -> latent_parameters f32 [batch, 8, H/8, W/8] (mean ++ logvar, unclamped)
+    tiny_vae_decoder/model.onnx   optional (--tiny-decoder): a diffusers AutoencoderTiny's decoder (TAESD)
+                              latent_sample f32 [batch, 4, h, w] (the UNet's latents, scaled as the UNet sees them)
+                                                                   -> sample f32 [batch, 3, 8h, 8w], about [-1, 1]
     diffusionx.json           our manifest (format, precision, sha256 of every file, checked resolutions, ...)
 
 The graphs are written with the legacy TorchScript exporter (`dynamo=False`) at opset 17: in a scratch
@@ -82,6 +86,23 @@ class VaeEncoder(torch.nn.Module):
 
     def forward(self, sample):
         return self.vae.encode(sample, return_dict=False)[0].parameters
+
+
+class TinyVaeDecoder(torch.nn.Module):
+    """A diffusers `AutoencoderTiny` (TAESD) decoder taking the UNet's latents: diffusers' pipelines
+    call `vae.decode(latents / vae.config.scaling_factor)`, and the division is folded into the graph
+    (TAESD's factor is 1.0), so the kiosk feeds the graph the latent it already has."""
+
+    def __init__(self, tiny_vae):
+        super().__init__()
+        self.tiny_vae = tiny_vae
+        self.scaling_factor = float(tiny_vae.config.scaling_factor)
+
+    def forward(self, latent_sample):
+        return self.tiny_vae.decode(latent_sample / self.scaling_factor, return_dict=False)[0]
+
+
+TINY_VAE_DECODER = "tiny_vae_decoder"
 
 
 def sha256(path: Path) -> str:
@@ -220,6 +241,79 @@ def export_vae(vae, out: Path, opset: int, latent_hw=(32, 32)) -> None:
         },
         opset,
     )
+
+
+def export_tiny_vae_decoder(tiny_vae, out: Path, opset: int, latent_hw=(32, 32)) -> None:
+    lc = tiny_vae.config.latent_channels
+    f = tiny_vae.config.upsampling_scaling_factor ** (len(tiny_vae.config.decoder_block_out_channels) - 1)
+    _export(
+        TinyVaeDecoder(tiny_vae).eval(),
+        (torch.randn(1, lc, *latent_hw),),
+        out / TINY_VAE_DECODER / "model.onnx",
+        ["latent_sample"],
+        ["sample"],
+        {
+            "latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"},
+            "sample": {0: "batch_size", 2: f"latent_height * {f}", 3: f"latent_width * {f}"},
+        },
+        opset,
+    )
+
+
+def verify_tiny_vae_decoder(tiny_vae, out: Path, latent_sizes, seed: int = 0) -> float:
+    """The largest |onnxruntime - PyTorch| of the tiny decoder over `latent_sizes` (h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    sess = _ort(out / TINY_VAE_DECODER / "model.onnx")
+    worst = 0.0
+    for lh, lw in latent_sizes:
+        z = torch.randn(1, tiny_vae.config.latent_channels, lh, lw, generator=g) * 2.0
+        with torch.no_grad():
+            ref = TinyVaeDecoder(tiny_vae)(z)
+        diff = _diff(sess.run(None, {"latent_sample": z.numpy()})[0], ref)
+        print(f"  tiny_vae_decoder {lh * 8}x{lw * 8}  max|ort - torch| = {diff:.3e}")
+        worst = max(worst, diff)
+    return worst
+
+
+def load_tiny_vae(folder: Path):
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+
+
+def add_tiny_vae_decoder(tiny_vae, out: Path, *, opset: int, source: str, short_names: bool = False,
+                         verify_graph: bool = True) -> dict:
+    """Export `tiny_vae`'s decoder into the model folder `out` (written by `export_pipeline`) and
+    rewrite the manifest: every file re-hashed, the decoder's source and check recorded."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    if tiny_vae.config.latent_channels != 4:
+        raise SystemExit(f"the tiny decoder takes {tiny_vae.config.latent_channels} latent channels, SD 1.x has 4")
+    print(f"exporting {TINY_VAE_DECODER} -> {out}")
+    export_tiny_vae_decoder(tiny_vae, out, opset)
+    if short_names:
+        compact_names(out / TINY_VAE_DECODER / "model.onnx")
+    info = {"source": source}
+    if verify_graph:
+        sizes = [(h // 8, w // 8) for h, w in manifest.get("checked_resolutions", [])] or [(32, 32)]
+        info["max_abs_diff_vs_torch"] = float(f"{verify_tiny_vae_decoder(tiny_vae, out, sizes):.3e}")
+    return refresh_manifest(out, {TINY_VAE_DECODER: info})
+
+
+def refresh_manifest(out: Path, extra: dict) -> dict:
+    """Re-hash every file of `out` (symlinked folders followed) into its manifest and merge `extra`
+    into the manifest's other keys."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    files = {}
+    for root, _dirs, names in os.walk(out, followlinks=True):
+        for name in names:
+            p = Path(root) / name
+            rel = p.relative_to(out).as_posix()
+            if rel != MANIFEST:
+                files[rel] = sha256(p)
+    manifest["files"] = dict(sorted(files.items()))
+    manifest.update(extra)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def verify(text_encoder, unet, vae, out: Path, resolutions, seed: int = 0, skip_vae_encoder_above: int = 1 << 30):
@@ -403,8 +497,12 @@ def parse_res(s: str) -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--diffusers", required=True, type=Path, help="diffusers StableDiffusionPipeline folder")
+    ap.add_argument("--diffusers", type=Path, help="diffusers StableDiffusionPipeline folder")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tiny-decoder", type=Path,
+                    help="diffusers AutoencoderTiny folder (e.g. madebyollin/taesd): its decoder is added as "
+                         f"{TINY_VAE_DECODER}/model.onnx, the kiosk's fast preview decoder; without --diffusers it "
+                         "is added to the existing folder --out")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--check", type=parse_res, nargs="+", default=[(256, 256), (512, 384)],
                     help="resolutions HxW verified with onnxruntime (and listed in the manifest)")
@@ -412,11 +510,23 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.diffusers is None:
+        if args.tiny_decoder is None:
+            ap.error("give --diffusers (a pipeline to export) and/or --tiny-decoder (to add to --out)")
+        if not (args.out / MANIFEST).is_file():
+            raise SystemExit(f"{args.out} has no {MANIFEST}: export the pipeline there first")
+        m = add_tiny_vae_decoder(load_tiny_vae(args.tiny_decoder), args.out, opset=args.opset,
+                                 source=f"diffusers:{args.tiny_decoder.resolve()}", verify_graph=not args.no_verify)
+        print(json.dumps(m[TINY_VAE_DECODER], indent=2))
+        return
     te, unet, vae, sched = load_diffusers(args.diffusers)
     m = export_pipeline(te, unet, vae, sched, args.out, opset=args.opset, source=f"diffusers:{args.diffusers.resolve()}",
                         source_dir=args.diffusers, resolutions=args.check, minimal_tokenizer=args.minimal_tokenizer,
                         verify_graphs=not args.no_verify)
     check_source_tokenizer(args.diffusers, args.out)
+    if args.tiny_decoder is not None:
+        m = add_tiny_vae_decoder(load_tiny_vae(args.tiny_decoder), args.out, opset=args.opset,
+                                 source=f"diffusers:{args.tiny_decoder.resolve()}", verify_graph=not args.no_verify)
     print(json.dumps({k: v for k, v in m.items() if k != "files"}, indent=2))
 
 

@@ -10,6 +10,10 @@
    C order) plus `cases.json`. Then the ONNX graphs are driven by onnxruntime through the same
    scheduler steps and the final latents compared, so the fixtures are known to agree.
 3. `regression/qdq_softmax.onnx` (+ input / expected .npy): see quantize.py.
+4. `tiny-sd/tiny_vae_decoder/`: a tiny RANDOM-WEIGHT diffusers `AutoencoderTiny` (TAESD's layout at
+   8 channels) decoder, the kiosk's optional fast preview decoder, and in
+   `tiny-sd-reference/tiny_vae_decoder/` diffusers' decode of a fixed latent.
+   `python onnx/make_tiny.py --only tiny-decoder` rewrites just this part (and both manifests).
 """
 
 from __future__ import annotations
@@ -284,11 +288,67 @@ def write_int8_fixture(fixtures: Path) -> None:
     save(ref / "unet_out_sample.npy", result)
 
 
+TINY_DECODER_SEED = 3
+TINY_DECODER_LATENT = (1, 4, 16, 12)  # not square, so a transposed plane shows
+
+
+def tiny_vae():
+    """TAESD's layout (diffusers' AutoencoderTiny defaults: blocks 3/3/3/1, ReLU, nearest x2
+    upsampling) at 8 channels instead of 64, random weights."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(TINY_DECODER_SEED)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8)).eval()
+    # He initialisation keeps the ReLU stack's activations at unit scale (PyTorch's default shrinks
+    # them ~3x per layer, which left a flat grey image), so the picture has structure to compare.
+    with torch.no_grad():
+        for m in vae.decoder.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.weight.mul_(0.5)
+                if m.bias is not None:
+                    torch.nn.init.normal_(m.bias, std=0.1)
+    return vae
+
+
+def write_tiny_decoder_fixture(fixtures: Path) -> None:
+    """Adds `tiny_vae_decoder/` to `tiny-sd` (and, as a symlink, to `tiny-sd-int8`), rewrites both
+    manifests, and writes diffusers' decode of a fixed latent: `latent.npy` (scaled, as the UNet
+    sees it) and `image.npy` (`vae.decode(latent / vae.config.scaling_factor)`, as diffusers'
+    pipelines call it, [-1, 1])."""
+    onnx_dir, int8_dir = fixtures / "tiny-sd", fixtures / "tiny-sd-int8"
+    ref = fixtures / "tiny-sd-reference" / export.TINY_VAE_DECODER
+    for p in (onnx_dir / export.TINY_VAE_DECODER, ref):
+        if p.exists():
+            shutil.rmtree(p)
+    vae = tiny_vae()
+    export.add_tiny_vae_decoder(vae, onnx_dir, opset=17, short_names=True,
+                                source=f"random weights: onnx/make_tiny.py (AutoencoderTiny, 8 channels, "
+                                       f"torch.manual_seed({TINY_DECODER_SEED}))")
+    g = torch.Generator().manual_seed(TINY_DECODER_SEED)
+    latent = torch.randn(*TINY_DECODER_LATENT, generator=g) * 1.5
+    with torch.no_grad():
+        image = vae.decode(latent / vae.config.scaling_factor, return_dict=False)[0]
+    save(ref / "latent.npy", latent[0])
+    save(ref / "image.npy", image[0])
+    print(f"  tiny decoder image range [{float(image.min()):.3f}, {float(image.max()):.3f}], std {float(image.std()):.3f}")
+    if int8_dir.exists():
+        link = int8_dir / export.TINY_VAE_DECODER
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / "tiny-sd" / export.TINY_VAE_DECODER)
+        export.refresh_manifest(int8_dir, {})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", type=Path, default=HERE / "fixtures")
+    ap.add_argument("--only", choices=["tiny-decoder"], help="regenerate only this part")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.only == "tiny-decoder":
+        write_tiny_decoder_fixture(args.fixtures)
+        return
     from transformers import CLIPTokenizer
 
     onnx_dir = args.fixtures / "tiny-sd"
@@ -322,6 +382,7 @@ def main() -> None:
         index["cases"][case["name"]]["ort_final_latent_max_abs_diff"] = float(f"{diff:.3e}")
         print(f"  {case['name']:<22} {diff:.3e}")
     (ref_dir / "cases.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_tiny_decoder_fixture(args.fixtures)
     quantize.write_qdq_softmax_fixture(args.fixtures / "regression")
     write_int8_fixture(args.fixtures)
     make_tokenizer.write_id_fixture(onnx_dir / "tokenizer", args.fixtures / "tokenizer-ids.json")

@@ -160,6 +160,12 @@ pub fn kiosk_with_fleet(
 ) -> anyhow::Result<Kiosk> {
     let pipeline = diffusionx_engine::Pipeline::load(&options.model, &Default::default())
         .context("loading the kiosk model")?;
+    // The kiosk's defaults (`preview_decoder = "auto"`, `step_previews = "latent"`).
+    let preview_decode = if pipeline.has_tiny_vae_decoder() {
+        diffusionx_engine::Decode::Tiny
+    } else {
+        diffusionx_engine::Decode::Vae
+    };
     let link = Link::new(LinkConfig {
         address: gateway.gateway.local_addr()?,
         server_name: "localhost".into(),
@@ -183,6 +189,8 @@ pub fn kiosk_with_fleet(
             scheduler: SchedulerKind::Ddim,
             refine_steps: 10,
             refine_guidance: 7.5,
+            preview_decode,
+            tiny_step_previews: false,
         },
         link: Some(link),
         cloud: CloudSettings {

@@ -47,11 +47,13 @@ def ids_input(sess):
     return ids
 
 
-def ddim_preview(model: Path, threads: int, guidance: float):
-    """Text encoder + 4 DDIM steps + VAE decode at 256 px, as the tract pipeline does."""
+def ddim_preview(model: Path, threads: int, guidance: float, tiny: bool):
+    """Text encoder + 4 DDIM steps + VAE (or tiny VAE) decode at 256 px, as the tract pipeline does."""
     te = session(model / "text_encoder/model.onnx", threads)
     unet = session(model / "unet/model.onnx", threads)
-    vae = session(model / "vae_decoder/model.onnx", threads)
+    vae = session(model / ("tiny_vae_decoder" if tiny else "vae_decoder") / "model.onnx", threads)
+    # The tiny decoder takes the UNet's latents as they are; the VAE takes latents / 0.18215.
+    scale = 1.0 if tiny else 0.18215
     betas = np.linspace(SD15["beta_start"] ** 0.5, SD15["beta_end"] ** 0.5, 1000, dtype=np.float32) ** 2
     abar = np.cumprod(1.0 - betas.astype(np.float64)).astype(np.float32)
     steps = [751, 501, 251, 1]
@@ -72,7 +74,7 @@ def ddim_preview(model: Path, threads: int, guidance: float):
             a_prev = abar[steps[i + 1]] if i + 1 < len(steps) else abar[0]
             x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
             x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
-        vae.run(None, {"latent_sample": x / 0.18215})
+        vae.run(None, {"latent_sample": x / scale})
 
     return run
 
@@ -102,8 +104,15 @@ def main() -> None:
         sess = session(args.model / "vae_decoder/model.onnx", args.threads)
         feeds = {"latent_sample": np.full((1, 4, side, side), 0.3, np.float32)}
         run = lambda: sess.run(None, feeds)  # noqa: E731
+    elif name.startswith("tiny-decode-"):
+        side = int(name[len("tiny-decode-"):]) // 8
+        sess = session(args.model / "tiny_vae_decoder/model.onnx", args.threads)
+        feeds = {"latent_sample": np.full((1, 4, side, side), 0.3, np.float32)}
+        run = lambda: sess.run(None, feeds)  # noqa: E731
     elif name.startswith("preview-256-4steps-"):
-        run = ddim_preview(args.model, args.threads, 7.5 if name.endswith("-cfg") else 1.0)
+        tiny = name.endswith("-tiny")
+        guided = name.removesuffix("-tiny").endswith("-cfg")
+        run = ddim_preview(args.model, args.threads, 7.5 if guided else 1.0, tiny)
     else:
         raise SystemExit(f"unknown measurement {name}")
     median, fastest = timed(args.repeat, run)

@@ -12,6 +12,11 @@ use crate::error::EngineError;
 /// The manifest file we add to a model folder.
 pub const MANIFEST: &str = "diffusionx.json";
 
+/// The optional fast decoder for previews (a TAESD-style `AutoencoderTiny` decoder, added by
+/// `onnx/export.py --tiny-decoder`): `latent_sample` (the UNet's scaled latents) -> `sample`
+/// (`[-1, 1]`, 8x the latent's size).
+pub const TINY_VAE_DECODER: &str = "tiny_vae_decoder/model.onnx";
+
 /// Files a model folder must have, and what each is for.
 const REQUIRED: [(&str, &str); 6] = [
     ("model_index.json", "the pipeline description"),
@@ -105,6 +110,30 @@ impl ModelFolder {
                 });
             }
         }
+        // Optional, but never half there: a listed decoder that is gone, or one the manifest does
+        // not list (an update interrupted, or a file copied in by hand), is refused.
+        match (
+            root.join(TINY_VAE_DECODER).is_file(),
+            manifest.files.contains_key(TINY_VAE_DECODER),
+        ) {
+            (false, true) => {
+                return Err(EngineError::MissingFile {
+                    folder: root,
+                    file: TINY_VAE_DECODER.into(),
+                    why: "the tiny preview decoder the manifest lists",
+                });
+            }
+            (true, false) => {
+                return Err(EngineError::Manifest {
+                    path: manifest_path,
+                    reason: format!(
+                        "does not list {TINY_VAE_DECODER}, which the folder has (add it with \
+                         onnx/export.py --tiny-decoder, or remove it)"
+                    ),
+                });
+            }
+            _ => {}
+        }
         if verify_hashes {
             for (file, expected) in &manifest.files {
                 let actual = sha256_file(&root.join(file))?;
@@ -138,6 +167,12 @@ impl ModelFolder {
     /// The optional VAE encoder (needed only to start from an image rather than a latent).
     pub fn vae_encoder(&self) -> Option<PathBuf> {
         Some(self.path("vae_encoder/model.onnx")).filter(|p| p.is_file())
+    }
+
+    /// The optional tiny VAE decoder for fast previews ([`TINY_VAE_DECODER`]), if the folder
+    /// has one.
+    pub fn tiny_vae_decoder(&self) -> Option<PathBuf> {
+        Some(self.path(TINY_VAE_DECODER)).filter(|p| p.is_file())
     }
 }
 

@@ -22,6 +22,15 @@ pub struct Graph {
     plans: Mutex<HashMap<Vec<TVec<usize>>, Arc<TypedSimplePlan>>>,
 }
 
+impl std::fmt::Debug for Graph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Graph")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Graph {
     /// Parses the ONNX file at `path` and reads its inputs and outputs.
     pub fn load(name: &'static str, path: &Path) -> Result<Self, EngineError> {
@@ -64,6 +73,11 @@ impl Graph {
             outputs,
             plans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The graph's name in errors (`unet`, `vae_decoder`, ...).
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// The element type the graph declares for input `input`.

@@ -3,7 +3,7 @@
 //! This crate owns the Tiny-SD pipeline on tract: loading and checking a model folder (optimum's
 //! ONNX layout plus our manifest), CLIP tokenization, the text encoder, the denoising loop with
 //! classifier-free guidance on the shared schedulers of `diffusionx-diffusion`, img2img from a
-//! latent, live previews, cancellation between steps, and the VAE decode. It wraps every tract
+//! latent, live previews (a linear latent-to-RGB map, or the folder's optional tiny VAE decoder), cancellation between steps, and the VAE decode. It wraps every tract
 //! error in [`EngineError`]. It never touches the network, the display or the clock, and it
 //! never decides policy (steps, resolution, noise level): callers pass those in.
 
@@ -22,11 +22,11 @@ mod split;
 pub use attention::{Attention, fuse_attention};
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
-pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, sha256_file};
+pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, TINY_VAE_DECODER, sha256_file};
 pub use graph::Graph;
 pub use pipeline::{
-    EngineConfig, Generation, Outcome, Pipeline, Progress, PromptFacts, Request, Start, Timings,
-    set_threads,
+    Decode, EngineConfig, Generation, Outcome, Pipeline, Progress, PromptFacts, Request, Start,
+    Timings, set_threads,
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 pub use split::{MAX_K, split_wide_convolutions};

@@ -13,7 +13,7 @@ use tract_onnx::prelude::*;
 
 use crate::cache::TextCache;
 use crate::error::EngineError;
-use crate::folder::ModelFolder;
+use crate::folder::{ModelFolder, TINY_VAE_DECODER};
 use crate::graph::Graph;
 use crate::preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 use diffusionx_text::{CONTEXT, ClipTokenizer};
@@ -95,8 +95,21 @@ pub struct Request {
     pub start: Start,
     /// Per-step noise for schedulers that draw it (LCM), instead of drawing it from the seed.
     pub step_noise: Option<Vec<Vec<f32>>>,
-    /// Decode the final latent with the VAE (a preview that will be refined may skip it).
-    pub decode: bool,
+    /// Which decoder makes the final image, if any.
+    pub decode: Decode,
+}
+
+/// Which decoder turns a run's final latent into its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// No image: the latent is the result (a preview the cloud will refine, a benchmark).
+    Skip,
+    /// The model's VAE decoder: the model's own picture.
+    Vae,
+    /// The folder's tiny VAE decoder ([`TINY_VAE_DECODER`]): close to the VAE's picture at a
+    /// small fraction of its cost, for previews. A request for it fails if the folder has none
+    /// ([`Pipeline::has_tiny_vae_decoder`]).
+    Tiny,
 }
 
 /// Reported after every denoising step.
@@ -112,12 +125,25 @@ pub struct Progress<'a> {
     pub sample: &'a [f32],
     latent_height: usize,
     latent_width: usize,
+    tiny_vae_decoder: Option<&'a Graph>,
 }
 
 impl Progress<'_> {
     /// A cheap RGB preview of the predicted clean latent, at 1/8 of the image size.
     pub fn preview(&self) -> RgbImage {
         latent_to_rgb(self.denoised, self.latent_height, self.latent_width)
+    }
+
+    /// The predicted clean latent through the folder's tiny VAE decoder, at the image's full
+    /// size: a truer preview than [`preview`](Self::preview), for one tiny-decoder call.
+    /// `None` if the folder has no tiny decoder.
+    pub fn tiny_preview(&self) -> Result<Option<RgbImage>, EngineError> {
+        let Some(graph) = self.tiny_vae_decoder else {
+            return Ok(None);
+        };
+        let (h, w) = (self.latent_height, self.latent_width);
+        let pixels = run_decoder(graph, self.denoised, h, w)?;
+        Ok(Some(decoded_to_rgb(&pixels, h * VAE_SCALE, w * VAE_SCALE)))
     }
 }
 
@@ -128,7 +154,7 @@ pub struct Timings {
     pub text: Duration,
     /// All denoising steps.
     pub denoise: Duration,
-    /// The VAE decode.
+    /// The decode (VAE or tiny decoder; zero when skipped).
     pub decode: Duration,
 }
 
@@ -141,7 +167,7 @@ pub struct Generation {
     pub latent_shape: [usize; 3],
     /// The decoded image, when the request asked for it.
     pub image: Option<RgbImage>,
-    /// The decoded image as the VAE gave it, `(x / 2 + 0.5)` clamped to [0, 1], `[3, H, W]`.
+    /// The decoded image as the decoder gave it, `(x / 2 + 0.5)` clamped to [0, 1], `[3, H, W]`.
     pub image_f32: Option<Vec<f32>>,
     /// Denoising steps run.
     pub steps_run: usize,
@@ -177,6 +203,7 @@ pub struct Pipeline {
     text_encoder: Graph,
     unet: Graph,
     vae_decoder: Graph,
+    tiny_vae_decoder: Option<Graph>,
     scheduler_config: SchedulerConfig,
     text_cache: Mutex<TextCache>,
 }
@@ -207,6 +234,10 @@ impl Pipeline {
             text_encoder: Graph::load("text_encoder", &folder.path("text_encoder/model.onnx"))?,
             unet: Graph::load("unet", &folder.path("unet/model.onnx"))?,
             vae_decoder: Graph::load("vae_decoder", &folder.path("vae_decoder/model.onnx"))?,
+            tiny_vae_decoder: folder
+                .tiny_vae_decoder()
+                .map(|path| Graph::load("tiny_vae_decoder", &path))
+                .transpose()?,
             scheduler_config,
             text_cache: Mutex::new(TextCache::new(config.text_cache_entries)),
             folder,
@@ -216,6 +247,11 @@ impl Pipeline {
     /// The model folder.
     pub fn folder(&self) -> &ModelFolder {
         &self.folder
+    }
+
+    /// Whether the folder has the tiny VAE decoder ([`Decode::Tiny`], [`Progress::tiny_preview`]).
+    pub fn has_tiny_vae_decoder(&self) -> bool {
+        self.tiny_vae_decoder.is_some()
     }
 
     /// The tokenizer.
@@ -239,7 +275,8 @@ impl Pipeline {
     }
 
     /// Builds every plan a `width` x `height` run at `guidance_scale` needs (text encoder, the
-    /// UNet at batch 2 with guidance or batch 1 without, VAE decoder), so the first visitor does
+    /// UNet at batch 2 with guidance or batch 1 without, VAE decoder and the tiny decoder when
+    /// the folder has one), so the first visitor does
     /// not wait for tract's optimizer. Each UNet plan holds its own packed weights, so only the
     /// batch the kiosk uses is built; another one is built on first use.
     pub fn prepare(
@@ -262,6 +299,9 @@ impl Pipeline {
         )?)?;
         let latent = Tensor::from_shape(&[1, CHANNELS, h, w], &vec![0.0f32; CHANNELS * h * w])
             .map_err(|e| EngineError::tract("vae_decoder", "input", e))?;
+        if let Some(tiny) = &self.tiny_vae_decoder {
+            tiny.prepare(vec![("latent_sample", latent.clone())])?;
+        }
         self.vae_decoder.prepare(vec![("latent_sample", latent)])
     }
 
@@ -372,6 +412,10 @@ impl Pipeline {
         let (h, w) = latent_size(request.width, request.height)?;
         let len = CHANNELS * h * w;
         let guided = request.guidance_scale > 1.0;
+        if request.decode == Decode::Tiny {
+            // Refused before any step is spent on a run whose image cannot be made.
+            self.tiny_decoder()?;
+        }
 
         let started = Instant::now();
         let cond = self.encode_text(&request.prompt)?;
@@ -409,6 +453,7 @@ impl Pipeline {
                     sample: report.sample,
                     latent_height: h,
                     latent_width: w,
+                    tiny_vae_decoder: self.tiny_vae_decoder.as_ref(),
                 })
             },
         )?;
@@ -418,8 +463,12 @@ impl Pipeline {
         let denoise_time = started.elapsed();
 
         let started = Instant::now();
-        let (image, image_f32) = if request.decode {
-            let pixels = self.decode(&sample, h, w)?;
+        let pixels = match request.decode {
+            Decode::Skip => None,
+            Decode::Vae => Some(self.decode(&sample, h, w)?),
+            Decode::Tiny => Some(self.decode_tiny(&sample, h, w)?),
+        };
+        let (image, image_f32) = if let Some(pixels) = pixels {
             (
                 Some(decoded_to_rgb(&pixels, h * VAE_SCALE, w * VAE_SCALE)),
                 Some(
@@ -533,18 +582,53 @@ impl Pipeline {
         let (shape, pixels) = self
             .vae_decoder
             .run(vec![("latent_sample", tensor)], "sample")?;
-        if shape != [1, 3, h * VAE_SCALE, w * VAE_SCALE] {
-            return Err(EngineError::Graph {
-                graph: "vae_decoder",
-                reason: format!(
-                    "sample has shape {shape:?}, expected [1, 3, {}, {}]",
-                    h * VAE_SCALE,
-                    w * VAE_SCALE
-                ),
-            });
-        }
+        check_decoded("vae_decoder", &shape, h, w)?;
         Ok(pixels)
     }
+
+    /// Decodes a scaled latent (`[4, h, w]`, as the UNet sees it) with the folder's tiny VAE
+    /// decoder to `[3, 8h, 8w]`, about [-1, 1]; an error if the folder has none.
+    pub fn decode_tiny(&self, latent: &[f32], h: usize, w: usize) -> Result<Vec<f32>, EngineError> {
+        run_decoder(self.tiny_decoder()?, latent, h, w)
+    }
+
+    fn tiny_decoder(&self) -> Result<&Graph, EngineError> {
+        self.tiny_vae_decoder.as_ref().ok_or_else(|| {
+            EngineError::InvalidRequest(format!(
+                "the model folder {} has no tiny VAE decoder ({TINY_VAE_DECODER})",
+                self.folder.root().display()
+            ))
+        })
+    }
+}
+
+/// Runs a decoder graph taking the scaled latent as is (the tiny decoder) on `[4, h, w]`.
+fn run_decoder(graph: &Graph, latent: &[f32], h: usize, w: usize) -> Result<Vec<f32>, EngineError> {
+    let tensor = Tensor::from_shape(&[1, CHANNELS, h, w], latent)
+        .map_err(|e| EngineError::tract(graph.name(), "input", e))?;
+    let (shape, pixels) = graph.run(vec![("latent_sample", tensor)], "sample")?;
+    check_decoded(graph.name(), &shape, h, w)?;
+    Ok(pixels)
+}
+
+/// A decoder's output must be one `[3, 8h, 8w]` image.
+fn check_decoded(
+    graph: &'static str,
+    shape: &[usize],
+    h: usize,
+    w: usize,
+) -> Result<(), EngineError> {
+    if shape != [1, 3, h * VAE_SCALE, w * VAE_SCALE] {
+        return Err(EngineError::Graph {
+            graph,
+            reason: format!(
+                "sample has shape {shape:?}, expected [1, 3, {}, {}]",
+                h * VAE_SCALE,
+                w * VAE_SCALE
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Latent `(height, width)` of an image, refusing sizes the UNet cannot take.

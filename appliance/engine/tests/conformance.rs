@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::npy;
-use diffusionx_engine::{EngineConfig, Outcome, Pipeline, Request, Start};
+use diffusionx_engine::{Decode, EngineConfig, Outcome, Pipeline, Request, Start};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -136,7 +136,11 @@ fn every_reference_case_matches_diffusers() {
             scheduler: kind(case["scheduler"].as_str().unwrap()),
             start,
             step_noise: (!step_noise.is_empty()).then_some(step_noise),
-            decode: files.contains(&"image.npy"),
+            decode: if files.contains(&"image.npy") {
+                Decode::Vae
+            } else {
+                Decode::Skip
+            },
         };
 
         let amplified = case["mode"] == "t2i"

@@ -3,7 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use diffusionx_engine::{EngineError, ModelFolder, Precision};
+use std::ops::ControlFlow;
+
+use diffusionx_diffusion::SchedulerKind;
+use diffusionx_engine::{
+    Decode, EngineConfig, EngineError, ModelFolder, Outcome, Pipeline, Precision, Progress,
+    Request, Start, TINY_VAE_DECODER,
+};
 
 fn tiny() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd")
@@ -39,6 +45,102 @@ fn the_committed_tiny_folder_opens_with_its_hashes_checked() {
     assert_eq!(
         folder.vae_encoder(),
         Some(tiny().join("vae_encoder/model.onnx"))
+    );
+    assert_eq!(
+        folder.tiny_vae_decoder(),
+        Some(tiny().join(TINY_VAE_DECODER))
+    );
+}
+
+/// Removes `file` from the manifest of the folder at `dir`.
+fn unlist(dir: &Path, file: &str) {
+    let path = dir.join("diffusionx.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        manifest["files"]
+            .as_object_mut()
+            .unwrap()
+            .remove(file)
+            .is_some(),
+        "{file} was listed"
+    );
+    std::fs::write(&path, manifest.to_string()).unwrap();
+}
+
+#[test]
+fn the_tiny_decoder_is_optional_but_never_half_there() {
+    // Neither there nor listed: a folder without the fast previews, which opens.
+    let dir = copy_of_tiny();
+    std::fs::remove_dir_all(dir.path().join("tiny_vae_decoder")).unwrap();
+    unlist(dir.path(), TINY_VAE_DECODER);
+    let folder = ModelFolder::open(dir.path(), true).unwrap();
+    assert_eq!(folder.tiny_vae_decoder(), None);
+    let pipeline = Pipeline::load(
+        dir.path(),
+        &EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(!pipeline.has_tiny_vae_decoder());
+    let err = pipeline
+        .decode_tiny(&[0.0; 4 * 32 * 32], 32, 32)
+        .unwrap_err();
+    assert!(err.to_string().contains("has no tiny VAE decoder"), "{err}");
+    let request = Request {
+        prompt: "a kite".into(),
+        negative_prompt: String::new(),
+        seed: 1,
+        width: 256,
+        height: 256,
+        steps: 1,
+        guidance_scale: 1.0,
+        scheduler: SchedulerKind::Ddim,
+        start: Start::Noise(None),
+        step_noise: None,
+        decode: Decode::Tiny,
+    };
+    let mut tiny_previews = Vec::new();
+    let mut collect = |p: &Progress<'_>| {
+        tiny_previews.push(p.tiny_preview().unwrap());
+        ControlFlow::Continue(())
+    };
+    // Refused before any step is spent on it.
+    let err = pipeline.generate(&request, &mut collect).unwrap_err();
+    assert!(matches!(err, EngineError::InvalidRequest(_)), "{err}");
+    let skip = Request {
+        decode: Decode::Skip,
+        ..request
+    };
+    assert!(matches!(
+        pipeline.generate(&skip, &mut collect).unwrap(),
+        Outcome::Finished(_)
+    ));
+    assert_eq!(
+        tiny_previews,
+        [None],
+        "no tiny preview, and no error either"
+    );
+
+    // Listed but gone (an update cut short): refused by name.
+    let dir = copy_of_tiny();
+    std::fs::remove_file(dir.path().join(TINY_VAE_DECODER)).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::MissingFile { file, .. } if file == TINY_VAE_DECODER),
+        "{err}"
+    );
+
+    // There but not listed (copied in by hand): refused, since its hash cannot be checked.
+    let dir = copy_of_tiny();
+    unlist(dir.path(), TINY_VAE_DECODER);
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("does not list tiny_vae_decoder/model.onnx, which the folder has"),
+        "{err}"
     );
 }
 
@@ -89,14 +191,7 @@ fn a_changed_file_fails_its_hash_check_by_name() {
 #[test]
 fn a_manifest_that_does_not_list_a_required_file_is_refused() {
     let dir = copy_of_tiny();
-    let path = dir.path().join("diffusionx.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    manifest["files"]
-        .as_object_mut()
-        .unwrap()
-        .remove("tokenizer/tokenizer.json");
-    std::fs::write(&path, manifest.to_string()).unwrap();
+    unlist(dir.path(), "tokenizer/tokenizer.json");
     let err = ModelFolder::open(dir.path(), false).unwrap_err();
     assert!(
         err.to_string()

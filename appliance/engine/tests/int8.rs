@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{
-    EngineConfig, Generation, Outcome, Pipeline, Precision, Request, Start, npy,
+    Decode, EngineConfig, Generation, Outcome, Pipeline, Precision, Request, Start, npy,
 };
 
 fn fixtures() -> PathBuf {
@@ -89,7 +89,7 @@ fn generate(pipeline: &Pipeline, scheduler: SchedulerKind) -> Generation {
         scheduler,
         start: Start::Noise(None),
         step_noise: None,
-        decode: true,
+        decode: Decode::Vae,
     };
     match pipeline
         .generate(&request, &mut |_| ControlFlow::Continue(()))

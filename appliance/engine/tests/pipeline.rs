@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::{
-    EngineConfig, EngineError, Outcome, Pipeline, Request, Start, latent_to_rgb,
+    Decode, EngineConfig, EngineError, Outcome, Pipeline, Request, Start, latent_to_rgb,
 };
 
 fn pipeline() -> &'static Pipeline {
@@ -38,7 +38,7 @@ fn request(seed: u64) -> Request {
         scheduler: SchedulerKind::Euler,
         start: Start::Noise(None),
         step_noise: None,
-        decode: false,
+        decode: Decode::Skip,
     }
 }
 
@@ -124,7 +124,7 @@ fn img2img_at_full_level_runs_every_step_and_a_small_level_few() {
 #[test]
 fn decoding_gives_an_image_eight_times_the_latent() {
     let mut decoded = request(4);
-    decoded.decode = true;
+    decoded.decode = Decode::Vae;
     decoded.width = 320;
     decoded.height = 256;
     let generation = finish(&decoded);

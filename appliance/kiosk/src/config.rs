@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
+use diffusionx_engine::{Decode, TINY_VAE_DECODER};
 use serde::Deserialize;
 
 /// Why a configuration was refused.
@@ -151,6 +152,39 @@ pub struct ModelConfig {
     /// Threads for the engine; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
+    /// What decodes a preview's picture (a local refinement always uses the VAE).
+    #[serde(default)]
+    pub preview_decoder: PreviewDecoder,
+    /// What the screen shows after each preview step.
+    #[serde(default)]
+    pub step_previews: StepPreviews,
+}
+
+/// `model.preview_decoder`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PreviewDecoder {
+    /// The folder's tiny VAE decoder when it has one (about a tenth of the VAE's cost, close
+    /// to its picture), else the VAE.
+    #[default]
+    Auto,
+    /// Always the VAE: the model's own picture, at its full cost.
+    Vae,
+    /// The tiny VAE decoder; start-up fails if the model folder has none.
+    Tiny,
+}
+
+/// `model.step_previews`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepPreviews {
+    /// The predicted picture through the linear latent-to-RGB map, at 1/8 of the image's
+    /// size: free, blurry.
+    #[default]
+    Latent,
+    /// The predicted picture through the tiny VAE decoder at full size: one tiny-decoder
+    /// call per step; start-up fails if the model folder has none.
+    Tiny,
 }
 
 /// Where the picture goes.
@@ -445,6 +479,30 @@ impl KioskConfig {
                 });
             }
         })
+    }
+
+    /// The decoder of a preview's picture and whether steps preview through the tiny decoder,
+    /// for a model folder that has (`has_tiny`) the tiny VAE decoder or not.
+    pub fn preview_decoders(&self, has_tiny: bool) -> Result<(Decode, bool), ConfigError> {
+        let missing = |key| ConfigError::Invalid {
+            key,
+            reason: format!(
+                "\"tiny\" needs the model folder's tiny VAE decoder ({TINY_VAE_DECODER}), \
+                 which {} does not have (add it with onnx/export.py --tiny-decoder)",
+                self.model.path.display()
+            ),
+        };
+        let decode = match (self.model.preview_decoder, has_tiny) {
+            (PreviewDecoder::Vae, _) | (PreviewDecoder::Auto, false) => Decode::Vae,
+            (PreviewDecoder::Auto | PreviewDecoder::Tiny, true) => Decode::Tiny,
+            (PreviewDecoder::Tiny, false) => return Err(missing("model.preview_decoder")),
+        };
+        let tiny_steps = match (self.model.step_previews, has_tiny) {
+            (StepPreviews::Latent, _) => false,
+            (StepPreviews::Tiny, true) => true,
+            (StepPreviews::Tiny, false) => return Err(missing("model.step_previews")),
+        };
+        Ok((decode, tiny_steps))
     }
 
     /// The noise level of the handover.

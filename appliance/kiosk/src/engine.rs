@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use diffusionx_diffusion::SchedulerKind;
-use diffusionx_engine::{Outcome, Pipeline, Request, Start};
+use diffusionx_engine::{Decode, Outcome, Pipeline, Progress, Request, Start};
 use diffusionx_ui::RgbImage;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -29,6 +29,11 @@ pub struct EngineSettings {
     pub refine_steps: u16,
     /// Guidance of a local refinement.
     pub refine_guidance: f32,
+    /// The decoder of a preview's picture (a local refinement always uses the VAE).
+    pub preview_decode: Decode,
+    /// Show each preview step through the tiny VAE decoder at full size instead of the
+    /// linear latent-to-RGB map at 1/8 size.
+    pub tiny_step_previews: bool,
 }
 
 enum Job {
@@ -133,7 +138,7 @@ fn run(
                 scheduler: settings.scheduler,
                 start: Start::Noise(None),
                 step_noise: None,
-                decode: true,
+                decode: settings.preview_decode,
             },
             Some(round),
         ),
@@ -153,7 +158,7 @@ fn run(
                     noise: None,
                 },
                 step_noise: None,
-                decode: true,
+                decode: Decode::Vae,
             },
             None,
         ),
@@ -171,7 +176,7 @@ fn run(
                 round,
                 step,
                 total,
-                image: to_ui(p.preview()),
+                image: to_ui(step_preview(p, settings.tiny_step_previews)),
             },
             None => Event::LocalStep { step, total },
         });
@@ -202,6 +207,21 @@ fn run(
         },
     };
     let _ = events.send(event);
+}
+
+/// What the screen shows after a preview step: the tiny decoder's full-size picture when asked
+/// for and it works, else the linear map's (a failed tiny decode is logged, never fatal).
+fn step_preview(progress: &Progress<'_>, tiny: bool) -> diffusionx_engine::RgbImage {
+    if tiny {
+        match progress.tiny_preview() {
+            Ok(Some(image)) => return image,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "tiny step preview failed; showing the latent map")
+            }
+        }
+    }
+    progress.preview()
 }
 
 /// The predictor's facts about a finished preview: the prompt's pooled embedding and token

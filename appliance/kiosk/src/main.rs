@@ -82,6 +82,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
             config.model.preview_guidance,
         )
         .context("preparing the preview plans")?;
+    let (preview_decode, tiny_step_previews) =
+        config.preview_decoders(pipeline.has_tiny_vae_decoder())?;
+    tracing::info!(?preview_decode, tiny_step_previews, "preview decoders");
     // The pooled text embedding's width: predictor weights must project exactly this.
     let text_width = pipeline
         .prompt_facts("")
@@ -216,6 +219,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 scheduler: config.scheduler()?,
                 refine_steps: config.model.refine_steps,
                 refine_guidance: config.model.refine_guidance,
+                preview_decode,
+                tiny_step_previews,
             },
             link,
             cloud: CloudSettings {

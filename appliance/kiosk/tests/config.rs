@@ -185,3 +185,50 @@ fn relative_paths_follow_the_file_and_headless_needs_no_device() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn preview_decoders_follow_the_config_and_the_model_folder() {
+    use diffusionx_engine::Decode;
+    let with = |decoder: &str, steps: &str| {
+        load(
+            &example()
+                .replace(
+                    "preview_decoder = \"auto\"",
+                    &format!("preview_decoder = \"{decoder}\""),
+                )
+                .replace(
+                    "step_previews = \"latent\"",
+                    &format!("step_previews = \"{steps}\""),
+                ),
+        )
+        .unwrap()
+    };
+    // The example's defaults: the tiny decoder's picture when the folder has one.
+    let auto = load(&example()).unwrap();
+    assert_eq!(auto.preview_decoders(true).unwrap(), (Decode::Tiny, false));
+    assert_eq!(auto.preview_decoders(false).unwrap(), (Decode::Vae, false));
+    assert_eq!(
+        with("vae", "tiny").preview_decoders(true).unwrap(),
+        (Decode::Vae, true)
+    );
+    assert_eq!(
+        with("tiny", "latent").preview_decoders(true).unwrap(),
+        (Decode::Tiny, false)
+    );
+    // Asking for the tiny decoder on a folder without one is refused by key, not ignored.
+    let err = with("tiny", "latent").preview_decoders(false).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("model.preview_decoder: \"tiny\" needs"),
+        "{err}"
+    );
+    let err = with("auto", "tiny").preview_decoders(false).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("model.step_previews: \"tiny\" needs"),
+        "{err}"
+    );
+    let err = load(&example().replace("preview_decoder = \"auto\"", "preview_decoder = \"fast\""))
+        .unwrap_err();
+    assert!(err.contains("unknown variant `fast`"), "{err}");
+}

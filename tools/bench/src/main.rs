@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{
-    DatumType, EngineConfig, Graph, Outcome, Pipeline, Request, Start, Tensor,
+    DatumType, Decode, EngineConfig, Graph, Outcome, Pipeline, Request, Start, Tensor,
 };
 use serde_json::{Value, json};
 
@@ -112,8 +112,24 @@ const SPECS: &[Spec] = &[
         int8: false,
     },
     Spec {
+        name: "tiny-decode-256",
+        int8: false,
+    },
+    Spec {
+        name: "tiny-decode-512",
+        int8: false,
+    },
+    Spec {
         name: "preview-256-4steps-nocfg",
         int8: false,
+    },
+    Spec {
+        name: "preview-256-4steps-nocfg-tiny",
+        int8: false,
+    },
+    Spec {
+        name: "preview-256-4steps-nocfg-tiny",
+        int8: true,
     },
     Spec {
         name: "preview-256-4steps-nocfg",
@@ -294,9 +310,16 @@ fn child(args: &Args, key: &str) -> Result<Value> {
                 .map(|_| ())
                 .map_err(Into::into)
         })?
-    } else if let Some(px) = name.strip_prefix("vae-decode-") {
+    } else if let Some((graph_name, px)) = name
+        .strip_prefix("vae-decode-")
+        .map(|px| ("vae_decoder", px))
+        .or_else(|| {
+            name.strip_prefix("tiny-decode-")
+                .map(|px| ("tiny_vae_decoder", px))
+        })
+    {
         let side: usize = px.parse::<usize>()? / 8;
-        let graph = Graph::load("vae_decoder", &model.join("vae_decoder/model.onnx"))?;
+        let graph = Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?;
         let latent = || tensor(&[1, 4, side, side], 0.3);
         graph.prepare(vec![("latent_sample", latent()?)])?;
         time(args.repeat, || {
@@ -306,6 +329,10 @@ fn child(args: &Args, key: &str) -> Result<Value> {
                 .map_err(Into::into)
         })?
     } else if let Some(mode) = name.strip_prefix("preview-256-4steps-") {
+        let (mode, decode) = match mode.strip_suffix("-tiny") {
+            Some(mode) => (mode, Decode::Tiny),
+            None => (mode, Decode::Vae),
+        };
         let config = EngineConfig {
             threads: args.threads,
             verify_hashes: false,
@@ -325,7 +352,7 @@ fn child(args: &Args, key: &str) -> Result<Value> {
             scheduler: SchedulerKind::Ddim,
             start: Start::Noise(None),
             step_noise: None,
-            decode: true,
+            decode,
         };
         time(args.repeat, || {
             match pipeline.generate(&request, &mut |_| ControlFlow::Continue(()))? {

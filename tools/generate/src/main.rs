@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
-use diffusionx_engine::{EngineConfig, Outcome, Pipeline, Request, RgbImage, Start, npy};
+use diffusionx_engine::{Decode, EngineConfig, Outcome, Pipeline, Request, RgbImage, Start, npy};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Sampler {
@@ -29,6 +29,15 @@ impl From<Sampler> for SchedulerKind {
             Sampler::Lcm => Self::Lcm,
         }
     }
+}
+
+/// Which decoder makes the image, and the previews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Decoder {
+    /// The model's VAE decoder.
+    Vae,
+    /// The folder's tiny VAE decoder (`tiny_vae_decoder/`); previews at full size.
+    Tiny,
 }
 
 /// Generate one image with the edge (Tiny-SD, tract) engine.
@@ -77,6 +86,10 @@ struct Args {
     /// Write each step's live preview here as `step-K.png`.
     #[arg(long)]
     previews: Option<PathBuf>,
+    /// The decoder of the image; with `tiny` the previews go through it too (full size
+    /// instead of the linear latent-to-RGB map at 1/8 size).
+    #[arg(long, value_enum, default_value_t = Decoder::Vae)]
+    decoder: Decoder,
     /// Output PNG.
     #[arg(long, default_value = "generated.png")]
     out: PathBuf,
@@ -144,7 +157,10 @@ fn main() -> Result<()> {
         scheduler: args.scheduler.into(),
         start,
         step_noise: None,
-        decode: true,
+        decode: match args.decoder {
+            Decoder::Vae => Decode::Vae,
+            Decoder::Tiny => Decode::Tiny,
+        },
     };
     if let Some(dir) = &args.previews {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -152,11 +168,19 @@ fn main() -> Result<()> {
     let mut preview_error = None;
     let outcome = pipeline.generate(&request, &mut |p| {
         eprintln!("step {}/{}", p.step, p.total);
-        if let Some(dir) = &args.previews
-            && let Err(e) = save_png(&p.preview(), &dir.join(format!("step-{}.png", p.step)))
-        {
-            preview_error = Some(e);
-            return ControlFlow::Break(());
+        if let Some(dir) = &args.previews {
+            let saved = match args.decoder {
+                Decoder::Vae => Ok(p.preview()),
+                Decoder::Tiny => p
+                    .tiny_preview()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|image| image.context("the folder has no tiny VAE decoder")),
+            }
+            .and_then(|image| save_png(&image, &dir.join(format!("step-{}.png", p.step))));
+            if let Err(e) = saved {
+                preview_error = Some(e);
+                return ControlFlow::Break(());
+            }
         }
         ControlFlow::Continue(())
     })?;

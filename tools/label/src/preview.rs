@@ -3,7 +3,7 @@
 use std::ops::ControlFlow;
 
 use diffusionx_diffusion::SchedulerKind;
-use diffusionx_engine::{Outcome, Pipeline, Request, Start};
+use diffusionx_engine::{Decode, Outcome, Pipeline, Request, Start};
 use diffusionx_predictor::{Observation, X0History, latent_stats};
 
 use crate::error::LabelError;
@@ -51,7 +51,7 @@ impl PreviewSettings {
             scheduler: self.scheduler,
             start: Start::Noise(None),
             step_noise: None,
-            decode: false,
+            decode: Decode::Skip,
         }
     }
 }
