@@ -2,12 +2,12 @@
 //! fixture's UNet and VAE decoder, split far more finely than production does (its channels are
 //! narrow), give the same outputs as the unsplit graphs. The attention fusion: every attention
 //! of the tiny UNet (f32 and int8) and of the VAE decoder becomes one node, with the same
-//! outputs.
+//! outputs. The convolutions: tract's direct spatial convolution stays off (see `Graph`'s plan).
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
 use std::path::{Path, PathBuf};
 
-use diffusionx_engine::{fuse_attention, split_wide_convolutions};
+use diffusionx_engine::{Graph, fuse_attention, split_wide_convolutions};
 use tract_onnx::prelude::*;
 
 fn graph(name: &str) -> PathBuf {
@@ -161,4 +161,23 @@ fn a_vae_decoder_with_fused_attention_decodes_what_the_plain_one_does() {
         worst <= 1e-5 * scale,
         "fused decoder differs by {worst} (scale {scale})"
     );
+}
+
+#[test]
+fn the_tiny_vae_decoder_convolves_by_im2col_not_by_tract_direct_spatial_convolution() {
+    // Its 8-channel 3x3 convolutions on 128- and 256-point rows are what tract 0.23 would give
+    // its direct spatial convolution (2.1x slower on the 64-channel full-size decoder).
+    let graph = Graph::load("tiny_vae_decoder", &graph("tiny_vae_decoder")).unwrap();
+    let ops = graph
+        .profile(vec![("latent_sample", values(&[1, 4, 32, 32], 1))], false)
+        .unwrap();
+    let count = |name: &str| {
+        ops.iter()
+            .filter(|(op, _, _)| op == name)
+            .map(|(_, _, n)| n)
+            .sum::<usize>()
+    };
+    assert_eq!(count("DirectSpatialConv"), 0, "{ops:?}");
+    // All 35 convolutions (4 + 3 x 3 x 3 + 1 x 3 + 1) as matrix products.
+    assert_eq!(count("OptMatMul"), 35, "{ops:?}");
 }

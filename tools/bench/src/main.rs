@@ -45,7 +45,8 @@ struct Args {
     /// Markdown file the results are appended to.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
-    /// Print where a UNet call's time goes, per operator kind (e.g. `unet-32x32-b1:f32`).
+    /// Print where a graph call's time goes, per operator kind (e.g. `unet-32x32-b1:f32`,
+    /// `tiny-decode-256:f32`, `vae-decode-256:f32`).
     #[arg(long)]
     profile: Option<String>,
     /// With `--profile`: time per node instead of per operator kind.
@@ -310,14 +311,7 @@ fn child(args: &Args, key: &str) -> Result<Value> {
                 .map(|_| ())
                 .map_err(Into::into)
         })?
-    } else if let Some((graph_name, px)) = name
-        .strip_prefix("vae-decode-")
-        .map(|px| ("vae_decoder", px))
-        .or_else(|| {
-            name.strip_prefix("tiny-decode-")
-                .map(|px| ("tiny_vae_decoder", px))
-        })
-    {
+    } else if let Some((graph_name, px)) = decoder(name) {
         let side: usize = px.parse::<usize>()? / 8;
         let graph = Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?;
         let latent = || tensor(&[1, 4, side, side], 0.3);
@@ -367,6 +361,19 @@ fn child(args: &Args, key: &str) -> Result<Value> {
     Ok(json!({"median_s": median_s, "min_s": min_s, "peak_rss_mib": peak, "rss_mib": rss}))
 }
 
+/// The decoder graph a `vae-decode-PX` or `tiny-decode-PX` measurement runs, and its PX.
+fn decoder(name: &str) -> Option<(&'static str, &str)> {
+    name.strip_prefix("vae-decode-")
+        .map(|px| ("vae_decoder", px))
+        .or_else(|| {
+            name.strip_prefix("tiny-decode-")
+                .map(|px| ("tiny_vae_decoder", px))
+        })
+}
+
+/// A profiled graph's inputs, made afresh for every run.
+type Inputs = Box<dyn Fn() -> Result<Vec<(&'static str, Tensor)>>>;
+
 fn profile(args: &Args, key: &str) -> Result<()> {
     let (name, precision) = key.split_once(':').context("spec is NAME:PRECISION")?;
     let model = if precision == "int8" {
@@ -375,19 +382,29 @@ fn profile(args: &Args, key: &str) -> Result<()> {
         &args.f32
     };
     diffusionx_engine::set_threads(args.threads);
-    let rest = name
-        .strip_prefix("unet-")
-        .context("profiles are of unet-HxW-bB")?;
-    let (size, batch) = rest.split_once("-b").context("unet-HxW-bB")?;
-    let side: usize = size.split_once('x').context("HxW")?.0.parse()?;
-    let batch: usize = batch.parse()?;
-    let graph = Graph::load("unet", &model.join("unet/model.onnx"))?;
-    let inputs = || -> Result<Vec<(&str, Tensor)>> {
-        Ok(vec![
-            ("sample", tensor(&[batch, 4, side, side], 0.5)?),
-            ("timestep", tensor(&[], 501.0)?),
-            ("encoder_hidden_states", tensor(&[batch, 77, 768], 0.1)?),
-        ])
+    let (graph, inputs): (Graph, Inputs) = if let Some((graph_name, px)) = decoder(name) {
+        let side: usize = px.parse::<usize>()? / 8;
+        (
+            Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?,
+            Box::new(move || Ok(vec![("latent_sample", tensor(&[1, 4, side, side], 0.3)?)])),
+        )
+    } else {
+        let rest = name
+            .strip_prefix("unet-")
+            .context("profiles are of unet-HxW-bB, vae-decode-PX or tiny-decode-PX")?;
+        let (size, batch) = rest.split_once("-b").context("unet-HxW-bB")?;
+        let side: usize = size.split_once('x').context("HxW")?.0.parse()?;
+        let batch: usize = batch.parse()?;
+        (
+            Graph::load("unet", &model.join("unet/model.onnx"))?,
+            Box::new(move || {
+                Ok(vec![
+                    ("sample", tensor(&[batch, 4, side, side], 0.5)?),
+                    ("timestep", tensor(&[], 501.0)?),
+                    ("encoder_hidden_states", tensor(&[batch, 77, 768], 0.1)?),
+                ])
+            }),
+        )
     };
     graph.prepare(inputs()?)?;
     graph.profile(inputs()?, false)?;
