@@ -29,6 +29,18 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The committed tiny pipeline on one thread.
+fn tiny_pipeline() -> Pipeline {
+    Pipeline::load(
+        &fixtures().join("tiny-sd"),
+        &EngineConfig {
+            threads: 1,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap()
+}
+
 fn kind(name: &str) -> SchedulerKind {
     SchedulerKind::from_diffusers_class(name).unwrap_or_else(|| panic!("unknown scheduler {name}"))
 }
@@ -53,14 +65,7 @@ const AMPLIFIED_LATENT_TOLERANCE: f32 = 2e-4;
 
 #[test]
 fn every_reference_case_matches_diffusers() {
-    let pipeline = Pipeline::load(
-        &fixtures().join("tiny-sd"),
-        &EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
+    let pipeline = tiny_pipeline();
     let reference = fixtures().join("tiny-sd-reference");
     // Python's json writes diffusers' `-Infinity` defaults, which are not JSON; no key read here
     // holds one.
@@ -199,14 +204,7 @@ const TINY_DECODER_TOLERANCE: f32 = 1e-5;
 
 #[test]
 fn the_tiny_vae_decoder_matches_diffusers_autoencoder_tiny() {
-    let pipeline = Pipeline::load(
-        &fixtures().join("tiny-sd"),
-        &EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
+    let pipeline = tiny_pipeline();
     let dir = fixtures().join("tiny-sd-reference/tiny_vae_decoder");
     let latent = npy::read::<f32>(&dir.join("latent.npy")).unwrap();
     let expected = npy::read::<f32>(&dir.join("image.npy")).unwrap();
