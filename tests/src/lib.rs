@@ -15,6 +15,7 @@ use diffusionx_gateway::Gateway;
 use diffusionx_gateway::config::Config;
 use diffusionx_gateway::tls::DevPki;
 use diffusionx_kiosk::cloud::{Link, LinkConfig};
+use diffusionx_kiosk::config::PreviewDecoder;
 use diffusionx_kiosk::engine::EngineSettings;
 use diffusionx_kiosk::records::RecordStore;
 use diffusionx_kiosk::runner::{CloudSettings, Fleet, Kiosk, KioskParts};
@@ -161,11 +162,9 @@ pub fn kiosk_with_fleet(
     let pipeline = diffusionx_engine::Pipeline::load(&options.model, &Default::default())
         .context("loading the kiosk model")?;
     // The kiosk's defaults (`preview_decoder = "auto"`, `step_previews = "latent"`).
-    let preview_decode = if pipeline.has_tiny_vae_decoder() {
-        diffusionx_engine::Decode::Tiny
-    } else {
-        diffusionx_engine::Decode::Vae
-    };
+    let preview_decode = PreviewDecoder::default()
+        .resolve(pipeline.has_tiny_vae_decoder())
+        .context("the default preview decoder always resolves")?;
     let link = Link::new(LinkConfig {
         address: gateway.gateway.local_addr()?,
         server_name: "localhost".into(),

@@ -174,6 +174,18 @@ pub enum PreviewDecoder {
     Tiny,
 }
 
+impl PreviewDecoder {
+    /// The decoder this choice means for a model folder that has (`has_tiny`) the tiny VAE
+    /// decoder or not; `None` for [`PreviewDecoder::Tiny`] without one.
+    pub fn resolve(self, has_tiny: bool) -> Option<Decode> {
+        match (self, has_tiny) {
+            (PreviewDecoder::Vae, _) | (PreviewDecoder::Auto, false) => Some(Decode::Vae),
+            (PreviewDecoder::Auto | PreviewDecoder::Tiny, true) => Some(Decode::Tiny),
+            (PreviewDecoder::Tiny, false) => None,
+        }
+    }
+}
+
 /// `model.step_previews`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -492,11 +504,11 @@ impl KioskConfig {
                 self.model.path.display()
             ),
         };
-        let decode = match (self.model.preview_decoder, has_tiny) {
-            (PreviewDecoder::Vae, _) | (PreviewDecoder::Auto, false) => Decode::Vae,
-            (PreviewDecoder::Auto | PreviewDecoder::Tiny, true) => Decode::Tiny,
-            (PreviewDecoder::Tiny, false) => return Err(missing("model.preview_decoder")),
-        };
+        let decode = self
+            .model
+            .preview_decoder
+            .resolve(has_tiny)
+            .ok_or_else(|| missing("model.preview_decoder"))?;
         let tiny_steps = match (self.model.step_previews, has_tiny) {
             (StepPreviews::Latent, _) => false,
             (StepPreviews::Tiny, true) => true,

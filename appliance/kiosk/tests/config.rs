@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig};
+use diffusionx_kiosk::config::{DisplayConfig, InputConfig, KioskConfig, PreviewDecoder};
 
 fn example() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("kiosk.example.toml"))
@@ -205,6 +205,11 @@ fn preview_decoders_follow_the_config_and_the_model_folder() {
     };
     // The example's defaults: the tiny decoder's picture when the folder has one.
     let auto = load(&example()).unwrap();
+    assert_eq!(auto.model.preview_decoder, PreviewDecoder::default());
+    assert_eq!(PreviewDecoder::Auto.resolve(true), Some(Decode::Tiny));
+    assert_eq!(PreviewDecoder::Auto.resolve(false), Some(Decode::Vae));
+    assert_eq!(PreviewDecoder::Vae.resolve(true), Some(Decode::Vae));
+    assert_eq!(PreviewDecoder::Tiny.resolve(false), None);
     assert_eq!(auto.preview_decoders(true).unwrap(), (Decode::Tiny, false));
     assert_eq!(auto.preview_decoders(false).unwrap(), (Decode::Vae, false));
     assert_eq!(
