@@ -14,6 +14,10 @@
    8 channels) decoder, the kiosk's optional fast preview decoder, and in
    `tiny-sd-reference/tiny_vae_decoder/` diffusers' decode of a fixed latent.
    `python onnx/make_tiny.py --only tiny-decoder` rewrites just this part (and both manifests).
+5. `tiny-sd-int8/` (dynamic quantization) and `tiny-sd-int8-weights/` (weight-only int8, the
+   default of quantize.py): the tiny folder with an int8 UNet, everything else symlinked, each with
+   onnxruntime's output of its UNet on a fixed input in `<name>-reference/`.
+   `python onnx/make_tiny.py --only int8-weights` rewrites just the weight-only one.
 """
 
 from __future__ import annotations
@@ -254,20 +258,24 @@ def ort_replay(case: dict, info: dict, onnx_dir: Path, ref_dir: Path) -> float:
     return float((latents - torch.from_numpy(np.load(d / "final_latent.npy"))).abs().max())
 
 
-def write_int8_fixture(fixtures: Path) -> None:
-    """`tiny-sd-int8`: the tiny folder with an int8 UNet (dynamic quantization, the form tract runs).
-    Every other entry is a symlink into `tiny-sd`, so the fixture adds only the int8 graph. Beside it,
-    `tiny-sd-int8-reference/` holds onnxruntime's output of that int8 UNet on a fixed input, so the
-    Rust test checks tract's int8 kernels against onnxruntime's, not just against f32."""
+INT8_FIXTURES = {"dynamic": "tiny-sd-int8", "weights": "tiny-sd-int8-weights"}
+
+
+def write_int8_fixture(fixtures: Path, mode: str) -> None:
+    """`tiny-sd-int8` (`mode` dynamic) or `tiny-sd-int8-weights` (weight-only): the tiny folder with
+    an int8 UNet. Every other entry is a symlink into `tiny-sd`, so the fixture adds only the int8
+    graph. Beside it, `<name>-reference/` holds onnxruntime's output of that int8 UNet on a fixed
+    input, so the Rust test checks tract's int8 path against onnxruntime's, not just against f32."""
     import onnxruntime as ort
 
-    src, out, ref = fixtures / "tiny-sd", fixtures / "tiny-sd-int8", fixtures / "tiny-sd-int8-reference"
+    name = INT8_FIXTURES[mode]
+    src, out, ref = fixtures / "tiny-sd", fixtures / name, fixtures / f"{name}-reference"
     for p in (out, ref):
         if p.exists():
             shutil.rmtree(p)
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "q"
-        quantize.quantize_folder(src, quantized, graphs=("unet",))
+        quantize.quantize_folder(src, quantized, graphs=("unet",), mode=mode)
         out.mkdir()
         for entry in sorted(src.iterdir()):
             if entry.name not in ("unet", export.MANIFEST):
@@ -312,11 +320,11 @@ def tiny_vae():
 
 
 def write_tiny_decoder_fixture(fixtures: Path) -> None:
-    """Adds `tiny_vae_decoder/` to `tiny-sd` (and, as a symlink, to `tiny-sd-int8`), rewrites both
+    """Adds `tiny_vae_decoder/` to `tiny-sd` (and, as a symlink, to the int8 fixtures), rewrites their
     manifests, and writes diffusers' decode of a fixed latent: `latent.npy` (scaled, as the UNet
     sees it) and `image.npy` (`vae.decode(latent / vae.config.scaling_factor)`, as diffusers'
     pipelines call it, [-1, 1])."""
-    onnx_dir, int8_dir = fixtures / "tiny-sd", fixtures / "tiny-sd-int8"
+    onnx_dir = fixtures / "tiny-sd"
     ref = fixtures / "tiny-sd-reference" / export.TINY_VAE_DECODER
     for p in (onnx_dir / export.TINY_VAE_DECODER, ref):
         if p.exists():
@@ -332,7 +340,9 @@ def write_tiny_decoder_fixture(fixtures: Path) -> None:
     save(ref / "latent.npy", latent[0])
     save(ref / "image.npy", image[0])
     print(f"  tiny decoder image range [{float(image.min()):.3f}, {float(image.max()):.3f}], std {float(image.std()):.3f}")
-    if int8_dir.exists():
+    for int8_dir in (fixtures / name for name in INT8_FIXTURES.values()):
+        if not int8_dir.exists():
+            continue
         link = int8_dir / export.TINY_VAE_DECODER
         if link.is_symlink() or link.exists():
             link.unlink()
@@ -343,11 +353,14 @@ def write_tiny_decoder_fixture(fixtures: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", type=Path, default=HERE / "fixtures")
-    ap.add_argument("--only", choices=["tiny-decoder"], help="regenerate only this part")
+    ap.add_argument("--only", choices=["tiny-decoder", "int8-weights"], help="regenerate only this part")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.only == "tiny-decoder":
         write_tiny_decoder_fixture(args.fixtures)
+        return
+    if args.only == "int8-weights":
+        write_int8_fixture(args.fixtures, "weights")
         return
     from transformers import CLIPTokenizer
 
@@ -384,7 +397,8 @@ def main() -> None:
     (ref_dir / "cases.json").write_text(json.dumps(index, indent=2) + "\n")
     write_tiny_decoder_fixture(args.fixtures)
     quantize.write_qdq_softmax_fixture(args.fixtures / "regression")
-    write_int8_fixture(args.fixtures)
+    for mode in INT8_FIXTURES:
+        write_int8_fixture(args.fixtures, mode)
     make_tokenizer.write_id_fixture(onnx_dir / "tokenizer", args.fixtures / "tokenizer-ids.json")
     total = sum(p.stat().st_size for p in args.fixtures.rglob("*") if p.is_file())
     print(f"fixtures: {total / 1e6:.2f} MB")

@@ -1,9 +1,21 @@
 """Quantize an exported model folder to int8 in a form tract runs correctly.
 
-    python onnx/quantize.py --model DIR --out DIR [--bind batch_size=2,height=32,width=32]
+    python onnx/quantize.py --model DIR --out DIR [--mode weights|dynamic]
+                            [--bind batch_size=2,height=32,width=32]
                             [--per-channel] [--quantize-embeddings] [--graphs unet text_encoder]
 
-What it does, and why (findings from a scratch experiment with tract-onnx 0.23.9):
+Two forms, both int8 weights in the file and in tract's memory:
+
+- `--mode weights` (the default): weight-only int8 (`quantize_graph_weights`): every constant
+  weight of a MatMul / Gemm / Conv as int8 with one f32 scale per output channel behind a standard
+  DequantizeLinear; activations and products stay f32. The engine dequantizes each weight per call
+  straight into its matrix product's panels (`appliance/engine/src/weights.rs`). Full-size Tiny-SD
+  UNet on a 2-core AMD EPYC (docs/benchmarks.md): 1.0-1.1x the f32 time at 36% of its peak memory;
+  the pictures are the f32 pipeline's to within the weights' rounding.
+- `--mode dynamic`: onnxruntime's dynamic quantization, described below. tract runs it 4x slower
+  than f32 on AVX2 and its activations are rounded to 8 bits per call; kept for comparison.
+
+What the dynamic form does, and why (findings from a scratch experiment with tract-onnx 0.23.9):
 
 - Dynamic quantization (onnxruntime `quantize_dynamic`): weights int8 (per tensor by default),
   activations quantized at run time with DynamicQuantizeLinear, MatMul -> MatMulInteger,
@@ -128,6 +140,84 @@ def quantize_graph(src: Path, dst: Path, *, binding: dict[str, int] | None, per_
                                                             "DequantizeLinear", "MatMul", "Conv", "Softmax", "Gemm")}}
 
 
+def quantize_graph_weights(src: Path, dst: Path, *, binding: dict[str, int] | None) -> dict:
+    """Weight-only int8: every constant weight of a MatMul / Gemm / Conv becomes an int8 initializer
+    with one f32 scale per output channel (symmetric, zero point 0) and a standard
+    `DequantizeLinear` in front of its product; activations and every product stay f32.
+
+    The file holds a quarter of the f32 weights' bytes, and so does the engine's plan of it: it
+    parses these nodes into its own dequantization, which tract never folds into an f32 constant,
+    and writes each weight per call straight into the panels of its matrix product
+    (`appliance/engine/src/weights.rs`). Plain tract would fold every weight under a million
+    values into f32 and dequantize the rest in four passes per call. onnxruntime runs the graph
+    as it is (it folds the weights into f32 at load)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    if binding:
+        bind_dims(model, binding)
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    quantized: dict[str, str] = {}  # f32 weight name -> name of its dequantized output (same name)
+    new_nodes = []
+    per_op: dict[str, int] = {}
+    bytes_f32 = bytes_i8 = 0
+    worst = 0.0
+    for n in g.node:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.input) < 2:
+            continue
+        w_name = n.input[1]
+        if w_name in quantized or w_name not in inits:
+            continue
+        w = numpy_helper.to_array(inits[w_name])
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        if n.op_type == "Conv":
+            axis = 0
+        elif n.op_type == "Gemm":
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        else:
+            if w.ndim != 2:
+                continue
+            axis = 1
+        reduce = tuple(a for a in range(w.ndim) if a != axis)
+        amax = np.abs(w).max(axis=reduce)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        worst = max(worst, float(np.abs(q.astype(np.float32) * scale.reshape(shape) - w).max()))
+        q_name, s_name = f"{w_name}_int8", f"{w_name}_scale"
+        g.initializer.remove(inits.pop(w_name))
+        g.initializer.append(numpy_helper.from_array(q, q_name))
+        g.initializer.append(numpy_helper.from_array(scale, s_name))
+        new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name], [w_name],
+                                          name=f"{w_name}_dequantize", axis=axis))
+        quantized[w_name] = w_name
+        per_op[n.op_type] = per_op.get(n.op_type, 0) + 1
+        bytes_f32 += w.size * 4
+        bytes_i8 += w.size + scale.size * 4
+    # DequantizeLinear nodes first: the graph stays topologically sorted
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    strip_value_info(model)
+    # int8 DequantizeLinear with per-axis scales needs opset 13
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < 13:
+            o.version = 13
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return {"weights_quantized": len(quantized), "by_op": dict(sorted(per_op.items())),
+            "weight_bytes_f32": bytes_f32, "weight_bytes_int8": bytes_i8,
+            "max_abs_weight_error": float(f"{worst:.3e}")}
+
+
 def compare(f32_dir: Path, q_dir: Path, hw=(32, 32), seed: int = 0) -> dict:
     """Max abs difference int8 vs f32 on one random input per graph (onnxruntime)."""
     import export
@@ -148,8 +238,16 @@ def compare(f32_dir: Path, q_dir: Path, hw=(32, 32), seed: int = 0) -> dict:
     return out
 
 
+MODES = {
+    "weights": "weight-only int8: int8 weights with one f32 scale per output channel behind DequantizeLinear, "
+               "f32 activations and products (tract: dequantized per call straight into its matrix-product panels)",
+    "dynamic": "onnxruntime quantize_dynamic (MatMulInteger/ConvInteger + DynamicQuantizeLinear), int8 weights",
+}
+
+
 def quantize_folder(model: Path, out: Path, *, binding: dict[str, int] | None = None, per_channel: bool = False,
-                    embeddings: bool = False, graphs=QUANTIZED_GRAPHS, verify_hw=(32, 32)) -> dict:
+                    embeddings: bool = False, graphs=QUANTIZED_GRAPHS, verify_hw=(32, 32),
+                    mode: str = "weights") -> dict:
     import export
 
     if out.exists():
@@ -159,8 +257,11 @@ def quantize_folder(model: Path, out: Path, *, binding: dict[str, int] | None = 
     details = {}
     for g in graphs:
         print(f"quantizing {g}")
-        details[g] = quantize_graph(model / g / "model.onnx", out / g / "model.onnx", binding=binding,
-                                    per_channel=per_channel, embeddings=embeddings)
+        if mode == "weights":
+            details[g] = quantize_graph_weights(model / g / "model.onnx", out / g / "model.onnx", binding=binding)
+        else:
+            details[g] = quantize_graph(model / g / "model.onnx", out / g / "model.onnx", binding=binding,
+                                        per_channel=per_channel, embeddings=embeddings)
         print(f"  {details[g]}")
     diffs = compare(model, out, verify_hw) if not binding else {}
     for g, v in diffs.items():
@@ -168,8 +269,9 @@ def quantize_folder(model: Path, out: Path, *, binding: dict[str, int] | None = 
     extra = {k: v for k, v in src_manifest.items() if k not in ("format", "precision", "files", "checked_resolutions",
                                                                "vae_scaling_factor", "text_hidden_size", "source")}
     extra["quantization"] = {
-        "method": "onnxruntime quantize_dynamic (MatMulInteger/ConvInteger + DynamicQuantizeLinear), int8 weights",
-        "per_channel": per_channel,
+        "mode": mode,
+        "method": MODES[mode],
+        "per_channel": per_channel or mode == "weights",
         "graphs": list(graphs),
         "embeddings_quantized": embeddings,
         "bound_dims": binding or {},
@@ -231,13 +333,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="f32 model folder written by export.py")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--mode", choices=sorted(MODES), default="weights",
+                    help="weights (default): weight-only int8, f32 arithmetic; dynamic: int8 products with "
+                         "activations quantized per call")
     ap.add_argument("--bind", help="concrete dims, e.g. batch_size=2,height=32,width=32,sequence_length=77")
-    ap.add_argument("--per-channel", action="store_true", help="per-channel weight scales (check tract first)")
-    ap.add_argument("--quantize-embeddings", action="store_true", help="also int8 the token embedding (Gather)")
+    ap.add_argument("--per-channel", action="store_true", help="dynamic: per-channel weight scales (check tract first)")
+    ap.add_argument("--quantize-embeddings", action="store_true", help="dynamic: also int8 the token embedding (Gather)")
     ap.add_argument("--graphs", nargs="+", default=list(QUANTIZED_GRAPHS), choices=["unet", "text_encoder"])
     args = ap.parse_args()
     m = quantize_folder(args.model, args.out, binding=parse_binding(args.bind), per_channel=args.per_channel,
-                        embeddings=args.quantize_embeddings, graphs=args.graphs)
+                        embeddings=args.quantize_embeddings, graphs=args.graphs, mode=args.mode)
     print(json.dumps(m["quantization"]["int8_vs_f32_max_abs_diff"]))
 
 

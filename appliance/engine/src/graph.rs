@@ -146,10 +146,13 @@ impl Graph {
             .map_err(|e| EngineError::tract(self.name, "splitting wide convolutions", e))?;
         crate::attention::fuse_attention(&mut typed)
             .map_err(|e| EngineError::tract(self.name, "fusing attention", e))?;
-        let plan = im2col_convolutions()
+        let mut optimized = im2col_convolutions()
             .map_err(|e| EngineError::tract(self.name, "configuring tract", e))?
             .enter(|| typed.into_optimized())
-            .map_err(|e| EngineError::tract(self.name, "optimizing", e))?
+            .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
+        crate::weights::pack_dequantized_weights(&mut optimized)
+            .map_err(|e| EngineError::tract(self.name, "packing int8 weights", e))?;
+        let plan = optimized
             .into_runnable()
             .map_err(|e| EngineError::tract(self.name, "planning", e))?;
         plans.insert(key, plan.clone());
@@ -240,7 +243,7 @@ fn im2col_convolutions() -> TractResult<KnobScope> {
 }
 
 fn parse(name: &'static str, path: &Path) -> Result<InferenceModel, EngineError> {
-    tract_onnx::onnx()
+    crate::weights::onnx()
         .model_for_path(path)
         .map_err(|e| EngineError::tract(name, "parsing the ONNX file", e))
 }

@@ -18,6 +18,7 @@ pub mod npy;
 mod pipeline;
 mod preview;
 mod split;
+mod weights;
 
 pub use attention::{Attention, fuse_attention};
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
@@ -30,6 +31,7 @@ pub use pipeline::{
 };
 pub use preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 pub use split::{MAX_K, split_wide_convolutions};
+pub use weights::{DequantizePack, DequantizeWeights, pack_dequantized_weights};
 
 /// Helpers of this crate's unit tests.
 #[cfg(test)]

@@ -15,6 +15,8 @@ use tract_onnx::tract_core::ops::array::Slice;
 use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::math::add;
 
+use crate::weights::DequantizeWeights;
+
 /// The largest `k` (input channels x kernel taps) a split convolution's parts run over: 128
 /// channels of a 3x3 kernel. Chosen by measurement on the full-size Tiny-SD UNet and VAE decoder
 /// (docs/benchmarks.md): 576 was as fast on the UNet but twice as slow on the VAE decoder.
@@ -23,8 +25,9 @@ pub const MAX_K: usize = 1152;
 /// Splits every float convolution of `model` whose `k` exceeds `max_k` into convolutions over
 /// equal slices of its input channels, each part's `k` at most `max_k` and more than half of it,
 /// and adds their outputs; the first part keeps the bias. Returns how many convolutions were
-/// split. Quantized, grouped and 1x1 convolutions, those whose kernel is not a constant, and
-/// those whose channel count has no divisor in that range are left alone.
+/// split. Quantized, grouped and 1x1 convolutions, those whose kernel is neither a constant nor
+/// a weight dequantization of constants ([`DequantizeWeights`], whose int8 kernel is sliced
+/// the same way), and those whose channel count has no divisor in that range are left alone.
 pub fn split_wide_convolutions(model: &mut TypedModel, max_k: usize) -> TractResult<usize> {
     let mut split = 0;
     for id in model.eval_order()? {
@@ -43,7 +46,7 @@ pub fn split_wide_convolutions(model: &mut TypedModel, max_k: usize) -> TractRes
         {
             continue;
         }
-        let Some(kernel) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
+        let Some(kernel) = Kernel::of(model, node.inputs[1])? else {
             continue;
         };
         // The parts' `k` stays above half the bound: tract runs a convolution with `k` <= 576 and
@@ -58,6 +61,9 @@ pub fn split_wide_convolutions(model: &mut TypedModel, max_k: usize) -> TractRes
         };
         let c_axis = conv.pool_spec.data_format.shape(&x_fact.shape)?.c_axis();
         let i_axis = conv.kernel_fmt.i_axis(kernel.shape());
+        if matches!(&kernel, Kernel::Int8 { axis, .. } if *axis == i_axis) {
+            continue;
+        }
         let (conv, name, inputs) = (conv.clone(), node.name.clone(), node.inputs.clone());
 
         let mut patch = TypedModelPatch::new(format!("split {name} along its input channels"));
@@ -82,9 +88,11 @@ pub fn split_wide_convolutions(model: &mut TypedModel, max_k: usize) -> TractRes
                 Slice::new(c_axis, start, end),
                 &[x],
             )?[0];
-            let ks = patch.add_const(
-                format!("{name}.split{part}.kernel"),
-                kernel.slice(i_axis, start, end)?,
+            let ks = kernel.wire_slice(
+                &mut patch,
+                &format!("{name}.split{part}.kernel"),
+                i_axis,
+                start..end,
             )?;
             let b = if part == 0 { bias } else { zero };
             let y =
@@ -103,6 +111,74 @@ pub fn split_wide_convolutions(model: &mut TypedModel, max_k: usize) -> TractRes
         split += 1;
     }
     Ok(split)
+}
+
+/// A convolution's kernel: f32 constants, or int8 constants behind a weight dequantization.
+enum Kernel {
+    F32(Arc<Tensor>),
+    Int8 {
+        q: Arc<Tensor>,
+        scales: Arc<Tensor>,
+        axis: usize,
+    },
+}
+
+impl Kernel {
+    fn of(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Self>> {
+        if let Some(kernel) = model.outlet_fact(outlet)?.konst.clone() {
+            return Ok(Some(Kernel::F32(kernel)));
+        }
+        let node = model.node(outlet.node);
+        let Some(op) = node.op_as::<DequantizeWeights>() else {
+            return Ok(None);
+        };
+        let [q, scales] = [0, 1].map(|i| model.outlet_fact(node.inputs[i]).ok()?.konst.clone());
+        Ok(q.zip(scales).map(|(q, scales)| Kernel::Int8 {
+            q,
+            scales,
+            axis: op.axis,
+        }))
+    }
+
+    fn shape(&self) -> &[usize] {
+        match self {
+            Kernel::F32(kernel) => kernel.shape(),
+            Kernel::Int8 { q, .. } => q.shape(),
+        }
+    }
+
+    /// Wires the slice `range` of axis `axis` of the kernel into `patch`.
+    fn wire_slice(
+        &self,
+        patch: &mut TypedModelPatch,
+        name: &str,
+        axis: usize,
+        range: std::ops::Range<usize>,
+    ) -> TractResult<OutletId> {
+        match self {
+            Kernel::F32(kernel) => {
+                patch.add_const(name, kernel.slice(axis, range.start, range.end)?)
+            }
+            Kernel::Int8 {
+                q,
+                scales,
+                axis: channel_axis,
+            } => {
+                let q = patch.add_const(
+                    format!("{name}.int8"),
+                    q.slice(axis, range.start, range.end)?,
+                )?;
+                let scales = patch.add_const(format!("{name}.scales"), scales.clone())?;
+                Ok(patch.wire_node(
+                    name,
+                    DequantizeWeights {
+                        axis: *channel_axis,
+                    },
+                    &[q, scales],
+                )?[0])
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -421,14 +421,29 @@ fn profile(args: &Args, key: &str) -> Result<()> {
     Ok(())
 }
 
+/// How the int8 folder was quantized, from its manifest (folders from before `--mode` existed
+/// were dynamic).
+fn quantization(folder: &std::path::Path) -> String {
+    let mode = std::fs::read_to_string(folder.join(diffusionx_engine::MANIFEST))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|m| m["quantization"]["mode"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "dynamic".into());
+    match mode.as_str() {
+        "weights" => "weight-only int8: `onnx/quantize.py --mode weights`".into(),
+        other => format!("{other} quantization: `onnx/quantize.py --mode {other}`"),
+    }
+}
+
 fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
     let mut text = format!(
-        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --repeat {} --python {}{}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 (dynamic quantization)\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
+        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --repeat {} --python {}{}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 ({})\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
         args.threads,
         machine(),
         args.threads,
         args.repeat,
+        quantization(&args.int8),
         if args.python.is_empty() {
             "''"
         } else {
