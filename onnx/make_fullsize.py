@@ -2,7 +2,9 @@
 
     python onnx/make_fullsize.py [--out models/tiny-sd-full] [--verify]
 
-Writes `OUT/f32/` (export.py layout + manifest) and `OUT/int8/` (quantize.py), both with the optional
+Writes `OUT/f32/` (export.py layout + manifest) and `OUT/int8/` (quantize.py's default, weight-only
+int8; for the dynamic form beside it: `python onnx/quantize.py --mode dynamic --model OUT/f32 --out
+OUT/int8-dynamic`, and `bench-edge --int8 OUT/int8-dynamic`), both with the optional
 `tiny_vae_decoder/` (TAESD's layout: diffusers' `AutoencoderTiny` defaults, 64 channels);
 `--add-tiny-decoder` adds only that to existing folders. Layout: segmind/tiny-sd
 (BK-SDM-Tiny) UNet (block_out_channels 320/640/1280, 3 cross-attention stages, no mid block, one

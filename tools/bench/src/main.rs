@@ -443,7 +443,6 @@ fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
         machine(),
         args.threads,
         args.repeat,
-        quantization(&args.int8),
         if args.python.is_empty() {
             "''"
         } else {
@@ -454,6 +453,7 @@ fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
         } else {
             format!(" --only {}", args.only.join(","))
         },
+        quantization(&args.int8),
         args.repeat,
     );
     for (key, ours, theirs) in rows {
