@@ -91,6 +91,20 @@ def bind_dims(model, binding: dict[str, int]):
     return model
 
 
+def load_named(src: Path, binding: dict[str, int] | None):
+    """The ONNX model at `src` with every node named (the quantizers match nodes by name) and the
+    dims in `binding` made concrete."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    if binding:
+        bind_dims(model, binding)
+    return model
+
+
 def strip_value_info(model):
     del model.graph.value_info[:]
     return model
@@ -101,13 +115,7 @@ def quantize_graph(src: Path, dst: Path, *, binding: dict[str, int] | None, per_
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = onnx.load(str(src))
-    # ensure every node has a unique name: nodes_to_quantize / nodes_to_exclude match by name
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
-    if binding:
-        bind_dims(model, binding)
+    model = load_named(src, binding)
     include, exclude = const_weight_nodes(model)
     op_types = ["MatMul", "Gemm", "Conv"] + (["Gather"] if embeddings else [])
     if embeddings:
@@ -149,17 +157,12 @@ def quantize_graph_weights(src: Path, dst: Path, *, binding: dict[str, int] | No
     parses these nodes into its own dequantization, which tract never folds into an f32 constant,
     and writes each weight per call straight into the panels of its matrix product
     (`appliance/engine/src/weights.rs`). Plain tract would fold every weight under a million
-    values into f32 and dequantize the rest in four passes per call. onnxruntime runs the graph
-    as it is (it folds the weights into f32 at load)."""
+    values into f32 and dequantize the rest in four passes per call. onnxruntime runs the file
+    too (it turns `DequantizeLinear -> MatMul` into its 8-bit `MatMulNBits`)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(src))
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
-    if binding:
-        bind_dims(model, binding)
+    model = load_named(src, binding)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     quantized: dict[str, str] = {}  # f32 weight name -> name of its dequantized output (same name)

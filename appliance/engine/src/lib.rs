@@ -36,6 +36,28 @@ pub use weights::{DequantizePack, DequantizeWeights, pack_dequantized_weights};
 /// Helpers of this crate's unit tests.
 #[cfg(test)]
 mod test_support {
+    use tract_onnx::prelude::tvec;
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+
+    /// A float NCHW 3x3 convolution `cin -> cout` in `group`s, padding 1, OIHW kernel.
+    pub(crate) fn conv3x3(cin: usize, cout: usize, group: usize) -> Conv {
+        Conv {
+            pool_spec: PoolSpec {
+                data_format: DataFormat::NCHW,
+                kernel_shape: tvec![3, 3],
+                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
+                dilations: None,
+                strides: None,
+                input_channels: cin,
+                output_channels: cout,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group,
+            q_params: None,
+        }
+    }
+
     /// The largest absolute difference between two equally long slices.
     pub(crate) fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());

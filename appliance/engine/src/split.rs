@@ -184,8 +184,6 @@ impl Kernel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::tract_core::ops::cnn::{KernelFormat, PaddingSpec, PoolSpec};
-    use tract_onnx::tract_core::ops::nn::DataFormat;
 
     /// A model with one 3x3 convolution `cin -> cout` on an `[1, cin, 6, 5]` input, padding 1.
     fn conv_model(cin: usize, cout: usize, group: usize) -> TractResult<(TypedModel, Tensor)> {
@@ -200,20 +198,7 @@ mod tests {
         )?;
         let bias: Vec<f32> = (0..cout).map(|i| i as f32 * 0.25 - 1.0).collect();
         let bias = model.add_const("bias", Tensor::from_shape(&[cout], &bias)?)?;
-        let op = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NCHW,
-                kernel_shape: tvec![3, 3],
-                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
-                dilations: None,
-                strides: None,
-                input_channels: cin,
-                output_channels: cout,
-            },
-            kernel_fmt: KernelFormat::OIHW,
-            group,
-            q_params: None,
-        };
+        let op = crate::test_support::conv3x3(cin, cout, group);
         let y = model.wire_node("conv", op, &[x, kernel, bias])?;
         model.select_output_outlets(&y)?;
         let input: Vec<f32> = (0..cin * 30)

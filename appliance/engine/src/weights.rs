@@ -567,10 +567,8 @@ impl EvalOp for DequantizePack {
 mod tests {
     use super::*;
     use tract_linalg::multithread::multithread_tract_scope;
-    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::einsum::EinSum;
     use tract_onnx::tract_core::ops::konst::Const;
-    use tract_onnx::tract_core::ops::nn::DataFormat;
 
     const CIN: usize = 24;
     const MID: usize = 64;
@@ -623,20 +621,7 @@ mod tests {
         let kernel = weight(&mut model, "kernel", &[MID, CIN, 3, 3], 0, 1)?;
         let bias: Vec<f32> = (0..MID).map(|i| i as f32 * 0.01 - 0.3).collect();
         let bias = model.add_const("bias", tensor1(&bias))?;
-        let conv = Conv {
-            pool_spec: PoolSpec {
-                data_format: DataFormat::NCHW,
-                kernel_shape: tvec![3, 3],
-                padding: PaddingSpec::Explicit(tvec![1, 1], tvec![1, 1]),
-                dilations: None,
-                strides: None,
-                input_channels: CIN,
-                output_channels: MID,
-            },
-            kernel_fmt: KernelFormat::OIHW,
-            group: 1,
-            q_params: None,
-        };
+        let conv = crate::test_support::conv3x3(CIN, MID, 1);
         let y = model.wire_node("conv", conv, &[x, kernel, bias])?[0];
         let w = weight(&mut model, "linear.weight", &[MID, OUT], 1, 2)?;
         let product = EinSum::new("bchw,cd->bdhw".parse()?, f32::datum_type());

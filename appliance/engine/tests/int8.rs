@@ -3,6 +3,8 @@
 //! and the int8 pipelines' pictures against the f32 pipeline's (numbers in docs/kiosk.md).
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -33,8 +35,40 @@ fn reference(folder: &str, file: &str) -> Vec<f32> {
         .data
 }
 
-fn f32s(file: &str) -> Vec<f32> {
-    reference("tiny-sd-int8", file)
+/// The fixed UNet input beside int8 fixture `folder`: sample [2,4,32,32], timestep, embeddings
+/// [2,77,4].
+struct UnetInput {
+    sample: Vec<f32>,
+    timestep: f32,
+    embeddings: Vec<f32>,
+}
+
+impl UnetInput {
+    fn of(folder: &str) -> Self {
+        Self {
+            sample: reference(folder, "unet_sample.npy"),
+            timestep: reference(folder, "unet_timestep.npy")[0],
+            embeddings: reference(folder, "unet_encoder_hidden_states.npy"),
+        }
+    }
+
+    /// The graph's named inputs (f32 scalar timestep, as the fixture's export takes it).
+    fn tensors(&self) -> Vec<(&'static str, diffusionx_engine::Tensor)> {
+        vec![
+            ("sample", tensor(&self.sample, &[2, 4, 32, 32])),
+            ("timestep", tensor(&[self.timestep], &[])),
+            (
+                "encoder_hidden_states",
+                tensor(&self.embeddings, &[2, 77, 4]),
+            ),
+        ]
+    }
+
+    fn predict(&self, pipeline: &Pipeline) -> Vec<f32> {
+        pipeline
+            .predict_noise(&self.sample, 2, (32, 32), self.timestep, &self.embeddings)
+            .unwrap()
+    }
 }
 
 /// (max, mean) absolute difference.
@@ -50,18 +84,9 @@ fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 fn tract_int8_unet_is_as_close_to_f32_as_onnxruntime_int8() {
     let (f32_pipeline, int8) = (load("tiny-sd"), load("tiny-sd-int8"));
     assert_eq!(int8.folder().manifest().precision, Precision::Int8);
-    let (sample, embeddings) = (
-        f32s("unet_sample.npy"),
-        f32s("unet_encoder_hidden_states.npy"),
-    );
-    let timestep = f32s("unet_timestep.npy")[0];
-    let tract_int8 = int8
-        .predict_noise(&sample, 2, (32, 32), timestep, &embeddings)
-        .unwrap();
-    let tract_f32 = f32_pipeline
-        .predict_noise(&sample, 2, (32, 32), timestep, &embeddings)
-        .unwrap();
-    let ort_int8 = f32s("unet_out_sample.npy");
+    let input = UnetInput::of("tiny-sd-int8");
+    let (tract_int8, tract_f32) = (input.predict(&int8), input.predict(&f32_pipeline));
+    let ort_int8 = reference("tiny-sd-int8", "unet_out_sample.npy");
     let (ours, theirs) = (diff(&tract_int8, &tract_f32), diff(&ort_int8, &tract_f32));
     println!("vs f32, (max, mean) abs diff: tract int8 {ours:?}, onnxruntime int8 {theirs:?}");
     // Dynamic quantization rounds every activation to 8 bits per call, and the two runtimes
@@ -88,17 +113,8 @@ fn weight_only_int8_unet_is_f32_on_its_weights_and_runs_from_int8_panels() {
     const FOLDER: &str = "tiny-sd-int8-weights";
     let (f32_pipeline, int8) = (load("tiny-sd"), load(FOLDER));
     assert_eq!(int8.folder().manifest().precision, Precision::Int8);
-    let (sample, embeddings) = (
-        reference(FOLDER, "unet_sample.npy"),
-        reference(FOLDER, "unet_encoder_hidden_states.npy"),
-    );
-    let timestep = reference(FOLDER, "unet_timestep.npy")[0];
-    let tract_int8 = int8
-        .predict_noise(&sample, 2, (32, 32), timestep, &embeddings)
-        .unwrap();
-    let tract_f32 = f32_pipeline
-        .predict_noise(&sample, 2, (32, 32), timestep, &embeddings)
-        .unwrap();
+    let input = UnetInput::of(FOLDER);
+    let (tract_int8, tract_f32) = (input.predict(&int8), input.predict(&f32_pipeline));
     let ort_int8 = reference(FOLDER, "unet_out_sample.npy");
     let (vs_ort, vs_f32) = (diff(&tract_int8, &ort_int8), diff(&tract_int8, &tract_f32));
     let (ort_vs_f32, dynamic) = (
@@ -117,11 +133,7 @@ fn weight_only_int8_unet_is_f32_on_its_weights_and_runs_from_int8_panels() {
     // rounding apart from the engine's.
     let plain = plain_tract(
         &fixtures().join(FOLDER).join("unet/model.onnx"),
-        vec![
-            tensor(&sample, &[2, 4, 32, 32]),
-            tensor(&[timestep], &[]),
-            tensor(&embeddings, &[2, 77, 4]),
-        ],
+        input.tensors().into_iter().map(|(_, t)| t).collect(),
     );
     let vs_plain = diff(&tract_int8, &plain);
     println!("engine vs plain tract on the weight-only graph: {vs_plain:?}");
@@ -144,22 +156,8 @@ fn weight_only_int8_unet_is_f32_on_its_weights_and_runs_from_int8_panels() {
     let graph =
         diffusionx_engine::Graph::load("unet", &fixtures().join(FOLDER).join("unet/model.onnx"))
             .unwrap();
-    let ops = graph
-        .profile(
-            vec![
-                ("sample", tensor(&sample, &[2, 4, 32, 32])),
-                ("timestep", tensor(&[timestep], &[])),
-                ("encoder_hidden_states", tensor(&embeddings, &[2, 77, 4])),
-            ],
-            false,
-        )
-        .unwrap();
-    let count = |name: &str| {
-        ops.iter()
-            .filter(|(op, _, _)| op == name)
-            .map(|(_, _, n)| n)
-            .sum::<usize>()
-    };
+    let ops = graph.profile(input.tensors(), false).unwrap();
+    let count = |name: &str| common::op_count(&ops, name);
     assert_eq!(count("DiffusionxDequantizeWeights"), 0, "{ops:?}");
     assert!(
         count("DiffusionxDequantizePack") >= QUANTIZED_WEIGHTS,

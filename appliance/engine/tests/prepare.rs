@@ -5,6 +5,8 @@
 //! outputs. The convolutions: tract's direct spatial convolution stays off (see `Graph`'s plan).
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use diffusionx_engine::{Graph, fuse_attention, split_wide_convolutions};
@@ -171,12 +173,7 @@ fn the_tiny_vae_decoder_convolves_by_im2col_not_by_tract_direct_spatial_convolut
     let ops = graph
         .profile(vec![("latent_sample", values(&[1, 4, 32, 32], 1))], false)
         .unwrap();
-    let count = |name: &str| {
-        ops.iter()
-            .filter(|(op, _, _)| op == name)
-            .map(|(_, _, n)| n)
-            .sum::<usize>()
-    };
+    let count = |name: &str| common::op_count(&ops, name);
     assert_eq!(count("DirectSpatialConv"), 0, "{ops:?}");
     // All 35 convolutions (4 + 3 x 3 x 3 + 1 x 3 + 1) as matrix products.
     assert_eq!(count("OptMatMul"), 35, "{ops:?}");
