@@ -129,7 +129,8 @@ impl Expansion for WeightDequantization {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 2)?;
+        // The zero point, when the node has one, is all zeros (checked when parsing).
+        check_input_arity(inputs, inputs.len().clamp(2, 3))?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, i8::datum_type())?;
         s.equals(&inputs[1].datum_type, f32::datum_type())?;
@@ -691,6 +692,146 @@ mod tests {
                 "{threads} threads: {worst} (scale {scale})"
             );
         }
+        Ok(())
+    }
+
+    /// A model `y = x [2, 4] @ DequantizeLinear(q [4, 3] int8, scale [3], zero_point)` as an
+    /// ONNX protobuf: the form `onnx/quantize.py --mode weights` writes, or with a zero point.
+    fn onnx_product(zero_point: Option<(DataType, Vec<i32>)>) -> tract_onnx::pb::ModelProto {
+        use tract_onnx::pb::tensor_shape_proto::{Dimension, dimension};
+        use tract_onnx::pb::{
+            AttributeProto, GraphProto, ModelProto, OperatorSetIdProto, TensorShapeProto,
+            TypeProto, ValueInfoProto, type_proto,
+        };
+        let value = |name: &str, dims: &[i64]| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|d| Dimension {
+                                value: Some(dimension::Value::DimValue(*d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let q: Vec<i8> = vec![-127, -50, 3, 0, 127, 64, 25, -1, -90, 100, 7, 12];
+        let mut initializer = vec![
+            TensorProto {
+                name: "q".into(),
+                dims: vec![4, 3],
+                data_type: DataType::Int8 as i32,
+                raw_data: q.iter().map(|v| *v as u8).collect(),
+                ..Default::default()
+            },
+            TensorProto {
+                name: "scale".into(),
+                dims: vec![3],
+                data_type: DataType::Float as i32,
+                float_data: vec![0.01, 0.02, 0.5],
+                ..Default::default()
+            },
+        ];
+        let mut inputs = vec!["q".to_string(), "scale".into()];
+        if let Some((data_type, values)) = zero_point {
+            initializer.push(TensorProto {
+                name: "zero_point".into(),
+                dims: vec![3],
+                data_type: data_type as i32,
+                int32_data: values,
+                ..Default::default()
+            });
+            inputs.push("zero_point".into());
+        }
+        let node = |op: &str, input: Vec<String>, output: &str| NodeProto {
+            op_type: op.into(),
+            name: output.into(),
+            input,
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let mut dequantize = node("DequantizeLinear", inputs, "w");
+        dequantize.attribute.push(AttributeProto {
+            name: "axis".into(),
+            i: 1,
+            r#type: 2, // INT
+            ..Default::default()
+        });
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                name: "product".into(),
+                node: vec![
+                    dequantize,
+                    node("MatMul", vec!["x".into(), "w".into()], "y"),
+                ],
+                initializer,
+                input: vec![value("x", &[2, 4])],
+                output: vec![value("y", &[2, 3])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Parses `proto` with the engine's ONNX framework, optimizes it, fuses the weight
+    /// packings, and returns `y` for a fixed `x` and the number of [`DequantizePack`] nodes.
+    fn run_onnx(proto: &tract_onnx::pb::ModelProto) -> TractResult<(Vec<f32>, usize)> {
+        let mut model = onnx().model_for_proto_model(proto)?.into_optimized()?;
+        pack_dequantized_weights(&mut model)?;
+        let fused = count::<DequantizePack>(&model);
+        let x = tensor2(&[[1f32, -2.0, 0.5, 3.0], [0.25, 1.0, -1.0, 2.0]]);
+        let out = model.into_runnable()?.run(tvec![x.into_tvalue()])?;
+        let out = out[0].clone().into_tensor();
+        Ok((out.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(), fused))
+    }
+
+    /// `x @ ((q - zero_point) * scale)`, computed here.
+    fn expected(zero_point: [f32; 3]) -> Vec<f32> {
+        let q = [
+            -127f32, -50., 3., 0., 127., 64., 25., -1., -90., 100., 7., 12.,
+        ];
+        let scale = [0.01f32, 0.02, 0.5];
+        let x = [[1f32, -2.0, 0.5, 3.0], [0.25, 1.0, -1.0, 2.0]];
+        let mut y = Vec::new();
+        for row in x {
+            for n in 0..3 {
+                y.push(
+                    (0..4)
+                        .map(|k| row[k] * (q[k * 3 + n] - zero_point[n]) * scale[n])
+                        .sum(),
+                );
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn onnx_weight_dequantizations_are_read_as_the_engines_and_others_as_tracts() -> TractResult<()>
+    {
+        // No zero point, or an all-zero int8 one: the engine's (fused into the packing).
+        for zero_point in [None, Some((DataType::Int8, vec![0, 0, 0]))] {
+            let (y, fused) = run_onnx(&onnx_product(zero_point))?;
+            assert_eq!(fused, 1);
+            let worst = crate::test_support::largest_difference(&y, &expected([0.0; 3]));
+            assert!(worst < 1e-5, "{y:?}");
+        }
+        // A zero point that is not zero: tract's own operator, its own math.
+        let (y, fused) = run_onnx(&onnx_product(Some((DataType::Int8, vec![1, -2, 0]))))?;
+        assert_eq!(fused, 0);
+        let worst = crate::test_support::largest_difference(&y, &expected([1.0, -2.0, 0.0]));
+        assert!(worst < 1e-5, "{y:?}");
         Ok(())
     }
 }
