@@ -664,6 +664,10 @@ mod tests {
             let mut int8 = int8.into_optimized()?;
             // tract folds none of the dequantizations into f32 constants...
             assert_eq!(count::<DequantizeWeights>(&int8), 4);
+            // ...which also compute on their own (a packing the fusion cannot take).
+            let unfused = multithread_tract_scope(executor.clone(), || run(int8.clone()))?;
+            let worst = crate::test_support::largest_difference(&unfused, &expected);
+            assert!(worst <= 1e-5 * scale, "unfused, {threads} threads: {worst}");
             // ...and each becomes one op writing the panels its product reads.
             assert_eq!(pack_dequantized_weights(&mut int8)?, 4);
             assert_eq!(count::<DequantizeWeights>(&int8), 0);
