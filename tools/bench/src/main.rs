@@ -52,6 +52,9 @@ struct Args {
     /// With `--profile`: time per node instead of per operator kind.
     #[arg(long)]
     by_node: bool,
+    /// With `--profile`: how many of the largest rows to print.
+    #[arg(long, default_value_t = 25)]
+    top: usize,
     /// Internal: run one measurement and print its JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -410,7 +413,7 @@ fn profile(args: &Args, key: &str) -> Result<()> {
     graph.profile(inputs()?, false)?;
     let report = graph.profile(inputs()?, args.by_node)?;
     let total: f64 = report.iter().map(|(_, t, _)| t.as_secs_f64()).sum();
-    for (op, t, n) in report.iter().take(25) {
+    for (op, t, n) in report.iter().take(args.top) {
         println!(
             "{:>8.3} s {:>5.1}% {n:>5} x {op}",
             t.as_secs_f64(),
