@@ -575,7 +575,9 @@ mod avx2 {
         {
             let (o, q, s) = (out.as_mut_ptr(), q.as_ptr(), s.as_ptr());
             if r == 16 {
-                // tract's AVX2 f32 kernel: two vectors of scales per panel, kept in registers.
+                // tract's AVX2 f32 kernel: two vectors of scales per panel, kept in registers,
+                // one 16-byte load per record. Measured against the general loop below (a
+                // scratch timing, one thread, 1280 x 1280): 4.0 -> 5.0 G values/s.
                 // SAFETY: `s` has 16 values; each record `at..at + 16` lies within this
                 // panel's `records * 16 <= panel_len` values of `out` and `q`.
                 unsafe {
