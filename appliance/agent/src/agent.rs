@@ -122,7 +122,19 @@ pub struct AgentStatus {
 struct Shared {
     outbox: Outbox,
     window: Window,
-    status: AgentStatus,
+    /// The status in force; [`Agent::watch_status`] hands out receivers.
+    status: watch::Sender<AgentStatus>,
+}
+
+impl Shared {
+    /// Applies `change` to the status and wakes its watchers if that changed anything.
+    fn update_status(&self, change: impl FnOnce(&mut AgentStatus)) {
+        self.status.send_if_modified(|status| {
+            let before = *status;
+            change(status);
+            *status != before
+        });
+    }
 }
 
 enum Request {
@@ -217,13 +229,14 @@ impl Agent {
         let shared = Arc::new(Mutex::new(Shared {
             outbox,
             window: Window::default(),
-            status: AgentStatus {
+            status: watch::channel(AgentStatus {
                 connected: false,
                 outbox_pending: pending,
                 delivered: 0,
                 connections: 0,
                 write_errors: 0,
-            },
+            })
+            .0,
         }));
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -287,8 +300,11 @@ impl Agent {
             let mut shared = lock(&self.shared);
             let durable = shared.outbox.push(payload);
             shared.window.add(report);
-            shared.status.outbox_pending = shared.outbox.len();
-            shared.status.write_errors = shared.outbox.write_errors();
+            let (pending, errors) = (shared.outbox.len(), shared.outbox.write_errors());
+            shared.update_status(|status| {
+                status.outbox_pending = pending;
+                status.write_errors = errors;
+            });
             durable
         };
         self.requests.send(Request::Wake).ok();
@@ -297,7 +313,14 @@ impl Agent {
 
     /// A snapshot of the connection and the outbox.
     pub fn status(&self) -> AgentStatus {
-        lock(&self.shared).status
+        *lock(&self.shared).status.borrow()
+    }
+
+    /// The connection and outbox status, as a receiver that is marked changed whenever any
+    /// figure in it changes (connected, a report queued or delivered, ...): for the kiosk's
+    /// service screen, and for waiting on a delivery without polling.
+    pub fn watch_status(&self) -> watch::Receiver<AgentStatus> {
+        lock(&self.shared).status.subscribe()
     }
 
     /// Clean shutdown: publishes `offline` with `reason` (retained, replacing the last will),
@@ -512,7 +535,7 @@ impl Controller {
                             tracing::debug!(%error, "broker unreachable");
                         }
                         self.connected = false;
-                        lock(&self.shared).status.connected = false;
+                        lock(&self.shared).update_status(|status| status.connected = false);
                     }
                     Some(Net::Event(event)) => {
                         if let Some(kind) = self.on_event(*event)
@@ -589,11 +612,10 @@ impl Controller {
     fn on_up(&mut self, session_present: bool, conn: u64) {
         self.connected = true;
         self.conn = conn;
-        {
-            let mut shared = lock(&self.shared);
-            shared.status.connected = true;
-            shared.status.connections += 1;
-        }
+        lock(&self.shared).update_status(|status| {
+            status.connected = true;
+            status.connections += 1;
+        });
         tracing::info!(conn, session_present, "connected to the broker");
         if !session_present && let Some(lost) = self.in_flight.take() {
             // The broker has no session: rumqttc dropped the unacknowledged publish.
@@ -761,8 +783,11 @@ impl Controller {
                 if let Err(error) = shared.outbox.remove(seq) {
                     tracing::error!(%error, seq, "removing a delivered report");
                 }
-                shared.status.delivered += 1;
-                shared.status.outbox_pending = shared.outbox.len();
+                let pending = shared.outbox.len();
+                shared.update_status(|status| {
+                    status.delivered += 1;
+                    status.outbox_pending = pending;
+                });
             }
             Kind::RestartReply => {
                 self.events.send(AgentEvent::Restart).ok();

@@ -129,26 +129,25 @@ fn last_presence(received: &[Received]) -> Option<Presence> {
         .and_then(|m| serde_json::from_slice(&m.payload).ok())
 }
 
-async fn wait_until(done: impl Fn() -> bool) -> Result<()> {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Waits (up to `WAIT`) for the agent's status to satisfy `done`, woken by each change.
+async fn wait_status(
+    agent: &Agent,
+    what: &str,
+    done: impl FnMut(&diffusionx_agent::AgentStatus) -> bool,
+) -> Result<()> {
+    let mut status = agent.watch_status();
+    tokio::time::timeout(WAIT, status.wait_for(done))
+        .await
+        .with_context(|| format!("timed out waiting until {what}: {:?}", agent.status()))?
+        .context("the agent stopped")?;
     Ok(())
 }
 
 async fn wait_delivered(agent: &Agent, count: u64) -> Result<()> {
-    let deadline = std::time::Instant::now() + WAIT;
-    while agent.status().delivered < count || agent.status().outbox_pending > 0 {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "not delivered: {:?}",
-            agent.status()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
+    wait_status(agent, &format!("{count} delivered"), |s| {
+        s.delivered >= count && s.outbox_pending == 0
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,9 +267,9 @@ async fn every_report_arrives_once_through_link_cuts() -> Result<()> {
         agent.report(&session(&agent, n));
         if matches!(n, 10 | 25 | 40) {
             // Cut only a live link, so every cut is a real one.
-            wait_until(|| agent.status().connected).await?;
+            wait_status(&agent, "connected", |s| s.connected).await?;
             relay.set_down(true);
-            wait_until(|| !agent.status().connected).await?;
+            wait_status(&agent, "disconnected", |s| !s.connected).await?;
             if n != 40 {
                 relay.set_down(false);
             }

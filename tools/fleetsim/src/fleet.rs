@@ -205,13 +205,17 @@ pub async fn run(
             }
         }
     }
-    while !summary.stopped {
-        let pending: usize = agents.iter().map(|a| a.status().outbox_pending).sum();
-        if pending == 0 {
+    // Every kiosk has made its last report: wait for each outbox to drain (woken by each
+    // delivery), or for `stop`.
+    for agent in &agents {
+        if summary.stopped {
             break;
         }
+        let mut status = agent.watch_status();
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            drained = status.wait_for(|s| s.outbox_pending == 0) => {
+                drained.context("an agent stopped before its outbox drained")?;
+            }
             () = &mut stop => summary.stopped = true,
         }
     }
