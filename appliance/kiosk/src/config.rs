@@ -253,10 +253,11 @@ pub enum InputConfig {
 pub struct TouchConfig {
     /// The device (`/dev/input/by-path/...-event`).
     pub device: PathBuf,
-    /// Raw X at the left and right edge (`evtest` shows the axis range).
-    pub x: [i32; 2],
-    /// Raw Y at the top and bottom edge.
-    pub y: [i32; 2],
+    /// Raw X at the left and right edge (`evtest` shows the axis range); when absent, the
+    /// range the device reports (right for most panels mounted the right way round).
+    pub x: Option<[i32; 2]>,
+    /// Raw Y at the top and bottom edge; when absent, the range the device reports.
+    pub y: Option<[i32; 2]>,
     /// Clockwise rotation of the display against the touch axes: 0, 90, 180, 270.
     #[serde(default)]
     pub rotation: u16,

@@ -6,6 +6,10 @@
 //! contact is the finger that taps), calibrated from the axis ranges in the configuration and
 //! rotated to the panel. Keyboard: US layout, shift held or locked by the on-screen key.
 //! Reading the device is a plain file read of 24-byte records on a thread of its own.
+//!
+//! Where the configuration gives no axis ranges, [`axis_ranges`] asks the device for them
+//! (`EVIOCGABS`): the one `unsafe` block of this file, with its SAFETY argument.
+#![allow(unsafe_code)]
 
 use std::io::Read;
 use std::path::Path;
@@ -202,6 +206,68 @@ pub enum Input {
     Key(Key),
 }
 
+/// `struct input_absinfo`: value, minimum, maximum, fuzz, flat, resolution.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct AbsInfo {
+    fields: [i32; 6],
+}
+
+/// `EVIOCGABS(axis)`: `_IOR('E', 0x40 + axis, struct input_absinfo)`.
+fn eviocgabs(axis: u16) -> u64 {
+    const IOC_READ: u64 = 2;
+    (IOC_READ << 30)
+        | ((std::mem::size_of::<AbsInfo>() as u64) << 16)
+        | (u64::from(b'E') << 8)
+        | (0x40 + u64::from(axis))
+}
+
+/// Raw `(min, max)` of a touchscreen's X axis and of its Y axis.
+pub type AxisRanges = ((i32, i32), (i32, i32));
+
+/// The raw `(min, max)` of a touchscreen's X and Y axes, as its driver reports them: the
+/// multitouch axes where it has them (protocol B reports positions there), else `ABS_X` and
+/// `ABS_Y`. For a configuration that gives no calibration.
+pub fn axis_ranges(path: &Path) -> std::io::Result<AxisRanges> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    let range = |axis: u16| -> std::io::Result<Option<(i32, i32)>> {
+        let mut info = AbsInfo::default();
+        // SAFETY: EVIOCGABS writes one `struct input_absinfo` (six 32-bit integers on every
+        // Linux ABI, the size encoded in the request) into the pointer, which points at a live
+        // value of exactly that layout. The fd is open for the call's duration.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), eviocgabs(axis) as _, &mut info) };
+        if rc != 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.raw_os_error() {
+                // The device has no such axis.
+                Some(libc::EINVAL) => Ok(None),
+                Some(libc::ENOTTY) => Err(std::io::Error::new(
+                    error.kind(),
+                    format!("{} is not an evdev device ({error})", path.display()),
+                )),
+                _ => Err(error),
+            };
+        }
+        let [_, min, max, ..] = info.fields;
+        Ok((max > min).then_some((min, max)))
+    };
+    let pair =
+        |x: u16, y: u16| -> std::io::Result<Option<AxisRanges>> { Ok(range(x)?.zip(range(y)?)) };
+    match pair(ABS_MT_POSITION_X, ABS_MT_POSITION_Y)? {
+        Some(ranges) => Ok(ranges),
+        None => pair(ABS_X, ABS_Y)?.ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} reports no X and Y axes: not a touchscreen",
+                    path.display()
+                ),
+            )
+        }),
+    }
+}
+
 /// Reads `path` (an evdev device, or a file of records) on a thread of its own and sends what
 /// the decoders make of it; the thread ends at end of file or when `send` returns false.
 pub fn spawn_reader(
@@ -256,6 +322,26 @@ mod tests {
         display: (800, 480),
         rotation: 0,
     };
+
+    #[test]
+    fn the_axis_request_is_the_kernels_eviocgabs() {
+        // linux/input.h: EVIOCGABS(ABS_X) = 0x80184540, EVIOCGABS(ABS_MT_POSITION_X) = 0x80184575.
+        assert_eq!(eviocgabs(ABS_X), 0x8018_4540);
+        assert_eq!(eviocgabs(ABS_MT_POSITION_X), 0x8018_4575);
+    }
+
+    #[test]
+    fn axis_ranges_of_a_file_that_is_no_input_device_are_refused_by_name() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let error = axis_ranges(file.path()).unwrap_err().to_string();
+        assert!(error.contains("is not an evdev device"), "{error}");
+        assert!(
+            error.contains(&file.path().display().to_string()),
+            "{error}"
+        );
+        let missing = axis_ranges(Path::new("/nonexistent/event0")).unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn records_round_trip() {

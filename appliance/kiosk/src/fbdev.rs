@@ -2,9 +2,9 @@
 //! a back buffer in the panel's pixel format and copies it into the memory-mapped framebuffer on
 //! [`Framebuffer::flush`] (whole frames, no tearing from the UI's clear-and-draw).
 //!
-//! There is no maintained embedded-graphics 0.8 fbdev crate, hence this small one. The only
-//! `unsafe` of the kiosk lives here: the two `ioctl`s that read the panel geometry and the
-//! `mmap` of the device, each with its SAFETY argument.
+//! There is no maintained embedded-graphics 0.8 fbdev crate, hence this small one. Most of the
+//! kiosk's `unsafe` lives here: the two `ioctl`s that read the panel geometry and the `mmap` of
+//! the device, each with its SAFETY argument (the other is `evdev`'s axis-range `ioctl`).
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;

@@ -241,9 +241,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if let InputConfig::Evdev { touch, keyboard } = &config.input {
             let tx = kiosk.input_sender();
             if let Some(t) = touch {
+                let (x, y) = match (t.x, t.y) {
+                    (Some([x0, x1]), Some([y0, y1])) => ((x0, x1), (y0, y1)),
+                    (x, y) => {
+                        let (dx, dy) = evdev::axis_ranges(&t.device).with_context(|| {
+                            format!("reading the axis ranges of {}", t.device.display())
+                        })?;
+                        let ranges = (x.map_or(dx, |[a, b]| (a, b)), y.map_or(dy, |[a, b]| (a, b)));
+                        tracing::info!(device = %t.device.display(), x = ?ranges.0, y = ?ranges.1,
+                            "touch calibration from the device's axis ranges");
+                        ranges
+                    }
+                };
                 let decoder = TouchDecoder::new(Calibration {
-                    x: (t.x[0], t.x[1]),
-                    y: (t.y[0], t.y[1]),
+                    x,
+                    y,
                     display: (panel.width_px, panel.height_px),
                     rotation: t.rotation,
                 });

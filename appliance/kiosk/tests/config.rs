@@ -41,7 +41,10 @@ fn the_example_parses_with_every_key() {
             touch: Some(t),
             keyboard: Some(k),
         } => {
-            assert_eq!((t.x, t.y, t.rotation), ([0, 4095], [0, 4095], 0));
+            assert_eq!(
+                (t.x, t.y, t.rotation),
+                (Some([0, 4095]), Some([0, 4095]), 0)
+            );
             assert_eq!(k, &PathBuf::from("/dev/input/by-id/usb-keyboard-event-kbd"));
         }
         other => panic!("{other:?}"),
@@ -236,4 +239,34 @@ fn preview_decoders_follow_the_config_and_the_model_folder() {
     let err = load(&example().replace("preview_decoder = \"auto\"", "preview_decoder = \"fast\""))
         .unwrap_err();
     assert!(err.contains("unknown variant `fast`"), "{err}");
+}
+
+#[test]
+fn the_kiosk_images_factory_configuration_parses_as_a_standalone_kiosk() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../yocto/meta-diffusionx/recipes-diffusionx/diffusionx-kiosk/files/kiosk.toml");
+    let c = load(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // The model where the image's model recipe installs it, the framebuffer, and the
+    // touchscreen under the name the image's udev rules give it.
+    assert_eq!(c.model.path, PathBuf::from("/usr/share/diffusionx/model"));
+    assert_eq!((c.model.width, c.model.height), (256, 256));
+    assert!(
+        matches!(&c.display, DisplayConfig::Fbdev { device, .. } if device == Path::new("/dev/fb0"))
+    );
+    match &c.input {
+        InputConfig::Evdev {
+            touch: Some(t),
+            keyboard: None,
+        } => {
+            assert_eq!(t.device, PathBuf::from("/dev/input/kiosk-touch"));
+            // No calibration: the device's own axis ranges, whatever panel it is.
+            assert_eq!((t.x, t.y, t.rotation), (None, None, 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    // No gateway and no broker until a bundle provides them: pictures are refined on the
+    // kiosk and reports stay in the records folder on the data partition.
+    assert!(c.gateway.is_none() && c.mqtt.is_none());
+    assert_eq!(c.records.dir, PathBuf::from("/var/lib/diffusionx/records"));
+    assert_eq!(c.noise_level().unwrap().bp(), 5000);
 }

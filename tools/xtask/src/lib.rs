@@ -2,7 +2,9 @@
 //!
 //! Owns the architecture check (the dependency rules written in `ARCHITECTURE.md`, enforced on
 //! the resolved dependency graph) and the lockfile's crypto-stack rules. It reads files and runs
-//! `cargo`; it never builds or runs the product itself.
+//! `cargo`; it never builds or runs the product itself. It also writes the Yocto layer's crate
+//! list from the lockfile ([`yocto`]).
 
 pub mod arch;
 pub mod crypto;
+pub mod yocto;

@@ -13,6 +13,7 @@ commands:
   test                install what the tests need, then run every test of the workspace
   demo [ARGS]         the end-to-end demo on the embedded defaults (`cargo xtask demo --help`)
   fuzz [RUNS]         fuzz the wire-protocol decoder (default 1000000 runs; installs cargo-fuzz)
+  yocto-crates        write the Yocto recipe's crate list from Cargo.lock (after a lockfile change)
 ";
 
 fn main() -> ExitCode {
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
         Some("test") => test(),
         Some("demo") => demo(&args[1..]),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
+        Some("yocto-crates") => yocto_crates(),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -38,6 +40,19 @@ fn main() -> ExitCode {
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn yocto_crates() -> Result<()> {
+    let root = root();
+    let lock = std::fs::read_to_string(root.join("Cargo.lock")).context("reading Cargo.lock")?;
+    let inc = diffusionx_xtask::yocto::crates_inc(&lock)?;
+    let path = root.join(diffusionx_xtask::yocto::CRATES_INC);
+    std::fs::write(&path, inc).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "yocto-crates: wrote {}",
+        diffusionx_xtask::yocto::CRATES_INC
+    );
+    Ok(())
 }
 
 fn check_arch() -> Result<()> {
