@@ -14,6 +14,8 @@ commands:
   demo [ARGS]         the end-to-end demo on the embedded defaults (`cargo xtask demo --help`)
   fuzz [RUNS]         fuzz the wire-protocol decoder (default 1000000 runs; installs cargo-fuzz)
   yocto-crates        write the Yocto recipe's crate list from Cargo.lock (after a lockfile change)
+  arm-test [ARGS]     the kiosk's crates' tests built for 64-bit ARM and run under qemu-user
+                      (default: the edge engine and the kiosk; ARGS replace `-p ...`)
 ";
 
 fn main() -> ExitCode {
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(&args[1..]),
         Some("fuzz") => fuzz(args.get(1).map(String::as_str)),
         Some("yocto-crates") => yocto_crates(),
+        Some("arm-test") => arm_test(&args[1..]),
         _ => {
             eprint!("{USAGE}");
             return ExitCode::from(2);
@@ -102,7 +105,15 @@ fn install_mosquitto() -> Result<()> {
     if installed {
         return Ok(());
     }
-    eprintln!("xtask: installing mosquitto (Debian package) for the fleet tests");
+    apt_install(&["mosquitto", "mosquitto-clients"], "the fleet tests")
+}
+
+/// Installs Debian `packages` with apt-get (as root, else through sudo).
+fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    eprintln!(
+        "xtask: installing {} (Debian) for {why}",
+        packages.join(", ")
+    );
     let root = Command::new("id")
         .arg("-u")
         .output()
@@ -119,7 +130,52 @@ fn install_mosquitto() -> Result<()> {
         run(&mut command)
     };
     apt(&["update", "-qq"])?;
-    apt(&["install", "-y", "-qq", "mosquitto", "mosquitto-clients"])
+    apt(&[&["install", "-y", "-qq"], packages].concat())
+}
+
+/// The kiosk's code on 64-bit ARM (a Pi 5, a Jetson) from this x86 machine: the tests built for
+/// `aarch64-unknown-linux-gnu` with Debian's cross compiler (ring's C and assembly, tract's
+/// NEON kernels) and run under qemu-user, so tract's ARM kernels are checked against the same
+/// diffusers references as on x86. Emulated, so correctness only: timings mean nothing.
+fn arm_test(extra: &[String]) -> Result<()> {
+    const TARGET: &str = "aarch64-unknown-linux-gnu";
+    let tools = [
+        "/usr/bin/aarch64-linux-gnu-gcc",
+        "/usr/bin/aarch64-linux-gnu-g++",
+        "/usr/bin/qemu-aarch64",
+    ];
+    if !tools.iter().all(|t| Path::new(t).is_file()) {
+        apt_install(
+            &[
+                "gcc-aarch64-linux-gnu",
+                "g++-aarch64-linux-gnu",
+                "qemu-user",
+            ],
+            "the ARM tests",
+        )?;
+    }
+    run(Command::new("rustup").args(["target", "add", TARGET]))?;
+    let default = ["-p", "diffusionx-engine", "-p", "diffusionx-kiosk"].map(String::from);
+    let packages = if extra.is_empty() {
+        &default[..]
+    } else {
+        extra
+    };
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["test", "--locked", "--target", TARGET])
+        .args(packages)
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        )
+        .env(
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+            "qemu-aarch64 -L /usr/aarch64-linux-gnu",
+        )
+        .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
+        .env("CXX_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-g++")
+        .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"))
 }
 
 /// The whole system on this machine (see `tests/src/bin/demo.rs`). The dev profile keeps
