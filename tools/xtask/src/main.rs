@@ -163,7 +163,7 @@ fn arm_test(extra: &[String]) -> Result<()> {
     };
     run(Command::new(env!("CARGO"))
         .current_dir(root())
-        .args(["test", "--locked", "--target", TARGET])
+        .args(["test", "--locked", "--no-fail-fast", "--target", TARGET])
         .args(packages)
         .env(
             "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
