@@ -35,20 +35,24 @@ impl std::fmt::Display for CryptoFinding {
     }
 }
 
-/// `(name, version)` of every package in a Cargo.lock.
-pub fn lock_packages(lock: &str) -> Result<Vec<(String, String)>, ArchError> {
+/// Every `[[package]]` table of a Cargo.lock.
+pub fn lock_tables(lock: &str) -> Result<Vec<toml::Value>, ArchError> {
     let table: toml::Table = lock
         .parse()
         .map_err(|e: toml::de::Error| ArchError::Parse {
             what: "Cargo.lock",
             message: e.to_string(),
         })?;
-    let packages = table
+    Ok(table
         .get("package")
         .and_then(|p| p.as_array())
         .cloned()
-        .unwrap_or_default();
-    Ok(packages
+        .unwrap_or_default())
+}
+
+/// `(name, version)` of every package in a Cargo.lock.
+pub fn lock_packages(lock: &str) -> Result<Vec<(String, String)>, ArchError> {
+    Ok(lock_tables(lock)?
         .iter()
         .filter_map(|p| {
             let name = p.get("name")?.as_str()?;

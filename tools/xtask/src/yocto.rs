@@ -29,19 +29,8 @@ pub struct Crate {
 /// Every crates.io package of `lock` (a `Cargo.lock`), in the lockfile's order; a registry
 /// package without a checksum is an error (bitbake could not verify it).
 pub fn registry_crates(lock: &str) -> Result<Vec<Crate>, ArchError> {
-    let table: toml::Table = lock
-        .parse()
-        .map_err(|e: toml::de::Error| ArchError::Parse {
-            what: "Cargo.lock",
-            message: e.to_string(),
-        })?;
-    let packages = table
-        .get("package")
-        .and_then(|p| p.as_array())
-        .cloned()
-        .unwrap_or_default();
     let mut crates = Vec::new();
-    for package in &packages {
+    for package in &crate::crypto::lock_tables(lock)? {
         let field = |key: &str| package.get(key).and_then(|v| v.as_str());
         let Some(source) = field("source") else {
             continue; // a workspace member
