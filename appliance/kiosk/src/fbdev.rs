@@ -13,7 +13,7 @@ use std::path::Path;
 use embedded_graphics::Pixel;
 use embedded_graphics::pixelcolor::{Rgb888, RgbColor};
 use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Size};
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 
 /// How the panel stores a pixel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +142,8 @@ struct FixScreenInfo {
 const FBIOGET_VSCREENINFO: libc::c_ulong = 0x4600;
 const FBIOGET_FSCREENINFO: libc::c_ulong = 0x4602;
 
-fn query(file: &std::fs::File, path: &str) -> Result<Geometry, FbError> {
+/// The panel geometry and the size of the framebuffer memory (`smem_len`) the driver reports.
+fn query(file: &std::fs::File, path: &str) -> Result<(Geometry, usize), FbError> {
     use std::os::fd::AsRawFd;
     let io = |source| FbError::Io {
         path: path.into(),
@@ -190,12 +191,13 @@ fn query(file: &std::fs::File, path: &str) -> Result<Geometry, FbError> {
             });
         }
     };
-    Ok(Geometry {
+    let geometry = Geometry {
         width,
         height,
         stride: fix.line_length as usize,
         format,
-    })
+    };
+    Ok((geometry, fix.smem_len as usize))
 }
 
 impl Framebuffer {
@@ -212,26 +214,37 @@ impl Framebuffer {
             .write(true)
             .open(path)
             .map_err(io)?;
-        let geometry = match geometry {
-            Some(g) => g,
+        // A character device's size is not its file length (`fstat` says 0 for /dev/fb0): the
+        // driver tells how much memory it has. A regular file standing in for one has its length.
+        let (geometry, len) = match geometry {
+            Some(g) => {
+                let meta = file.metadata().map_err(io)?;
+                let len = if meta.is_file() {
+                    usize::try_from(meta.len()).unwrap_or(usize::MAX)
+                } else {
+                    g.stride * g.height as usize
+                };
+                (g, len)
+            }
             None => query(&file, &name)?,
         };
-        // SAFETY: the mapping is shared with the device (or file) and only this process writes
-        // to it; nothing in this process truncates the file while it is mapped, and the slice
-        // lives as long as `MmapMut`, which `Framebuffer` owns.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io)?;
         let needed = geometry.stride * geometry.height as usize;
         let row = geometry.width as usize * geometry.format.bytes();
-        if map.len() < needed || geometry.stride < row {
+        if len < needed || geometry.stride < row {
             return Err(FbError::TooSmall {
                 path: name,
                 width: geometry.width,
                 height: geometry.height,
                 stride: geometry.stride,
                 needed,
-                len: map.len(),
+                len,
             });
         }
+        // SAFETY: the mapping is shared with the device (or file) and only this process writes
+        // to it; nothing in this process truncates the file while it is mapped, and the slice
+        // lives as long as `MmapMut`, which `Framebuffer` owns. Its length, `needed`, is within
+        // what the driver (or the file's length) says the memory holds, so no access faults.
+        let map = unsafe { MmapOptions::new().len(needed).map_mut(&file) }.map_err(io)?;
         Ok(Self {
             back: vec![0; needed],
             map,

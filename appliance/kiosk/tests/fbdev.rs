@@ -1,6 +1,6 @@
-//! The framebuffer backend on a regular file standing in for `/dev/fb0`, through the same mmap
-//! path: a whole rendered screen lands in the file in the panel's pixel format, line padding
-//! untouched.
+//! The framebuffer backend on a regular file (and a character device) standing in for
+//! `/dev/fb0`, through the same mmap path: a whole rendered screen lands in the file in the
+//! panel's pixel format, line padding untouched.
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
 use diffusionx_kiosk::fbdev::{FbError, Framebuffer, Geometry, PixelFormat};
@@ -122,4 +122,29 @@ fn asking_a_regular_file_for_its_geometry_fails_with_the_driver_error() {
     };
     // ENOTTY: the ioctl went through the real FBIOGET_VSCREENINFO path.
     assert_eq!(source.raw_os_error(), Some(25), "{error}");
+}
+
+/// A framebuffer is a character device, whose `fstat` length is 0: the mapping's length must
+/// come from the geometry (the driver's `smem_len` on a real panel), not from the file. `/dev/zero`
+/// is a character device that can be mapped shared and written.
+#[test]
+fn a_character_device_is_mapped_by_its_geometry_not_its_file_length() {
+    let geometry = Geometry {
+        width: W,
+        height: H,
+        stride: W as usize * 4,
+        format: PixelFormat::Xrgb8888,
+    };
+    let path = std::path::Path::new("/dev/zero");
+    assert_eq!(std::fs::metadata(path).unwrap().len(), 0);
+    let mut fb = Framebuffer::open(path, Some(geometry)).unwrap();
+    assert_eq!(fb.geometry(), geometry);
+    let layout = Layout::new(Panel {
+        width_px: W,
+        height_px: H,
+        width_mm: None,
+    })
+    .unwrap();
+    render(&screen(), &layout, &mut fb).unwrap();
+    fb.flush();
 }
