@@ -11,7 +11,7 @@ pub enum Outcome {
     Done,
     /// Refused at admission: the queue or the device's share of it was full.
     Busy,
-    /// Refused at admission: bad request or wrong device.
+    /// Refused at admission (bad request, wrong device), or a malformed frame after the request.
     Invalid,
     /// The kiosk cancelled or went away.
     Cancelled,

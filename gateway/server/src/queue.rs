@@ -79,25 +79,18 @@ impl<T> FairQueue<T> {
         }
     }
 
-    /// Removes and returns the first item in serving order that `fits`; its device goes to the
-    /// back of the turn order.
-    pub(crate) fn take_first(&mut self, mut fits: impl FnMut(&T) -> bool) -> Option<T> {
-        let deepest = self.per_device.values().map(VecDeque::len).max()?;
-        let mut found = None;
-        'search: for round in 0..deepest {
-            for (turn, device) in self.order.iter().enumerate() {
-                let item = self.per_device.get(device).and_then(|q| q.get(round));
-                if item.is_some_and(&mut fits) {
-                    found = Some((turn, round));
-                    break 'search;
-                }
-            }
+    /// Removes and returns the next item in serving order if it `fits`; its device goes to the
+    /// back of the turn order. An item that does not fit stays first: nothing behind it is
+    /// served past it.
+    pub(crate) fn take_next_if(&mut self, fits: impl FnOnce(&T) -> bool) -> Option<T> {
+        let device = self.order.front()?;
+        let queue = self.per_device.get_mut(device)?;
+        if !fits(queue.front()?) {
+            return None;
         }
-        let (turn, round) = found?;
-        let device = self.order.remove(turn)?;
-        let queue = self.per_device.get_mut(&device)?;
-        let item = queue.remove(round)?;
+        let item = queue.pop_front()?;
         self.len -= 1;
+        let device = self.order.pop_front()?;
         if queue.is_empty() {
             self.per_device.remove(&device);
         } else {
@@ -146,7 +139,7 @@ mod tests {
         // Kiosk a sends four jobs before b and c send one each.
         let mut q = queue(&[("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 10), ("c", 20)]);
         assert_eq!(q.in_order(), vec![&1, &10, &20, &2, &3, &4]);
-        let served: Vec<u32> = std::iter::from_fn(|| q.take_first(|_| true)).collect();
+        let served: Vec<u32> = std::iter::from_fn(|| q.take_next_if(|_| true)).collect();
         assert_eq!(served, vec![1, 10, 20, 2, 3, 4]);
         assert_eq!(q.len(), 0);
     }
@@ -162,21 +155,23 @@ mod tests {
     #[test]
     fn a_served_device_goes_to_the_back() {
         let mut q = queue(&[("a", 1), ("a", 2), ("b", 10)]);
-        assert_eq!(q.take_first(|_| true), Some(1));
+        assert_eq!(q.take_next_if(|_| true), Some(1));
         q.push("c", 20);
         // b then c waited while a was served.
         assert_eq!(q.in_order(), vec![&10, &2, &20]);
     }
 
     #[test]
-    fn take_first_skips_what_does_not_fit_without_losing_it() {
+    fn take_next_if_serves_nothing_past_an_item_that_does_not_fit() {
         let mut q = queue(&[("a", 1), ("b", 10), ("a", 2)]);
-        assert_eq!(q.take_first(|x| *x % 2 == 0), Some(10));
-        assert_eq!(q.take_first(|x| *x % 2 == 0), Some(2));
-        assert_eq!(q.take_first(|x| *x % 2 == 0), None);
-        assert_eq!(q.in_order(), vec![&1]);
-        assert_eq!(q.device_len("a"), 1);
-        assert_eq!(q.device_len("b"), 0);
+        assert_eq!(q.take_next_if(|x| *x % 2 == 0), None);
+        assert_eq!(q.in_order(), vec![&1, &10, &2], "nothing moved");
+        assert_eq!(q.take_next_if(|x| *x % 2 == 1), Some(1));
+        assert_eq!(q.take_next_if(|x| *x % 2 == 0), Some(10));
+        assert_eq!(q.take_next_if(|x| *x % 2 == 0), Some(2));
+        assert_eq!(q.take_next_if(|_| true), None);
+        assert_eq!(q.len(), 0);
+        assert_eq!((q.device_len("a"), q.device_len("b")), (0, 0));
     }
 
     #[test]

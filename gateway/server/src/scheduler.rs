@@ -2,11 +2,12 @@
 //!
 //! Stream tasks [`Scheduler::submit`] jobs; one engine thread ([`Scheduler::run`]) owns the
 //! refiner. Between two UNet calls it drops waiting jobs that were cancelled or passed their
-//! deadline, admits waiting jobs of the running batch's latent size (round robin across devices,
-//! within `max_batch` jobs and `max_batch_pixels`), starts them, runs one batched step, reports
-//! progress and finishes the jobs that are done. Every job gets exactly one final message.
+//! deadline, admits waiting jobs in fair order (round robin across devices) while the next one
+//! fits the running batch (its latent size, `max_batch` jobs, `max_batch_pixels`), starts them,
+//! runs one batched step, reports progress and finishes the jobs that are done. Every job gets
+//! exactly one final message.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,9 @@ pub(crate) struct Submission {
     pub(crate) device: String,
     pub(crate) received: Instant,
     pub(crate) deadline: Instant,
-    /// Set by the stream when the kiosk cancels, resets the stream or goes away.
-    pub(crate) cancel: Arc<AtomicBool>,
+    /// Set by the stream when the kiosk cancels, resets the stream, goes away or sends a
+    /// malformed frame.
+    pub(crate) stop: Arc<Stop>,
     /// Every message for the kiosk; the last one is a `Result` or an `Error`.
     pub(crate) events: UnboundedSender<ServerMessage>,
 }
@@ -46,8 +48,17 @@ impl Submission {
         let _ = self.events.send(message);
     }
 
-    fn gone(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    /// Why the job ends now, if it does: its stream stopped it, or its deadline passed.
+    fn ending(&self, now: Instant) -> Option<(Outcome, JobError)> {
+        let stopped = self
+            .stop
+            .outcome()
+            .or_else(|| self.events.is_closed().then_some(Outcome::Cancelled));
+        match stopped {
+            Some(outcome) => Some((outcome, JobError::Cancelled)),
+            None if now >= self.deadline => Some((Outcome::Deadline, JobError::DeadlineExceeded)),
+            None => None,
+        }
     }
 
     fn latent_size(&self) -> (usize, usize) {
@@ -61,6 +72,79 @@ impl Submission {
         } else {
             1
         }
+    }
+}
+
+/// How a stream stops its job. The engine drops a stopped job at the next step boundary and
+/// counts it once, under the reason the stream gave.
+#[derive(Debug, Default)]
+pub(crate) struct Stop(AtomicU8);
+
+impl Stop {
+    const RUN: u8 = 0;
+    const CANCEL: u8 = 1;
+    const REFUSE: u8 = 2;
+
+    /// The kiosk cancelled, reset its stream or went away: the job ends `Cancelled`.
+    pub(crate) fn cancel(&self) {
+        // A refusal already given stays the reason.
+        let _ = self.0.compare_exchange(
+            Self::RUN,
+            Self::CANCEL,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The kiosk sent a frame the codec refuses after its request. The stream answers
+    /// `InvalidRequest` itself; the job is counted `invalid`, not `cancelled`.
+    pub(crate) fn refuse(&self) {
+        self.0.store(Self::REFUSE, Ordering::Relaxed);
+    }
+
+    fn outcome(&self) -> Option<Outcome> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::CANCEL => Some(Outcome::Cancelled),
+            Self::REFUSE => Some(Outcome::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// The running batch, as admission sees it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Batch {
+    jobs: usize,
+    /// The latent size every job of the batch has; `None` while it is empty.
+    size: Option<(usize, usize)>,
+    /// UNet rows x latent pixels.
+    pixels: usize,
+}
+
+impl Batch {
+    fn of(running: &[Running]) -> Self {
+        let mut batch = Self::default();
+        for r in running {
+            let (h, w) = r.task.latent_size();
+            batch.jobs += 1;
+            batch.size = Some((h, w));
+            batch.pixels += r.task.rows() * h * w;
+        }
+        batch
+    }
+
+    fn fits(&self, s: &Submission, config: &QueueConfig) -> bool {
+        let (h, w) = s.latent_size();
+        self.jobs < config.max_batch
+            && self.size.is_none_or(|size| size == (h, w))
+            && self.pixels + s.rows() * h * w <= config.max_batch_pixels
+    }
+
+    fn add(&mut self, s: &Submission) {
+        let (h, w) = s.latent_size();
+        self.jobs += 1;
+        self.size = Some((h, w));
+        self.pixels += s.rows() * h * w;
     }
 }
 
@@ -283,49 +367,7 @@ impl Scheduler {
     fn admit(&self, running: &[Running]) -> Option<Vec<Waiting>> {
         let mut state = self.lock();
         loop {
-            let now = Instant::now();
-            let expired = state
-                .waiting
-                .remove_where(|w| w.submission.gone() || now >= w.submission.deadline);
-            for w in expired {
-                let s = &w.submission;
-                let (outcome, e) = if s.gone() {
-                    (Outcome::Cancelled, JobError::Cancelled)
-                } else {
-                    (Outcome::Deadline, JobError::DeadlineExceeded)
-                };
-                self.metrics.job(outcome);
-                s.send(error(s.job_id(), e));
-            }
-
-            let mut size = running.first().map(|r| r.task.latent_size());
-            let mut pixels: usize = running
-                .iter()
-                .map(|r| {
-                    let (h, w) = r.task.latent_size();
-                    r.task.rows() * h * w
-                })
-                .sum();
-            let mut admitted = Vec::new();
-            while running.len() + admitted.len() < self.config.max_batch {
-                let budget =
-                    self.config.max_batch_pixels - pixels.min(self.config.max_batch_pixels);
-                let next = state.waiting.take_first(|w| {
-                    let s = &w.submission;
-                    let (h, wd) = s.latent_size();
-                    size.is_none_or(|sz| sz == (h, wd)) && s.rows() * h * wd <= budget
-                });
-                let Some(next) = next else { break };
-                let (h, w) = next.submission.latent_size();
-                size = Some((h, w));
-                pixels += next.submission.rows() * h * w;
-                admitted.push(next);
-            }
-            state.running = running.len() + admitted.len();
-            if !admitted.is_empty() {
-                self.tell_positions(&mut state);
-            }
-            self.metrics.set_load(state.waiting.len(), state.running);
+            let admitted = self.admit_round(&mut state, Batch::of(running), Instant::now());
             if state.running > 0 {
                 return Some(admitted);
             }
@@ -341,6 +383,43 @@ impl Scheduler {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// One admission round at `now`, beside the running `batch`: answers the waiting jobs that
+    /// were stopped or passed their deadline, takes the jobs that join the batch, and tells the
+    /// others their new positions.
+    ///
+    /// Jobs join strictly in fair order: when the next one does not fit the batch (another
+    /// latent size, or over the pixel budget), no job behind it is taken. The batch drains and
+    /// that job starts with the next one; taking later jobs past it would starve it for as long
+    /// as jobs of the batch's size keep coming, while it is told it is next.
+    fn admit_round(&self, state: &mut State, mut batch: Batch, now: Instant) -> Vec<Waiting> {
+        let ended = state
+            .waiting
+            .remove_where(|w| w.submission.ending(now).is_some());
+        for w in &ended {
+            let s = &w.submission;
+            let (outcome, e) = s
+                .ending(now)
+                .expect("a job stays ended once it is: stops and deadlines do not revert");
+            self.metrics.job(outcome);
+            s.send(error(s.job_id(), e));
+        }
+        let mut admitted = Vec::new();
+        while batch.jobs < self.config.max_batch {
+            let next = state
+                .waiting
+                .take_next_if(|w| batch.fits(&w.submission, &self.config));
+            let Some(next) = next else { break };
+            batch.add(&next.submission);
+            admitted.push(next);
+        }
+        state.running = batch.jobs;
+        if !ended.is_empty() || !admitted.is_empty() {
+            self.tell_positions(state);
+        }
+        self.metrics.set_load(state.waiting.len(), state.running);
+        admitted
     }
 
     fn start(&self, refiner: &Refiner, submission: Submission, running: &mut Vec<Running>) {
@@ -385,10 +464,8 @@ impl Scheduler {
         let now = Instant::now();
         running.retain(|r| {
             let s = &r.submission;
-            let (outcome, e) = if s.gone() {
-                (Outcome::Cancelled, JobError::Cancelled)
-            } else if now >= s.deadline {
-                (Outcome::Deadline, JobError::DeadlineExceeded)
+            let (outcome, e) = if let Some(ending) = s.ending(now) {
+                ending
             } else if abort {
                 (
                     Outcome::Shutdown,
@@ -568,7 +645,7 @@ fn error(job_id: JobId, error: JobError) -> ServerMessage {
 }
 
 /// Error messages travel in a `text` field of at most 1,024 bytes.
-fn truncate(mut message: String) -> String {
+pub(crate) fn truncate(mut message: String) -> String {
     if message.len() > 1000 {
         let mut cut = 1000;
         while !message.is_char_boundary(cut) {
@@ -584,14 +661,19 @@ pub(crate) fn hex(id: JobId) -> String {
     id.as_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn to_job(request: &RefineRequest) -> Result<RefineJob, JobError> {
+/// The scheduler a request's wire code names.
+pub(crate) fn scheduler_kind(wire: diffusionx_protocol::Scheduler) -> SchedulerKind {
     use diffusionx_protocol::Scheduler as Wire;
-    let scheduler = match request.scheduler {
+    match wire {
         Wire::Ddim => SchedulerKind::Ddim,
         Wire::Euler => SchedulerKind::Euler,
         Wire::DpmSolverPp2m => SchedulerKind::DpmSolverPp2m,
         Wire::Lcm => SchedulerKind::Lcm,
-    };
+    }
+}
+
+fn to_job(request: &RefineRequest) -> Result<RefineJob, JobError> {
+    let scheduler = scheduler_kind(request.scheduler);
     let shape = request.latent.shape();
     Ok(RefineJob {
         prompt: request.prompt.clone(),
@@ -656,4 +738,201 @@ pub(crate) fn encode_image(
         resolution,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use diffusionx_protocol::{DeviceId, LatentShape, NoiseLevel, Scheduler as Wire, SessionId};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    fn scheduler(max_batch: usize) -> Scheduler {
+        let config = QueueConfig {
+            capacity: 8,
+            per_device: 2,
+            max_batch,
+            ..QueueConfig::default()
+        };
+        Scheduler::new(config, Arc::new(Metrics::default()))
+    }
+
+    /// A guided job of a `side` x `side` px image from `device`, due `deadline` after `now`.
+    fn job(
+        device: &str,
+        n: u8,
+        side: u16,
+        now: Instant,
+        deadline: Duration,
+    ) -> (Submission, UnboundedReceiver<ServerMessage>) {
+        let latent_side = side / 8;
+        let values = usize::from(latent_side) * usize::from(latent_side) * 4;
+        let request = RefineRequest {
+            job_id: JobId::from_bytes([n; 16]),
+            session_id: SessionId::from_bytes([n; 16]),
+            device_id: DeviceId::new(device).unwrap(),
+            prompt: "a fox".into(),
+            negative_prompt: String::new(),
+            seed: 1,
+            resolution: Resolution {
+                width: side,
+                height: side,
+            },
+            noise_level: NoiseLevel::from_bp(5000).unwrap(),
+            steps: 20,
+            guidance_scale: 7.5,
+            scheduler: Wire::Ddim,
+            output: OutputFormat::Png,
+            return_latent: false,
+            deadline_ms: 60_000,
+            latent: Latent::new(
+                LatentShape {
+                    channels: 4,
+                    height: latent_side,
+                    width: latent_side,
+                },
+                LatentData::F32(vec![0.0; values]),
+            )
+            .unwrap(),
+        };
+        let (events, rx) = unbounded_channel();
+        let submission = Submission {
+            request,
+            device: device.into(),
+            received: now,
+            deadline: now + deadline,
+            stop: Arc::new(Stop::default()),
+            events,
+        };
+        (submission, rx)
+    }
+
+    /// What the job was told since the last call: positions, or `E` for an error.
+    fn told(rx: &mut UnboundedReceiver<ServerMessage>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|m| match m {
+                ServerMessage::Queued(q) => q.position.to_string(),
+                ServerMessage::Error { error, .. } => format!("{error:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn ids(admitted: &[Waiting]) -> Vec<u8> {
+        admitted
+            .iter()
+            .map(|w| w.submission.job_id().as_bytes()[0])
+            .collect()
+    }
+
+    /// One guided 256 px job running, `max_batch` 1: nothing more fits.
+    fn full() -> Batch {
+        Batch {
+            jobs: 1,
+            size: Some((32, 32)),
+            pixels: 2 * 32 * 32,
+        }
+    }
+
+    #[test]
+    fn waiting_jobs_are_told_when_jobs_ahead_of_them_leave() {
+        let s = scheduler(1);
+        let now = Instant::now();
+        let long = Duration::from_secs(60);
+        let (a, mut a_rx) = job("kiosk-a", 1, 256, now, long);
+        let (b, mut b_rx) = job("kiosk-b", 2, 256, now, Duration::from_secs(1));
+        let (c, mut c_rx) = job("kiosk-c", 3, 256, now, long);
+        let a_stop = a.stop.clone();
+        for submission in [a, b, c] {
+            s.submit(submission).unwrap();
+        }
+        assert_eq!(
+            (told(&mut a_rx), told(&mut b_rx), told(&mut c_rx)),
+            (vec!["0".into()], vec!["1".into()], vec!["2".into()])
+        );
+
+        // The batch is full, so nobody is admitted; a's kiosk cancelled: b and c move up.
+        a_stop.cancel();
+        let admitted = s.admit_round(&mut s.lock(), full(), now);
+        assert!(admitted.is_empty());
+        assert_eq!(told(&mut a_rx), vec!["Cancelled"]);
+        assert_eq!(told(&mut b_rx), vec!["0"]);
+        assert_eq!(told(&mut c_rx), vec!["1"]);
+
+        // b passes its deadline while waiting: c is next.
+        let later = now + Duration::from_secs(2);
+        assert!(s.admit_round(&mut s.lock(), full(), later).is_empty());
+        assert_eq!(told(&mut b_rx), vec!["DeadlineExceeded"]);
+        assert_eq!(told(&mut c_rx), vec!["0"]);
+        assert_eq!(s.lock().waiting.len(), 1);
+        assert_eq!(
+            (
+                s.metrics.jobs(Outcome::Cancelled),
+                s.metrics.jobs(Outcome::Deadline)
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn a_job_that_does_not_fit_the_batch_is_not_passed_by_later_ones() {
+        let s = scheduler(8);
+        let now = Instant::now();
+        let long = Duration::from_secs(60);
+        // A 768 px job waits first; 512 px jobs keep arriving behind it.
+        let (big, _big_rx) = job("kiosk-a", 1, 768, now, long);
+        s.submit(big).unwrap();
+        let mut receivers = Vec::new();
+        for (n, device) in [(2, "kiosk-b"), (3, "kiosk-c")] {
+            let (small, rx) = job(device, n, 512, now, long);
+            s.submit(small).unwrap();
+            receivers.push(rx);
+        }
+        // A 512 px batch runs: the big job does not fit it, and nothing passes it.
+        let running = Batch {
+            jobs: 1,
+            size: Some((64, 64)),
+            pixels: 2 * 64 * 64,
+        };
+        assert_eq!(
+            ids(&s.admit_round(&mut s.lock(), running, now)),
+            Vec::<u8>::new()
+        );
+        // Once the batch has drained, the big job starts, alone: the next is another size.
+        let admitted = s.admit_round(&mut s.lock(), Batch::default(), now);
+        assert_eq!(ids(&admitted), vec![1]);
+        let mut batch = Batch::default();
+        batch.add(&admitted[0].submission);
+        assert_eq!(
+            ids(&s.admit_round(&mut s.lock(), batch, now)),
+            Vec::<u8>::new()
+        );
+        // Then the 512 px jobs go together.
+        assert_eq!(
+            ids(&s.admit_round(&mut s.lock(), Batch::default(), now)),
+            vec![2, 3]
+        );
+    }
+
+    #[test]
+    fn a_job_over_the_pixel_budget_is_not_passed_either() {
+        let s = scheduler(8);
+        let now = Instant::now();
+        let long = Duration::from_secs(60);
+        let (guided, _g) = job("kiosk-a", 1, 512, now, long);
+        let (mut unguided, _u) = job("kiosk-b", 2, 512, now, long);
+        unguided.request.guidance_scale = 1.0;
+        s.submit(guided).unwrap();
+        s.submit(unguided).unwrap();
+        // Room for one more row of 64x64, not two.
+        let running = Batch {
+            jobs: 7,
+            size: Some((64, 64)),
+            pixels: 65_536 - 64 * 64,
+        };
+        assert_eq!(
+            ids(&s.admit_round(&mut s.lock(), running, now)),
+            Vec::<u8>::new()
+        );
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use diffusionx_diffusion::{SchedulerConfig, SchedulerError};
 use diffusionx_protocol::{ClientMessage, Codec, Field, JobError, JobId, Limits, ServerMessage};
 use diffusionx_refine::Refiner;
 use diffusionx_text::ClipTokenizer;
@@ -14,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Outcome};
-use crate::scheduler::{Scheduler, Submission, hex};
+use crate::scheduler::{Scheduler, Stop, Submission, hex, scheduler_kind, truncate};
 
 /// Streams served at once over all connections; a stream beyond it is answered `Busy`.
 const MAX_STREAMS: u32 = 4096;
@@ -54,6 +55,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     codec: Codec,
     tokenizer: ClipTokenizer,
+    /// The model's scheduler configuration, for the step counts each scheduler can run.
+    schedules: SchedulerConfig,
     streams: Arc<Semaphore>,
 }
 
@@ -69,6 +72,13 @@ impl Gateway {
         let scheduler = Arc::new(Scheduler::new(config.queue.clone(), metrics.clone()));
         let tokenizer = ClipTokenizer::from_folder(&config.model.join("tokenizer"))
             .context("loading the tokenizer for prompt checks")?;
+        let schedules = {
+            let path = config.model.join("scheduler/scheduler_config.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            SchedulerConfig::from_json(&text)
+                .with_context(|| format!("parsing {} for step checks", path.display()))?
+        };
 
         let mut transport = quinn::TransportConfig::default();
         transport
@@ -103,6 +113,7 @@ impl Gateway {
             metrics: metrics.clone(),
             codec: Codec::new(Limits::default()),
             tokenizer,
+            schedules,
             streams: streams.clone(),
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared));
@@ -232,7 +243,10 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             Ok((send, recv)) => {
                 let shared = shared.clone();
                 let device = device.clone();
-                tokio::spawn(async move { serve_stream(send, recv, &device, &shared).await });
+                let connection = connection.clone();
+                tokio::spawn(async move {
+                    serve_stream(send, recv, &connection, &device, &shared).await;
+                });
             }
             Err(e) => {
                 tracing::info!(%remote, %device, reason = %e, "kiosk disconnected");
@@ -330,7 +344,13 @@ async fn answer(mut send: SendStream, codec: &Codec, message: ServerMessage) {
     }
 }
 
-async fn serve_stream(send: SendStream, mut recv: RecvStream, device: &str, shared: &Shared) {
+async fn serve_stream(
+    send: SendStream,
+    mut recv: RecvStream,
+    connection: &quinn::Connection,
+    device: &str,
+    shared: &Shared,
+) {
     let received = Instant::now();
     let codec = &shared.codec;
     let Ok(_permit) = shared.streams.clone().try_acquire_owned() else {
@@ -371,7 +391,7 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, device: &str, shar
         return;
     }
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let cancel = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Stop::default());
     let deadline = received + Duration::from_millis(u64::from(request.deadline_ms));
     tracing::info!(
         job = %hex(job_id), %device, steps = request.steps,
@@ -382,18 +402,25 @@ async fn serve_stream(send: SendStream, mut recv: RecvStream, device: &str, shar
         device: device.to_owned(),
         received,
         deadline,
-        cancel: cancel.clone(),
+        stop: stop.clone(),
         events: events_tx,
     };
     if let Err(e) = shared.scheduler.submit(submission) {
         answer(send, codec, error(job_id, e)).await;
         return;
     }
-    relay(send, recv, buf, job_id, &cancel, &mut events, codec).await;
+    let kiosk = Kiosk {
+        send,
+        recv,
+        buf,
+        connection,
+    };
+    relay(kiosk, job_id, &stop, &mut events, codec).await;
 }
 
 /// Checks what the codec cannot: the device id against the certificate, the prompts' token
-/// counts.
+/// counts, and the step count against the scheduler's own limits (LCM runs at most the model's
+/// `original_inference_steps`), which would otherwise fail only after the text encoder ran.
 fn admissible(
     request: &diffusionx_protocol::RefineRequest,
     device: &str,
@@ -426,20 +453,50 @@ fn admissible(
                 message: e.to_string(),
             })?;
     }
+    diffusionx_diffusion::Scheduler::for_img2img(
+        scheduler_kind(request.scheduler),
+        &shared.schedules,
+        usize::from(request.steps),
+        request.noise_level,
+    )
+    .map_err(|e| JobError::InvalidRequest {
+        field: match e {
+            SchedulerError::NoDenoisingSteps { .. } => Field::NoiseLevel,
+            _ => Field::Steps,
+        },
+        message: e.to_string(),
+    })?;
     Ok(())
 }
 
+/// The kiosk's side of a job's stream.
+struct Kiosk<'a> {
+    send: SendStream,
+    recv: RecvStream,
+    /// Bytes read after the request.
+    buf: Vec<u8>,
+    connection: &'a quinn::Connection,
+}
+
 /// Forwards the job's events to the kiosk until the final one, while watching the kiosk's side
-/// for `Cancel` or a reset.
+/// for `Cancel`, a reset, a malformed frame, `STOP_SENDING` or the connection's end.
 async fn relay(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    mut buf: Vec<u8>,
+    kiosk: Kiosk<'_>,
     job_id: JobId,
-    cancel: &AtomicBool,
+    stop: &Stop,
     events: &mut mpsc::UnboundedReceiver<ServerMessage>,
     codec: &Codec,
 ) {
+    let Kiosk {
+        mut send,
+        mut recv,
+        mut buf,
+        connection,
+    } = kiosk;
+    // A kiosk finishes its side right after the request, so its receive side says nothing more;
+    // that it stopped reading or went away shows on the send side and the connection.
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
     let mut reading = true;
     loop {
         tokio::select! {
@@ -447,7 +504,7 @@ async fn relay(
                 let Some(message) = event else { return };
                 let last = matches!(message, ServerMessage::Result(_) | ServerMessage::Error { .. });
                 if !write(&mut send, codec, &message).await {
-                    cancel.store(true, Ordering::Relaxed);
+                    stop.cancel();
                     return;
                 }
                 if last {
@@ -459,24 +516,58 @@ async fn relay(
             frame = read_frame(&mut recv, codec, &mut buf), if reading => match frame {
                 Ok(Some(ClientMessage::Cancel(id))) if id == job_id => {
                     tracing::info!(job = %hex(job_id), "cancel received");
-                    cancel.store(true, Ordering::Relaxed);
+                    stop.cancel();
                 }
                 Ok(Some(other)) => {
                     tracing::info!(job = %hex(job_id), message = ?other.message_kind(), "ignored a frame after the request");
                 }
                 // The kiosk finished its side: normal, it waits for the answer.
                 Ok(None) => reading = false,
-                Err(ReadEnd::Gone) | Err(ReadEnd::Invalid(_)) => {
+                Err(ReadEnd::Gone) => {
                     tracing::info!(job = %hex(job_id), "kiosk reset the stream: cancelling");
-                    cancel.store(true, Ordering::Relaxed);
+                    stop.cancel();
                     reading = false;
                 }
+                // protocol.md 1: a frame that cannot be decoded is answered on its stream, and
+                // the stream ends; the job with it.
+                Err(ReadEnd::Invalid(e)) => {
+                    tracing::info!(job = %hex(job_id), error = ?e, "malformed frame after the request: refusing the job");
+                    stop.refuse();
+                    answer(send, codec, error(job_id, e)).await;
+                    return;
+                }
             },
+            _ = &mut stopped => {
+                tracing::info!(job = %hex(job_id), "kiosk stopped reading: cancelling");
+                stop.cancel();
+                return;
+            }
+            reason = connection.closed() => {
+                tracing::info!(job = %hex(job_id), %reason, "connection closed: cancelling");
+                stop.cancel();
+                return;
+            }
         }
     }
 }
 
+/// An `Error` frame for `job_id`, its message cut to the wire's text limit: a message that
+/// echoes what the kiosk sent (a malformed device id, escaped) can be longer, and would fail the
+/// frame's own validation and go out as `Internal` instead of the typed error.
 fn error(job_id: JobId, error: JobError) -> ServerMessage {
+    let error = match error {
+        JobError::InvalidRequest { field, message } => JobError::InvalidRequest {
+            field,
+            message: truncate(message),
+        },
+        JobError::Unauthorized { message } => JobError::Unauthorized {
+            message: truncate(message),
+        },
+        JobError::Internal { message } => JobError::Internal {
+            message: truncate(message),
+        },
+        other => other,
+    };
     ServerMessage::Error { job_id, error }
 }
 

@@ -442,6 +442,43 @@ async fn malformed_and_over_limit_frames_get_typed_errors_and_the_connection_liv
         other => panic!("{other:?}"),
     }
 
+    // A device id of 255 control bytes: the refusal echoes it escaped, longer than the wire's
+    // 1024-byte message limit. The message is cut; the answer stays the typed one.
+    let good = frame(&ClientMessage::Refine(request("kiosk-a", 8, 4, 5000)));
+    let at = 8 + 16 + 16; // header, job id, session id
+    assert_eq!(&good[at..at + 8], b"\x07kiosk-a");
+    let mut bad = good[..at].to_vec();
+    bad.push(255);
+    bad.extend_from_slice(&[1u8; 255]);
+    bad.extend_from_slice(&good[at + 8..]);
+    let payload = u32::try_from(bad.len() - 8).unwrap();
+    bad[4..8].copy_from_slice(&payload.to_le_bytes());
+    let mut job = Job::open(&conn, &bad, true).await;
+    match error_of(&job.rest().await) {
+        JobError::InvalidRequest { field, message } => {
+            assert_eq!(*field, Field::DeviceId);
+            assert!(
+                message.starts_with("device id \"\\u{1}") && message.len() <= 1024,
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // LCM runs at most the model's `original_inference_steps` (50): refused at admission, not
+    // failed as Internal once the text encoder ran.
+    let mut lcm = request("kiosk-a", 9, 51, 5000);
+    lcm.scheduler = Scheduler::Lcm;
+    let mut job = Job::submit(&conn, &lcm).await;
+    match error_of(&job.rest().await) {
+        JobError::InvalidRequest { field, message } => {
+            assert_eq!(*field, Field::Steps);
+            assert!(message.contains("original_inference_steps"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Failed), 0);
+
     // The same connection still serves a load probe and a job.
     let mut probe = Job::open(&conn, &frame(&ClientMessage::LoadProbe), true).await;
     match probe.rest().await.as_slice() {
@@ -454,7 +491,12 @@ async fn malformed_and_over_limit_frames_get_typed_errors_and_the_connection_liv
     }
     let mut job = Job::submit(&conn, &request("kiosk-a", 7, 4, 5000)).await;
     assert_eq!(result_of(&job.rest().await).steps_run, 2);
-    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 6);
+    // 50 LCM steps are fine (at noise level 0.04: 2 of them run).
+    lcm.steps = 50;
+    lcm.noise_level = NoiseLevel::from_bp(400).unwrap();
+    let mut job = Job::submit(&conn, &lcm).await;
+    assert_eq!(result_of(&job.rest().await).steps_run, 2);
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 8);
     setup.gateway.shutdown().await.unwrap();
 }
 
@@ -578,6 +620,83 @@ async fn a_kiosk_that_goes_away_has_its_job_cancelled() {
     let mut after = Job::submit(&b, &request("kiosk-b", 23, 4, 5000)).await;
     assert_eq!(result_of(&after.rest().await).steps_run, 2);
     assert_eq!(m.jobs(Outcome::Cancelled), 2);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiosk_that_finished_its_side_and_left_has_its_waiting_job_cancelled() {
+    let setup = start("max_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut long = Job::submit(&a, &request("kiosk-a", 80, 200, 10000)).await;
+    long.until_running().await;
+    // What the kiosk does: the request, its side finished at once; then the visitor leaves.
+    let b = setup.connect("kiosk-b").await;
+    let bytes = frame(&ClientMessage::Refine(request("kiosk-b", 81, 4, 5000)));
+    let mut waiting = Job::open(&b, &bytes, true).await;
+    assert!(matches!(waiting.next().await, Some(ServerMessage::Queued(q)) if q.position == 0));
+    b.close(quinn::VarInt::from_u32(0), b"visitor left");
+
+    // The waiting job leaves the queue, cancelled, at one of the long job's step boundaries,
+    // long before the long job ends. (A gateway that only watched the stream would keep it
+    // until the long job finished, then admit it.)
+    let scheduler = setup.gateway.scheduler();
+    loop {
+        match long.next().await {
+            Some(ServerMessage::Progress(_)) if scheduler.load().queue_depth == 0 => break,
+            Some(ServerMessage::Progress(_)) => {}
+            other => panic!("the long job ended ({other:?}) with the job of a gone kiosk waiting"),
+        }
+    }
+    assert_eq!(
+        setup.gateway.metrics().jobs(Outcome::Cancelled),
+        1,
+        "the queue emptied because the job was cancelled, not admitted"
+    );
+    // The long job was still running.
+    long.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    assert_eq!(error_of(&long.rest().await), &JobError::Cancelled);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_after_the_request_is_refused_as_invalid() {
+    let setup = start("max_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut long = Job::submit(&a, &request("kiosk-a", 90, 200, 10000)).await;
+    long.until_running().await;
+    let b = setup.connect("kiosk-b").await;
+    let mut waiting = Job::submit(&b, &request("kiosk-b", 91, 4, 5000)).await;
+    assert!(matches!(waiting.next().await, Some(ServerMessage::Queued(q)) if q.position == 0));
+    // A frame with a wrong magic where a Cancel could come.
+    waiting.send.write_all(b"XX\x01\x03\0\0\0\0").await.unwrap();
+    let rest = waiting.rest().await;
+    match rest.as_slice() {
+        [
+            ServerMessage::Error {
+                job_id,
+                error: JobError::InvalidRequest { field, .. },
+            },
+        ] => {
+            assert_eq!(*job_id, JobId::from_bytes([91; 16]));
+            assert_eq!(*field, Field::Frame);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The refused job is gone from the queue: the next job runs as soon as the long one stops.
+    long.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    let mut next = Job::submit(&b, &request("kiosk-b", 92, 4, 5000)).await;
+    assert_eq!(result_of(&next.rest().await).steps_run, 2);
+    let m = setup.gateway.metrics();
+    assert_eq!(
+        (
+            m.jobs(Outcome::Invalid),
+            m.jobs(Outcome::Cancelled),
+            m.jobs(Outcome::Done)
+        ),
+        (1, 1, 1),
+        "the refused job counts as invalid, the long one as cancelled"
+    );
     setup.gateway.shutdown().await.unwrap();
 }
 
