@@ -199,6 +199,18 @@ pub struct RoundReport {
     pub preview_ms: Option<u64>,
 }
 
+/// The `fallback_reason` of a session refined locally because the kiosk has no gateway: the
+/// design, not a fallback (fleet statistics leave it out of the fallback count).
+pub const LOCAL_ONLY: &str = "local-only";
+
+impl Finalize {
+    /// Whether the picture was refined on the kiosk because the cloud was given up (not a
+    /// kiosk that has no gateway).
+    pub fn is_fallback(&self) -> bool {
+        self.path.as_deref() == Some("local") && self.fallback_reason.as_deref() != Some(LOCAL_ONLY)
+    }
+}
+
 /// What happened when the visitor finalized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Finalize {
@@ -212,7 +224,7 @@ pub struct Finalize {
     pub queue_depth: Option<u32>,
     /// The gateway's expected wait then, ms.
     pub expected_wait_ms: Option<u32>,
-    /// Why the cloud was given up, if it was.
+    /// Why the cloud was given up, if it was; [`LOCAL_ONLY`] for a kiosk without a gateway.
     pub fallback_reason: Option<String>,
     /// How the noise level was chosen (absent when the operator fixed it, or no decision was
     /// made: the gateway was unreachable before its load was known).

@@ -13,7 +13,7 @@
 //! `rumqttc`'s event loop is polled by its own task and never cancelled (its `poll` is not
 //! cancellation-safe); the controller task talks to it only through the client's channel.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +27,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     LastWill, LastWillProperties, Packet, PubAckReason, Publish, PublishProperties,
 };
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, Transport};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -48,10 +48,16 @@ pub enum AgentError {
     /// The state folder or the outbox.
     #[error("state folder: {0}")]
     State(#[from] std::io::Error),
-    /// The saved settings no longer pass validation (the kiosk's own configuration changed).
-    #[error("saved operator settings: {0}")]
-    Overrides(diffusionx_fleet::SettingsError),
 }
+
+/// How long the agent waits before it sends again a session report the broker refused
+/// (a PUBACK with a refusal reason such as quota exceeded or not authorized).
+pub const REPORT_RETRY: Duration = Duration::from_secs(30);
+
+/// How often the same connection failure is logged at warn/error level while the kiosk
+/// cannot connect (in between: debug), so a kiosk that never connects is not silent and its
+/// log is not flooded at the 4 s reconnect backoff.
+const CONNECT_LOG_EVERY: Duration = Duration::from_secs(300);
 
 /// What the kiosk tells the agent about itself for `info`.
 #[derive(Debug, Clone)]
@@ -104,7 +110,7 @@ pub fn predictor_weights(value: &Value, width: Option<usize>) -> Result<Weights,
 }
 
 /// A snapshot for tests and the kiosk's own logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
     /// Connected to the broker now.
     pub connected: bool,
@@ -117,6 +123,10 @@ pub struct AgentStatus {
     /// Reports whose outbox write failed since start (kept in memory and retried; the same
     /// figure as telemetry's `outbox_write_errors`).
     pub write_errors: u64,
+    /// Why the last connection attempt failed or the connection broke (the broker refused
+    /// the login, a TLS error, nothing listening, ...); `None` while connected and before
+    /// the first attempt ended.
+    pub connection_error: Option<String>,
 }
 
 struct Shared {
@@ -130,7 +140,7 @@ impl Shared {
     /// Applies `change` to the status and wakes its watchers if that changed anything.
     fn update_status(&self, change: impl FnOnce(&mut AgentStatus)) {
         self.status.send_if_modified(|status| {
-            let before = *status;
+            let before = status.clone();
             change(status);
             *status != before
         });
@@ -182,15 +192,42 @@ impl Agent {
     pub fn start(
         options: AgentOptions,
     ) -> Result<(Agent, mpsc::UnboundedReceiver<AgentEvent>), AgentError> {
+        Agent::start_retrying_after(options, REPORT_RETRY)
+    }
+
+    /// [`Agent::start`], sending a session report that the broker refused again after
+    /// `report_retry` instead of [`REPORT_RETRY`] (tests).
+    pub fn start_retrying_after(
+        options: AgentOptions,
+        report_retry: Duration,
+    ) -> Result<(Agent, mpsc::UnboundedReceiver<AgentEvent>), AgentError> {
         let address = options.mqtt.validate()?;
         let state = StateDir::open(&options.mqtt.state_dir)?;
         let boot = state.next_boot()?;
         let outbox = Outbox::open(&state.outbox(), options.sync)?;
-        let overrides = state.overrides()?;
-        let settings = options
-            .settings
-            .apply(&overrides.settings)
-            .map_err(AgentError::Overrides)?;
+        let mut overrides = state.overrides()?;
+        let mut settings_errors = BTreeMap::new();
+        let settings = match options.settings.apply(&overrides.settings) {
+            Ok(settings) => settings,
+            Err(refused) => {
+                // The kiosk's own configuration changed under them. Start on the file's
+                // settings and say so in `config/reported` until operators change something:
+                // a kiosk that refused to start could not be fixed remotely. The saved file
+                // stays as it is until then.
+                tracing::error!(%refused, "saved operator settings ignored");
+                settings_errors = refused
+                    .errors
+                    .into_iter()
+                    .map(|(field, why)| (field, format!("saved operator settings ignored: {why}")))
+                    .collect();
+                overrides.version = 0;
+                overrides.settings.clear();
+                // The desired version they came from is no longer in force: it stays reported
+                // refused, with the reason, after operators' commands too (until a new version).
+                overrides.refused = settings_errors.clone();
+                options.settings.clone()
+            }
+        };
         let mut predictor_error = None;
         let installed = overrides.predictor.as_ref().and_then(|value| {
             predictor_weights(value, options.predictor_width)
@@ -235,6 +272,7 @@ impl Agent {
                 delivered: 0,
                 connections: 0,
                 write_errors: 0,
+                connection_error: None,
             })
             .0,
         }));
@@ -257,6 +295,7 @@ impl Agent {
             overrides,
             predictor_width: options.predictor_width,
             predictor_error,
+            settings_errors,
             predictor: installed.map(|w| w.model_version().to_owned()),
             settings: settings_tx,
             facts: options.facts,
@@ -267,6 +306,8 @@ impl Agent {
             telemetry_seq: 0,
             events: events_tx,
             retry_at: None,
+            report_retry,
+            down_logged: None,
         };
         tokio::spawn(controller.run(net_rx, requests_rx));
         Ok((
@@ -299,7 +340,8 @@ impl Agent {
         let durable = {
             let mut shared = lock(&self.shared);
             let durable = shared.outbox.push(payload);
-            shared.window.add(report);
+            let window_ms = u64::from(self.settings.borrow().stats_window_s) * 1000;
+            shared.window.add(report, now_ms(), window_ms);
             let (pending, errors) = (shared.outbox.len(), shared.outbox.write_errors());
             shared.update_status(|status| {
                 status.outbox_pending = pending;
@@ -313,7 +355,7 @@ impl Agent {
 
     /// A snapshot of the connection and the outbox.
     pub fn status(&self) -> AgentStatus {
-        *lock(&self.shared).status.borrow()
+        lock(&self.shared).status.borrow().clone()
     }
 
     /// The connection and outbox status, as a receiver that is marked changed whenever any
@@ -402,10 +444,20 @@ fn will(topics: &Topics, boot: u64, conn: u64) -> LastWill {
     }
 }
 
+/// The error a `restart` command gets from a kiosk whose host does not act on restarts.
+pub const NO_RESTART: &str = "this kiosk's process does not restart on command";
+
 /// What the poller tells the controller.
 enum Net {
-    Up { session_present: bool, conn: u64 },
-    Down { error: String },
+    Up {
+        session_present: bool,
+        conn: u64,
+    },
+    Down {
+        error: String,
+        /// The broker refused the login or TLS failed: retrying alone will not fix it.
+        refused: bool,
+    },
     Event(Box<Event>),
 }
 
@@ -444,9 +496,14 @@ async fn poll(
                 }
             }
             Err(error) => {
+                let refused = matches!(
+                    error,
+                    ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_)
+                );
                 if net
                     .send(Net::Down {
                         error: error.to_string(),
+                        refused,
                     })
                     .is_err()
                 {
@@ -500,6 +557,9 @@ struct Controller {
     predictor_width: Option<usize>,
     /// Why saved operator weights could not be used at start (until the next accepted version).
     predictor_error: Option<String>,
+    /// Why saved operator settings could not be used at start, field -> reason (until
+    /// operators' next accepted change).
+    settings_errors: BTreeMap<String, String>,
     /// The model version of the operator weights in force.
     predictor: Option<String>,
     settings: watch::Sender<Settings>,
@@ -510,8 +570,12 @@ struct Controller {
     in_flight: Option<InFlight>,
     telemetry_seq: u64,
     events: mpsc::UnboundedSender<AgentEvent>,
-    /// After a refused report, when to try again.
+    /// After a refused report, when to try again (a timer wakes the controller then).
     retry_at: Option<Instant>,
+    /// How long after a refused report.
+    report_retry: Duration,
+    /// The connection failure last logged at warn/error level, and when.
+    down_logged: Option<(String, Instant)>,
 }
 
 impl Controller {
@@ -528,15 +592,7 @@ impl Controller {
             tokio::select! {
                 message = net.recv() => match message {
                     Some(Net::Up { session_present, conn }) => self.on_up(session_present, conn),
-                    Some(Net::Down { error }) => {
-                        if self.connected {
-                            tracing::warn!(%error, "broker connection lost");
-                        } else {
-                            tracing::debug!(%error, "broker unreachable");
-                        }
-                        self.connected = false;
-                        lock(&self.shared).update_status(|status| status.connected = false);
-                    }
+                    Some(Net::Down { error, refused }) => self.on_down(error, refused),
                     Some(Net::Event(event)) => {
                         if let Some(kind) = self.on_event(*event)
                             && kind == Kind::Goodbye
@@ -562,6 +618,11 @@ impl Controller {
                     }
                     None => return,
                 },
+                () = retry(self.retry_at) => {
+                    // `pump` at the top of the loop sends the refused report again.
+                    tracing::debug!("retrying refused reports");
+                    self.retry_at = None;
+                }
                 _ = telemetry.tick() => {
                     if let Some(at) = self.retry_at.take_if(|at| *at <= Instant::now()) {
                         tracing::debug!(?at, "retrying refused reports");
@@ -577,6 +638,34 @@ impl Controller {
                 telemetry.reset();
             }
         }
+    }
+
+    fn on_down(&mut self, error: String, refused: bool) {
+        if self.connected {
+            tracing::warn!(%error, "broker connection lost");
+            self.down_logged = Some((error.clone(), Instant::now()));
+        } else {
+            // Throttled: the same failure again within `CONNECT_LOG_EVERY` only at debug.
+            let repeated = self
+                .down_logged
+                .as_ref()
+                .is_some_and(|(last, at)| *last == error && at.elapsed() < CONNECT_LOG_EVERY);
+            if repeated {
+                tracing::debug!(%error, "broker still unreachable");
+            } else {
+                if refused {
+                    tracing::error!(%error, "the broker refused the connection");
+                } else {
+                    tracing::warn!(%error, "cannot connect to the broker");
+                }
+                self.down_logged = Some((error.clone(), Instant::now()));
+            }
+        }
+        self.connected = false;
+        lock(&self.shared).update_status(|status| {
+            status.connected = false;
+            status.connection_error = Some(error);
+        });
     }
 
     fn presence(&self, state: PresenceState, reason: Option<String>) -> Presence {
@@ -612,9 +701,11 @@ impl Controller {
     fn on_up(&mut self, session_present: bool, conn: u64) {
         self.connected = true;
         self.conn = conn;
+        self.down_logged = None;
         lock(&self.shared).update_status(|status| {
             status.connected = true;
             status.connections += 1;
+            status.connection_error = None;
         });
         tracing::info!(conn, session_present, "connected to the broker");
         if !session_present && let Some(lost) = self.in_flight.take() {
@@ -639,7 +730,7 @@ impl Controller {
         // Birth: presence first, then facts and the settings in force.
         let online = self.presence(PresenceState::Online, None);
         let info = self.info();
-        let reported = self.reported(self.overrides.considered, true, Default::default());
+        let reported = self.current_reported();
         self.control
             .retain(|m| m.kind != Kind::Control || !m.topic.ends_with("/status"));
         self.enqueue_front(Leaf::ConfigReported, &reported, Kind::Control);
@@ -665,12 +756,24 @@ impl Controller {
         }
     }
 
+    /// The report of the last desired version considered, with the settings in force now.
+    fn current_reported(&self) -> ConfigReported {
+        self.reported(
+            self.overrides.considered,
+            self.overrides.considered_accepted(),
+            self.overrides.refused.clone(),
+        )
+    }
+
     fn reported(
         &self,
         version: u64,
         accepted: bool,
-        mut errors: std::collections::BTreeMap<String, String>,
+        mut errors: BTreeMap<String, String>,
     ) -> ConfigReported {
+        for (field, why) in &self.settings_errors {
+            errors.entry(field.clone()).or_insert_with(|| why.clone());
+        }
         if let Some(why) = &self.predictor_error {
             errors
                 .entry("predictor".into())
@@ -776,7 +879,7 @@ impl Controller {
                     seq,
                     "the broker refused a session report; keeping it"
                 );
-                self.retry_at = Some(Instant::now() + Duration::from_secs(30));
+                self.retry_at = Some(Instant::now() + self.report_retry);
             }
             Kind::Report(seq) => {
                 let mut shared = lock(&self.shared);
@@ -866,6 +969,8 @@ impl Controller {
         let reported = match (settings, weights) {
             (Ok(settings), Ok(weights)) => {
                 self.predictor_error = None;
+                self.settings_errors.clear();
+                self.overrides.refused.clear();
                 self.overrides.version = desired.version;
                 self.overrides.settings = desired.settings;
                 self.overrides.predictor = weights.as_ref().and(desired.predictor);
@@ -890,6 +995,7 @@ impl Controller {
                     ?errors,
                     "desired configuration refused"
                 );
+                self.overrides.refused = errors.clone();
                 self.reported(desired.version, false, errors)
             }
         };
@@ -953,6 +1059,9 @@ impl Controller {
                 }
                 None => CommandReply::error("arguments must be {\"words\": [...]}"),
             },
+            // The host acts on the restart; one that dropped the events (the fleet simulator)
+            // cannot, and says so rather than claim it.
+            Some(Command::Restart) if self.events.is_closed() => CommandReply::error(NO_RESTART),
             Some(Command::Restart) => {
                 kind = Kind::RestartReply;
                 CommandReply::ok(json!({"restarting": true}))
@@ -977,11 +1086,12 @@ impl Controller {
         match current.apply(&patch) {
             Ok(settings) => {
                 self.overrides.settings.extend(patch);
+                self.settings_errors.clear();
                 if let Err(error) = self.state.save_overrides(&self.overrides) {
                     tracing::error!(%error, "saving operator settings");
                 }
                 self.settings.send_replace(settings.clone());
-                let reported = self.reported(self.overrides.considered, true, Default::default());
+                let reported = self.current_reported();
                 self.enqueue(Leaf::ConfigReported, &reported, Kind::Control);
                 CommandReply::ok(serde_json::to_value(settings).unwrap_or_default())
             }
@@ -1055,6 +1165,14 @@ impl Controller {
         ) {
             tracing::debug!(%error, "telemetry not queued");
         }
+    }
+}
+
+/// Completes at `at` (never when `None`).
+async fn retry(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

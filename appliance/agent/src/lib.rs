@@ -18,6 +18,6 @@ pub mod stats;
 pub mod system;
 
 pub use agent::{
-    Agent, AgentError, AgentEvent, AgentOptions, AgentStatus, Facts, predictor_weights,
+    Agent, AgentError, AgentEvent, AgentOptions, AgentStatus, Facts, NO_RESTART, predictor_weights,
 };
 pub use config::MqttConfig;

@@ -1,6 +1,7 @@
 //! What the agent keeps on disk besides the outbox: the boot counter and the settings operators
 //! changed. Both are replaced atomically (temporary file, fsync, rename, folder fsync).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -12,13 +13,26 @@ use serde_json::{Map, Value};
 pub struct Overrides {
     /// The `config/desired` version they came from (0: only commands, or none).
     pub version: u64,
-    /// The highest desired version considered (accepted or refused).
+    /// The highest desired version considered (accepted or refused). It was accepted exactly
+    /// when it equals `version` (a refused version never becomes `version`).
     pub considered: u64,
+    /// Why the `considered` version was refused, field -> reason (empty when it was accepted):
+    /// kept so that every later `config/reported` (after a reconnect, a restart or a command)
+    /// still says so.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<String, String>,
     /// Field -> value.
     pub settings: Map<String, Value>,
     /// Predictor weights installed by operators (the weights file's JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictor: Option<Value>,
+}
+
+impl Overrides {
+    /// Whether the `considered` desired version was accepted (true before any was considered).
+    pub fn considered_accepted(&self) -> bool {
+        self.considered == self.version
+    }
 }
 
 /// The state folder.
@@ -100,6 +114,9 @@ mod tests {
             ..Overrides::default()
         };
         overrides.settings.insert("preview_steps".into(), 8.into());
+        overrides
+            .refused
+            .insert("noise_level".into(), "7 is outside 0.05..=1.0".into());
         state.save_overrides(&overrides)?;
         assert_eq!(StateDir::open(dir.path())?.overrides()?, overrides);
         std::fs::write(dir.path().join("boot"), "garbage")?;

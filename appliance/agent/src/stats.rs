@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use diffusionx_fleet::{Histogram, LatencySummary, SessionReport};
+use diffusionx_fleet::{Finalize, Histogram, LatencySummary, SessionReport};
 
 /// What one session contributes.
 #[derive(Debug, Clone)]
@@ -42,8 +42,11 @@ pub struct Figures {
 }
 
 impl Window {
-    /// Adds a finished session.
-    pub fn add(&mut self, report: &SessionReport) {
+    /// Adds a finished session and drops the sessions that ended more than `window_ms` before
+    /// `now_ms`: only telemetry reads the window, and a kiosk offline for days publishes none,
+    /// so the window must not grow there.
+    pub fn add(&mut self, report: &SessionReport, now_ms: u64, window_ms: u64) {
+        self.trim(now_ms, window_ms);
         let finalize = report.finalize.as_ref();
         let path = finalize.and_then(|f| f.path.as_deref());
         self.samples.push_back(Sample {
@@ -54,17 +57,14 @@ impl Window {
             cloud_ms: (path == Some("cloud"))
                 .then(|| finalize.and_then(|f| f.refine_ms))
                 .flatten(),
-            fallback: path == Some("local"),
+            fallback: finalize.is_some_and(Finalize::is_fallback),
         });
     }
 
     /// The figures of the sessions that ended within `window_ms` before `now_ms` (older ones
     /// are dropped).
     pub fn figures(&mut self, now_ms: u64, window_ms: u64) -> Figures {
-        let since = now_ms.saturating_sub(window_ms);
-        while self.samples.front().is_some_and(|s| s.ts_ms < since) {
-            self.samples.pop_front();
-        }
+        self.trim(now_ms, window_ms);
         let (mut preview, mut cloud) = (Histogram::default(), Histogram::default());
         let (mut rounds, mut finalizes, mut fallbacks) = (0, 0, 0);
         for sample in &self.samples {
@@ -86,6 +86,14 @@ impl Window {
             fallback_rate: (finalizes > 0).then(|| fallbacks as f32 / finalizes as f32),
             preview: LatencySummary::of(preview),
             cloud: LatencySummary::of(cloud),
+        }
+    }
+
+    /// Drops the sessions that ended more than `window_ms` before `now_ms`.
+    fn trim(&mut self, now_ms: u64, window_ms: u64) {
+        let since = now_ms.saturating_sub(window_ms);
+        while self.samples.front().is_some_and(|s| s.ts_ms < since) {
+            self.samples.pop_front();
         }
     }
 }
@@ -132,10 +140,16 @@ mod tests {
     #[test]
     fn figures_cover_the_window_only() {
         let mut window = Window::default();
-        window.add(&report(1_000, &[900], Some("cloud"), 5_000));
-        window.add(&report(50_000, &[1_000, 2_000], Some("cloud"), 3_000));
-        window.add(&report(60_000, &[1_500], Some("local"), 9_000));
-        window.add(&report(61_000, &[1_200], None, 0));
+        let add = |window: &mut Window, report: &SessionReport| {
+            window.add(report, report.ts_ms, 1_000_000);
+        };
+        add(&mut window, &report(1_000, &[900], Some("cloud"), 5_000));
+        add(
+            &mut window,
+            &report(50_000, &[1_000, 2_000], Some("cloud"), 3_000),
+        );
+        add(&mut window, &report(60_000, &[1_500], Some("local"), 9_000));
+        add(&mut window, &report(61_000, &[1_200], None, 0));
         let figures = window.figures(70_000, 30_000);
         assert_eq!(figures.sessions, 3, "the session at 1 s is outside");
         assert_eq!(figures.rounds, 4);
@@ -152,5 +166,42 @@ mod tests {
             "3000 ms reads within its bucket: {p50}"
         );
         assert_eq!(window.samples.len(), 3, "the old sample was dropped");
+    }
+
+    #[test]
+    fn a_kiosk_without_a_gateway_refines_locally_without_counting_fallbacks() {
+        let mut window = Window::default();
+        let mut local_only = report(1_000, &[900], Some("local"), 5_000);
+        let mut given_up = report(2_000, &[900], Some("local"), 5_000);
+        if let (Some(a), Some(b)) = (&mut local_only.finalize, &mut given_up.finalize) {
+            a.fallback_reason = Some(diffusionx_fleet::payload::LOCAL_ONLY.into());
+            b.fallback_reason = Some("unreachable: connection refused".into());
+        }
+        window.add(&local_only, 2_000, 60_000);
+        window.add(&given_up, 2_000, 60_000);
+        let figures = window.figures(3_000, 60_000);
+        assert_eq!((figures.finalizes, figures.fallbacks), (2, 1));
+        assert_eq!(figures.fallback_rate, Some(0.5));
+    }
+
+    #[test]
+    fn adding_drops_sessions_older_than_the_window_without_telemetry() {
+        // A kiosk offline for a day at one session a minute, with a one-hour window: no
+        // telemetry is published (and so `figures` never runs) while it is offline.
+        let mut window = Window::default();
+        let (minute, hour) = (60_000, 3_600_000);
+        for n in 1..=24 * 60 {
+            window.add(
+                &report(n * minute, &[1_000], Some("cloud"), 3_000),
+                n * minute,
+                hour,
+            );
+        }
+        let kept: Vec<u64> = window.samples.iter().map(|s| s.ts_ms).collect();
+        assert_eq!(
+            (kept.len(), kept.first(), kept.last()),
+            (61, Some(&(23 * 60 * minute)), Some(&(24 * 60 * minute))),
+            "the last hour (both ends included), nothing older"
+        );
     }
 }

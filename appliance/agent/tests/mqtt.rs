@@ -1,6 +1,8 @@
 //! The agent against a real mosquitto: presence with the boot counter, birth facts, every
 //! session report delivered exactly once (by id) through a broker restart and link cuts,
-//! commands with correlation, desired configuration accepted and refused.
+//! commands with correlation, desired configuration accepted and refused, a refused version
+//! still reported as refused after commands and restarts, saved settings that no longer fit,
+//! connection failures in the status, refused reports sent again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -292,16 +294,73 @@ async fn every_report_arrives_once_through_link_cuts() -> Result<()> {
     Ok(())
 }
 
+/// The operator's subscription to `k1`'s `resp/ops`: every reply with its correlation data
+/// (the testkit's `Collector` keeps no MQTT properties).
+struct Replies {
+    received: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, Option<Vec<u8>>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Replies {
+    /// Connects and returns once the broker granted the subscription.
+    async fn start(port: u16) -> Result<Replies> {
+        use rumqttc::v5::mqttbytes::QoS;
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("ops-replies", "127.0.0.1", port), 10);
+        let (sink, received) = tokio::sync::mpsc::unbounded_channel();
+        let (subscribed, granted) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut subscribed = Some(subscribed);
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    Event::Incoming(Packet::ConnAck(_)) => {
+                        client
+                            .subscribe("kiosk/v1/museum/k1/resp/ops", QoS::AtLeastOnce)
+                            .await
+                            .ok();
+                    }
+                    Event::Incoming(Packet::SubAck(_)) => {
+                        if let Some(subscribed) = subscribed.take() {
+                            subscribed.send(()).ok();
+                        }
+                    }
+                    Event::Incoming(Packet::Publish(p)) => {
+                        let correlation = p
+                            .properties
+                            .and_then(|p| p.correlation_data)
+                            .map(|c| c.to_vec());
+                        sink.send((p.payload.to_vec(), correlation)).ok();
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tokio::time::timeout(WAIT, granted)
+            .await
+            .context("no SUBACK for resp/ops")??;
+        Ok(Replies { received, task })
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends command `name` with `correlation` and returns the reply, checking that it carries
+/// the same correlation data (operators' tools match replies on it).
 async fn command(
     operator: &rumqttc::v5::AsyncClient,
-    replies: &Collector,
+    replies: &mut Replies,
     name: &str,
     args: serde_json::Value,
     correlation: &[u8],
 ) -> Result<CommandReply> {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    let before = replies.received().len();
     let properties = PublishProperties {
         response_topic: Some("kiosk/v1/museum/k1/resp/ops".into()),
         correlation_data: Some(correlation.to_vec().into()),
@@ -317,9 +376,16 @@ async fn command(
             properties,
         )
         .await?;
-    let got = replies.wait(WAIT, |r| r.len() > before).await;
-    let reply = got.get(before).context("a reply")?;
-    Ok(serde_json::from_slice(&reply.payload)?)
+    let (payload, echoed) = tokio::time::timeout(WAIT, replies.received.recv())
+        .await
+        .with_context(|| format!("no reply to {name}"))?
+        .context("the reply subscriber stopped")?;
+    assert_eq!(
+        echoed.as_deref(),
+        Some(correlation),
+        "the reply to {name} carries the request's correlation data"
+    );
+    Ok(serde_json::from_slice(&payload)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,7 +393,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
     logs();
     let dir = tempfile::tempdir()?;
     let broker = Mosquitto::start(&dir.path().join("broker"))?;
-    let replies = Collector::start(broker.port(), "ops-replies", "kiosk/v1/museum/k1/resp/ops");
+    let mut replies = Replies::start(broker.port()).await?;
     let reported = Collector::start(
         broker.port(),
         "ops-config",
@@ -350,7 +416,14 @@ async fn commands_and_desired_configuration() -> Result<()> {
     );
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
 
-    let pong = command(&operator, &replies, "ping", serde_json::json!({}), b"c1").await?;
+    let pong = command(
+        &operator,
+        &mut replies,
+        "ping",
+        serde_json::json!({}),
+        b"c1",
+    )
+    .await?;
     assert!(pong.ok);
     assert_eq!(
         pong.result.as_ref().and_then(|r| r["boot"].as_u64()),
@@ -359,7 +432,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
 
     let config = command(
         &operator,
-        &replies,
+        &mut replies,
         "get-config",
         serde_json::json!({}),
         b"g1",
@@ -368,7 +441,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
     assert_eq!(config.result, Some(serde_json::to_value(self::settings())?));
     let flushed = command(
         &operator,
-        &replies,
+        &mut replies,
         "report-now",
         serde_json::json!({}),
         b"r1",
@@ -380,7 +453,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
     );
     let refused = command(
         &operator,
-        &replies,
+        &mut replies,
         "set-config",
         serde_json::json!({"preview_steps": 0}),
         b"c2",
@@ -398,7 +471,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
 
     let blocked = command(
         &operator,
-        &replies,
+        &mut replies,
         "set-blocklist",
         serde_json::json!({"words": ["gore"]}),
         b"c3",
@@ -410,7 +483,7 @@ async fn commands_and_desired_configuration() -> Result<()> {
 
     let unknown = command(
         &operator,
-        &replies,
+        &mut replies,
         "format-disk",
         serde_json::json!({}),
         b"c4",
@@ -459,15 +532,40 @@ async fn commands_and_desired_configuration() -> Result<()> {
         "desired replaces command changes"
     );
 
-    let restart = command(&operator, &replies, "restart", serde_json::json!({}), b"c5").await?;
+    let restart = command(
+        &operator,
+        &mut replies,
+        "restart",
+        serde_json::json!({}),
+        b"c5",
+    )
+    .await?;
     assert!(restart.ok);
     let event = tokio::time::timeout(WAIT, events.recv()).await?;
     assert_eq!(event, Some(AgentEvent::Restart));
 
     // The accepted settings survive a restart of the kiosk.
     agent.shutdown("restart", WAIT).await;
-    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    let (agent, events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
     assert_eq!(agent.settings().borrow().preview_steps, 8);
+
+    // A host that does not act on restarts (it dropped the events, as the fleet simulator
+    // does) is not claimed to restart.
+    drop(events);
+    wait_status(&agent, "connected", |s| s.connected).await?;
+    let refused = command(
+        &operator,
+        &mut replies,
+        "restart",
+        serde_json::json!({}),
+        b"c6",
+    )
+    .await?;
+    assert_eq!(
+        (refused.ok, refused.error.as_deref()),
+        (false, Some(diffusionx_agent::NO_RESTART))
+    );
+    agent.shutdown("done", WAIT).await;
     Ok(())
 }
 
@@ -687,6 +785,263 @@ async fn saved_weights_that_no_longer_fit_the_model_are_reported_not_silently_dr
     )
     .await?;
     assert!(next.accepted && next.errors.is_empty(), "{:?}", next.errors);
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_version_stays_reported_refused_after_commands_and_restarts() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported,
+        state,
+        agent,
+        events: _events,
+        operator,
+    } = config_setup().await?;
+    let mut replies = Replies::start(broker.port()).await?;
+    let four = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 4, "settings": {"preview_steps": 8}}),
+    )
+    .await?;
+    assert!(four.accepted);
+    let five = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 5, "settings": {"noise_level": 7}}),
+    )
+    .await?;
+    let refusal = (5, false, 4, five.errors.clone());
+    assert_eq!(
+        (five.version, five.accepted, five.applied_version),
+        (5, false, 4)
+    );
+    assert_eq!(five.errors.keys().collect::<Vec<_>>(), ["noise_level"]);
+
+    // A command changes the settings in force: the report that follows still answers 5 with
+    // its refusal.
+    let before = reported.received().len();
+    let blocked = command(
+        &operator,
+        &mut replies,
+        "set-blocklist",
+        serde_json::json!({"words": ["gore"]}),
+        b"b1",
+    )
+    .await?;
+    assert!(blocked.ok, "{blocked:?}");
+    let got = reported.wait(WAIT, |r| r.len() > before).await;
+    let after: ConfigReported =
+        serde_json::from_slice(&got.get(before).context("a report")?.payload)?;
+    assert_eq!(
+        (
+            after.version,
+            after.accepted,
+            after.applied_version,
+            after.errors
+        ),
+        refusal.clone()
+    );
+    assert_eq!(after.settings.blocklist, ["gore"]);
+
+    // A restart (and so a reconnect): the birth report and the retained one say the same.
+    agent.shutdown("restart", WAIT).await;
+    let before = reported.received().len();
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &state))?;
+    let got = reported.wait(WAIT, |r| r.len() > before).await;
+    let birth: ConfigReported =
+        serde_json::from_slice(&got.get(before).context("a report")?.payload)?;
+    assert_eq!(
+        (
+            birth.version,
+            birth.accepted,
+            birth.applied_version,
+            birth.errors
+        ),
+        refusal.clone()
+    );
+    agent.shutdown("done", WAIT).await;
+    let newcomer = Collector::start(
+        broker.port(),
+        "newcomer",
+        "kiosk/v1/museum/k1/config/reported",
+    );
+    let seen = newcomer.wait(WAIT, |r| !r.is_empty()).await;
+    let retained: ConfigReported =
+        serde_json::from_slice(&seen.first().context("a retained report")?.payload)?;
+    assert_eq!(
+        (
+            retained.version,
+            retained.accepted,
+            retained.applied_version,
+            retained.errors
+        ),
+        refusal
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saved_settings_that_no_longer_fit_are_reported_and_the_kiosk_starts() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported,
+        state,
+        agent,
+        events: _events,
+        operator,
+    } = config_setup().await?;
+    let one = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 1, "settings": {"min_noise_level": 0.6, "preview_steps": 8}}),
+    )
+    .await?;
+    assert!(one.accepted, "{:?}", one.errors);
+    agent.shutdown("configuration update", WAIT).await;
+
+    // The kiosk's own file now caps the level below the operators' minimum.
+    let mut changed = options(broker.port(), "k1", &state);
+    changed.settings.noise_policy.max_noise_level = 0.5;
+    let base = changed.settings.clone();
+    let before = reported.received().len();
+    let (agent, _events) = Agent::start(changed)?;
+    assert_eq!(*agent.settings().borrow(), base, "the file's settings");
+    let got = reported.wait(WAIT, |r| r.len() > before).await;
+    let birth: ConfigReported =
+        serde_json::from_slice(&got.get(before).context("a report")?.payload)?;
+    assert_eq!(
+        (birth.version, birth.accepted, birth.applied_version),
+        (1, false, 0),
+        "version 1 is not in force"
+    );
+    assert_eq!(birth.settings, base);
+    assert_eq!(birth.overrides, Some(Default::default()));
+    assert_eq!(
+        birth.errors,
+        [(
+            "min_noise_level".to_string(),
+            "saved operator settings ignored: 0.6 is above max_noise_level 0.5".to_string()
+        )]
+        .into()
+    );
+    // Operators can fix it remotely: the next accepted version clears the error.
+    let two = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 2, "settings": {"preview_steps": 8}}),
+    )
+    .await?;
+    assert!(two.accepted && two.errors.is_empty(), "{:?}", two.errors);
+    assert_eq!(agent.settings().borrow().preview_steps, 8);
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiosk_that_cannot_connect_says_why_in_its_status() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    // Nothing listening: a port that was free a moment ago.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (agent, _events) = Agent::start(options(closed, "k1", &dir.path().join("k1")))?;
+    wait_status(&agent, "a connection error", |s| {
+        s.connection_error.is_some()
+    })
+    .await?;
+    let status = agent.status();
+    assert!(!status.connected);
+    let error = status.connection_error.context("an error")?;
+    assert!(error.contains("Connection refused"), "{error}");
+    agent.abort();
+
+    // A broker that refuses the login.
+    let passwords = dir.path().join("passwords");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .arg("-c")
+        .arg("-b")
+        .arg(&passwords)
+        .args(["k2", "k2-secret"])
+        .status()
+        .context("mosquitto_passwd (Debian package mosquitto)")?;
+    anyhow::ensure!(made.success(), "mosquitto_passwd failed");
+    let broker = Mosquitto::start_with(
+        &dir.path().join("broker"),
+        &format!(
+            "allow_anonymous false\npassword_file {}\n",
+            passwords.display()
+        ),
+    )?;
+    let wrong = dir.path().join("wrong-password");
+    std::fs::write(&wrong, "not-the-password\n")?;
+    let mut login = options(broker.port(), "k2", &dir.path().join("k2"));
+    login.mqtt.username = Some("k2".into());
+    login.mqtt.password_file = Some(wrong);
+    let (agent, _events) = Agent::start(login)?;
+    wait_status(&agent, "a connection error", |s| {
+        s.connection_error.is_some()
+    })
+    .await?;
+    assert_eq!(
+        agent.status().connection_error.as_deref(),
+        Some("Connection refused, return code: `NotAuthorized`")
+    );
+    agent.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_report_is_sent_again_after_the_retry_delay() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    // Anonymous clients may do everything k1 needs except publish session reports.
+    let acl = dir.path().join("acl");
+    let allowed = "topic readwrite kiosk/v1/museum/k1/status\n\
+                   topic write kiosk/v1/museum/k1/info\n\
+                   topic write kiosk/v1/museum/k1/telemetry\n\
+                   topic write kiosk/v1/museum/k1/config/reported\n\
+                   topic read kiosk/v1/museum/k1/config/desired\n\
+                   topic read kiosk/v1/museum/k1/cmd/+\n";
+    std::fs::write(&acl, allowed)?;
+    let broker = Mosquitto::start_with(
+        &dir.path().join("broker"),
+        &format!("allow_anonymous true\nacl_file {}\n", acl.display()),
+    )?;
+    let mut kiosk = options(broker.port(), "k1", &dir.path().join("k1"));
+    // No keep-alive ping (nor telemetry) wakes the agent within the test's wait: only the
+    // retry timer can send the report again.
+    kiosk.mqtt.keep_alive_s = 600;
+    let (agent, _events) = Agent::start_retrying_after(kiosk, Duration::from_millis(100))?;
+    agent.report(&session(&agent, 1));
+    broker
+        .wait_for_log("Denied PUBLISH from k1", WAIT, "the report was not refused")
+        .await?;
+    assert_eq!(
+        (agent.status().delivered, agent.status().outbox_pending),
+        (0, 1)
+    );
+
+    // The broker now takes reports: the next retry delivers it.
+    std::fs::write(
+        &acl,
+        format!("{allowed}topic write kiosk/v1/museum/k1/sessions\n"),
+    )?;
+    let pid = broker.pid().context("the broker runs")?;
+    let reloaded = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    anyhow::ensure!(reloaded.success(), "SIGHUP to mosquitto");
+    wait_delivered(&agent, 1).await?;
+    assert!(
+        agent.status().connections == 1,
+        "delivered without a reconnect"
+    );
     agent.shutdown("done", WAIT).await;
     Ok(())
 }

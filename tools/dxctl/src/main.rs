@@ -276,7 +276,8 @@ async fn follow_sessions(link: &mut Link, count: Option<u64>, json: bool) -> Res
             "DEVICE", "ID", "ROUNDS", "PATH", "NOISE", "REFINE", "ENDING",
         ]))?;
     }
-    sessions::follow(
+    // The first failed write (a closed pipe, a full disk) ends the tail: nobody reads it.
+    sessions::follow_until(
         link,
         count,
         &mut dedup,
@@ -286,10 +287,12 @@ async fn follow_sessions(link: &mut Link, count: Option<u64>, json: bool) -> Res
             } else {
                 session_line(&sessions::row(&event))
             };
-            if failed.is_none()
-                && let Err(e) = out(&text)
-            {
-                failed = Some(e);
+            match out(&text) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e.context("writing to stdout"));
+                    std::ops::ControlFlow::Break(())
+                }
             }
         },
         |why| warn(&[why]),

@@ -2,6 +2,7 @@
 //! bounded memory (a report can arrive twice after a kiosk crash or a lost PUBACK).
 
 use std::collections::{HashSet, VecDeque};
+use std::ops::ControlFlow;
 
 use diffusionx_fleet::SessionReport;
 use diffusionx_fleet::topic::{self, Leaf, Topic};
@@ -135,6 +136,22 @@ pub async fn follow(
     count: Option<u64>,
     dedup: &mut Dedup,
     mut on_report: impl FnMut(SessionEvent),
+    on_malformed: impl FnMut(String),
+) -> Result<(), DxError> {
+    let on_report = |event| {
+        on_report(event);
+        ControlFlow::Continue(())
+    };
+    follow_until(link, count, dedup, on_report, on_malformed).await
+}
+
+/// [`follow`], also ending as soon as `on_report` breaks (the binary: its output is gone, as
+/// in `dxctl sessions --follow | head`).
+pub async fn follow_until(
+    link: &mut Link,
+    count: Option<u64>,
+    dedup: &mut Dedup,
+    mut on_report: impl FnMut(SessionEvent) -> ControlFlow<()>,
     mut on_malformed: impl FnMut(String),
 ) -> Result<(), DxError> {
     let mut seen = 0;
@@ -156,7 +173,9 @@ pub async fn follow(
         match serde_json::from_slice::<SessionReport>(&publish.payload) {
             Ok(report) if dedup.first_time(&report.id) => {
                 seen += 1;
-                on_report(SessionEvent { device, report });
+                if on_report(SessionEvent { device, report }).is_break() {
+                    return Ok(());
+                }
             }
             Ok(_) => {}
             Err(e) => on_malformed(format!("{name}: {e}")),

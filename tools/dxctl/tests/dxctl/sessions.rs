@@ -66,3 +66,52 @@ async fn a_report_published_twice_is_counted_once() {
         ["k2", "k2-3-1", "1", "local", "0.45", "9000 ms", "finished"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tail_stops_at_the_first_failed_write_with_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dxctl"))
+        .args(["--broker", &url, "--fleet", FLEET, "--client", "tail-1"])
+        .args(["sessions", "--follow", "--json"])
+        .env_remove("DXCTL_BROKER")
+        .env_remove("DXCTL_FLEET")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dxctl runs");
+    // Nobody reads its output any more (`dxctl sessions --follow --json | head -0`).
+    drop(child.stdout.take());
+    let pid = child.id();
+    let exited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    broker
+        .wait_for_log(
+            "Received SUBSCRIBE from tail-1",
+            std::time::Duration::from_secs(30),
+            "dxctl did not subscribe",
+        )
+        .await
+        .expect("subscribed");
+
+    let mut k1 = Kiosk::connect(&url, FLEET, "k1").await;
+    k1.send(Leaf::Sessions, &report("k1", 1, 1000, "cloud", 3000))
+        .await;
+    k1.send(Leaf::Sessions, &report("k1", 2, 2000, "cloud", 3000))
+        .await;
+    let output = match tokio::time::timeout(std::time::Duration::from_secs(30), exited).await {
+        Ok(output) => output.expect("not cancelled").expect("waited"),
+        Err(_) => {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .ok();
+            panic!("dxctl kept following after its output was gone");
+        }
+    };
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "dxctl: writing to stdout: Broken pipe (os error 32)\n"
+    );
+}
