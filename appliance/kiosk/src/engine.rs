@@ -64,12 +64,9 @@ impl EngineWorker {
         std::thread::Builder::new()
             .name("edge-engine".into())
             .spawn(move || {
-                for (job, cancel) in queue {
-                    if cancel.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    run(&pipeline, &settings, job, &cancel, &events);
-                }
+                serve(queue, &events, |job, cancel| {
+                    run(&pipeline, &settings, job, cancel, &events);
+                });
             })?;
         Ok(Self {
             jobs,
@@ -104,6 +101,39 @@ impl EngineWorker {
         if let Some(cancel) = self.current.take() {
             cancel.store(true, Ordering::Relaxed);
         }
+    }
+}
+
+/// Runs the jobs of `queue` one after the other with `work`. A job that panics (a bug in the
+/// engine or a model it cannot run) fails as its preview or refinement would on an error, so
+/// the session leaves its working screen, and the thread goes on with the next job: a panic
+/// must not leave the kiosk on "Generating" forever while the watchdog is still fed.
+fn serve(
+    queue: mpsc::Receiver<(Job, Arc<AtomicBool>)>,
+    events: &UnboundedSender<Event>,
+    mut work: impl FnMut(Job, &AtomicBool),
+) {
+    for (job, cancel) in queue {
+        if cancel.load(Ordering::Relaxed) {
+            continue;
+        }
+        let round = match &job {
+            Job::Preview { round, .. } => Some(*round),
+            Job::Refine(_) => None,
+        };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(job, &cancel)));
+        let Err(panic) = ran else { continue };
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!(%why, ?round, "the engine panicked; the job fails, the engine goes on");
+        let message = format!("The engine failed ({why})");
+        let _ = events.send(match round {
+            Some(round) => Event::PreviewFailed { round, message },
+            None => Event::LocalFailed { message },
+        });
     }
 }
 
@@ -251,5 +281,70 @@ fn preview_facts(
             tracing::warn!(%why, "no predictor features for this preview");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusionx_diffusion::NoiseLevel;
+
+    fn job(round: Option<u32>) -> (Job, Arc<AtomicBool>) {
+        let job = match round {
+            Some(round) => Job::Preview {
+                round,
+                prompt: "a fox".into(),
+                seed: 1,
+                steps: 2,
+            },
+            None => Job::Refine(Handover {
+                prompt: "a fox".into(),
+                seed: 1,
+                noise_level: NoiseLevel::from_bp(5000).expect("0.5 is a noise level"),
+                latent: Vec::new(),
+                observation: None,
+            }),
+        };
+        (job, Arc::new(AtomicBool::new(false)))
+    }
+
+    #[test]
+    fn a_panicking_job_fails_as_an_event_and_the_engine_serves_the_next() {
+        let (jobs, queue) = mpsc::channel();
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        for j in [Some(7), None, Some(8)] {
+            jobs.send(job(j)).expect("the queue is open");
+        }
+        drop(jobs);
+        serve(queue, &events, |job, _| match job {
+            Job::Preview { round: 8, .. } => {
+                let _ = events.send(Event::PreviewFailed {
+                    round: 8,
+                    message: "ran".into(),
+                });
+            }
+            Job::Preview { .. } => panic!("index out of bounds"),
+            Job::Refine(_) => panic!("{}", String::from("no plan")),
+        });
+        drop(events);
+        let mut got = Vec::new();
+        while let Ok(event) = received.try_recv() {
+            got.push(match event {
+                Event::PreviewFailed { round, message } => (Some(round), message),
+                Event::LocalFailed { message } => (None, message),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        assert_eq!(
+            got,
+            vec![
+                (
+                    Some(7),
+                    "The engine failed (index out of bounds)".to_string()
+                ),
+                (None, "The engine failed (no plan)".to_string()),
+                (Some(8), "ran".to_string()),
+            ]
+        );
     }
 }

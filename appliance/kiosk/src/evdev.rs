@@ -160,7 +160,9 @@ pub struct KeyboardDecoder {
 }
 
 impl KeyboardDecoder {
-    /// Feeds one event; returns a key on a press (value 1) or auto-repeat (value 2).
+    /// Feeds one event; returns a key on a press (value 1), and on auto-repeat (value 2) for
+    /// keys that edit text (characters, space, backspace). Enter and Escape act once per
+    /// press: a held Enter must not start a preview and then cancel it by repeating.
     pub fn feed(&mut self, e: InputEvent) -> Option<Key> {
         if e.kind != EV_KEY {
             return None;
@@ -179,6 +181,9 @@ impl KeyboardDecoder {
             1 => Key::Clear,
             code => Key::Char(self.char_of(code)?),
         };
+        if e.value == 2 && matches!(key, Key::Done | Key::Clear) {
+            return None;
+        }
         Some(key)
     }
 
@@ -442,6 +447,50 @@ mod tests {
                 Key::Char('!'),
                 Key::Backspace,
                 Key::Done
+            ]
+        );
+    }
+
+    #[test]
+    fn held_enter_and_escape_act_once_while_held_characters_repeat() {
+        let mut k = KeyboardDecoder::default();
+        let press = |code| ev(EV_KEY, code, 1);
+        let repeat = |code| ev(EV_KEY, code, 2);
+        let release = |code| ev(EV_KEY, code, 0);
+        let events = [
+            press(28), // Enter, held
+            repeat(28),
+            repeat(28),
+            release(28),
+            press(96), // keypad Enter, held
+            repeat(96),
+            release(96),
+            press(1), // Escape, held
+            repeat(1),
+            release(1),
+            press(30), // a, held
+            repeat(30),
+            release(30),
+            press(14), // Backspace, held
+            repeat(14),
+            release(14),
+            press(57), // Space, held
+            repeat(57),
+            release(57),
+        ];
+        let keys: Vec<Key> = events.into_iter().filter_map(|e| k.feed(e)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                Key::Done,
+                Key::Done,
+                Key::Clear,
+                Key::Char('a'),
+                Key::Char('a'),
+                Key::Backspace,
+                Key::Backspace,
+                Key::Space,
+                Key::Space,
             ]
         );
     }

@@ -298,6 +298,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 (Ok(None), "shutdown")
             }
         };
+        // A visitor's session in progress ends here: reported (abandoned, or finished if they
+        // had their picture) before the agent goes. A finished script leaves its screens as
+        // they were (the demo's snapshots).
+        if reason != "script finished"
+            && let Err(e) = kiosk.interrupt()
+        {
+            tracing::error!("ending the session: {e:#}");
+        }
         // Tell the fleet why this kiosk goes offline (else the broker's last will says
         // "connection lost"); reports not yet sent stay in the outbox for the next start.
         if let Some(fleet) = kiosk.take_fleet() {

@@ -9,19 +9,62 @@ use diffusionx_fleet::{Finalize, RoundReport, SessionReport};
 use diffusionx_ui::FinalPath;
 use serde_json::{Value, json};
 
-use crate::session::{Ending, SessionRecord};
+use crate::session::{Ending, RoundRecord, SessionRecord};
+use diffusionx_diffusion::NoiseLevel;
 
 /// The folder holding `current.json` and `reports.jsonl`.
 #[derive(Debug, Clone)]
 pub struct RecordStore {
     dir: PathBuf,
+    /// The fleet agent's boot counter, kept in `current.json` so that a session the kiosk
+    /// could not end (power cut, crash) is reported after the restart under its own boot.
+    boot: Option<u64>,
+}
+
+/// A session record found in `current.json` at start-up: the kiosk stopped before it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Leftover {
+    /// The record as last saved.
+    pub record: SessionRecord,
+    /// The boot it was saved under, when the kiosk had a fleet agent then.
+    pub boot: Option<u64>,
 }
 
 impl RecordStore {
     /// Uses (and creates) `dir`.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.into() })
+        Ok(Self {
+            dir: dir.into(),
+            boot: None,
+        })
+    }
+
+    /// Keeps `boot` (the fleet agent's boot counter) in every `current.json` from now on.
+    pub fn set_boot(&mut self, boot: u64) {
+        self.boot = Some(boot);
+    }
+
+    /// The record of a session that never ended (the kiosk was stopped, crashed or lost power
+    /// mid-session), if `current.json` holds one. `Ok(None)` also when the file cannot be
+    /// read as a record (logged): it cannot be reported, [`RecordStore::finish`] removes it.
+    pub fn leftover(&self) -> std::io::Result<Option<Leftover>> {
+        let path = self.dir.join("current.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let parsed = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|json| Some((from_json(&json)?, json["boot"].as_u64())));
+        match parsed {
+            Some((record, boot)) => Ok(Some(Leftover { record, boot })),
+            None => {
+                tracing::error!(path = %path.display(), "an unreadable session record");
+                Ok(None)
+            }
+        }
     }
 
     /// The record of the session in progress: replaced atomically (write, fsync, rename), so a
@@ -29,8 +72,12 @@ impl RecordStore {
     pub fn save(&self, record: &SessionRecord) -> std::io::Result<()> {
         let path = self.dir.join("current.json");
         let tmp = self.dir.join("current.json.tmp");
+        let mut json = to_json(record);
+        if let Some(boot) = self.boot {
+            json["boot"] = boot.into();
+        }
         let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(to_json(record).to_string().as_bytes())?;
+        file.write_all(json.to_string().as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         // The rename itself is durable once the folder is synced.
@@ -40,13 +87,44 @@ impl RecordStore {
     /// Appends a finished session to `reports.jsonl` (one JSON object per line, fsynced) and
     /// removes `current.json`.
     pub fn report(&self, record: &SessionRecord) -> std::io::Result<()> {
+        self.append(record)?;
+        self.finish()
+    }
+
+    /// Appends a finished session to `reports.jsonl` (one JSON object per line, fsynced),
+    /// leaving `current.json` alone.
+    pub fn append(&self, record: &SessionRecord) -> std::io::Result<()> {
+        self.append_line(&to_json(record).to_string())
+    }
+
+    fn append_line(&self, line: &str) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.dir.join("reports.jsonl");
         let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
-            .open(self.dir.join("reports.jsonl"))?;
-        writeln!(file, "{}", to_json(record))?;
-        file.sync_all()?;
-        self.finish()
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        let mut text = String::with_capacity(line.len() + 2);
+        if len == 0 {
+            // A new file is durable once the folder is synced.
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        } else {
+            // A power cut mid-append leaves a torn last line without its newline: end it
+            // (readers skip it) so this report starts a line of its own.
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1))?;
+            file.read_exact(&mut last)?;
+            if last[0] != b'\n' {
+                text.push('\n');
+            }
+        }
+        text.push_str(line);
+        text.push('\n');
+        // One write: appended as a whole (O_APPEND), whatever the seek above did.
+        file.write_all(text.as_bytes())?;
+        file.sync_all()
     }
 
     /// The session is over and its report is in the fleet outbox: removes `current.json`.
@@ -99,6 +177,57 @@ pub fn to_json(record: &SessionRecord) -> Value {
         "thumbs_up": record.thumbs_up,
         "blocked_prompts": record.blocked_prompts,
         "ending": ending_name(record.ending),
+    })
+}
+
+/// A record read back from [`to_json`] (`None` if `json` is not one).
+pub fn from_json(json: &Value) -> Option<SessionRecord> {
+    let opt_u64 = |key: &str| json[key].as_u64();
+    let rounds = json["rounds"]
+        .as_array()?
+        .iter()
+        .map(|r| {
+            Some(RoundRecord {
+                prompt: r["prompt"].as_str()?.into(),
+                seed: r["seed"].as_u64()?,
+                steps: u16::try_from(r["steps"].as_u64()?).ok()?,
+                preview_ms: r["preview_ms"].as_u64(),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(SessionRecord {
+        number: opt_u64("session")?,
+        rounds,
+        noise_level: json["noise_level"]
+            .as_f64()
+            .and_then(|f| NoiseLevel::from_fraction(f as f32)),
+        predictor: serde_json::from_value(json["predictor"].clone())
+            .ok()
+            .map(Box::new),
+        predictor_error: json["predictor_error"].as_str().map(Into::into),
+        path: match json["path"].as_str() {
+            Some("cloud") => Some(FinalPath::Cloud),
+            Some("local") => Some(FinalPath::Local),
+            _ => None,
+        },
+        cloud_steps: opt_u64("cloud_steps").and_then(|s| u16::try_from(s).ok()),
+        cloud_load: json["cloud_load"].as_object().and_then(|load| {
+            let depth = u32::try_from(load.get("queue_depth")?.as_u64()?).ok()?;
+            let wait = u32::try_from(load.get("expected_wait_ms")?.as_u64()?).ok()?;
+            Some((depth, wait))
+        }),
+        fallback_reason: json["fallback_reason"].as_str().map(Into::into),
+        refine_ms: opt_u64("refine_ms"),
+        thumbs_up: json["thumbs_up"].as_bool(),
+        blocked_prompts: opt_u64("blocked_prompts")
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        ending: match json["ending"].as_str()? {
+            "finished" => Ending::Finished,
+            "abandoned" => Ending::Abandoned,
+            "failed" => Ending::Failed,
+            _ => Ending::Open,
+        },
     })
 }
 
@@ -179,8 +308,6 @@ fn ending_name(ending: Ending) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::RoundRecord;
-    use diffusionx_diffusion::NoiseLevel;
     use diffusionx_fleet::{PromptField, PromptPrivacy};
 
     #[test]
@@ -236,10 +363,59 @@ mod tests {
         let back: diffusionx_fleet::PredictorReport =
             serde_json::from_value(local["predictor"].clone()).expect("a predictor report");
         assert_eq!(back, predictor_report());
+        // And reads back whole (a record left by a stopped kiosk is reported after restart).
+        assert_eq!(from_json(&local), Some(record.clone()));
         assert_eq!(report.extra["blocked_prompts"], 2);
         assert_eq!(report.ending, "finished");
         context.privacy = PromptPrivacy::None;
         assert_eq!(session_report(&record, &context).rounds[0].prompt, None);
+    }
+
+    fn finished(number: u64) -> SessionRecord {
+        SessionRecord {
+            number,
+            rounds: Vec::new(),
+            noise_level: None,
+            predictor: None,
+            predictor_error: None,
+            cloud_steps: None,
+            path: None,
+            cloud_load: None,
+            fallback_reason: None,
+            refine_ms: None,
+            thumbs_up: None,
+            blocked_prompts: 0,
+            ending: Ending::Abandoned,
+        }
+    }
+
+    fn sessions(store: &RecordStore) -> Vec<u64> {
+        let reports = store.reports().expect("readable reports");
+        reports
+            .iter()
+            .map(|r| r["session"].as_u64().expect("a session number"))
+            .collect()
+    }
+
+    #[test]
+    fn a_report_after_a_line_torn_by_a_power_cut_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let store = RecordStore::open(dir.path()).expect("a record store");
+        store.report(&finished(1)).expect("written");
+        // The power went while session 2's report was being appended.
+        let path = dir.path().join("reports.jsonl");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("the reports");
+        file.write_all(br#"{"session":2,"rou"#).expect("torn");
+        drop(file);
+        store.report(&finished(3)).expect("written");
+        store.report(&finished(4)).expect("written");
+        assert_eq!(sessions(&store), [1, 3, 4]);
+        let text = std::fs::read_to_string(&path).expect("the reports");
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.ends_with("}\n"));
     }
 
     fn predictor_report() -> diffusionx_fleet::PredictorReport {

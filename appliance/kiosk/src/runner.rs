@@ -16,7 +16,9 @@ use crate::evdev::Input;
 use crate::level::LevelChooser;
 use crate::records::{RecordStore, ReportContext, session_report};
 use crate::script::{ScreenKind, Step};
-use crate::session::{CloudFailure, Command, Event, Handover, Session, SessionConfig};
+use crate::session::{
+    CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig, SessionRecord,
+};
 use diffusionx_agent::{Agent, AgentEvent};
 use diffusionx_fleet::{NoisePolicy, PromptPrivacy, Settings};
 use diffusionx_ui::Action;
@@ -90,6 +92,11 @@ pub struct Kiosk {
     layout: Layout,
     display: HeadlessDisplay,
     records: RecordStore,
+    /// Finished sessions whose report could not be written (no `[mqtt]`), oldest first:
+    /// retried at every write until the store takes them.
+    unsent: Vec<SessionRecord>,
+    /// Writes to the record store that failed since start-up.
+    record_failures: u64,
     snapshots: Option<PathBuf>,
     shown: Option<ScreenKind>,
     written: Vec<PathBuf>,
@@ -106,6 +113,10 @@ pub struct Kiosk {
     /// The weights the kiosk came with (operators' weights replace them until removed).
     own_predictor: Option<diffusionx_predictor::Weights>,
 }
+
+/// Session reports kept in memory while the record store cannot take them (a few hundred
+/// bytes each).
+const MAX_UNSENT: usize = 1000;
 
 /// Receives every frame the kiosk draws (a hardware display's `present`).
 pub type FrameSink = Box<dyn FnMut(&HeadlessDisplay) + Send>;
@@ -135,8 +146,12 @@ impl Kiosk {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let settings = parts.fleet.as_ref().map(|f| f.agent.settings());
+        let mut session = parts.session;
+        // Without a link there is no cloud to try: local refinement is the design, not a
+        // fallback.
+        session.gateway = parts.link.is_some();
         let mut kiosk = Self {
-            session: Session::new(parts.session, Instant::now()),
+            session: Session::new(session, Instant::now()),
             engine,
             events_tx,
             events,
@@ -146,6 +161,8 @@ impl Kiosk {
             layout: parts.layout,
             display: HeadlessDisplay::new(w, h),
             records: parts.records,
+            unsent: Vec::new(),
+            record_failures: 0,
             snapshots: parts.snapshots,
             shown: None,
             written: Vec::new(),
@@ -161,6 +178,10 @@ impl Kiosk {
             level: LevelChooser::new(parts.predictor.clone()),
             own_predictor: parts.predictor,
         };
+        if let Some(fleet) = &kiosk.fleet {
+            kiosk.records.set_boot(fleet.agent.boot());
+        }
+        kiosk.report_leftover();
         if let Some(rx) = kiosk.settings.as_mut() {
             let settings = rx.borrow_and_update().clone();
             kiosk.apply_settings(&settings);
@@ -235,6 +256,17 @@ impl Kiosk {
     /// The record store.
     pub fn records(&self) -> &RecordStore {
         &self.records
+    }
+
+    /// Writes to the record store that failed since start-up (a full or broken SD card): the
+    /// visitor still gets the picture, the operator reads this in the log.
+    pub fn record_failures(&self) -> u64 {
+        self.record_failures
+    }
+
+    /// Finished sessions whose report waits in memory for the record store to take it.
+    pub fn unsent_reports(&self) -> &[SessionRecord] {
+        &self.unsent
     }
 
     /// Plays `steps`; fails if a `wait` is not satisfied within `patience`.
@@ -397,10 +429,11 @@ impl Kiosk {
                 tracing::info!(round, "preview cancelled");
                 self.engine.cancel();
             }
-            Command::SaveRecord(record) => self
-                .records
-                .save(&record)
-                .context("writing the session record")?,
+            Command::SaveRecord(record) => {
+                self.flush_unsent();
+                let saved = self.records.save(&record);
+                self.record_trouble(saved, "writing the session record");
+            }
             Command::RefineInCloud(handover) => self.refine_in_cloud(handover),
             Command::RefineLocally(handover) => {
                 tracing::warn!(
@@ -411,36 +444,121 @@ impl Kiosk {
             }
             Command::Report(record) => {
                 tracing::info!(session = record.number, ending = ?record.ending, "session over");
-                match &self.fleet {
-                    Some(fleet) => {
-                        let report = session_report(
-                            &record,
-                            &ReportContext {
-                                device: &fleet.device,
-                                boot: fleet.agent.boot(),
-                                ts_ms: SystemTime::now()
-                                    .duration_since(UNIX_EPOCH)
-                                    .map_or(0, |d| d.as_millis() as u64),
-                                width: u32::from(self.resolution.width),
-                                height: u32::from(self.resolution.height),
-                                privacy: self.privacy,
-                                salt: &fleet.prompt_salt,
-                            },
-                        );
-                        // On disk before this returns; published when the broker is there.
-                        fleet.agent.report(&report);
-                        self.records
-                            .finish()
-                            .context("removing the session record")?;
-                    }
-                    None => self
-                        .records
-                        .report(&record)
-                        .context("writing the session report")?,
-                }
+                self.report(record, None);
             }
         }
         Ok(())
+    }
+
+    /// Ends the session in progress (the kiosk is stopping) and reports it.
+    pub fn interrupt(&mut self) -> anyhow::Result<()> {
+        for command in self.session.interrupt() {
+            self.execute(command)?;
+        }
+        self.render()
+    }
+
+    /// Reports the session a previous run left in `current.json` (stopped, crashed or out of
+    /// power mid-session) as abandoned, under the boot it was saved in.
+    fn report_leftover(&mut self) {
+        let leftover = match self.records.leftover() {
+            Ok(Some(leftover)) => leftover,
+            Ok(None) => {
+                let finished = self.records.finish();
+                self.record_trouble(finished, "removing the session record");
+                return;
+            }
+            Err(error) => {
+                let failed = Err(error);
+                self.record_trouble(failed, "reading the last session record");
+                return;
+            }
+        };
+        let mut record = leftover.record;
+        if record.ending == Ending::Open {
+            record.ending = Ending::Abandoned;
+        }
+        tracing::warn!(
+            session = record.number,
+            "the last run stopped mid-session: reported as abandoned"
+        );
+        // Without a saved boot the record is from the previous start (the counter grows by
+        // one per start), never this one's: its number must not collide with ours.
+        let boot = leftover.boot.or_else(|| {
+            self.fleet
+                .as_ref()
+                .map(|f| f.agent.boot().saturating_sub(1))
+        });
+        self.report(record, boot);
+    }
+
+    /// Sends a finished session's report to the fleet's outbox, or appends it to
+    /// `reports.jsonl` without a fleet; `boot` is this run's unless given.
+    fn report(&mut self, record: SessionRecord, boot: Option<u64>) {
+        match &self.fleet {
+            Some(fleet) => {
+                let report = session_report(
+                    &record,
+                    &ReportContext {
+                        device: &fleet.device,
+                        boot: boot.unwrap_or_else(|| fleet.agent.boot()),
+                        ts_ms: SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64),
+                        width: u32::from(self.resolution.width),
+                        height: u32::from(self.resolution.height),
+                        privacy: self.privacy,
+                        salt: &fleet.prompt_salt,
+                    },
+                );
+                // On disk before this returns; published when the broker is there.
+                fleet.agent.report(&report);
+                let finished = self.records.finish();
+                self.record_trouble(finished, "removing the session record");
+            }
+            None => {
+                if self.unsent.len() >= MAX_UNSENT {
+                    // A card dead for days: memory is finite too; the oldest goes.
+                    let lost = self.unsent.remove(0);
+                    tracing::error!(session = lost.number, "a session report was dropped");
+                }
+                self.unsent.push(record);
+                self.flush_unsent();
+                if self.unsent.is_empty() {
+                    let finished = self.records.finish();
+                    self.record_trouble(finished, "removing the session record");
+                }
+            }
+        }
+    }
+
+    /// Appends the reports waiting in memory, oldest first, until one fails (it and the rest
+    /// wait for the next write).
+    fn flush_unsent(&mut self) {
+        while let Some(record) = self.unsent.first() {
+            let appended = self.records.append(record);
+            if !self.record_trouble(appended, "writing the session report") {
+                tracing::warn!(
+                    waiting = self.unsent.len(),
+                    "session reports kept in memory until the record store takes them"
+                );
+                return;
+            }
+            self.unsent.remove(0);
+        }
+    }
+
+    /// Logs and counts a failed write to the record store; true when it worked. A full or
+    /// broken SD card must not end a visitor's session: the picture matters more.
+    fn record_trouble(&mut self, result: std::io::Result<()>, what: &str) -> bool {
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                self.record_failures += 1;
+                tracing::error!(%error, failures = self.record_failures, "{what} failed");
+                false
+            }
+        }
     }
 
     /// Operators' settings: the session's at its next round or finalize, the cloud's at its

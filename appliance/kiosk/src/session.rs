@@ -30,7 +30,12 @@ pub struct SessionConfig {
     pub max_prompt_bytes: usize,
     /// Words a prompt may not contain (whole words, any case; operators set it over MQTT).
     pub blocklist: Vec<String>,
+    /// Whether the kiosk has a gateway. Without one every picture is refined locally from the
+    /// start, reported with the reason [`LOCAL_ONLY`]: that is the design, not a fallback.
+    pub gateway: bool,
 }
+
+pub use diffusionx_fleet::payload::LOCAL_ONLY;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -42,6 +47,7 @@ impl Default for SessionConfig {
             hint: "Touch the screen to make a picture".into(),
             max_prompt_bytes: 1024,
             blocklist: Vec::new(),
+            gateway: true,
         }
     }
 }
@@ -78,7 +84,7 @@ pub enum Event {
     Action(Action),
     /// The edge engine finished step `step` of `total` of preview `round`.
     PreviewStep {
-        /// The round.
+        /// The preview's number ([`Command::StartPreview`]).
         round: u32,
         /// Steps done.
         step: u16,
@@ -89,7 +95,7 @@ pub enum Event {
     },
     /// Preview `round` is done.
     PreviewDone {
-        /// The round.
+        /// The preview's number.
         round: u32,
         /// The decoded preview.
         image: RgbImage,
@@ -100,7 +106,7 @@ pub enum Event {
     },
     /// Preview `round` failed.
     PreviewFailed {
-        /// The round.
+        /// The preview's number.
         round: u32,
         /// What went wrong.
         message: String,
@@ -203,7 +209,8 @@ pub struct Handover {
 pub enum Command {
     /// Run a preview on the edge engine.
     StartPreview {
-        /// The round (1-based); events about it carry it.
+        /// The preview's number (1-based), counted over the kiosk's lifetime, not the
+        /// session's round: events about it carry it, and a number is never reused.
         round: u32,
         /// The prompt.
         prompt: String,
@@ -214,7 +221,7 @@ pub enum Command {
     },
     /// Stop preview `round` (the visitor changed the prompt).
     CancelPreview {
-        /// The round.
+        /// The preview's number.
         round: u32,
     },
     /// Write the session record durably (before the network is touched).
@@ -293,11 +300,12 @@ enum State {
         pressed: Option<Key>,
     },
     Generating {
-        round: u32,
+        /// The preview's number over the kiosk's lifetime (what the engine's events carry).
+        preview: u32,
         started: Instant,
         step: u16,
         total: u16,
-        preview: Option<RgbImage>,
+        image: Option<RgbImage>,
     },
     Previewing {
         image: RgbImage,
@@ -327,7 +335,11 @@ pub struct Session {
     state: State,
     prompt: String,
     seed: u64,
+    /// This session's round (shown to the visitor).
     round: u32,
+    /// Previews started since start-up: a preview's number, never reused, so a late event of
+    /// an earlier session's preview cannot pass for the current one.
+    previews: u32,
     sessions: u64,
     record: SessionRecord,
     last_input: Instant,
@@ -354,6 +366,7 @@ impl Session {
             state: State::Attract,
             prompt: String::new(),
             round: 0,
+            previews: 0,
             sessions: 0,
             record: new_record(0),
             last_input: now,
@@ -417,17 +430,13 @@ impl Session {
                 notice: self.notice.clone(),
             },
             State::Generating {
-                step,
-                total,
-                preview,
-                round,
-                ..
+                step, total, image, ..
             } => Screen::Generating {
                 prompt: self.prompt.clone(),
                 step: *step,
                 total: *total,
-                preview: preview.clone(),
-                round: *round,
+                preview: image.clone(),
+                round: self.round,
             },
             State::Previewing { image, .. } => Screen::Preview {
                 prompt: self.prompt.clone(),
@@ -465,6 +474,15 @@ impl Session {
             }
             other => self.progress(other, now, &mut out),
         }
+        out
+    }
+
+    /// The kiosk is stopping (SIGTERM, an operator's restart): ends the session in progress,
+    /// reported as abandoned (or finished, if its picture was shown), and shows the attract
+    /// screen. Nothing when no session is open.
+    pub fn interrupt(&mut self) -> Vec<Command> {
+        let mut out = Vec::new();
+        self.end(Ending::Abandoned, &mut out);
         out
     }
 
@@ -520,9 +538,9 @@ impl Session {
             }
             // Typing while a preview runs: the visitor is changing the prompt, so the running
             // preview is stale. Cancel it and edit.
-            (State::Generating { round, .. }, Action::Key(key)) => {
-                let round = *round;
-                self.cancel_round(round, out);
+            (State::Generating { preview, .. }, Action::Key(key)) => {
+                let preview = *preview;
+                self.cancel_round(preview, out);
                 self.state = State::Editing {
                     shift: false,
                     pressed: None,
@@ -531,9 +549,9 @@ impl Session {
                     self.action(Action::Key(key), now, out);
                 }
             }
-            (State::Generating { round, .. }, Action::EditPrompt) => {
-                let round = *round;
-                self.cancel_round(round, out);
+            (State::Generating { preview, .. }, Action::EditPrompt) => {
+                let preview = *preview;
+                self.cancel_round(preview, out);
                 self.state = State::Editing {
                     shift: false,
                     pressed: None,
@@ -569,6 +587,18 @@ impl Session {
                 };
                 let image = image.clone();
                 self.record.noise_level = Some(self.config.noise_level);
+                if !self.config.gateway {
+                    self.record.fallback_reason = Some(LOCAL_ONLY.into());
+                    out.push(Command::SaveRecord(self.record.clone()));
+                    out.push(Command::RefineLocally(handover.clone()));
+                    self.state = State::Refining {
+                        status: RefineStatus::Local { step: 0, total: 0 },
+                        image,
+                        handover,
+                        started: now,
+                    };
+                    return;
+                }
                 // The record is durable before the network is touched.
                 out.push(Command::SaveRecord(self.record.clone()));
                 out.push(Command::RefineInCloud(handover.clone()));
@@ -595,10 +625,10 @@ impl Session {
         match (&mut self.state, event) {
             (
                 State::Generating {
-                    round,
+                    preview,
                     step,
                     total,
-                    preview,
+                    image: shown,
                     ..
                 },
                 Event::PreviewStep {
@@ -607,11 +637,15 @@ impl Session {
                     total: t,
                     image,
                 },
-            ) if *round == r => {
-                (*step, *total, *preview) = (s, t, Some(image));
+            ) if *preview == r => {
+                (*step, *total, *shown) = (s, t, Some(image));
             }
             (
-                State::Generating { round, started, .. },
+                State::Generating {
+                    preview: round,
+                    started,
+                    ..
+                },
                 Event::PreviewDone {
                     round: r,
                     image,
@@ -634,8 +668,8 @@ impl Session {
                 // The idle timer restarts when the result appears.
                 self.last_input = now;
             }
-            (State::Generating { round, .. }, Event::PreviewFailed { round: r, message })
-                if *round == r =>
+            (State::Generating { preview, .. }, Event::PreviewFailed { round: r, message })
+                if *preview == r =>
             {
                 self.state = State::Failed {
                     title: "The preview did not work".into(),
@@ -712,6 +746,7 @@ impl Session {
 
     fn start_round(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.round += 1;
+        self.previews += 1;
         self.record.rounds.push(RoundRecord {
             prompt: self.prompt.clone(),
             seed: self.seed,
@@ -719,17 +754,17 @@ impl Session {
             preview_ms: None,
         });
         out.push(Command::StartPreview {
-            round: self.round,
+            round: self.previews,
             prompt: self.prompt.clone(),
             seed: self.seed,
             steps: self.config.preview_steps,
         });
         self.state = State::Generating {
-            round: self.round,
+            preview: self.previews,
             started: now,
             step: 0,
             total: self.config.preview_steps,
-            preview: None,
+            image: None,
         };
     }
 
@@ -746,8 +781,8 @@ impl Session {
     }
 
     fn end(&mut self, ending: Ending, out: &mut Vec<Command>) {
-        if let State::Generating { round, .. } = self.state {
-            out.push(Command::CancelPreview { round });
+        if let State::Generating { preview, .. } = self.state {
+            out.push(Command::CancelPreview { round: preview });
         }
         if self.sessions > 0 && !self.reported {
             if self.record.ending == Ending::Open {

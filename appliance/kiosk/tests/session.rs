@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_kiosk::session::{
-    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, PreviewFacts, Session,
-    SessionConfig,
+    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, LOCAL_ONLY, PreviewFacts,
+    Session, SessionConfig,
 };
 use diffusionx_predictor::{LatentStats, Observation};
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
@@ -437,4 +437,80 @@ fn operator_settings_apply_to_the_next_round() {
         ),
         "{commands:?}"
     );
+}
+
+#[test]
+fn a_late_preview_of_the_previous_visitor_is_not_taken_for_the_next_ones() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("first visitor");
+    let (first, _, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    // They edit (cancelling the preview) and walk away.
+    assert_eq!(
+        sim.act(Action::EditPrompt),
+        vec![Command::CancelPreview { round: first }]
+    );
+    assert!(matches!(
+        &sim.at(61.0, Event::Tick)[..],
+        [Command::Report(_)]
+    ));
+    // The next visitor's first round is another preview, with a number never used before.
+    sim.act(Action::StartSession);
+    sim.typed("second visitor");
+    let (second, prompt, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!(prompt, "second visitor");
+    assert_ne!(second, first);
+    // The first visitor's preview finished before it saw the cancel: its picture is not shown.
+    assert_eq!(sim.preview_done(first, 0.5, 1.0), vec![]);
+    assert!(
+        matches!(sim.session.screen(), Screen::Generating { round: 1, .. }),
+        "the visitor still sees their first round being made"
+    );
+    assert_eq!(sim.preview_done(second, 0.5, 2.0), vec![]);
+    match sim.session.screen() {
+        Screen::Preview {
+            image: shown,
+            round,
+            ..
+        } => {
+            assert_eq!((shown, round), (image(second as u8), 1));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn without_a_gateway_every_picture_is_refined_locally_and_that_is_no_fallback() {
+    let mut sim = Sim::new();
+    sim.session.config_mut().gateway = false;
+    sim.act(Action::StartSession);
+    sim.typed("tree");
+    let (round, _, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    sim.preview_done(round, 1.0, 0.5);
+    let cmds = sim.act(Action::Finalize);
+    // No cloud to try: straight to the kiosk's own refinement, the record saved first.
+    match &cmds[..] {
+        [Command::SaveRecord(record), Command::RefineLocally(h)] => {
+            assert_eq!(record.fallback_reason.as_deref(), Some(LOCAL_ONLY));
+            assert_eq!((h.latent.clone(), h.noise_level.bp()), (vec![0.5; 4], 4000));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::Refining {
+            status: RefineStatus::Local { .. },
+            ..
+        }
+    ));
+    sim.at(1.0, Event::LocalDone { image: image(5) });
+    let cmds = sim.act(Action::NewPicture);
+    match &cmds[..] {
+        [Command::Report(r)] => {
+            assert_eq!(r.path, Some(FinalPath::Local));
+            assert_eq!(r.fallback_reason.as_deref(), Some("local-only"));
+            assert_eq!(r.ending, Ending::Finished);
+        }
+        other => panic!("{other:?}"),
+    }
 }
