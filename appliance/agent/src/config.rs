@@ -106,6 +106,18 @@ impl MqttConfig {
         Ok(address)
     }
 
+    /// Everything [`MqttConfig::validate`] checks, and the files the connection will read:
+    /// the password file and the TLS files (`kiosk --check` runs this, so a broken
+    /// certificate or password file is found before the agent starts, not after).
+    pub fn check(&self) -> Result<BrokerAddress, MqttConfigError> {
+        let address = self.validate()?;
+        self.password()?;
+        if address.tls {
+            self.tls()?;
+        }
+        Ok(address)
+    }
+
     /// The password, read from `password_file`.
     pub fn password(&self) -> Result<Option<String>, MqttConfigError> {
         let Some(path) = &self.password_file else {
@@ -132,6 +144,14 @@ impl MqttConfig {
             roots
                 .add(cert)
                 .map_err(|e| invalid("ca", format!("{}: {e}", ca.display())))?;
+        }
+        if roots.is_empty() {
+            // A file with no PEM certificate in it (the wrong file, a key, garbage) would
+            // trust nothing: every connection would fail its handshake, hours later.
+            return Err(invalid(
+                "ca",
+                format!("{}: no certificate in the file", ca.display()),
+            ));
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -17,6 +17,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::session::CloudFailure;
 
+/// The noise level `choose` settled on, ready once the kiosk may send the latent (it writes
+/// the decision into the session record first).
+pub type Choice =
+    std::pin::Pin<Box<dyn std::future::Future<Output = diffusionx_diffusion::NoiseLevel> + Send>>;
+
 /// Why the link could not be set up (bad certificates or keys: a configuration error).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -301,7 +306,8 @@ impl Link {
 
     /// Probes the gateway's load and, when it accepts work, runs `job` there (one connection);
     /// `choose` sets the job's noise level from the probe's answer and the link's measurements
-    /// (the noise level predictor), `progress` sees the load, the queue position and the steps.
+    /// (the noise level predictor) and the request goes out when its [`Choice`] is ready,
+    /// `progress` sees the load, the queue position and the steps.
     /// A gateway that is full or stopping is answered [`CloudFailure::Busy`] before the latent
     /// is sent. Gives up with [`CloudFailure::Deadline`] after the configured deadline
     /// (resetting the stream, which cancels the job on the gateway). Each job's upload,
@@ -309,7 +315,7 @@ impl Link {
     pub async fn refine(
         &self,
         job: &CloudJob,
-        choose: &mut (dyn FnMut(&Measured) -> diffusionx_diffusion::NoiseLevel + Send),
+        choose: &mut (dyn FnMut(&Measured) -> Choice + Send),
         progress: &mut (dyn FnMut(CloudProgress) + Send),
     ) -> Result<CloudResult, CloudFailure> {
         let deadline_ms = u32::try_from(self.config.deadline.as_millis()).unwrap_or(u32::MAX);
@@ -368,7 +374,7 @@ impl Link {
                 return Err(CloudFailure::Busy);
             }
             let measured = self.measure(&connection, load, &request)?;
-            request.noise_level = choose(&measured);
+            request.noise_level = choose(&measured).await;
             let answer = self
                 .exchange(
                     &connection,

@@ -68,6 +68,11 @@ fn main() -> std::process::ExitCode {
 fn run(args: &Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = KioskConfig::load(&args.config)?;
+    if let Some(mqtt) = &config.mqtt {
+        // The files the agent reads when it connects: a broken CA, certificate, key or
+        // password file fails here (and `--check`), not after the check said all is well.
+        mqtt.check().context("the [mqtt] credentials")?;
+    }
     let mut engine_config = EngineConfig::default();
     if config.model.threads > 0 {
         engine_config.threads = config.model.threads;

@@ -373,19 +373,8 @@ mod tests {
 
     fn finished(number: u64) -> SessionRecord {
         SessionRecord {
-            number,
-            rounds: Vec::new(),
-            noise_level: None,
-            predictor: None,
-            predictor_error: None,
-            cloud_steps: None,
-            path: None,
-            cloud_load: None,
-            fallback_reason: None,
-            refine_ms: None,
-            thumbs_up: None,
-            blocked_prompts: 0,
             ending: Ending::Abandoned,
+            ..crate::session::new_record(number)
         }
     }
 

@@ -10,7 +10,7 @@ use diffusionx_protocol::{JobId, Resolution, Scheduler, SessionId};
 use diffusionx_ui::{HeadlessDisplay, Layout, Screen};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::cloud::{CloudJob, CloudProgress, Link, Measured};
+use crate::cloud::{Choice, CloudJob, CloudProgress, Link, Measured};
 use crate::engine::{EngineSettings, EngineWorker};
 use crate::evdev::Input;
 use crate::level::LevelChooser;
@@ -22,7 +22,7 @@ use crate::session::{
 use diffusionx_agent::{Agent, AgentEvent};
 use diffusionx_fleet::{NoisePolicy, PromptPrivacy, Settings};
 use diffusionx_ui::Action;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// How the cloud refines (sent with every job).
 #[derive(Debug, Clone)]
@@ -112,6 +112,9 @@ pub struct Kiosk {
     level: LevelChooser,
     /// The weights the kiosk came with (operators' weights replace them until removed).
     own_predictor: Option<diffusionx_predictor::Weights>,
+    /// Tells the cloud job in progress that the session record holds its noise level
+    /// decision: the latent leaves the kiosk only then.
+    decision_saved: Option<oneshot::Sender<()>>,
 }
 
 /// Session reports kept in memory while the record store cannot take them (a few hundred
@@ -177,6 +180,7 @@ impl Kiosk {
             noise_policy: parts.noise_policy,
             level: LevelChooser::new(parts.predictor.clone()),
             own_predictor: parts.predictor,
+            decision_saved: None,
         };
         if let Some(fleet) = &kiosk.fleet {
             kiosk.records.set_boot(fleet.agent.boot());
@@ -407,9 +411,15 @@ impl Kiosk {
     }
 
     fn apply(&mut self, event: Event) -> anyhow::Result<()> {
+        let decided = matches!(event, Event::CloudDecided { .. });
         let commands = self.session.handle(event, Instant::now());
         for command in commands {
             self.execute(command)?;
+        }
+        if decided && let Some(saved) = self.decision_saved.take() {
+            // The session saved the record with the decision (`SaveRecord`) above, or it
+            // tried and the failure is counted: either way the write is over.
+            let _ = saved.send(());
         }
         self.render()
     }
@@ -603,7 +613,11 @@ impl Kiosk {
         let fixed = handover.noise_level;
         let steps_total = job.steps;
         let decided = events.clone();
-        let mut choose = move |measured: &Measured| {
+        // A job still waiting from an earlier session is released at once (its sender drops).
+        let (saved_tx, saved_rx) = oneshot::channel();
+        self.decision_saved = Some(saved_tx);
+        let mut saved_rx = Some(saved_rx);
+        let mut choose = move |measured: &Measured| -> Choice {
             let choice =
                 chooser.choose(observation.as_ref(), measured, steps_total, &policy, fixed);
             if let Some(report) = &choice.report {
@@ -623,7 +637,15 @@ impl Kiosk {
                 predictor: choice.report.map(Box::new),
                 predictor_error: choice.error,
             });
-            choice.level
+            let (level, saved) = (choice.level, saved_rx.take());
+            Box::pin(async move {
+                if let Some(saved) = saved {
+                    // Dropped without an answer only when the kiosk moved on (a new job or
+                    // shutting down): nothing is left to wait for.
+                    let _ = saved.await;
+                }
+                level
+            })
         };
         tokio::spawn(async move {
             let progress_events = events.clone();

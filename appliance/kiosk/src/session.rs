@@ -801,7 +801,8 @@ impl Session {
     }
 }
 
-fn new_record(number: u64) -> SessionRecord {
+/// An open session's empty record.
+pub(crate) fn new_record(number: u64) -> SessionRecord {
     SessionRecord {
         number,
         rounds: Vec::new(),
