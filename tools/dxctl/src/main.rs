@@ -241,11 +241,21 @@ async fn run(cli: Cli) -> Result<Exit> {
                 .into_iter()
                 .filter_map(|(name, state)| Some((name, state.telemetry?)))
                 .collect();
-            let mut rows = stats::from_telemetry(&telemetry);
+            let now = now_ms();
+            let stats::TelemetryStats { mut rows, stale } = stats::from_telemetry(&telemetry, now);
             if device.is_some() {
                 rows.retain(|row| row.scope != stats::FLEET_ROW);
             }
             print_stats(&rows, json)?;
+            if let Some(line) = stats::stale_line(&stale, now) {
+                // Under the table; on stderr with --json, whose stdout stays one JSON value
+                // (the fleet row lists them in `stale`).
+                if json {
+                    eprintln!("dxctl: {line}");
+                } else {
+                    out(&line)?;
+                }
+            }
             Ok(Exit::Done)
         }
         Subcommands::Config { action } => run_config(&cli.connection, action, json).await,

@@ -1,6 +1,9 @@
 //! `dxctl stats`: per-device and fleet numbers, either from retained telemetry (each kiosk's
 //! rolling window; fleet percentiles read from the merged histograms) or exactly from session
 //! reports saved by `sessions --follow --json` over a window ending at the newest report.
+//!
+//! Retained telemetry stays on the broker after its kiosk goes away: a sample older than its
+//! own window describes no part of the present, so it is left out and named as stale instead.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +12,7 @@ use diffusionx_fleet::{Histogram, Telemetry};
 use serde::Serialize;
 
 use crate::sessions::{Dedup, SessionEvent};
-use crate::table::{Table, ms};
+use crate::table::{Table, age, ms};
 
 /// The name of the fleet-wide row.
 pub const FLEET_ROW: &str = "(fleet)";
@@ -37,22 +40,62 @@ pub struct StatsRow {
     pub fallback_rate: Option<f64>,
     /// The window covered, seconds (`None` for a fleet row whose kiosks use different ones).
     pub window_s: Option<u64>,
+    /// Fleet row from telemetry: the kiosks left out because their telemetry is stale (not
+    /// serialized when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stale: Vec<String>,
+}
+
+/// A kiosk whose latest telemetry is older than the window it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    /// The device.
+    pub device: String,
+    /// Its latest telemetry's `ts_ms`.
+    pub ts_ms: u64,
+}
+
+/// [`from_telemetry`]'s answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryStats {
+    /// One row per current kiosk (sorted by device), then the fleet row.
+    pub rows: Vec<StatsRow>,
+    /// The kiosks left out, sorted by device.
+    pub stale: Vec<Stale>,
+}
+
+/// Whether `t` no longer describes the present at `now_ms`: its window `(ts - window, ts]`
+/// ended more than one window ago, so none of it overlaps the window ending now. (The payload
+/// does not carry the telemetry interval, so there is no extra margin for it; a live kiosk
+/// samples more often than once a window.)
+pub fn is_stale(t: &Telemetry, now_ms: u64) -> bool {
+    now_ms.saturating_sub(t.ts_ms) > t.window_s.saturating_mul(1000)
 }
 
 fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
     (denominator > 0).then(|| numerator as f64 / denominator as f64)
 }
 
-/// Rows from each device's latest telemetry (sorted by device), then the fleet row. The fleet's
+/// Rows from each device's latest telemetry (sorted by device), then the fleet row, leaving out
+/// (and listing) the kiosks whose telemetry [`is_stale`] at `now_ms` (Unix ms). The fleet's
 /// percentiles come from the sum of the kiosks' histograms; its fallback rate is the sum of
 /// fallbacks over the sum of finalizes (older kiosks without a `finalizes` count: their cloud
 /// samples plus their fallbacks).
-pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>) -> Vec<StatsRow> {
+pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> TelemetryStats {
+    let (stale, current): (Vec<_>, Vec<_>) =
+        telemetry.iter().partition(|(_, t)| is_stale(t, now_ms));
+    let stale: Vec<Stale> = stale
+        .into_iter()
+        .map(|(device, t)| Stale {
+            device: device.clone(),
+            ts_ms: t.ts_ms,
+        })
+        .collect();
     let mut rows = Vec::new();
     let (mut preview, mut cloud) = (Histogram::default(), Histogram::default());
     let (mut sessions, mut rounds, mut fallbacks, mut finalizes) = (0, 0, 0, 0);
     let mut windows: Vec<u64> = Vec::new();
-    for (device, t) in telemetry {
+    for (device, t) in current {
         rows.push(StatsRow {
             scope: device.clone(),
             sessions: t.sessions,
@@ -64,6 +107,7 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>) -> Vec<StatsRow> 
             cloud_p95_ms: t.cloud.histogram.quantile(0.95),
             fallback_rate: t.fallback_rate.map(f64::from),
             window_s: Some(t.window_s),
+            stale: Vec::new(),
         });
         preview.merge(&t.preview.histogram);
         cloud.merge(&t.cloud.histogram);
@@ -92,8 +136,26 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>) -> Vec<StatsRow> 
             [one] => Some(*one),
             _ => None,
         },
+        stale: stale.iter().map(|s| s.device.clone()).collect(),
     });
-    rows
+    TelemetryStats { rows, stale }
+}
+
+/// The line under the table naming the stale kiosks (`None` when there are none).
+pub fn stale_line(stale: &[Stale], now_ms: u64) -> Option<String> {
+    if stale.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = stale
+        .iter()
+        .map(|s| format!("{} ({})", s.device, age(now_ms, s.ts_ms)))
+        .collect();
+    let kiosks = if stale.len() == 1 { "kiosk" } else { "kiosks" };
+    Some(format!(
+        "stale: {} {kiosks} left out, telemetry older than its window: {}",
+        stale.len(),
+        names.join(", ")
+    ))
 }
 
 /// The exact nearest-rank percentile `percent` (0..=100) of `sorted` values.
@@ -152,6 +214,7 @@ impl Tally {
             cloud_p95_ms: nearest_rank(&self.cloud, 95),
             fallback_rate: ratio(self.local, self.finalizes),
             window_s: Some(window_s),
+            stale: Vec::new(),
         }
     }
 }
@@ -255,6 +318,7 @@ fn window_text(seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use diffusionx_fleet::LatencySummary;
 
     #[test]
     fn nearest_rank_percentiles() {
@@ -264,6 +328,35 @@ mod tests {
         assert_eq!(nearest_rank(&values[..1], 95), Some(10));
         assert_eq!(nearest_rank(&[], 50), None);
         assert_eq!(nearest_rank(&[3, 7, 9], 50), Some(7));
+    }
+
+    #[test]
+    fn telemetry_is_stale_once_its_whole_window_is_past() {
+        let mut t: Telemetry = serde_json::from_value(serde_json::json!({
+            "seq": 1, "ts_ms": 10_000_000, "boot": 1, "uptime_s": 1, "cpu_temp_c": null,
+            "mem_used_mb": null, "mem_total_mb": null, "rss_mb": null, "load1": null,
+            "window_s": 3600, "sessions": 0, "rounds": 0, "fallbacks": 0,
+            "fallback_rate": null,
+            "preview": LatencySummary::of(Histogram::default()),
+            "cloud": LatencySummary::of(Histogram::default()),
+            "outbox_pending": 0, "outbox_write_errors": 0
+        }))
+        .expect("telemetry");
+        assert!(!is_stale(&t, 10_000_000 + 3_600_000));
+        assert!(is_stale(&t, 10_000_000 + 3_600_001));
+        // A sample from the future (clock skew) is current.
+        assert!(!is_stale(&t, 0));
+        t.window_s = 60;
+        assert!(is_stale(&t, 10_000_000 + 60_001));
+        let stale = [Stale {
+            device: "k2".into(),
+            ts_ms: 0,
+        }];
+        assert_eq!(stale_line(&[], 0), None);
+        assert_eq!(
+            stale_line(&stale, 2 * 86_400_000).as_deref(),
+            Some("stale: 1 kiosk left out, telemetry older than its window: k2 (2d ago)")
+        );
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! end-to-end latency (receive time minus the report's `ts_ms`, which is when `Agent::report`
 //! was called: outbox write, the agent's one-in-flight queue, the broker, the subscriber),
 //! reports lost (expected minus distinct received: must be 0), duplicates, peak memory.
+//!
+//! Only the ids this run made count: other simulators on the same broker and fleet
+//! (`--first-device`) publish on the same topic, and counting their reports would hide lost ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,6 +67,9 @@ pub struct BenchResult {
     pub duplicates: u64,
     /// Messages on the sessions topic that were not session reports.
     pub malformed: u64,
+    /// Reports on the sessions topic that this run did not make (other simulators or kiosks,
+    /// earlier runs), left out of every other figure.
+    pub foreign: u64,
     /// Distinct reports per second from the first report to the last delivery.
     pub rate: f64,
     /// Latency percentiles, ms (first arrival of each id).
@@ -80,8 +86,20 @@ pub struct BenchResult {
     pub peak_rss_mb: Option<u64>,
     /// The broker's peak RSS, MiB (own broker only).
     pub broker_peak_rss_mb: Option<u64>,
-    /// The broker's version line (own broker only).
-    pub broker: String,
+    /// The broker measured.
+    pub broker: Broker,
+}
+
+/// The broker a benchmark ran against.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Broker {
+    /// Not known yet ([`figures`] leaves it so).
+    #[default]
+    Unknown,
+    /// The bench's own mosquitto on this machine: its version line.
+    Own(String),
+    /// `--broker`: its URL (its machine, persistence and logging are not the bench's to know).
+    External(String),
 }
 
 #[derive(Deserialize)]
@@ -158,9 +176,14 @@ impl Subscriber {
         })
     }
 
-    fn distinct(&self) -> usize {
+    /// How many of `made` arrived (other ids on the topic are not this run's).
+    fn distinct_of(&self, made: &BTreeSet<String>) -> usize {
         let samples = lock(&self.samples);
-        let mut ids: Vec<&str> = samples.iter().map(|s| s.id.as_str()).collect();
+        let mut ids: Vec<&str> = samples
+            .iter()
+            .map(|s| s.id.as_str())
+            .filter(|id| made.contains(*id))
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids.len()
@@ -194,15 +217,18 @@ pub async fn bench(config: BenchConfig) -> Result<BenchResult> {
 
     let started = Instant::now();
     let agents_started = Arc::new(Mutex::new(None::<Instant>));
-    let first = agents_started.clone();
-    let observer: fleet::Observer = Arc::new(move |_, _| {
+    let made = Arc::new(Mutex::new(BTreeSet::new()));
+    let (first, ids) = (agents_started.clone(), made.clone());
+    let observer: fleet::Observer = Arc::new(move |report, _| {
         lock(&first).get_or_insert_with(Instant::now);
+        lock(&ids).insert(report.id.clone());
     });
     let summary = fleet::run(&fleet, observer, std::future::pending()).await?;
+    let made = std::mem::take(&mut *lock(&made));
     // Kiosk 0 reports as soon as it runs: the first report marks the end of the start-up.
     let start_s = lock(&agents_started).map_or(0.0, |at| (at - started).as_secs_f64());
     let deadline = Instant::now() + config.drain;
-    while (subscriber.distinct() as u64) < summary.reports && Instant::now() < deadline {
+    while subscriber.distinct_of(&made) < made.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let samples = lock(&subscriber.samples).clone();
@@ -211,7 +237,7 @@ pub async fn bench(config: BenchConfig) -> Result<BenchResult> {
         .as_ref()
         .and_then(|b| b.pid())
         .and_then(|pid| machine::peak_rss_mb(&pid.to_string()));
-    let mut result = figures(&samples, summary.reports);
+    let mut result = figures(&samples, &made);
     result.summary = summary;
     result.sessions = fleet.sessions;
     result.interval_ms = fleet.interval.as_millis() as u64;
@@ -219,10 +245,9 @@ pub async fn bench(config: BenchConfig) -> Result<BenchResult> {
     result.start_s = start_s;
     result.peak_rss_mb = machine::peak_rss_mb("self");
     result.broker_peak_rss_mb = broker_peak_rss_mb;
-    result.broker = if broker.is_some() {
-        mosquitto_version()
-    } else {
-        fleet.broker.clone()
+    result.broker = match broker {
+        Some(_) => Broker::Own(mosquitto_version()),
+        None => Broker::External(fleet.broker.clone()),
     };
     Ok(result)
 }
@@ -240,10 +265,13 @@ fn mosquitto_version() -> String {
         .unwrap_or_else(|| "mosquitto".into())
 }
 
-/// The delivery figures of `samples` for `expected` reports (the run's fields left default).
-pub fn figures(samples: &[Sample], expected: u64) -> BenchResult {
+/// The delivery figures of `samples` for the reports `made` by this run (the run's fields left
+/// default); samples of other ids are only counted as `foreign`.
+pub fn figures(samples: &[Sample], made: &BTreeSet<String>) -> BenchResult {
+    let expected = made.len() as u64;
+    let ours: Vec<&Sample> = samples.iter().filter(|s| made.contains(&s.id)).collect();
     let mut first: BTreeMap<&str, &Sample> = BTreeMap::new();
-    for sample in samples {
+    for sample in &ours {
         first.entry(sample.id.as_str()).or_insert(sample);
     }
     let distinct = first.len() as u64;
@@ -269,8 +297,9 @@ pub fn figures(samples: &[Sample], expected: u64) -> BenchResult {
         expected,
         distinct,
         lost: expected.saturating_sub(distinct),
-        duplicates: samples.len() as u64 - distinct,
+        duplicates: ours.len() as u64 - distinct,
         malformed: 0,
+        foreign: (samples.len() - ours.len()) as u64,
         rate: if window_s > 0.0 {
             distinct as f64 / window_s
         } else {
@@ -283,7 +312,22 @@ pub fn figures(samples: &[Sample], expected: u64) -> BenchResult {
         window_s,
         peak_rss_mb: None,
         broker_peak_rss_mb: None,
-        broker: String::new(),
+        broker: Broker::Unknown,
+    }
+}
+
+/// The section's broker line.
+fn broker_line(broker: &Broker) -> String {
+    match broker {
+        Broker::Own(version) => format!(
+            "{version}, started by the bench on the same machine, persistence on (autosave every \
+             second), logging errors and warnings only"
+        ),
+        Broker::External(url) => format!(
+            "external, `{url}` (`--broker`): its machine, version, persistence and load are not \
+             measured here"
+        ),
+        Broker::Unknown => "unknown".into(),
     }
 }
 
@@ -310,8 +354,7 @@ pub fn markdown(result: &BenchResult, sync: bool, command: &str, today: &str) ->
         "\n## Fleet simulator: {kiosks} kiosks over MQTT ({today})\n\n\
          - machine: {machine}\n\
          - command: `{command}`\n\
-         - broker: {broker}, on the same machine, persistence on (autosave every second), \
-         logging errors and warnings only\n\
+         - broker: {broker}\n\
          - outbox: {outbox}\n\
          - load: {kiosks} kiosks, {sessions} reports each, one every {interval} ms per kiosk \
          (offered {offered}); every kiosk is a real agent with its own MQTT connection, one \
@@ -319,12 +362,14 @@ pub fn markdown(result: &BenchResult, sync: bool, command: &str, today: &str) ->
          - measured by one QoS 1 subscriber (persistent session) on `kiosk/v1/{{fleet}}/+/sessions`; \
          latency = receive time minus the report's `ts_ms` (when `Agent::report` was called); \
          rate = distinct reports / time from the first report to the last delivery \
-         ({window:.1} s); agents started in {start:.1} s (not in the window)\n\n\
+         ({window:.1} s); agents started in {start:.1} s (not in the window); only this run's \
+         report ids count ({foreign} other reports on the topic left out)\n\n\
          | kiosks | reports | offered | delivered/s | p50 ms | p99 ms | max ms | lost | duplicates | fleetsim peak RSS MiB | broker peak RSS MiB |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n\
          | {kiosks} | {expected} | {offered} | {rate:.0} | {p50} | {p99} | {max} | {lost} | {dups} | {rss} | {brss} |\n",
         machine = machine::machine(),
-        broker = result.broker,
+        broker = broker_line(&result.broker),
+        foreign = result.foreign,
         sessions = result.sessions,
         interval = result.interval_ms,
         window = result.window_s,
@@ -375,7 +420,8 @@ mod tests {
             sample("a-1-1", 1_000, 1_500),
             sample("b-1-1", 1_200, 3_000),
         ];
-        let result = figures(&samples, 4);
+        let made = ids(&["a-1-1", "a-1-2", "b-1-1", "b-1-2"]);
+        let result = figures(&samples, &made);
         assert_eq!((result.distinct, result.lost, result.duplicates), (3, 1, 1));
         assert_eq!(
             (result.p50_ms, result.p99_ms, result.max_ms),
@@ -383,6 +429,55 @@ mod tests {
         );
         assert_eq!(result.window_s, 2.0);
         assert_eq!(result.rate, 1.5);
+    }
+
+    fn ids(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|id| id.to_string()).collect()
+    }
+
+    /// Another simulator on the same fleet (`--first-device 3`) and an earlier boot of ours
+    /// deliver as many reports as we lost: they must not fill the gap.
+    #[test]
+    fn reports_this_run_did_not_make_do_not_hide_losses() {
+        let samples = [
+            sample("sim-0001-1-1", 1_000, 1_010),
+            sample("sim-0003-1-1", 1_000, 1_020),
+            sample("sim-0003-1-1", 1_000, 1_030),
+            sample("sim-0002-0-1", 900, 1_040),
+        ];
+        let made = ids(&["sim-0001-1-1", "sim-0001-1-2", "sim-0002-1-1"]);
+        let result = figures(&samples, &made);
+        assert_eq!(
+            (
+                result.expected,
+                result.distinct,
+                result.lost,
+                result.duplicates,
+                result.foreign
+            ),
+            (3, 1, 2, 0, 3)
+        );
+        assert_eq!((result.p50_ms, result.max_ms), (10, 10));
+    }
+
+    #[test]
+    fn an_external_broker_is_not_described_as_the_bench_own() {
+        let mut result = figures(&[], &BTreeSet::new());
+        result.broker = Broker::External("mqtt://broker.lan:1883".into());
+        let section = markdown(&result, false, "fleetsim bench", "2026-11-27");
+        assert!(
+            section.contains("- broker: external, `mqtt://broker.lan:1883` (`--broker`)"),
+            "{section}"
+        );
+        assert!(!section.contains("same machine"), "{section}");
+        result.broker = Broker::Own("mosquitto version 2.0.18".into());
+        let section = markdown(&result, false, "fleetsim bench", "2026-11-27");
+        assert!(
+            section.contains(
+                "- broker: mosquitto version 2.0.18, started by the bench on the same machine"
+            ),
+            "{section}"
+        );
     }
 
     #[test]

@@ -58,6 +58,14 @@ pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Unix ms now (telemetry older than its window is stale for `dxctl stats`).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
 pub(crate) fn summary(values: &[u64]) -> LatencySummary {
     let mut histogram = Histogram::default();
     for &v in values {

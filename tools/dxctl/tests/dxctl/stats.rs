@@ -5,19 +5,20 @@ use serde_json::{Value, json};
 
 use crate::kiosk::Kiosk;
 use crate::sessions::report;
-use crate::{FLEET, Sample, broker, dxctl, stdout};
+use crate::{FLEET, Sample, broker, dxctl, now_ms, stdout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_percentiles_come_from_the_merged_histograms() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = broker(dir.path());
     let url = broker.url();
+    let now = now_ms();
     let mut k1 = Kiosk::connect(&url, FLEET, "k1").await;
     k1.send(
         Leaf::Telemetry,
         &Sample {
             boot: 1,
-            ts_ms: 1,
+            ts_ms: now,
             sessions: 4,
             rounds: 9,
             fallbacks: 0,
@@ -34,7 +35,7 @@ async fn fleet_percentiles_come_from_the_merged_histograms() {
         Leaf::Telemetry,
         &Sample {
             boot: 1,
-            ts_ms: 1,
+            ts_ms: now,
             sessions: 6,
             rounds: 21,
             fallbacks: 1,
@@ -84,6 +85,89 @@ async fn fleet_percentiles_come_from_the_merged_histograms() {
         [
             "k2", "6", "3.50", "1953", "ms", "2170", "ms", "-", "-", "100.0%", "1h"
         ]
+    );
+}
+
+/// A kiosk gone for a month keeps its last retained telemetry on the broker: its hour of
+/// figures is not the fleet's present, so it is left out and reported stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_telemetry_is_left_out_of_the_fleet_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    let now = now_ms();
+    let mut fresh = Kiosk::connect(&url, FLEET, "k1").await;
+    fresh
+        .send(
+            Leaf::Telemetry,
+            &Sample {
+                boot: 1,
+                ts_ms: now - 30_000,
+                sessions: 4,
+                rounds: 8,
+                fallbacks: 0,
+                preview: &[100; 8],
+                cloud: &[3000; 4],
+                outbox_pending: 0,
+            }
+            .json(),
+        )
+        .await;
+    let mut gone = Kiosk::connect(&url, FLEET, "k2").await;
+    gone.send(
+        Leaf::Telemetry,
+        &Sample {
+            boot: 1,
+            ts_ms: now - 31 * 86_400_000,
+            sessions: 50,
+            rounds: 200,
+            fallbacks: 50,
+            preview: &[2000; 200],
+            cloud: &[],
+            outbox_pending: 0,
+        }
+        .json(),
+    )
+    .await;
+
+    let output = dxctl(&url, &["stats", "--json"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let rows: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    // Only k1: four sessions; eight previews in (95, 119] (p50 rank 4 of 8: 95 + 24 * 4/8 =
+    // 107); four clouds in (2713, 3391] (p50 rank 2 of 4: 2713 + 678 * 2/4 = 3052); no
+    // fallbacks.
+    assert_eq!(
+        rows,
+        json!([
+            {"scope": "k1", "sessions": 4, "rounds": 8, "rounds_per_session": 2.0,
+             "preview_p50_ms": 107, "preview_p95_ms": 119,
+             "cloud_p50_ms": 3052, "cloud_p95_ms": 3391,
+             "fallback_rate": 0.0, "window_s": 3600},
+            {"scope": "(fleet)", "sessions": 4, "rounds": 8, "rounds_per_session": 2.0,
+             "preview_p50_ms": 107, "preview_p95_ms": 119,
+             "cloud_p50_ms": 3052, "cloud_p95_ms": 3391,
+             "fallback_rate": 0.0, "window_s": 3600, "stale": ["k2"]}
+        ])
+    );
+    assert_eq!(
+        crate::stderr(&output),
+        "dxctl: stale: 1 kiosk left out, telemetry older than its window: k2 (31d ago)\n"
+    );
+
+    let output = dxctl(&url, &["stats"]).await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[1].starts_with("k1 "), "{text}");
+    assert_eq!(
+        lines[2].split_whitespace().take(2).collect::<Vec<_>>(),
+        ["(fleet)", "4"],
+        "{text}"
+    );
+    assert_eq!(
+        lines[3],
+        "stale: 1 kiosk left out, telemetry older than its window: k2 (31d ago)"
     );
 }
 
