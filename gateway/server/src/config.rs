@@ -62,6 +62,9 @@ pub struct Config {
     /// Admission and batching.
     #[serde(default)]
     pub queue: QueueConfig,
+    /// Stream slots and how long a new stream may take to send its first frame.
+    #[serde(default)]
+    pub streams: StreamsConfig,
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -108,6 +111,35 @@ impl Default for QueueConfig {
             max_batch_pixels: 65_536,
             retry_after_ms: 2_000,
         }
+    }
+}
+
+/// The streams served at once, over all connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamsConfig {
+    /// Streams (jobs and load probes) open at once over all connections; one more is answered
+    /// Busy with `queue.retry_after_ms`. Each may buffer a request frame of up to 1 MiB.
+    pub max: u32,
+    /// How long a new stream may take, from its first bytes, to deliver its whole first frame,
+    /// in milliseconds; after it the stream is answered InvalidRequest (frame) and its slot is
+    /// freed, so kiosks that open streams and send nothing more cannot hold every slot.
+    pub first_frame_timeout_ms: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            max: 4096,
+            first_frame_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl StreamsConfig {
+    /// The first-frame timeout.
+    pub fn first_frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_frame_timeout_ms)
     }
 }
 
@@ -213,6 +245,18 @@ impl Config {
                 ),
             });
         }
+        if self.streams.max == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streams.max",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.streams.first_frame_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "streams.first_frame_timeout_ms",
+                reason: "must be at least 1".into(),
+            });
+        }
         // One guided job at the largest image the protocol allows (1024 px, a 128x128 latent)
         // must fit.
         let smallest = 2 * 128 * 128;
@@ -292,6 +336,8 @@ client_ca = "/etc/dx/fleet-ca.pem"
         );
         assert_eq!(c.queue.max_batch_pixels, 65_536);
         assert_eq!(c.shutdown.grace_ms, 10_000);
+        assert_eq!(c.streams.max, 4096);
+        assert_eq!(c.streams.first_frame_timeout(), Duration::from_secs(10));
     }
 
     #[test]

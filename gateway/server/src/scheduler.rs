@@ -260,16 +260,30 @@ impl Scheduler {
         Ok(())
     }
 
-    /// What a load probe answers.
+    /// The gateway's load as a whole (`/readyz`): `accepting` while the queue has room and the
+    /// gateway is not shutting down.
     pub fn load(&self) -> LoadReport {
         let state = self.lock();
+        self.report(&state, None)
+    }
+
+    /// What a load probe from `device` answers: `accepting` only when a job of that device sent
+    /// now would be admitted, so also not while it has `per_device` jobs waiting.
+    pub fn load_for(&self, device: &str) -> LoadReport {
+        self.report(&self.lock(), Some(device))
+    }
+
+    /// The report at `state`, for the asking `device` when one asked.
+    fn report(&self, state: &State, device: Option<&str>) -> LoadReport {
+        let device_room =
+            device.is_none_or(|d| state.waiting.device_len(d) < self.config.per_device);
         LoadReport {
             queue_depth: state.waiting.len() as u32,
             running: state.running as u32,
             max_batch: u16::try_from(self.config.max_batch).unwrap_or(u16::MAX),
-            expected_wait_ms: self.expected_wait_ms(&state, state.waiting.len()),
+            expected_wait_ms: self.expected_wait_ms(state, state.waiting.len()),
             step_ms: state.step_ms.round() as u32,
-            accepting: state.accepting && state.waiting.len() < self.config.capacity,
+            accepting: state.accepting && state.waiting.len() < self.config.capacity && device_room,
         }
     }
 
@@ -342,7 +356,7 @@ impl Scheduler {
             for waiting in admitted {
                 self.start(refiner, waiting.submission, &mut running);
             }
-            self.drop_gone(&mut running);
+            self.drop_gone(&mut running, Instant::now());
             if running.is_empty() {
                 self.set_running(0);
                 continue;
@@ -458,10 +472,9 @@ impl Scheduler {
         }
     }
 
-    /// Drops running jobs that were cancelled, passed their deadline or are aborted.
-    fn drop_gone(&self, running: &mut Vec<Running>) {
+    /// Drops running jobs that were cancelled, passed their deadline at `now` or are aborted.
+    fn drop_gone(&self, running: &mut Vec<Running>, now: Instant) {
         let abort = self.lock().abort;
-        let now = Instant::now();
         running.retain(|r| {
             let s = &r.submission;
             let (outcome, e) = if let Some(ending) = s.ending(now) {
@@ -872,6 +885,38 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn a_running_job_past_its_deadline_ends_deadline_exceeded() {
+        let model =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd15");
+        let refiner = Refiner::load(&model).unwrap();
+        let s = scheduler(2);
+        let now = Instant::now();
+        let (on_time, mut on_time_rx) = job("kiosk-a", 1, 256, now, Duration::from_secs(60));
+        let (late, mut late_rx) = job("kiosk-b", 2, 256, now, Duration::from_secs(1));
+        let mut running = Vec::new();
+        s.start(&refiner, on_time, &mut running);
+        s.start(&refiner, late, &mut running);
+        s.step(&refiner, &mut running);
+        let _ = (told(&mut on_time_rx), told(&mut late_rx));
+        let running_ids = |running: &[Running]| -> Vec<u8> {
+            running
+                .iter()
+                .map(|r| r.submission.job_id().as_bytes()[0])
+                .collect()
+        };
+
+        // A step in, just before the deadline: both go on.
+        s.drop_gone(&mut running, now + Duration::from_millis(999));
+        assert_eq!(running_ids(&running), vec![1, 2]);
+        // At it: the late job leaves the batch, told why; the other runs on.
+        s.drop_gone(&mut running, now + Duration::from_secs(1));
+        assert_eq!(running_ids(&running), vec![1]);
+        assert_eq!(told(&mut late_rx), vec!["DeadlineExceeded"]);
+        assert_eq!(told(&mut on_time_rx), Vec::<String>::new());
+        assert_eq!(s.metrics.jobs(Outcome::Deadline), 1);
     }
 
     #[test]

@@ -7,18 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use diffusionx_diffusion::{SchedulerConfig, SchedulerError};
-use diffusionx_protocol::{ClientMessage, Codec, Field, JobError, JobId, Limits, ServerMessage};
+use diffusionx_protocol::{
+    ClientMessage, Codec, Direction, Field, FrameHeader, HEADER_LEN, JobError, JobId, Limits,
+    MessageType, ServerMessage,
+};
 use diffusionx_refine::Refiner;
 use diffusionx_text::ClipTokenizer;
 use quinn::{RecvStream, SendStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Outcome};
 use crate::scheduler::{Scheduler, Stop, Submission, hex, scheduler_kind, truncate};
 
-/// Streams served at once over all connections; a stream beyond it is answered `Busy`.
-const MAX_STREAMS: u32 = 4096;
 /// Concurrent jobs or probes one connection may have open.
 const STREAMS_PER_CONNECTION: u32 = 16;
 
@@ -29,6 +30,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     streams: Arc<Semaphore>,
+    /// `streams.max`: the permits `streams` started with.
+    max_streams: u32,
     engine: Option<std::thread::JoinHandle<()>>,
     http_addr: Option<SocketAddr>,
     grace: Duration,
@@ -57,7 +60,12 @@ struct Shared {
     tokenizer: ClipTokenizer,
     /// The model's scheduler configuration, for the step counts each scheduler can run.
     schedules: SchedulerConfig,
+    /// One permit per stream served, over all connections (`streams.max`).
     streams: Arc<Semaphore>,
+    /// How long a new stream may take to deliver its first frame.
+    first_frame_timeout: Duration,
+    /// What `Busy` tells a kiosk when no stream slot is free (`queue.retry_after_ms`).
+    retry_after_ms: u32,
 }
 
 impl Gateway {
@@ -107,7 +115,8 @@ impl Gateway {
         } else {
             None
         };
-        let streams = Arc::new(Semaphore::new(MAX_STREAMS as usize));
+        let max_streams = config.streams.max;
+        let streams = Arc::new(Semaphore::new(max_streams as usize));
         let shared = Arc::new(Shared {
             scheduler: scheduler.clone(),
             metrics: metrics.clone(),
@@ -115,6 +124,8 @@ impl Gateway {
             tokenizer,
             schedules,
             streams: streams.clone(),
+            first_frame_timeout: config.streams.first_frame_timeout(),
+            retry_after_ms: config.queue.retry_after_ms,
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared));
         tracing::info!(
@@ -128,6 +139,7 @@ impl Gateway {
             metrics,
             ready,
             streams,
+            max_streams,
             engine: Some(engine),
             http_addr,
             grace: config.shutdown.grace(),
@@ -184,7 +196,7 @@ impl Gateway {
         // gone; wait for them (bounded), then close.
         let all = tokio::time::timeout(
             Duration::from_secs(5),
-            self.streams.acquire_many(MAX_STREAMS),
+            self.streams.acquire_many(self.max_streams),
         )
         .await;
         if all.is_err() {
@@ -242,10 +254,17 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
                 let shared = shared.clone();
+                // Taken here, in the order the kiosk opened its streams, not in the order the
+                // tasks happen to run.
+                let Ok(permit) = shared.streams.clone().try_acquire_owned() else {
+                    tokio::spawn(refuse_stream(send, shared));
+                    continue;
+                };
                 let device = device.clone();
                 let connection = connection.clone();
                 tokio::spawn(async move {
-                    serve_stream(send, recv, &connection, &device, &shared).await;
+                    let stream = Stream { send, recv, permit };
+                    serve_stream(stream, &connection, &device, &shared).await;
                 });
             }
             Err(e) => {
@@ -266,6 +285,23 @@ fn peer_device(connection: &quinn::Connection) -> anyhow::Result<String> {
         .map_err(|_| anyhow::anyhow!("unexpected peer identity type"))?;
     let leaf = chain.first().context("empty certificate chain")?;
     crate::tls::device_of(leaf)
+}
+
+/// Every stream slot is taken: `Busy`, before reading anything (so with the zero job id),
+/// counted `busy`.
+async fn refuse_stream(send: SendStream, shared: Arc<Shared>) {
+    shared.metrics.job(Outcome::Busy);
+    let busy = JobError::Busy {
+        retry_after_ms: shared.retry_after_ms,
+    };
+    answer(send, &shared.codec, error(JobId::from_bytes([0; 16]), busy)).await;
+}
+
+/// A new stream and the slot it holds until it ends.
+struct Stream {
+    send: SendStream,
+    recv: RecvStream,
+    permit: OwnedSemaphorePermit,
 }
 
 /// Why reading a frame stopped.
@@ -303,6 +339,43 @@ async fn read_frame(
             }
             Err(_) => return Err(ReadEnd::Gone),
         }
+    }
+}
+
+/// The job id a refused first frame names, when it has one: a `RefineRequest` whose header is
+/// sound and whose first 16 payload bytes (its `job_id`) arrived. protocol.md 6.5 answers with the
+/// zero id only when the frame named none; a request refused for a later field (steps 0, a NaN in
+/// the latent, a stream ending inside the latent) is answered with its own id.
+fn requested_job(buf: &[u8], codec: &Codec) -> Option<JobId> {
+    let header = FrameHeader::parse(buf, Direction::KioskToGateway, codec.limits())
+        .ok()
+        .flatten()?;
+    if header.message_type != MessageType::RefineRequest || header.payload_len < 16 {
+        return None;
+    }
+    let id = buf.get(HEADER_LEN..HEADER_LEN + 16)?;
+    Some(JobId::from_bytes(id.try_into().ok()?))
+}
+
+/// Reads the first frame of a stream, which must arrive whole within `timeout`: a stream that
+/// sends a few bytes and then nothing would otherwise hold its slot for as long as its
+/// connection lives.
+async fn read_first_frame(
+    recv: &mut RecvStream,
+    codec: &Codec,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Option<ClientMessage>, ReadEnd> {
+    match tokio::time::timeout(timeout, read_frame(recv, codec, buf)).await {
+        Ok(read) => read,
+        Err(_) => Err(ReadEnd::Invalid(JobError::InvalidRequest {
+            field: Field::Frame,
+            message: format!(
+                "no whole frame within {} ms of the stream's start ({} bytes arrived)",
+                timeout.as_millis(),
+                buf.len()
+            ),
+        })),
     }
 }
 
@@ -345,26 +418,29 @@ async fn answer(mut send: SendStream, codec: &Codec, message: ServerMessage) {
 }
 
 async fn serve_stream(
-    send: SendStream,
-    mut recv: RecvStream,
+    stream: Stream,
     connection: &quinn::Connection,
     device: &str,
     shared: &Shared,
 ) {
     let received = Instant::now();
     let codec = &shared.codec;
-    let Ok(_permit) = shared.streams.clone().try_acquire_owned() else {
-        let busy = JobError::Busy {
-            retry_after_ms: 1_000,
-        };
-        answer(send, codec, error(JobId::from_bytes([0; 16]), busy)).await;
-        return;
-    };
+    let Stream {
+        send,
+        mut recv,
+        permit,
+    } = stream;
     let mut buf = Vec::new();
-    let request = match read_frame(&mut recv, codec, &mut buf).await {
+    let first = read_first_frame(&mut recv, codec, &mut buf, shared.first_frame_timeout).await;
+    let request = match first {
         Ok(Some(ClientMessage::Refine(request))) => request,
         Ok(Some(ClientMessage::LoadProbe)) => {
-            answer(send, codec, ServerMessage::Load(shared.scheduler.load())).await;
+            answer(
+                send,
+                codec,
+                ServerMessage::Load(shared.scheduler.load_for(device)),
+            )
+            .await;
             return;
         }
         Ok(Some(ClientMessage::Cancel(job_id))) => {
@@ -379,7 +455,12 @@ async fn serve_stream(
         Err(ReadEnd::Invalid(e)) => {
             tracing::info!(%device, error = ?e, "refused a malformed frame");
             shared.metrics.job(Outcome::Invalid);
-            answer(send, codec, error(JobId::from_bytes([0; 16]), e)).await;
+            let job_id = requested_job(&buf, codec).unwrap_or(JobId::from_bytes([0; 16]));
+            answer(send, codec, error(job_id, e)).await;
+            // The slot is free before the kiosk sees its side stopped: one that waits for that
+            // can open its next stream at once.
+            drop(permit);
+            let _ = recv.stop(0u32.into());
             return;
         }
     };

@@ -76,17 +76,19 @@ impl Setup {
     }
 
     async fn http_get(&self, path: &str) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.gateway.http_addr().unwrap())
-            .await
-            .unwrap();
-        stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.unwrap();
-        out
+        http_get(self.gateway.http_addr().unwrap(), path).await
     }
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 fn codec() -> Codec {
@@ -791,6 +793,7 @@ async fn shutdown_finishes_running_jobs_and_turns_away_the_rest() {
     ));
 
     let addr = setup.addr();
+    let http = setup.gateway.http_addr().unwrap();
     let pki = setup.pki.clone();
     let report = tokio::spawn(setup.gateway.shutdown());
     assert_eq!(
@@ -798,6 +801,12 @@ async fn shutdown_finishes_running_jobs_and_turns_away_the_rest() {
         &JobError::ShuttingDown {
             retry_after_ms: 2000
         }
+    );
+    // The waiting job was turned away, so the gateway says it is not ready, and why.
+    let ready = http_get(http, "/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503 Service Unavailable") && ready.ends_with("shutting down\n"),
+        "{ready}"
     );
     let rest = running.rest().await;
     assert_eq!(result_of(&rest).steps_run, 10, "the running job finished");
@@ -836,4 +845,157 @@ async fn shutdown_cancels_running_jobs_after_the_grace_time() {
         }
     );
     assert!(!report.await.unwrap().unwrap().drained);
+}
+
+/// The error a stream ended with, and the job id it names.
+fn final_error(messages: &[ServerMessage]) -> (JobId, &JobError) {
+    match messages.last() {
+        Some(ServerMessage::Error { job_id, error }) => (*job_id, error),
+        other => panic!("expected an Error last, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_answered_with_its_own_job_id() {
+    let setup = start("", 10_000).await;
+    let conn = setup.connect("kiosk-a").await;
+
+    // Steps 0, which the encoder refuses to write: patched into the bytes of steps 7 (the only
+    // byte where the frames of steps 7 and 9 differ).
+    let seven = frame(&ClientMessage::Refine(request("kiosk-a", 33, 7, 5000)));
+    let nine = frame(&ClientMessage::Refine(request("kiosk-a", 33, 9, 5000)));
+    let differ: Vec<usize> = (0..seven.len()).filter(|&i| seven[i] != nine[i]).collect();
+    assert_eq!(differ.len(), 1);
+    let mut zero = seven.clone();
+    zero[differ[0]] = 0;
+    let mut job = Job::open(&conn, &zero, true).await;
+    let messages = job.rest().await;
+    let (job_id, e) = final_error(&messages);
+    assert_eq!(
+        job_id,
+        JobId::from_bytes([33; 16]),
+        "protocol.md 6.5: echoed"
+    );
+    assert!(
+        matches!(
+            e,
+            JobError::InvalidRequest {
+                field: Field::Steps,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+
+    // A request whose stream ends inside its latent named its job too.
+    let whole = frame(&ClientMessage::Refine(request("kiosk-a", 34, 4, 5000)));
+    let mut job = Job::open(&conn, &whole[..200], true).await;
+    let messages = job.rest().await;
+    assert_eq!(final_error(&messages).0, JobId::from_bytes([34; 16]));
+
+    // A frame cut before its job id, or with a broken header, named none: the zero id.
+    let mut job = Job::open(&conn, &whole[..20], true).await;
+    let messages = job.rest().await;
+    assert_eq!(final_error(&messages).0, JobId::from_bytes([0; 16]));
+    let mut magic = whole.clone();
+    magic[0] = b'X';
+    let mut job = Job::open(&conn, &magic, true).await;
+    let messages = job.rest().await;
+    assert_eq!(final_error(&messages).0, JobId::from_bytes([0; 16]));
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 4);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_sends_no_whole_frame_loses_its_slot_and_a_stream_without_one_is_busy() {
+    // One stream slot; a first frame must arrive within 1 s.
+    let setup = start(
+        "retry_after_ms = 1500\n[streams]\nmax = 1\nfirst_frame_timeout_ms = 1000",
+        10_000,
+    )
+    .await;
+    let conn = setup.connect("kiosk-a").await;
+    let whole = frame(&ClientMessage::Refine(request("kiosk-a", 35, 4, 5000)));
+    // 100 bytes of a request, then nothing: it holds the only slot.
+    let mut stalled = Job::open(&conn, &whole[..100], false).await;
+    // The next stream finds no slot: Busy with the configured wait, counted.
+    let mut refused = Job::open(&conn, &frame(&ClientMessage::LoadProbe), true).await;
+    assert_eq!(
+        refused.rest().await,
+        vec![ServerMessage::Error {
+            job_id: JobId::from_bytes([0; 16]),
+            error: JobError::Busy {
+                retry_after_ms: 1500
+            }
+        }]
+    );
+    // The stalled stream is answered when its time is up, and stopped.
+    let messages = stalled.rest().await;
+    match final_error(&messages) {
+        (job_id, JobError::InvalidRequest { field, message }) => {
+            assert_eq!(job_id, JobId::from_bytes([35; 16]));
+            assert_eq!(*field, Field::Frame);
+            assert!(message.contains("1000 ms"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(stalled.send.stopped().await.is_ok());
+    // Its slot is free again.
+    let mut job = Job::open(&conn, &whole, true).await;
+    assert_eq!(result_of(&job.rest().await).steps_run, 2);
+    let m = setup.gateway.metrics();
+    assert_eq!(
+        (
+            m.jobs(Outcome::Busy),
+            m.jobs(Outcome::Invalid),
+            m.jobs(Outcome::Done)
+        ),
+        (1, 1, 1)
+    );
+    setup.gateway.shutdown().await.unwrap();
+}
+
+/// The `accepting` flag of a load probe sent on `conn`.
+async fn accepting(conn: &quinn::Connection) -> bool {
+    let mut probe = Job::open(conn, &frame(&ClientMessage::LoadProbe), true).await;
+    match probe.rest().await.as_slice() {
+        [ServerMessage::Load(load)] => load.accepting,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_answers_for_its_device_and_readyz_for_the_queue() {
+    // One job runs at a time, two may wait, one per device.
+    let setup = start("capacity = 2\nper_device = 1\nmax_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let b = setup.connect("kiosk-b").await;
+    let c = setup.connect("kiosk-c").await;
+    let mut running = Job::submit(&a, &request("kiosk-a", 36, 200, 10000)).await;
+    running.until_running().await;
+    let mut a2 = Job::submit(&a, &request("kiosk-a", 37, 4, 5000)).await;
+    assert!(matches!(a2.next().await, Some(ServerMessage::Queued(q)) if q.position == 0));
+
+    // kiosk-a has its one waiting job: a job it sent now would be Busy, so its probe says so.
+    // kiosk-b would be admitted, and the gateway as a whole is ready.
+    assert!(!accepting(&a).await, "kiosk-a's probe");
+    assert!(accepting(&b).await, "kiosk-b's probe");
+    let ready = setup.http_get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200 OK"), "{ready}");
+
+    // The queue fills: nobody is accepted and /readyz says why.
+    let mut b1 = Job::submit(&b, &request("kiosk-b", 38, 4, 5000)).await;
+    assert!(matches!(b1.next().await, Some(ServerMessage::Queued(q)) if q.position == 1));
+    assert!(!accepting(&c).await, "kiosk-c's probe with the queue full");
+    let ready = setup.http_get("/readyz").await;
+    assert!(
+        ready.starts_with("HTTP/1.1 503 Service Unavailable") && ready.ends_with("queue full\n"),
+        "{ready}"
+    );
+
+    running.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    for job in [&mut a2, &mut b1] {
+        assert_eq!(result_of(&job.rest().await).steps_run, 2);
+    }
+    setup.gateway.shutdown().await.unwrap();
 }
