@@ -18,4 +18,4 @@ mod server;
 pub mod tls;
 
 pub use scheduler::Scheduler;
-pub use server::{Gateway, ShutdownReport};
+pub use server::{CLOSE_TOO_MANY_CONNECTIONS, CONNECTIONS_PER_DEVICE, Gateway, ShutdownReport};

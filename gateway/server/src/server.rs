@@ -1,8 +1,9 @@
 //! The QUIC endpoint: connections, one bidirectional stream per job, frames in and out.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,6 +23,14 @@ use crate::scheduler::{Scheduler, Stop, Submission, hex, scheduler_kind, truncat
 
 /// Concurrent jobs or probes one connection may have open.
 const STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Connections one device (one client certificate) may hold at once. A kiosk uses one, two
+/// while it reconnects; the cap keeps one device from taking every stream slot
+/// (`streams.max`) with many connections of 16 streams each.
+pub const CONNECTIONS_PER_DEVICE: usize = 4;
+
+/// The application close code of a connection over [`CONNECTIONS_PER_DEVICE`].
+pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 4;
 
 /// A running gateway: the QUIC endpoint, the engine thread and the HTTP endpoint.
 pub struct Gateway {
@@ -64,6 +73,8 @@ struct Shared {
     streams: Arc<Semaphore>,
     /// How long a new stream may take to deliver its first frame.
     first_frame_timeout: Duration,
+    /// Open connections per device (at most [`CONNECTIONS_PER_DEVICE`]).
+    connections: Mutex<HashMap<String, usize>>,
     /// What `Busy` tells a kiosk when no stream slot is free (`queue.retry_after_ms`).
     retry_after_ms: u32,
 }
@@ -126,6 +137,7 @@ impl Gateway {
             streams: streams.clone(),
             first_frame_timeout: config.streams.first_frame_timeout(),
             retry_after_ms: config.queue.retry_after_ms,
+            connections: Mutex::default(),
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared));
         tracing::info!(
@@ -248,6 +260,14 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             return;
         }
     };
+    let Some(_held) = DeviceConnection::open(&shared.connections, &device) else {
+        tracing::warn!(%remote, %device, "too many connections from this device: refused");
+        connection.close(
+            quinn::VarInt::from_u32(CLOSE_TOO_MANY_CONNECTIONS),
+            b"too many connections from this device",
+        );
+        return;
+    };
     tracing::info!(%remote, %device, "kiosk connected");
     shared.metrics.connection(true);
     loop {
@@ -274,6 +294,46 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         }
     }
     shared.metrics.connection(false);
+}
+
+/// One of a device's open connections, counted in the map while it lives.
+struct DeviceConnection<'a> {
+    open: &'a Mutex<HashMap<String, usize>>,
+    device: String,
+}
+
+impl<'a> DeviceConnection<'a> {
+    /// Counts a new connection of `device`; `None` when it already holds
+    /// [`CONNECTIONS_PER_DEVICE`].
+    fn open(open: &'a Mutex<HashMap<String, usize>>, device: &str) -> Option<Self> {
+        let mut map = open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = map.entry(device.to_owned()).or_default();
+        if *count >= CONNECTIONS_PER_DEVICE {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            open,
+            device: device.to_owned(),
+        })
+    }
+}
+
+impl Drop for DeviceConnection<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = map.get_mut(&self.device) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.device);
+            }
+        }
+    }
 }
 
 fn peer_device(connection: &quinn::Connection) -> anyhow::Result<String> {

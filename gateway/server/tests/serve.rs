@@ -999,3 +999,34 @@ async fn the_probe_answers_for_its_device_and_readyz_for_the_queue() {
     }
     setup.gateway.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_holds_a_bounded_number_of_connections() {
+    let setup = start("", 10_000).await;
+    let mut held = Vec::new();
+    for _ in 0..diffusionx_gateway::CONNECTIONS_PER_DEVICE {
+        let conn = setup.connect("kiosk-a").await;
+        // Served: a probe on it is answered.
+        assert!(accepting(&conn).await);
+        held.push(conn);
+    }
+    // One more from the same certificate is closed with its own code, before any stream.
+    let extra = setup.connect("kiosk-a").await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), extra.closed())
+        .await
+        .expect("the connection over the cap is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            (close.error_code.into_inner(), &close.reason[..]),
+            (
+                u64::from(diffusionx_gateway::CLOSE_TOO_MANY_CONNECTIONS),
+                &b"too many connections from this device"[..]
+            )
+        ),
+        other => panic!("{other}"),
+    }
+    // Other devices are not affected, and kiosk-a's connections are still served.
+    assert!(accepting(&setup.connect("kiosk-b").await).await);
+    assert!(accepting(&held[0]).await);
+    setup.gateway.shutdown().await.unwrap();
+}
