@@ -92,22 +92,28 @@ fn parse<T: NpyElement>(bytes: &[u8]) -> Result<NpyArray<T>, String> {
     if field("'fortran_order'")?.starts_with("True") {
         return Err("Fortran order is not supported".into());
     }
-    let shape_text = field("'shape'")?;
-    let shape_text = &shape_text[1..shape_text.find(')').ok_or("bad shape")?];
+    let shape_text = field("'shape'")?
+        .strip_prefix('(')
+        .ok_or("shape is not a tuple")?;
+    let shape_text = &shape_text[..shape_text.find(')').ok_or("bad shape")?];
     let shape: Vec<usize> = shape_text
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().map_err(|_| format!("bad dimension {s:?}")))
         .collect::<Result<_, _>>()?;
-    let count: usize = shape.iter().product();
     let size = std::mem::size_of::<T>();
+    // A header may claim any shape: the byte count is computed without overflow and checked
+    // against the file before anything is allocated.
+    let needed = shape
+        .iter()
+        .try_fold(size, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} is too large"))?;
     let body = &bytes[start + header_len..];
-    if body.len() != count * size {
+    if body.len() != needed {
         return Err(format!(
-            "{} data bytes, shape {shape:?} needs {}",
-            body.len(),
-            count * size
+            "{} data bytes, shape {shape:?} needs {needed}",
+            body.len()
         ));
     }
     Ok(NpyArray {
@@ -142,4 +148,63 @@ pub fn write<T: NpyElement>(path: &Path, shape: &[usize], data: &[T]) -> Result<
     out.extend_from_slice(header.as_bytes());
     data.iter().for_each(|v| v.put_le(&mut out));
     std::fs::write(path, out).map_err(|e| EngineError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+    use super::*;
+
+    /// A version 1.0 file with `header` and `body`.
+    fn file(header: &str, body: &[u8]) -> Vec<u8> {
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend_from_slice(&u16::try_from(header.len()).unwrap().to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn header(shape: &str) -> String {
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}")
+    }
+
+    #[test]
+    fn a_written_array_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.npy");
+        write(&path, &[1, 2, 3], &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let array = read::<f32>(&path).unwrap();
+        assert_eq!(array.shape, [1, 2, 3]);
+        assert_eq!(array.data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    }
+
+    #[test]
+    fn a_malformed_shape_is_an_error_not_a_panic() {
+        for (shape, reason) in [
+            (")", "shape is not a tuple"),
+            ("é)", "shape is not a tuple"),
+            ("[2, 2]", "shape is not a tuple"),
+            ("(2, 2", "bad shape"),
+        ] {
+            let got = parse::<f32>(&file(&header(shape), &[0; 16]));
+            assert_eq!(got, Err(reason.to_string()), "shape {shape:?}");
+        }
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_an_error_not_a_panic() {
+        let huge = format!("({}, {})", usize::MAX / 2, 4);
+        let got = parse::<f32>(&file(&header(&huge), &[]));
+        assert_eq!(
+            got,
+            Err(format!("shape [{}, 4] is too large", usize::MAX / 2))
+        );
+    }
+
+    #[test]
+    fn a_body_of_the_wrong_length_is_refused() {
+        let got = parse::<f32>(&file(&header("(3,)"), &[0; 8]));
+        assert_eq!(got, Err("8 data bytes, shape [3] needs 12".to_string()));
+    }
 }

@@ -399,7 +399,11 @@ impl Pipeline {
         embeddings: &[f32],
     ) -> Result<Vec<f32>, EngineError> {
         let inputs = self.unet_inputs(sample, batch, (h, w), timestep, embeddings)?;
-        Ok(self.unet.run(inputs, "out_sample")?.1)
+        let (shape, noise) = self.unet.run(inputs, "out_sample")?;
+        // A UNet exported wrongly (other `out_channels`, another layout) must fail here with
+        // its name, not in the scheduler's arithmetic.
+        check_noise(&shape, batch, h, w)?;
+        Ok(noise)
     }
 
     /// Runs `request`, calling `progress` after every step; the callback stops the run by
@@ -631,6 +635,19 @@ fn check_decoded(
     Ok(())
 }
 
+/// The UNet's `out_sample` must have the latent's shape, one per batch row.
+fn check_noise(shape: &[usize], batch: usize, h: usize, w: usize) -> Result<(), EngineError> {
+    if shape != [batch, CHANNELS, h, w] {
+        return Err(EngineError::Graph {
+            graph: "unet",
+            reason: format!(
+                "out_sample has shape {shape:?}, expected [{batch}, {CHANNELS}, {h}, {w}]"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Latent `(height, width)` of an image, refusing sizes the UNet cannot take.
 fn latent_size(width: usize, height: usize) -> Result<(usize, usize), EngineError> {
     let ok = |px: usize| px.is_multiple_of(64) && (256..=1024).contains(&px);
@@ -640,4 +657,25 @@ fn latent_size(width: usize, height: usize) -> Result<(usize, usize), EngineErro
         )));
     }
     Ok((height / VAE_SCALE, width / VAE_SCALE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unet_output_of_another_shape_is_a_graph_error() {
+        assert!(check_noise(&[2, 4, 32, 32], 2, 32, 32).is_ok());
+        let error = check_noise(&[2, 8, 32, 32], 2, 32, 32)
+            .expect_err("8 channels are not a latent")
+            .to_string();
+        assert!(
+            error.contains("out_sample has shape [2, 8, 32, 32], expected [2, 4, 32, 32]"),
+            "{error}"
+        );
+        assert!(
+            check_noise(&[1, 4, 32, 32], 2, 32, 32).is_err(),
+            "one row for two"
+        );
+    }
 }

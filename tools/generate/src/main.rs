@@ -101,10 +101,21 @@ struct Args {
     no_verify: bool,
 }
 
-fn read_latent(path: &Path) -> Result<Vec<f32>> {
-    Ok(npy::read::<f32>(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .data)
+/// Reads a latent-shaped `.npy`, `[1, 4, height / 8, width / 8]` (what diffusers and
+/// `--save-latents` write), refusing any other shape: the engine checks only the number of
+/// values, so a latent of the transposed size (512x256 for a 256x512 run) would otherwise run
+/// as a scrambled image.
+fn read_latent(path: &Path, width: usize, height: usize) -> Result<Vec<f32>> {
+    let array = npy::read::<f32>(path).with_context(|| format!("reading {}", path.display()))?;
+    let expected = [1, 4, height / 8, width / 8];
+    if array.shape != expected {
+        bail!(
+            "{}: shape {:?}, a {width}x{height} image needs {expected:?}",
+            path.display(),
+            array.shape
+        );
+    }
+    Ok(array.data)
 }
 
 fn save_png(image: &RgbImage, path: &Path) -> Result<()> {
@@ -136,10 +147,11 @@ fn main() -> Result<()> {
         started.elapsed()
     );
 
-    let noise = args.init_noise.as_deref().map(read_latent).transpose()?;
+    let read = |path: &Path| read_latent(path, args.width, args.height);
+    let noise = args.init_noise.as_deref().map(read).transpose()?;
     let start = match &args.init_latent {
         Some(path) => Start::Latent {
-            latent: read_latent(path)?,
+            latent: read(path)?,
             noise_level: NoiseLevel::from_fraction(args.strength)
                 .with_context(|| format!("strength {} is not in (0, 1]", args.strength))?,
             noise,
@@ -208,4 +220,40 @@ fn main() -> Result<()> {
         t.decode
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
+
+    use super::*;
+
+    /// A file in a fresh folder of the system's temporary directory.
+    fn temp_file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dx-generate-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn a_latent_of_the_run_size_is_read() {
+        let path = temp_file("ok.npy");
+        let values: Vec<f32> = (0..4 * 64 * 32).map(|i| i as f32).collect();
+        npy::write(&path, &[1, 4, 64, 32], &values).unwrap();
+        assert_eq!(read_latent(&path, 256, 512).unwrap(), values);
+    }
+
+    #[test]
+    fn a_transposed_latent_is_refused_naming_the_file() {
+        let path = temp_file("transposed.npy");
+        npy::write(&path, &[1, 4, 32, 64], &vec![0.0f32; 4 * 32 * 64]).unwrap();
+        let error = read_latent(&path, 256, 512).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "{}: shape [1, 4, 32, 64], a 256x512 image needs [1, 4, 64, 32]",
+                path.display()
+            )
+        );
+    }
 }
