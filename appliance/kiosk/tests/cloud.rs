@@ -4,27 +4,21 @@
 //! disk before the latent leaves the kiosk.
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use diffusionx_diffusion::SchedulerKind;
-use diffusionx_engine::{Decode, EngineConfig, Pipeline};
-use diffusionx_fleet::NoisePolicy;
 use diffusionx_kiosk::cloud::{Link, LinkConfig};
 use diffusionx_kiosk::records::RecordStore;
-use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::runner::Kiosk;
 use diffusionx_kiosk::script;
-use diffusionx_kiosk::session::SessionConfig;
 use diffusionx_protocol::{
-    ClientMessage, Codec, DeviceId, JobError, Limits, LoadReport, Scheduler, ServerMessage,
+    ClientMessage, Codec, DeviceId, JobError, Limits, LoadReport, ServerMessage,
 };
-use diffusionx_ui::{FinalPath, Layout, Panel};
-
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd")
-}
+use diffusionx_ui::FinalPath;
 
 /// What the gateway saw when the refine request arrived.
 #[derive(Debug)]
@@ -114,14 +108,6 @@ fn start_gateway(dir: &Path, records: PathBuf) -> (SocketAddr, std::sync::mpsc::
 }
 
 fn kiosk(dir: &Path, records: RecordStore, gateway: SocketAddr) -> Kiosk {
-    let pipeline = Pipeline::load(
-        &model(),
-        &EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
     let link = Link::new(LinkConfig {
         address: gateway,
         server_name: "localhost".into(),
@@ -133,38 +119,7 @@ fn kiosk(dir: &Path, records: RecordStore, gateway: SocketAddr) -> Kiosk {
         connect_timeout: Duration::from_secs(10),
     })
     .unwrap();
-    Kiosk::new(KioskParts {
-        session: SessionConfig::default(),
-        pipeline,
-        engine: diffusionx_kiosk::engine::EngineSettings {
-            width: 256,
-            height: 256,
-            preview_guidance: 1.0,
-            scheduler: SchedulerKind::Ddim,
-            refine_steps: 4,
-            refine_guidance: 7.5,
-            preview_decode: Decode::Tiny,
-            tiny_step_previews: false,
-        },
-        link: Some(link),
-        cloud: CloudSettings {
-            steps: 4,
-            guidance_scale: 7.5,
-            scheduler: Scheduler::Ddim,
-        },
-        layout: Layout::new(Panel {
-            width_px: 800,
-            height_px: 480,
-            width_mm: None,
-        })
-        .unwrap(),
-        records,
-        snapshots: None,
-        fleet: None,
-        noise_policy: NoisePolicy::default(),
-        predictor: None,
-    })
-    .unwrap()
+    common::kiosk(records, Some(link))
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -3,27 +3,11 @@
 //! has the tiny VAE decoder).
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use diffusionx_diffusion::SchedulerKind;
-use diffusionx_engine::{Decode, EngineConfig, Pipeline, decoded_to_rgb};
-use diffusionx_kiosk::engine::{EngineSettings, EngineWorker};
+use diffusionx_engine::{Decode, decoded_to_rgb};
+use diffusionx_kiosk::engine::EngineWorker;
 use diffusionx_kiosk::session::Event;
-
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd")
-}
-
-fn load() -> Pipeline {
-    Pipeline::load(
-        &model(),
-        &EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap()
-}
 
 /// One preview round on a worker with these decoders: each step's image size, and the
 /// finished preview's picture and latent.
@@ -33,17 +17,8 @@ fn preview(
 ) -> (Vec<(u32, u32)>, diffusionx_ui::RgbImage, Vec<f32>) {
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
     let mut worker = EngineWorker::spawn(
-        load(),
-        EngineSettings {
-            width: 256,
-            height: 256,
-            preview_guidance: 1.0,
-            scheduler: SchedulerKind::Ddim,
-            refine_steps: 4,
-            refine_guidance: 7.5,
-            preview_decode,
-            tiny_step_previews,
-        },
+        common::load(),
+        common::engine_settings(preview_decode, tiny_step_previews),
         events,
     )
     .unwrap();
@@ -73,7 +48,7 @@ fn steps_show_the_latent_map_or_the_tiny_decoder_as_configured() {
 
 #[test]
 fn the_preview_picture_comes_from_the_configured_decoder() {
-    let pipeline = load();
+    let pipeline = common::load();
     let (_, tiny, latent) = preview(Decode::Tiny, false);
     let decoded = pipeline.decode_tiny(&latent, 32, 32).unwrap();
     assert_eq!(tiny, rgb(decoded_to_rgb(&decoded, 256, 256)));

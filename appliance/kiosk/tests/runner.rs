@@ -2,65 +2,18 @@
 //! record store cannot be written and how it reports sessions.
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::Duration;
 
-use diffusionx_diffusion::SchedulerKind;
-use diffusionx_engine::{Decode, EngineConfig, Pipeline};
-use diffusionx_fleet::NoisePolicy;
 use diffusionx_kiosk::records::RecordStore;
-use diffusionx_kiosk::runner::{CloudSettings, Kiosk, KioskParts};
+use diffusionx_kiosk::runner::Kiosk;
 use diffusionx_kiosk::script;
-use diffusionx_kiosk::session::SessionConfig;
-use diffusionx_protocol::Scheduler;
-use diffusionx_ui::{FinalPath, Layout, Panel, Screen};
-
-fn model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures/tiny-sd")
-}
+use diffusionx_ui::{FinalPath, Screen};
 
 /// A kiosk with no gateway (every picture refined locally) keeping its records in `records`.
 fn kiosk(records: RecordStore) -> Kiosk {
-    let pipeline = Pipeline::load(
-        &model(),
-        &EngineConfig {
-            threads: 1,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
-    Kiosk::new(KioskParts {
-        session: SessionConfig::default(),
-        pipeline,
-        engine: diffusionx_kiosk::engine::EngineSettings {
-            width: 256,
-            height: 256,
-            preview_guidance: 1.0,
-            scheduler: SchedulerKind::Ddim,
-            refine_steps: 4,
-            refine_guidance: 7.5,
-            preview_decode: Decode::Tiny,
-            tiny_step_previews: false,
-        },
-        link: None,
-        cloud: CloudSettings {
-            steps: 4,
-            guidance_scale: 7.5,
-            scheduler: Scheduler::Ddim,
-        },
-        layout: Layout::new(Panel {
-            width_px: 800,
-            height_px: 480,
-            width_mm: None,
-        })
-        .unwrap(),
-        records,
-        snapshots: None,
-        fleet: None,
-        noise_policy: NoisePolicy::default(),
-        predictor: None,
-    })
-    .unwrap()
+    common::kiosk(records, None)
 }
 
 async fn play(kiosk: &mut Kiosk, script: &str) {
