@@ -408,6 +408,26 @@ impl Scheduler {
     /// that job starts with the next one; taking later jobs past it would starve it for as long
     /// as jobs of the batch's size keep coming, while it is told it is next.
     fn admit_round(&self, state: &mut State, mut batch: Batch, now: Instant) -> Vec<Waiting> {
+        let ended = self.remove_ended(state, now);
+        let mut admitted = Vec::new();
+        while batch.jobs < self.config.max_batch {
+            let next = state
+                .waiting
+                .take_next_if(|w| batch.fits(&w.submission, &self.config));
+            let Some(next) = next else { break };
+            batch.add(&next.submission);
+            admitted.push(next);
+        }
+        state.running = batch.jobs;
+        if ended > 0 || !admitted.is_empty() {
+            self.tell_positions(state);
+        }
+        self.metrics.set_load(state.waiting.len(), state.running);
+        admitted
+    }
+
+    /// Answers and removes the waiting jobs that were stopped or passed their deadline; how many.
+    fn remove_ended(&self, state: &mut State, now: Instant) -> usize {
         let ended = state
             .waiting
             .remove_where(|w| w.submission.ending(now).is_some());
@@ -419,21 +439,18 @@ impl Scheduler {
             self.metrics.job(outcome);
             s.send(error(s.job_id(), e));
         }
-        let mut admitted = Vec::new();
-        while batch.jobs < self.config.max_batch {
-            let next = state
-                .waiting
-                .take_next_if(|w| batch.fits(&w.submission, &self.config));
-            let Some(next) = next else { break };
-            batch.add(&next.submission);
-            admitted.push(next);
+        ended.len()
+    }
+
+    /// Frees the queue places of waiting jobs that were just stopped (a cancel, a refused frame,
+    /// a kiosk gone) at once, not at the next step boundary: with a step of seconds the kiosk's
+    /// next job would meet its own stale places (`Busy`, per-device limit) in the meantime.
+    pub(crate) fn reap(&self) {
+        let mut state = self.lock();
+        if self.remove_ended(&mut state, Instant::now()) > 0 {
+            self.tell_positions(&mut state);
+            self.metrics.set_load(state.waiting.len(), state.running);
         }
-        state.running = batch.jobs;
-        if !ended.is_empty() || !admitted.is_empty() {
-            self.tell_positions(state);
-        }
-        self.metrics.set_load(state.waiting.len(), state.running);
-        admitted
     }
 
     fn start(&self, refiner: &Refiner, submission: Submission, running: &mut Vec<Running>) {

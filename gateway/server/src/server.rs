@@ -556,7 +556,7 @@ async fn serve_stream(
         buf,
         connection,
     };
-    relay(kiosk, job_id, &stop, &mut events, codec).await;
+    relay(kiosk, job_id, &stop, &shared.scheduler, &mut events, codec).await;
 }
 
 /// Checks what the codec cannot: the device id against the certificate, the prompts' token
@@ -625,6 +625,7 @@ async fn relay(
     kiosk: Kiosk<'_>,
     job_id: JobId,
     stop: &Stop,
+    scheduler: &Scheduler,
     events: &mut mpsc::UnboundedReceiver<ServerMessage>,
     codec: &Codec,
 ) {
@@ -646,6 +647,7 @@ async fn relay(
                 let last = matches!(message, ServerMessage::Result(_) | ServerMessage::Error { .. });
                 if !write(&mut send, codec, &message).await {
                     stop.cancel();
+                    scheduler.reap();
                     return;
                 }
                 if last {
@@ -658,15 +660,37 @@ async fn relay(
                 Ok(Some(ClientMessage::Cancel(id))) if id == job_id => {
                     tracing::info!(job = %hex(job_id), "cancel received");
                     stop.cancel();
+                    scheduler.reap();
                 }
+                // protocol.md 1: only a `Cancel` for this job may follow the request. Anything
+                // else is a kiosk bug: refused as loudly as a frame that cannot be decoded.
                 Ok(Some(other)) => {
-                    tracing::info!(job = %hex(job_id), message = ?other.message_kind(), "ignored a frame after the request");
+                    let e = JobError::InvalidRequest {
+                        field: Field::Frame,
+                        message: match other {
+                            ClientMessage::Cancel(id) => format!(
+                                "a Cancel for job {} on the stream of job {}",
+                                hex(id),
+                                hex(job_id)
+                            ),
+                            other => format!(
+                                "only a Cancel may follow the request, not a {:?}",
+                                other.message_kind()
+                            ),
+                        },
+                    };
+                    tracing::info!(job = %hex(job_id), error = ?e, "unexpected frame after the request: refusing the job");
+                    stop.refuse();
+                    scheduler.reap();
+                    answer(send, codec, error(job_id, e)).await;
+                    return;
                 }
                 // The kiosk finished its side: normal, it waits for the answer.
                 Ok(None) => reading = false,
                 Err(ReadEnd::Gone) => {
                     tracing::info!(job = %hex(job_id), "kiosk reset the stream: cancelling");
                     stop.cancel();
+                    scheduler.reap();
                     reading = false;
                 }
                 // protocol.md 1: a frame that cannot be decoded is answered on its stream, and
@@ -674,6 +698,7 @@ async fn relay(
                 Err(ReadEnd::Invalid(e)) => {
                     tracing::info!(job = %hex(job_id), error = ?e, "malformed frame after the request: refusing the job");
                     stop.refuse();
+                    scheduler.reap();
                     answer(send, codec, error(job_id, e)).await;
                     return;
                 }
@@ -681,11 +706,13 @@ async fn relay(
             _ = &mut stopped => {
                 tracing::info!(job = %hex(job_id), "kiosk stopped reading: cancelling");
                 stop.cancel();
+                    scheduler.reap();
                 return;
             }
             reason = connection.closed() => {
                 tracing::info!(job = %hex(job_id), %reason, "connection closed: cancelling");
                 stop.cancel();
+                    scheduler.reap();
                 return;
             }
         }

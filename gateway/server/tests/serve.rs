@@ -703,6 +703,51 @@ async fn a_malformed_frame_after_the_request_is_refused_as_invalid() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_cancel_for_the_job_may_follow_its_request() {
+    let setup = start("max_batch = 1", 10_000).await;
+    let a = setup.connect("kiosk-a").await;
+    let mut long = Job::submit(&a, &request("kiosk-a", 80, 200, 10000)).await;
+    long.until_running().await;
+    let b = setup.connect("kiosk-b").await;
+    // A Cancel naming another job, and a second request, on the stream of a waiting job.
+    let wrong_cancel = ClientMessage::Cancel(JobId::from_bytes([99; 16]));
+    let second_request = ClientMessage::Refine(request("kiosk-b", 83, 4, 5000));
+    for (id, extra, expected) in [
+        (81u8, wrong_cancel, "a Cancel for job 6363"),
+        (82, second_request, "only a Cancel may follow the request"),
+    ] {
+        let mut waiting = Job::submit(&b, &request("kiosk-b", id, 4, 5000)).await;
+        assert!(matches!(
+            waiting.next().await,
+            Some(ServerMessage::Queued(_))
+        ));
+        waiting.send.write_all(&frame(&extra)).await.unwrap();
+        match waiting.rest().await.as_slice() {
+            [
+                ServerMessage::Error {
+                    job_id,
+                    error: JobError::InvalidRequest { field, message },
+                },
+            ] => {
+                assert_eq!(*job_id, JobId::from_bytes([id; 16]));
+                assert_eq!(*field, Field::Frame);
+                assert!(message.starts_with(expected), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The connection still serves jobs, and the refused jobs' queue places (two per device)
+    // are free at once, not at the running job's next step.
+    let mut next = Job::submit(&b, &request("kiosk-b", 84, 4, 5000)).await;
+    assert!(matches!(next.next().await, Some(ServerMessage::Queued(q)) if q.position == 0));
+    long.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    assert_eq!(result_of(&next.rest().await).steps_run, 2);
+    let m = setup.gateway.metrics();
+    assert_eq!((m.jobs(Outcome::Invalid), m.jobs(Outcome::Done)), (2, 1));
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_job_past_its_deadline_is_told_so() {
     let setup = start("max_batch = 1", 10_000).await;
     let a = setup.connect("kiosk-a").await;
