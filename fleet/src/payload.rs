@@ -166,6 +166,10 @@ pub struct Telemetry {
     pub outbox_pending: u64,
     /// Session reports that could not be written to disk so far (kept in memory, retried).
     pub outbox_write_errors: u64,
+    /// Session reports given up so far: dropped past the outbox's in-memory cap (1000) while
+    /// the disk refused writes, or unreadable on disk (set aside as `{seq}.unreadable`).
+    #[serde(default)]
+    pub outbox_lost: u64,
 }
 
 /// A prompt as the privacy setting lets it leave the kiosk.

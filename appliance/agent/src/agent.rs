@@ -123,6 +123,9 @@ pub struct AgentStatus {
     /// Reports whose outbox write failed since start (kept in memory and retried; the same
     /// figure as telemetry's `outbox_write_errors`).
     pub write_errors: u64,
+    /// Reports given up since start (the same figure as telemetry's `outbox_lost`): dropped
+    /// past the outbox's in-memory cap while the disk refused writes, or unreadable on disk.
+    pub lost: u64,
     /// Why the last connection attempt failed or the connection broke (the broker refused
     /// the login, a TLS error, nothing listening, ...); `None` while connected and before
     /// the first attempt ended.
@@ -138,6 +141,20 @@ struct Shared {
 
 impl Shared {
     /// Applies `change` to the status and wakes its watchers if that changed anything.
+    /// Copies the outbox's figures into the status.
+    fn outbox_status(&self) {
+        let (pending, errors, lost) = (
+            self.outbox.len(),
+            self.outbox.write_errors(),
+            self.outbox.lost(),
+        );
+        self.update_status(|status| {
+            status.outbox_pending = pending;
+            status.write_errors = errors;
+            status.lost = lost;
+        });
+    }
+
     fn update_status(&self, change: impl FnOnce(&mut AgentStatus)) {
         self.status.send_if_modified(|status| {
             let before = status.clone();
@@ -272,6 +289,7 @@ impl Agent {
                 delivered: 0,
                 connections: 0,
                 write_errors: 0,
+                lost: 0,
                 connection_error: None,
             })
             .0,
@@ -342,11 +360,7 @@ impl Agent {
             let durable = shared.outbox.push(payload);
             let window_ms = u64::from(self.settings.borrow().stats_window_s) * 1000;
             shared.window.add(report, now_ms(), window_ms);
-            let (pending, errors) = (shared.outbox.len(), shared.outbox.write_errors());
-            shared.update_status(|status| {
-                status.outbox_pending = pending;
-                status.write_errors = errors;
-            });
+            shared.outbox_status();
             durable
         };
         self.requests.send(Request::Wake).ok();
@@ -802,13 +816,16 @@ impl Controller {
                 if self.retry_at.is_some_and(|at| at > Instant::now()) {
                     return;
                 }
-                let shared = lock(&self.shared);
-                let Some(entry) = shared.outbox.first() else {
+                let mut shared = lock(&self.shared);
+                let first = shared.outbox.first();
+                // Reading it may have set unreadable reports aside.
+                shared.outbox_status();
+                let Some(entry) = first else {
                     return;
                 };
                 Message {
                     topic: self.topics.topic(Leaf::Sessions),
-                    payload: entry.payload.clone(),
+                    payload: entry.payload,
                     retain: false,
                     properties: json_properties(),
                     kind: Kind::Report(entry.seq),
@@ -886,11 +903,8 @@ impl Controller {
                 if let Err(error) = shared.outbox.remove(seq) {
                     tracing::error!(%error, seq, "removing a delivered report");
                 }
-                let pending = shared.outbox.len();
-                shared.update_status(|status| {
-                    status.delivered += 1;
-                    status.outbox_pending = pending;
-                });
+                shared.update_status(|status| status.delivered += 1);
+                shared.outbox_status();
             }
             Kind::RestartReply => {
                 self.events.send(AgentEvent::Restart).ok();
@@ -1128,10 +1142,11 @@ impl Controller {
         self.telemetry_seq += 1;
         let window_s = u64::from(self.settings.borrow().stats_window_s);
         let now = now_ms();
-        let (figures, pending, write_errors) = {
+        let (figures, pending, write_errors, lost) = {
             let mut shared = lock(&self.shared);
             let figures = shared.window.figures(now, window_s * 1000);
-            (figures, shared.outbox.len(), shared.outbox.write_errors())
+            let outbox = &shared.outbox;
+            (figures, outbox.len(), outbox.write_errors(), outbox.lost())
         };
         let memory = system::memory_mb();
         let telemetry = Telemetry {
@@ -1154,6 +1169,7 @@ impl Controller {
             cloud: figures.cloud,
             outbox_pending: pending as u64,
             outbox_write_errors: write_errors,
+            outbox_lost: lost,
         };
         let leaf = Leaf::Telemetry;
         if let Err(error) = self.client.try_publish_with_properties(

@@ -124,6 +124,10 @@ pub struct DeviceRow {
     pub edge_model: Option<String>,
     /// Session reports waiting in its outbox.
     pub outbox_pending: Option<u64>,
+    /// Outbox writes that failed since the kiosk started (the reports waited in memory).
+    pub outbox_write_errors: Option<u64>,
+    /// Session reports the kiosk gave up since it started (telemetry's `outbox_lost`).
+    pub outbox_lost: Option<u64>,
 }
 
 impl DeviceRow {
@@ -161,6 +165,8 @@ impl DeviceRow {
                 None => m.name.clone(),
             }),
             outbox_pending: telemetry.map(|t| t.outbox_pending),
+            outbox_write_errors: telemetry.map(|t| t.outbox_write_errors),
+            outbox_lost: telemetry.map(|t| t.outbox_lost),
         }
     }
 }
@@ -188,10 +194,26 @@ pub fn table(rows: &[DeviceRow], now_ms: u64) -> Table {
             opt(row.boot),
             row.firmware.clone().unwrap_or_else(|| "-".into()),
             row.edge_model.clone().unwrap_or_else(|| "-".into()),
-            opt(row.outbox_pending),
+            outbox(row),
         ]);
     }
     table
+}
+
+/// Reports waiting, and what went wrong with the outbox if anything did: `3 (2 write errors,
+/// 1 lost)`.
+fn outbox(row: &DeviceRow) -> String {
+    let trouble: Vec<String> = [
+        (row.outbox_write_errors, "write errors"),
+        (row.outbox_lost, "lost"),
+    ]
+    .into_iter()
+    .filter_map(|(n, what)| n.filter(|&n| n > 0).map(|n| format!("{n} {what}")))
+    .collect();
+    match trouble.is_empty() {
+        true => opt(row.outbox_pending),
+        false => format!("{} ({})", opt(row.outbox_pending), trouble.join(", ")),
+    }
 }
 
 fn opt(value: Option<u64>) -> String {

@@ -25,7 +25,10 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
     };
     // Telemetry is QoS 0: the QoS 1 publishes after it are acknowledged only once the broker
     // has handled it (one connection's packets are handled in order).
-    k1.send(Leaf::Telemetry, &sample.json()).await;
+    let mut telemetry = sample.json();
+    telemetry["outbox_write_errors"] = json!(3);
+    telemetry["outbox_lost"] = json!(1);
+    k1.send(Leaf::Telemetry, &telemetry).await;
     k1.send(Leaf::Info, &info(3, "1.2.0")).await;
     k1.send(
         Leaf::Status,
@@ -63,6 +66,8 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
                 firmware: Some("1.2.0".into()),
                 edge_model: Some("tiny-sd/int8".into()),
                 outbox_pending: Some(2),
+                outbox_write_errors: Some(3),
+                outbox_lost: Some(1),
             },
             DeviceRow {
                 device: "k2".into(),
@@ -73,6 +78,8 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
                 firmware: None,
                 edge_model: None,
                 outbox_pending: None,
+                outbox_write_errors: None,
+                outbox_lost: None,
             },
         ]
     );
@@ -103,7 +110,10 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
         ]
     );
     assert_eq!(lines[1][..2], ["k1", "online"]);
-    assert_eq!(lines[1][3..], ["3", "1.2.0", "tiny-sd/int8", "2"]);
+    assert_eq!(
+        lines[1][3..],
+        ["3", "1.2.0", "tiny-sd/int8", "2 (3 write errors, 1 lost)"]
+    );
     assert_eq!(lines[2][..2], ["k2", "offline (shutdown)"]);
     assert_eq!(lines.len(), 3, "{text}");
 }
