@@ -36,9 +36,14 @@ pub enum TokenizerError {
         /// The token.
         token: String,
     },
-    /// Encoding failed.
-    #[error("encoding a prompt: {0}")]
-    Encode(String),
+    /// Encoding a prompt failed.
+    #[error("{path}: encoding a prompt: {message}")]
+    Encode {
+        /// The tokenizer's file.
+        path: PathBuf,
+        /// What the `tokenizers` crate said.
+        message: String,
+    },
 }
 
 /// CLIP's context length: start token, up to 75 prompt tokens, end token, padding.
@@ -48,6 +53,8 @@ pub const CONTEXT: usize = 77;
 #[derive(Debug, Clone)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
+    /// `tokenizer.json`, for errors.
+    path: PathBuf,
     bos: u32,
     eos: u32,
     pad: u32,
@@ -82,6 +89,7 @@ impl ClipTokenizer {
             eos: id("<|endoftext|>")?,
             pad: id(&pad_token)?,
             inner,
+            path,
         })
     }
 
@@ -105,7 +113,10 @@ impl ClipTokenizer {
         let encoding = self
             .inner
             .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+            .map_err(|e| TokenizerError::Encode {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
         Ok(encoding.get_ids().to_vec())
     }
 }

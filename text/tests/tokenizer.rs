@@ -31,3 +31,30 @@ fn ids_and_counts_match_transformers() {
         );
     }
 }
+
+#[test]
+fn a_prompt_that_cannot_be_encoded_names_the_tokenizer_file() {
+    // A BPE whose unknown token is missing from its vocabulary: a character outside the
+    // vocabulary cannot be encoded.
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false,
+            "vocab": {"<|startoftext|>": 0, "<|endoftext|>": 1, "a": 2},
+            "merges": []
+        }
+    });
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let tokenizer = ClipTokenizer::from_folder(dir.path()).unwrap();
+    assert_eq!(tokenizer.encode("a").unwrap()[..3], [0, 2, 1]);
+    let error = tokenizer.encode("b").unwrap_err().to_string();
+    assert!(
+        error.starts_with(&format!("{}: encoding a prompt: ", path.display())),
+        "{error}"
+    );
+}

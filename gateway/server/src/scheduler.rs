@@ -125,10 +125,7 @@ impl Batch {
     fn of(running: &[Running]) -> Self {
         let mut batch = Self::default();
         for r in running {
-            let (h, w) = r.task.latent_size();
-            batch.jobs += 1;
-            batch.size = Some((h, w));
-            batch.pixels += r.task.rows() * h * w;
+            batch.join(r.task.latent_size(), r.task.rows());
         }
         batch
     }
@@ -141,10 +138,13 @@ impl Batch {
     }
 
     fn add(&mut self, s: &Submission) {
-        let (h, w) = s.latent_size();
+        self.join(s.latent_size(), s.rows());
+    }
+
+    fn join(&mut self, (h, w): (usize, usize), rows: usize) {
         self.jobs += 1;
         self.size = Some((h, w));
-        self.pixels += s.rows() * h * w;
+        self.pixels += rows * h * w;
     }
 }
 
