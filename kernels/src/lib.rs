@@ -5,12 +5,17 @@
 //!   so that each engine passes its tensors as they lie (the gateway `[heads, tokens, width]`,
 //!   the kiosk's ONNX graphs `[batch, tokens, heads, width]`). Each engine splits the blocks
 //!   over its own threads.
+//! - [`conv`]: stride-1 convolutions of NCHW images as one matrix product per band of output
+//!   lines, with the band's columns in a buffer the caller reuses and the product written
+//!   straight into the output (the gateway's 3x3 convolutions on the CPU).
 //! - [`vmath`]: `exp` and the erf GELU in plain arithmetic, so that loops over them compile to
 //!   vector code, and run as AVX2 code where the CPU has it.
 //!
 //! Pure: no ML framework, no I/O; plain `f32` slices.
 
 pub mod attention;
+pub mod conv;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, QUERY_BLOCK, Scratch, View, ViewMut, attend};
+pub use conv::{Bands, ConvMismatch, ConvShape, conv2d};

@@ -14,8 +14,11 @@
 //! The blocks are the same composition as candle-transformers' `resnet.rs` and
 //! `unet_2d_blocks.rs` (Apache-2.0/MIT), built from the same diffusers names.
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn as nn;
+use diffusionx_kernels::{Bands, ConvShape, conv2d};
 
 use crate::fused::{GroupNorm, Linear, add_channel_bias, add_per_channel};
 use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
@@ -74,6 +77,18 @@ impl Conv2d {
     /// slice of the batch per product, or, where one image's columns are larger (a VAE decoder
     /// at 512 px: 1.2 GB of f32 for 128 channels), a band of its output rows per product.
     fn forward_as_one_product(&self, xs: &Tensor, max_bytes: usize) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            let op = CpuConv {
+                kernel: self.kernel,
+                padding: self.inner.config().padding,
+                max_bytes,
+            };
+            let (xs, weights) = (xs.contiguous()?, self.matrix.contiguous()?);
+            return match &self.bias {
+                Some(bias) => xs.apply_op3_no_bwd(&weights, &bias.contiguous()?, &op),
+                None => xs.apply_op2_no_bwd(&weights, &op),
+            };
+        }
         let (batch, channels, h, w) = xs.dims4()?;
         let (k, pad) = (self.kernel, self.inner.config().padding);
         let (ho, wo) = (
@@ -151,6 +166,100 @@ impl Conv2d {
         return crate::cuda::im2col(&slice.contiguous()?, k, pad);
         #[cfg(not(feature = "cuda"))]
         Ok(None)
+    }
+}
+
+/// A stride-1 convolution of f32 images on the CPU, [`diffusionx_kernels::conv2d`]: a band of
+/// output lines per product, its columns in a buffer each thread keeps, the product written
+/// straight into the output on top of the bias.
+struct CpuConv {
+    kernel: usize,
+    padding: usize,
+    /// The most bytes a band's columns take.
+    max_bytes: usize,
+}
+
+thread_local! {
+    /// The columns of the band being convolved, kept from call to call: at most
+    /// [`MAX_COLUMNS_BYTES`], allocated (and its pages faulted in) once per thread.
+    static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl CpuConv {
+    fn run(
+        &self,
+        (xs, lx): (&CpuStorage, &Layout),
+        (ws, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (batch, channels, height, width) = lx.shape().dims4()?;
+        let (out_channels, _) = lw.shape().dims2()?;
+        let shape = ConvShape {
+            batch,
+            channels,
+            height,
+            width,
+            out_channels,
+            kernel: self.kernel,
+            padding: self.padding,
+        };
+        let Some((ho, wo)) = shape.output() else {
+            candle_core::bail!("convolution {shape:?}: the window is larger than the image")
+        };
+        let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
+        let mut out = vec![0f32; batch * out_channels * ho * wo];
+        let bands = Bands {
+            max_columns_bytes: self.max_bytes,
+            threads: candle_core::utils::get_num_threads(),
+        };
+        let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
+        COLUMNS
+            .with_borrow_mut(|columns| conv2d(xs, shape, ws, bias, &mut out, bands, columns))
+            .map_err(candle_core::Error::wrap)?;
+        let shape = Shape::from((batch, out_channels, ho, wo));
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// The values of a contiguous f32 tensor.
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
+        None => candle_core::bail!("the CPU convolution takes contiguous tensors"),
+    }
+}
+
+impl CustomOp2 for CpuConv {
+    fn name(&self) -> &'static str {
+        "diffusionx-cpu-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        ws: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, lx), (ws, lw), None)
+    }
+}
+
+impl CustomOp3 for CpuConv {
+    fn name(&self) -> &'static str {
+        "diffusionx-cpu-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        lx: &Layout,
+        ws: &CpuStorage,
+        lw: &Layout,
+        bs: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((xs, lx), (ws, lw), Some((bs, lb)))
     }
 }
 

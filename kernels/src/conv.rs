@@ -1,0 +1,421 @@
+//! Stride-1 2-D convolutions of NCHW `f32` images as matrix products over bands of output lines.
+//!
+//! For each image, a band of output lines at a time: the band's columns (`[in x k x k, lines x
+//! width]`, zero padding written in place, no padded copy of the input) go into a buffer the
+//! caller reuses, and one product of the weights as they are stored (`[out, in x k x k]`) by
+//! them writes the band straight into the output, whose lines are already the bias (so the
+//! product adds to them). Nothing else is allocated, copied or passed over: no padded input,
+//! no stacked views, no concatenation of bands, no separate bias pass.
+//!
+//! The product is the `gemm` crate's (candle's own CPU kernels) through the module's one
+//! `unsafe` call, after the checks that keep every index it touches inside its slice.
+#![allow(unsafe_code)]
+
+/// The sizes of a convolution: `batch` images of `channels x height x width` in, `out_channels`
+/// out, a `kernel x kernel` window with `padding` zeros on every side, stride 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Images.
+    pub batch: usize,
+    /// Input channels.
+    pub channels: usize,
+    /// Input lines.
+    pub height: usize,
+    /// Input columns.
+    pub width: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// The window's side.
+    pub kernel: usize,
+    /// Zeros added on each side.
+    pub padding: usize,
+}
+
+impl ConvShape {
+    /// Output `(lines, columns)`; `None` when the window is larger than the padded image.
+    pub fn output(&self) -> Option<(usize, usize)> {
+        let side = |n: usize| (n + 2 * self.padding + 1).checked_sub(self.kernel);
+        side(self.height)
+            .zip(side(self.width))
+            .filter(|&(h, w)| h > 0 && w > 0)
+    }
+
+    /// `in x k x k`: the products' inner size.
+    fn depth(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+}
+
+/// A slice of [`conv2d`] does not have the length its shape gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvMismatch {
+    /// The shape asked for.
+    pub shape: ConvShape,
+    /// What is wrong.
+    pub what: &'static str,
+}
+
+impl std::fmt::Display for ConvMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "convolution {:?}: {}", self.shape, self.what)
+    }
+}
+
+impl std::error::Error for ConvMismatch {}
+
+/// How [`conv2d`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bands {
+    /// The most bytes a band's columns take (a band is at least one output line).
+    pub max_columns_bytes: usize,
+    /// Threads of rayon's pool for the products and the columns (1: this thread only).
+    pub threads: usize,
+}
+
+/// `out = bias + weight * input` for the stride-1 convolution `shape`: `input` is `[batch,
+/// channels, height, width]`, `weight` `[out_channels, channels, kernel, kernel]`, `bias`
+/// `[out_channels]`, `out` `[batch, out_channels, lines, columns]` of [`ConvShape::output`].
+/// `columns` is the caller's buffer for a band's columns (reused from call to call).
+pub fn conv2d(
+    input: &[f32],
+    shape: ConvShape,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    bands: Bands,
+    columns: &mut Vec<f32>,
+) -> Result<(), ConvMismatch> {
+    let Bands {
+        max_columns_bytes,
+        threads,
+    } = bands;
+    let mismatch = |what| ConvMismatch { shape, what };
+    let (ho, wo) = shape
+        .output()
+        .ok_or(mismatch("the window is larger than the padded image"))?;
+    let ConvShape {
+        batch,
+        channels,
+        height,
+        width,
+        out_channels,
+        ..
+    } = shape;
+    let depth = shape.depth();
+    let image = channels * height * width;
+    let plane = ho * wo;
+    if input.len() != batch * image {
+        return Err(mismatch("the input's length"));
+    }
+    if weight.len() != out_channels * depth {
+        return Err(mismatch("the weights' length"));
+    }
+    if bias.is_some_and(|b| b.len() != out_channels) {
+        return Err(mismatch("the bias's length"));
+    }
+    if out.len() != batch * out_channels * plane {
+        return Err(mismatch("the output's length"));
+    }
+    if batch == 0 || out_channels == 0 {
+        return Ok(());
+    }
+    if depth == 0 {
+        fill_bias(out, bias, plane);
+        return Ok(());
+    }
+    let line_bytes = depth * wo * size_of::<f32>();
+    let lines = (max_columns_bytes / line_bytes).clamp(1, ho);
+    columns.resize(depth * lines * wo, 0.0);
+    for b in 0..batch {
+        let img = &input[b * image..(b + 1) * image];
+        let dst = &mut out[b * out_channels * plane..(b + 1) * out_channels * plane];
+        for y0 in (0..ho).step_by(lines) {
+            let n = lines.min(ho - y0);
+            let cols = &mut columns[..depth * n * wo];
+            fill_columns(img, &shape, (y0, n, wo), threads, cols);
+            for (o, line) in dst.chunks_exact_mut(plane).enumerate() {
+                line[y0 * wo..(y0 + n) * wo].fill(bias.map_or(0.0, |b| b[o]));
+            }
+            band_product(
+                &shape,
+                weight,
+                cols,
+                n * wo,
+                &mut dst[y0 * wo..],
+                plane,
+                threads,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn fill_bias(out: &mut [f32], bias: Option<&[f32]>, plane: usize) {
+    let Some(bias) = bias else {
+        out.fill(0.0);
+        return;
+    };
+    for (i, line) in out.chunks_exact_mut(plane).enumerate() {
+        line.fill(bias[i % bias.len()]);
+    }
+}
+
+/// The columns of output lines `y0..y0 + n` of one image: row `(c, dy, dx)` holds, for each of
+/// those output pixels `(y, x)`, input pixel `(y + dy - padding, x + dx - padding)` of channel
+/// `c`, or 0 outside the image. Channels are filled by rayon's threads.
+fn fill_columns(
+    img: &[f32],
+    shape: &ConvShape,
+    (y0, n, wo): (usize, usize, usize),
+    threads: usize,
+    cols: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let (h, w, k, pad) = (shape.height, shape.width, shape.kernel, shape.padding);
+    let row = n * wo;
+    let per_channel = k * k * row;
+    let fill = |(c, rows): (usize, &mut [f32])| {
+        let channel = &img[c * h * w..(c + 1) * h * w];
+        for (tap, dst) in rows.chunks_exact_mut(row).enumerate() {
+            let (dy, dx) = (tap / k, tap % k);
+            // Output columns whose input column x + dx - pad lies inside 0..w.
+            let left = pad.saturating_sub(dx).min(wo);
+            let right = (w + pad).saturating_sub(dx).clamp(left, wo);
+            for (y, line) in dst.chunks_exact_mut(wo).enumerate() {
+                let iy = (y0 + y + dy).checked_sub(pad).filter(|&iy| iy < h);
+                match iy {
+                    Some(iy) => {
+                        let src = &channel[iy * w..(iy + 1) * w];
+                        line[..left].fill(0.0);
+                        if left < right {
+                            line[left..right]
+                                .copy_from_slice(&src[left + dx - pad..right + dx - pad]);
+                        }
+                        line[right..].fill(0.0);
+                    }
+                    None => line.fill(0.0),
+                }
+            }
+        }
+    };
+    // Below this many values a channel's fill is not worth a task of its own.
+    const MIN_TASK: usize = 1 << 14;
+    if threads <= 1 || cols.len() < 2 * MIN_TASK {
+        cols.chunks_exact_mut(per_channel)
+            .enumerate()
+            .for_each(fill);
+        return;
+    }
+    let per_task = MIN_TASK.div_ceil(per_channel.max(1)).max(1);
+    cols.par_chunks_mut(per_channel)
+        .enumerate()
+        .with_min_len(per_task)
+        .for_each(fill);
+}
+
+/// `dst[o, j] += weight[o, :] . cols[:, j]` for every output channel `o` and the band's `n`
+/// output pixels `j`; output channel `o`'s band starts at `dst[o * plane]`.
+fn band_product(
+    shape: &ConvShape,
+    weight: &[f32],
+    cols: &[f32],
+    n: usize,
+    dst: &mut [f32],
+    plane: usize,
+    threads: usize,
+) {
+    let (m, k) = (shape.out_channels, shape.depth());
+    // The callers' slices: weights m x k, columns k x n, and m bands of n values `plane` apart.
+    assert!(weight.len() >= m * k && cols.len() >= k * n && n <= plane);
+    assert!(dst.len() >= (m - 1) * plane + n);
+    let parallelism = match threads {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // Strides no larger than the slices' lengths fit an isize.
+    let s = |v: usize| v as isize;
+    // SAFETY: the asserts above keep every index the product reads (weight: i * k + l; cols:
+    // l * n + j) or reads and writes (dst: i * plane + j), for i < m, l < k, j < n, inside its
+    // slice; `dst` is borrowed mutably, so it aliases neither input; it is initialised (the
+    // bias), so reading it (`read_dst`) reads values.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            s(plane),
+            true,
+            weight.as_ptr(),
+            1,
+            s(k),
+            cols.as_ptr(),
+            1,
+            s(n),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut values = vec![0f32; len];
+        diffusionx_diffusion::gaussian_noise(seed, 0, &mut values);
+        values
+    }
+
+    /// The convolution by its definition, in f64.
+    fn reference(input: &[f32], s: ConvShape, weight: &[f32], bias: Option<&[f32]>) -> Vec<f64> {
+        let (ho, wo) = s.output().expect("an output");
+        let mut out = Vec::with_capacity(s.batch * s.out_channels * ho * wo);
+        for b in 0..s.batch {
+            for o in 0..s.out_channels {
+                for y in 0..ho {
+                    for x in 0..wo {
+                        let mut sum = bias.map_or(0.0, |b| f64::from(b[o]));
+                        for c in 0..s.channels {
+                            for dy in 0..s.kernel {
+                                for dx in 0..s.kernel {
+                                    let (iy, ix) = (y + dy, x + dx);
+                                    if iy < s.padding
+                                        || ix < s.padding
+                                        || iy - s.padding >= s.height
+                                        || ix - s.padding >= s.width
+                                    {
+                                        continue;
+                                    }
+                                    let (iy, ix) = (iy - s.padding, ix - s.padding);
+                                    let v = input
+                                        [((b * s.channels + c) * s.height + iy) * s.width + ix];
+                                    let k = s.kernel;
+                                    let w = weight[((o * s.channels + c) * k + dy) * k + dx];
+                                    sum += f64::from(v) * f64::from(w);
+                                }
+                            }
+                        }
+                        out.push(sum);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn shape(
+        batch: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        o: usize,
+        k: usize,
+        p: usize,
+    ) -> ConvShape {
+        ConvShape {
+            batch,
+            channels: c,
+            height: h,
+            width: w,
+            out_channels: o,
+            kernel: k,
+            padding: p,
+        }
+    }
+
+    #[test]
+    fn convolves_as_the_definition_in_bands_and_whole() -> Result<(), ConvMismatch> {
+        let cases = [
+            shape(2, 5, 13, 11, 7, 3, 1),
+            shape(1, 3, 6, 9, 4, 3, 0),
+            shape(3, 4, 5, 5, 2, 1, 0),
+            shape(1, 2, 4, 3, 3, 3, 2),
+            shape(1, 16, 9, 17, 8, 3, 1),
+        ];
+        for (i, s) in cases.into_iter().enumerate() {
+            let (ho, wo) = s.output().expect("an output");
+            let seed = i as u64 * 10;
+            let input = random(s.batch * s.channels * s.height * s.width, seed);
+            let weight = random(s.out_channels * s.depth(), seed + 1);
+            let bias = random(s.out_channels, seed + 2);
+            for with_bias in [false, true] {
+                let bias = with_bias.then_some(bias.as_slice());
+                let want = reference(&input, s, &weight, bias);
+                // One line per band, two lines, and the whole image at once; one and two threads.
+                let line = s.depth() * wo * 4;
+                for (max_bytes, threads) in [(line, 1), (2 * line + 1, 2), (usize::MAX, 2)] {
+                    let mut out = vec![f32::NAN; s.batch * s.out_channels * ho * wo];
+                    let mut columns = Vec::new();
+                    let bands = Bands {
+                        max_columns_bytes: max_bytes,
+                        threads,
+                    };
+                    conv2d(&input, s, &weight, bias, &mut out, bands, &mut columns)?;
+                    let worst = out
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (f64::from(*a) - b).abs())
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 1e-4,
+                        "{s:?} bias {with_bias} bound {max_bytes}: {worst}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn slices_of_the_wrong_length_are_refused() {
+        let s = shape(1, 2, 4, 4, 3, 3, 1);
+        let (input, weight) = (vec![0.0; 32], vec![0.0; 54]);
+        let mut out = vec![0.0; 48];
+        let mut columns = Vec::new();
+        let bands = Bands {
+            max_columns_bytes: usize::MAX,
+            threads: 1,
+        };
+        let mut run = |input: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]| {
+            conv2d(input, s, weight, bias, out, bands, &mut columns).map_err(|e| e.what)
+        };
+        assert_eq!(run(&input, &weight, None, &mut out), Ok(()));
+        assert_eq!(
+            run(&input[1..], &weight, None, &mut out),
+            Err("the input's length")
+        );
+        assert_eq!(
+            run(&input, &weight[1..], None, &mut out),
+            Err("the weights' length")
+        );
+        assert_eq!(
+            run(&input, &weight, Some(&[0.0; 2]), &mut out),
+            Err("the bias's length")
+        );
+        assert_eq!(
+            run(&input, &weight, None, &mut out[1..]),
+            Err("the output's length")
+        );
+        let too_small = shape(1, 2, 1, 1, 3, 3, 0);
+        assert_eq!(
+            conv2d(
+                &[0.0; 2],
+                too_small,
+                &weight,
+                None,
+                &mut [],
+                bands,
+                &mut columns
+            )
+            .map_err(|e| e.what),
+            Err("the window is larger than the padded image")
+        );
+    }
+}
