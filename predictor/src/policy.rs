@@ -168,7 +168,9 @@ mod tests {
     use crate::context::tests::quiet;
     use crate::features::TEXT_DIMS;
     use crate::features::tests::plain;
-    use crate::weights::tests::{Rng, constant_weights, random_weights, tenths};
+    use crate::weights::tests::{
+        Rng, constant_weights, overflowing_weights, random_weights, tenths,
+    };
 
     fn decide(p: &Predictor, f: &Features, c: &Context, policy: &Policy) -> Decision {
         p.decide(f, c, policy).unwrap()
@@ -182,6 +184,18 @@ mod tests {
             max_level: 1.0,
             cloud_budget_ms: 1e9,
         }
+    }
+
+    #[test]
+    fn a_learned_curve_that_is_nan_is_an_input_error_not_the_maximum_level() {
+        // Without the check no level met the NaN target: k_hi, TargetUnreachable, and a
+        // predicted_quality of NaN in the session report.
+        let p = Predictor::learned(overflowing_weights());
+        let err = p.decide(&plain(), &quiet(), &Policy::default());
+        assert!(
+            matches!(err, Err(InputError::NotFinite { field: "prediction", value }) if value.is_nan()),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -186,9 +186,19 @@ impl Weights {
         monotone_head(&x)
     }
 
-    /// The predicted quality curve for a request.
+    /// The predicted quality curve for a request. Refused with
+    /// `InputError::NotFinite { field: "prediction", .. }` when a predicted quality is not
+    /// finite: every weight is finite, but a forward pass can still overflow to infinity
+    /// (`inf - inf` is NaN), for example on very large features; a NaN curve would otherwise
+    /// meet no target and be sent as the maximum level.
     pub fn curve(&self, features: &Features) -> Result<QualityCurve, InputError> {
         let quality = self.predict(&features.to_vector()?);
+        if let Some(value) = quality.iter().copied().find(|q| !q.is_finite()) {
+            return Err(InputError::NotFinite {
+                field: "prediction",
+                value,
+            });
+        }
         Ok(QualityCurve::grid(self.grid.clone(), quality))
     }
 }
@@ -357,6 +367,40 @@ pub(crate) mod tests {
             layers,
         )
         .unwrap()
+    }
+
+    /// Valid weights whose forward pass overflows on a 512-pixel-wide request: two relu units
+    /// reach `+inf` on the `width` input (1.0), and the linear layer subtracts them: `NaN`.
+    pub(crate) fn overflowing_weights() -> Weights {
+        let mut row = vec![0.0; INPUT_LEN];
+        row[14] = 3e38;
+        let layers = vec![
+            Layer {
+                w: vec![row; 2],
+                b: vec![3e38; 2],
+                activation: Activation::Relu,
+            },
+            Layer {
+                w: vec![vec![1.0, -1.0]; 10],
+                b: vec![0.0; 10],
+                activation: Activation::Linear,
+            },
+        ];
+        let projection = Projection::new(vec![vec![1.0; 4]; TEXT_DIMS]).unwrap();
+        Weights::new("overflow".to_owned(), tenths(), projection, layers).unwrap()
+    }
+
+    #[test]
+    fn a_curve_that_overflows_to_nan_is_refused() {
+        let w = Weights::from_json(&overflowing_weights().to_json()).expect("every number finite");
+        assert!(w.predict(&plain().to_vector().unwrap())[0].is_nan());
+        match w.curve(&plain()) {
+            Err(InputError::NotFinite { field, value }) => {
+                assert_eq!(field, "prediction");
+                assert!(value.is_nan());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Weights that ignore the input: a zero network whose last biases are `z`.

@@ -65,6 +65,12 @@ pub enum ClipError {
         /// candle's error.
         source: candle_core::Error,
     },
+    /// The image or the features hold NaN or an infinity: there is no score to give.
+    #[error("the {what} are not finite")]
+    NotFinite {
+        /// `image` values, `image features` or `text features`.
+        what: &'static str,
+    },
     /// The image is not a planar `[3, height, width]` one.
     #[error("{len} values are not a [3, {height}, {width}] image")]
     Image {
@@ -217,8 +223,13 @@ impl ClipScorer {
                 width,
             });
         }
+        if image.iter().any(|v| !v.is_finite()) {
+            return Err(ClipError::NotFinite {
+                what: "image values",
+            });
+        }
         let pixels = preprocess::pixel_values(image, height, width, self.image_size);
-        Ok(clip_score(&self.image_features(&pixels)?, &text.0))
+        clip_score(&self.image_features(&pixels)?, &text.0)
     }
 
     /// The CLIP score of a planar `[3, height, width]` RGB image in [0, 1] against `prompt`.
@@ -246,8 +257,25 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// torchmetrics' CLIP score of image and text features: `100 * max(0, cosine)`, in [0, 100].
-pub fn clip_score(image_features: &[f32], text_features: &[f32]) -> f32 {
-    (100.0 * cosine(image_features, text_features).max(0.0)) as f32
+/// Features holding NaN or an infinity are refused: `max(0, NaN)` would silently be 0.
+pub fn clip_score(image_features: &[f32], text_features: &[f32]) -> Result<f32, ClipError> {
+    for (what, values) in [
+        ("image features", image_features),
+        ("text features", text_features),
+    ] {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(ClipError::NotFinite { what });
+        }
+    }
+    let cosine = cosine(image_features, text_features);
+    if !cosine.is_finite() {
+        // Finite features whose squares overflow f64 cannot happen with f32 inputs; kept so
+        // the score is never NaN.
+        return Err(ClipError::NotFinite {
+            what: "image features",
+        });
+    }
+    Ok((100.0 * cosine.max(0.0)) as f32)
 }
 
 #[cfg(test)]
@@ -256,11 +284,23 @@ mod tests {
 
     #[test]
     fn the_score_is_a_hundred_times_the_clamped_cosine() {
-        assert_eq!(clip_score(&[1.0, 0.0], &[2.0, 0.0]), 100.0);
-        assert_eq!(clip_score(&[1.0, 0.0], &[0.0, 3.0]), 0.0);
-        assert_eq!(clip_score(&[1.0, 0.0], &[-1.0, 0.0]), 0.0, "clamped at 0");
+        let score = |a: &[f32], b: &[f32]| clip_score(a, b).expect("finite features");
+        assert_eq!(score(&[1.0, 0.0], &[2.0, 0.0]), 100.0);
+        assert_eq!(score(&[1.0, 0.0], &[0.0, 3.0]), 0.0);
+        assert_eq!(score(&[1.0, 0.0], &[-1.0, 0.0]), 0.0, "clamped at 0");
         // cos 45 degrees.
-        assert!((clip_score(&[1.0, 1.0], &[1.0, 0.0]) - 70.710_68).abs() < 1e-4);
-        assert_eq!(clip_score(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+        assert!((score(&[1.0, 1.0], &[1.0, 0.0]) - 70.710_68).abs() < 1e-4);
+        assert_eq!(score(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn non_finite_features_are_refused_not_scored_zero() {
+        // Without the check `max(0, NaN)` made the score 0.
+        let what = |a: &[f32], b: &[f32]| match clip_score(a, b) {
+            Err(ClipError::NotFinite { what }) => what,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(what(&[f32::NAN, 0.0], &[1.0, 0.0]), "image features");
+        assert_eq!(what(&[1.0, 0.0], &[f32::INFINITY, 0.0]), "text features");
     }
 }

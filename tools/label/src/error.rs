@@ -1,5 +1,7 @@
 //! What can go wrong while labelling.
 
+use std::path::PathBuf;
+
 use diffusionx_engine::EngineError;
 use diffusionx_predictor::{FeatureError, WeightsError};
 use diffusionx_refine::RefineError;
@@ -61,12 +63,46 @@ pub enum LabelError {
     /// The prompt list holds no prompt.
     #[error("the prompt list holds no prompt (blank lines and # comments are skipped)")]
     NoPrompts,
+    /// An image or latent to score holds NaN or an infinity (e.g. a cloud model that
+    /// overflowed in half precision): it cannot be scored, and the request gets no labels.
+    #[error("cannot score {what}: they hold {value}")]
+    NotFinite {
+        /// Images or latents.
+        what: &'static str,
+        /// The first value that is not finite.
+        value: f32,
+    },
     /// Two images or latents to compare differ in shape, or are empty.
     #[error("cannot compare {what}: {reason}")]
     Compare {
         /// Images or latents.
         what: &'static str,
         /// The shapes.
+        reason: String,
+    },
+    /// A file of the run could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// An interrupted run's labels are in the way of a fresh run.
+    #[error(
+        "{} holds the labels of an interrupted run: pass --resume to continue it, or remove it",
+        path.display()
+    )]
+    PartialExists {
+        /// The partial dataset.
+        path: PathBuf,
+    },
+    /// The files of the run to resume do not agree or are not what this tool writes.
+    #[error("cannot resume from {}: {reason}", path.display())]
+    Resume {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
         reason: String,
     },
 }

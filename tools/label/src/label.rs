@@ -61,6 +61,7 @@ pub struct Labelled {
 /// the reference (the gateway's refinement at level 1.0: all `N` steps from the preview
 /// re-noised to the top of the schedule), then the refinement at each level, scored against
 /// the reference. Level 1.0 is the reference itself, so it scores exactly 1 by closeness.
+/// Each line's `level` is the fraction of the schedule that ran ([`run_level`]).
 /// With a CLIP model every refinement also gets its CLIP score against `prompt`
 /// (`scores.clip`); [`Score::Clip`] without one is refused before any model work.
 pub fn label_request(
@@ -115,7 +116,7 @@ pub fn label_request(
         };
         records.push(LabelRecord {
             features: features.clone(),
-            level: level.fraction(),
+            level: run_level(refined.steps_run, settings.cloud.steps),
             quality: settings
                 .score
                 .quality(&scores)
@@ -131,6 +132,15 @@ pub fn label_request(
         reference,
         records,
     })
+}
+
+/// The level a label is placed at: the fraction of the `N`-step schedule that ran,
+/// `steps_run / N`. The refinement depends only on the steps run (`floor(N * s)` of them),
+/// and the policy and the evaluation read the quality curve at `k / N`; a label at the
+/// nominal level `s` would teach the model `q(s)` for work the decision reads as `q(k / N)`
+/// (`--cloud-steps 25`: level 0.1 runs 2 steps, so its label is at 0.08).
+pub fn run_level(steps_run: usize, steps_total: u16) -> f32 {
+    steps_run as f32 / f32::from(steps_total)
 }
 
 /// The projection as the file `dx-train --projection` reads: a JSON array of its rows.

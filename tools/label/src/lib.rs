@@ -8,7 +8,9 @@
 //! ([`score`]: PSNR, SSIM, latent RMSE, one of them mapped to the `quality`). Given a CLIP
 //! model, it also scores each image against its prompt ([`clip`]: candle-transformers' CLIP,
 //! transformers' preprocessing, torchmetrics' CLIP score). [`label`] ties these into the
-//! `diffusionx-predictor-tools` dataset lines; [`summary`] sums a run up.
+//! `diffusionx-predictor-tools` dataset lines; [`run`] writes them as each request finishes,
+//! skipping and counting a request that fails, and resumes an interrupted run; [`summary`]
+//! sums a run up.
 //!
 //! It owns no diffusion model code: the pipelines are `diffusionx-engine`'s and
 //! `diffusionx-refine`'s, the features `diffusionx-predictor`'s, the dataset
@@ -23,6 +25,7 @@ pub mod label;
 pub mod levels;
 pub mod preview;
 pub mod prompts;
+pub mod run;
 pub mod score;
 pub mod summary;
 

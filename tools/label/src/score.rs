@@ -18,12 +18,18 @@ const C2: f64 = 0.03 * 0.03;
 /// ITU-R BT.601 luma weights of R, G and B.
 const LUMA: [f64; 3] = [0.299, 0.587, 0.114];
 
+/// Checks that two images or latents can be compared: the same non-zero length, and every
+/// value finite (a NaN would otherwise score as perfect, PSNR's `min` dropping it, or turn
+/// into a `null` in the dataset).
 fn same_len(what: &'static str, a: &[f32], b: &[f32]) -> Result<(), LabelError> {
     if a.len() != b.len() || a.is_empty() {
         return Err(LabelError::Compare {
             what,
             reason: format!("{} and {} values", a.len(), b.len()),
         });
+    }
+    if let Some(value) = a.iter().chain(b).copied().find(|v| !v.is_finite()) {
+        return Err(LabelError::NotFinite { what, value });
     }
     Ok(())
 }
@@ -38,7 +44,8 @@ fn mean_squared_difference(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// PSNR in dB of two images in [0, 1] over all their values: `10 log10(1 / MSE)`, capped at
-/// [`PSNR_CAP_DB`] (identical images reach the cap exactly).
+/// [`PSNR_CAP_DB`] (identical images reach the cap exactly). Images holding NaN or an
+/// infinity are refused ([`LabelError::NotFinite`]), as by [`latent_rmse`] and [`ssim`].
 pub fn psnr_db(a: &[f32], b: &[f32]) -> Result<f32, LabelError> {
     same_len("images", a, b)?;
     let mse = mean_squared_difference(a, b);
@@ -245,6 +252,32 @@ mod tests {
         ));
         assert!(ssim(&[0.0; 3 * 49], &[0.0; 3 * 49], 7, 7).is_err());
         assert!(latent_rmse(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn non_finite_images_and_latents_are_refused_not_scored() {
+        // Without the check a NaN image scored PSNR 100 dB (`f32::min` drops the NaN), so
+        // quality 1 by --score psnr, and NaN SSIM and RMSE became `null` in the dataset.
+        let good = gray(&[0.5; 64]);
+        let mut bad = good.clone();
+        bad[70] = f32::NAN;
+        let refused = |r: Result<f32, LabelError>| match r {
+            Err(LabelError::NotFinite { what, value }) => (what, value.is_nan()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(psnr_db(&bad, &good)), ("images", true));
+        assert_eq!(refused(psnr_db(&good, &bad)), ("images", true));
+        assert_eq!(refused(ssim(&bad, &good, 8, 8)), ("images", true));
+        assert_eq!(refused(latent_rmse(&good, &bad)), ("latents", true));
+        let mut infinite = good.clone();
+        infinite[0] = f32::INFINITY;
+        assert!(matches!(
+            latent_rmse(&infinite, &good),
+            Err(LabelError::NotFinite {
+                what: "latents",
+                value
+            }) if value == f32::INFINITY
+        ));
     }
 
     #[test]

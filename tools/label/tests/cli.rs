@@ -55,7 +55,7 @@ fn a_run_writes_the_dataset_and_the_projection_and_sums_up() {
             "--cloud-steps",
             "4",
             "--levels",
-            "0.1,0.5,1.0",
+            "0.1,0.3,1.0",
             "--seeds",
             "3",
         ],
@@ -69,7 +69,8 @@ fn a_run_writes_the_dataset_and_the_projection_and_sums_up() {
     let records =
         parse_jsonl(&std::fs::read_to_string(dir.path().join("labels.jsonl")).unwrap()).unwrap();
     let levels: Vec<(f32, u32)> = records.iter().map(|r| (r.level, r.cloud_steps)).collect();
-    assert_eq!(levels, [(0.5, 2), (1.0, 4)]);
+    // Level 0.3 runs floor(4 * 0.3) = 1 step: its label is at the 0.25 that ran.
+    assert_eq!(levels, [(0.25, 1), (1.0, 4)]);
     assert_eq!(records[1].quality, 1.0, "level 1.0 is the reference");
     let rows: Vec<Vec<f32>> = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("labels.jsonl.projection.json")).unwrap(),
@@ -281,4 +282,83 @@ fn a_clip_quality_without_a_clip_model_is_refused() {
         stderr(&output)
     );
     assert!(!dir.path().join("labels.jsonl").exists());
+}
+
+#[test]
+fn an_interrupted_run_is_kept_and_resumed() {
+    use diffusionx_label::prompts::prompt_id;
+    use diffusionx_predictor::Features;
+    use diffusionx_predictor_tools::dataset::{LabelRecord, LabelSource, to_jsonl};
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("labels.jsonl");
+    // What an interrupted run left: the first prompt's request, labelled (its quality is a
+    // marker no real run gives), and a torn line of the next one.
+    let done = LabelRecord {
+        features: Features {
+            text: vec![0.0; 8],
+            prompt_tokens: 5,
+            rounds: 1,
+            prompt_cosine: 1.0,
+            latent_mean: 0.0,
+            latent_std: 1.0,
+            x0_change: 0.1,
+            width: 256,
+            height: 256,
+            edge_steps: 4,
+        },
+        level: 1.0,
+        quality: 0.123,
+        cloud_steps: 2,
+        prompt_id: prompt_id("a lighthouse at dusk"),
+        source: LabelSource::Label,
+        scores: None,
+    };
+    let partial = dir.path().join("labels.jsonl.partial");
+    std::fs::write(&partial, to_jsonl(std::slice::from_ref(&done)) + "{\"feat").unwrap();
+    std::fs::write(
+        dir.path().join("labels.jsonl.partial.done"),
+        format!("{} 3 1\n", done.prompt_id),
+    )
+    .unwrap();
+    let prompts = "a lighthouse at dusk\na red fox\n";
+    let flags = ["--cloud-steps", "2", "--levels", "0.5,1.0", "--seeds", "3"];
+
+    let output = tiny_run(dir.path(), prompts, &flags);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains(&format!(
+            "{} holds the labels of an interrupted run: pass --resume to continue it, or remove it",
+            partial.display()
+        )),
+        "{}",
+        stderr(&output)
+    );
+
+    let output = tiny_run(dir.path(), prompts, &[&flags[..], &["--resume"]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("resuming: 1 of 2 requests already labelled"),
+        "{}",
+        stderr(&output)
+    );
+    let records = parse_jsonl(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ids: Vec<(String, f32)> = records
+        .iter()
+        .map(|r| (r.prompt_id.clone(), r.level))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (prompt_id("a lighthouse at dusk"), 1.0),
+            (prompt_id("a red fox"), 0.5),
+            (prompt_id("a red fox"), 1.0)
+        ]
+    );
+    assert_eq!(
+        records[0], done,
+        "the finished request is kept, not relabelled"
+    );
+    assert!(!partial.exists());
+    assert!(!dir.path().join("labels.jsonl.partial.done").exists());
 }

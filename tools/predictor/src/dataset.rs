@@ -7,15 +7,18 @@
 //!  "level": 0.3, "quality": 0.87, "cloud_steps": 15, "prompt_id": "p0042", "source": "synthetic"}
 //! ```
 //!
-//! `features` mirrors [`diffusionx_predictor::Features`] field by field (the crate's type has no
-//! serde on purpose: its wire form is this file's business). Lines are parsed strictly
-//! (unknown fields refused) and checked: features valid with 8 text values, `level` in (0, 1],
-//! `quality` in [0, 1]. A *request* is the set of lines with the same `prompt_id`, features
+//! `features` are [`diffusionx_predictor::Features`] field by field. The crate's type ignores
+//! unknown fields (session reports are read by older tools too), but a dataset line is read
+//! through a private mirror that refuses them, so a line from a future features version is an
+//! error here rather than trained as v1. Lines are parsed strictly (unknown fields refused,
+//! inside `features` too) and checked: features valid with 8 text values, `level` in (0, 1],
+//! `quality` in [0, 1]. [`check_steps_total`] checks that the labels' `cloud_steps` are what
+//! the `N`-step schedule being evaluated runs at their levels. A *request* is the set of lines with the same `prompt_id`, features
 //! and source; its labels form its measured quality curve. (Sources are never merged into one
 //! curve: a fleet thumbs label and a label tool score are on different scales.)
 
-use diffusionx_predictor::{Features, INPUT_LEN, InputError};
-use serde::{Deserialize, Serialize};
+use diffusionx_predictor::{Features, INPUT_LEN, InputError, cloud_steps};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Where a label came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,13 +36,16 @@ pub enum LabelSource {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRecord {
-    /// The request's features at finalize.
+    /// The request's features at finalize (unknown fields refused).
+    #[serde(deserialize_with = "strict_features")]
     pub features: Features,
-    /// The noise level the cloud refined at, in (0, 1].
+    /// The share of the `N`-step schedule the cloud ran, in (0, 1]: `cloud_steps / N` for
+    /// label tool and fleet lines.
     pub level: f32,
     /// The measured quality, 0 to 1 (1 = the cloud's full redo, level 1.0).
     pub quality: f32,
-    /// The cloud steps that level ran (`floor(N * level)`).
+    /// The cloud steps `k` the refinement ran: `floor(N * s)` for the level `s` sent, so
+    /// `level` is `k / N` or (synthetic lines) a level that runs `k`.
     pub cloud_steps: u32,
     /// Identifies the prompt; the validation split never separates a prompt's lines.
     pub prompt_id: String,
@@ -48,6 +54,40 @@ pub struct LabelRecord {
     /// The raw scores `quality` was derived from (label tool lines; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<Scores>,
+}
+
+/// [`Features`] as a dataset line holds them: every field, nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeaturesJson {
+    text: Vec<f32>,
+    prompt_tokens: u32,
+    rounds: u32,
+    prompt_cosine: f32,
+    latent_mean: f32,
+    latent_std: f32,
+    x0_change: f32,
+    width: u32,
+    height: u32,
+    edge_steps: u32,
+}
+
+/// Reads `features` strictly (the struct literal below stops compiling when [`Features`]
+/// gains a field, so the two cannot drift apart).
+fn strict_features<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Features, D::Error> {
+    let f = FeaturesJson::deserialize(deserializer)?;
+    Ok(Features {
+        text: f.text,
+        prompt_tokens: f.prompt_tokens,
+        rounds: f.rounds,
+        prompt_cosine: f.prompt_cosine,
+        latent_mean: f.latent_mean,
+        latent_std: f.latent_std,
+        x0_change: f.x0_change,
+        width: f.width,
+        height: f.height,
+        edge_steps: f.edge_steps,
+    })
 }
 
 /// What the `label` tool measured of a refinement against the cloud's full redo (its
@@ -101,6 +141,76 @@ pub enum DatasetError {
     /// The dataset has no lines.
     #[error("the dataset has no labels")]
     Empty,
+    /// Labels whose `cloud_steps` are not `floor(N * level)` for the `N` being evaluated:
+    /// they were made with another cloud schedule.
+    #[error(
+        "{mismatched} of {labels} labels did not run floor({steps_total} * level) cloud steps \
+         (the first: level {level} ran {cloud_steps}); {}",
+        implied_words(implied)
+    )]
+    StepsTotal {
+        /// The `N` asked for.
+        steps_total: u32,
+        /// Labels that disagree with it.
+        mismatched: usize,
+        /// All labels.
+        labels: usize,
+        /// The first disagreeing label's level.
+        level: f32,
+        /// And its `cloud_steps`.
+        cloud_steps: u32,
+        /// Every `N` up to [`MAX_STEPS_TOTAL`] that agrees with all labels.
+        implied: Vec<u32>,
+    },
+}
+
+/// The largest `N` [`check_steps_total`] considers when it names the `N` the labels imply.
+pub const MAX_STEPS_TOTAL: u32 = 1000;
+
+fn implied_words(implied: &[u32]) -> String {
+    match implied {
+        [] => format!(
+            "no N up to {MAX_STEPS_TOTAL} fits every label: the dataset mixes cloud schedules"
+        ),
+        [n] => format!("the labels were made with N = {n} cloud steps: evaluate with N = {n}"),
+        more => format!(
+            "the labels fit N = {}: evaluate with the N they were made with",
+            more.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Whether a label fits an `n`-step schedule: its `cloud_steps` are `floor(n * level)` (the
+/// level read in basis points, as the kiosk sends it), or its level is the fraction that ran,
+/// `cloud_steps / n`, within `f32` rounding (how the label tool and fleet labels place it).
+fn runs(record: &LabelRecord, n: u32) -> bool {
+    let bp = (record.level * 10_000.0).round() as u32;
+    let k = record.cloud_steps;
+    cloud_steps(bp, n) == k || (f64::from(record.level) * f64::from(n) - f64::from(k)).abs() < 1e-3
+}
+
+/// Checks that every label's `cloud_steps` is `floor(steps_total * level)`, i.e. that the
+/// labels were made with the `N = steps_total` step schedule they are evaluated with; the
+/// error names the `N` the labels imply.
+pub fn check_steps_total(records: &[LabelRecord], steps_total: u32) -> Result<(), DatasetError> {
+    let mut wrong = records.iter().filter(|r| !runs(r, steps_total));
+    let Some(first) = wrong.next() else {
+        return Ok(());
+    };
+    let implied = (1..=MAX_STEPS_TOTAL)
+        .filter(|&n| records.iter().all(|r| runs(r, n)))
+        .collect();
+    Err(DatasetError::StepsTotal {
+        steps_total,
+        mismatched: 1 + wrong.count(),
+        labels: records.len(),
+        level: first.level,
+        cloud_steps: first.cloud_steps,
+        implied,
+    })
 }
 
 /// Parses a JSONL dataset (blank lines are skipped).

@@ -57,7 +57,29 @@ pub struct Row {
     pub mean_quality: f64,
 }
 
-/// Evaluates each strategy on the requests (see the module docs).
+/// The cloud steps a fixed level `s` runs of `steps_total`: `floor(N * s)`. Refuses a level
+/// outside (0, 1] (NaN included) or one that runs no step, naming it as `fixed`.
+pub fn fixed_steps(s: f32, steps_total: u32) -> Result<u32, InputError> {
+    if !(s > 0.0 && s <= 1.0) {
+        return Err(InputError::OutOfRange {
+            field: "fixed",
+            value: s.into(),
+            expected: "(0, 1]",
+        });
+    }
+    let k = cloud_steps((s * 10_000.0).round() as u32, steps_total);
+    if k == 0 {
+        return Err(InputError::OutOfRange {
+            field: "fixed",
+            value: s.into(),
+            expected: "a level that runs at least one of the context's steps_total cloud steps",
+        });
+    }
+    Ok(k)
+}
+
+/// Evaluates each strategy on the requests (see the module docs); a fixed level that
+/// [`fixed_steps`] refuses is an error.
 pub fn evaluate(
     requests: &[Request],
     strategies: &[Strategy],
@@ -73,7 +95,7 @@ pub fn evaluate(
             let (mut steps, mut latency, mut hits, mut quality) = (0.0, 0.0, 0usize, 0.0);
             for r in requests {
                 let k = match strategy {
-                    Strategy::Fixed(s) => cloud_steps((s * 10_000.0).round() as u32, n),
+                    Strategy::Fixed(s) => fixed_steps(*s, n)?,
                     Strategy::Predictor {
                         predictor, margin, ..
                     } => {

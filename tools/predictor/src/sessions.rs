@@ -9,10 +9,16 @@
 //! | label field | from the report |
 //! |---|---|
 //! | `features` | `finalize.predictor.features` as reported |
-//! | `level` | `finalize.predictor.decision.level` (the level the cloud ran) |
+//! | `level` | `decision.cloud_steps / context.steps_total`: the share of the schedule the cloud ran |
 //! | `cloud_steps` | `finalize.predictor.decision.cloud_steps` |
 //! | `quality` | 1.0 for thumbs up, 0.0 for thumbs down |
 //! | `prompt_id` | the report id (each session is its own request) |
+//!
+//! The level is the fraction that ran, `k / N`, not the level sent (`decision.level`, which
+//! is `ceil(k * 10000 / N)` basis points or the policy's minimum, so at least `k / N`): the
+//! cloud's work depends only on `k`, and the policy and the evaluation read the curve at
+//! `k / N`. A label at the level sent would teach the model `q(0.33)` for work the decision
+//! reads as `q(0.30)` (`min_level = 0.33`, `N = 20`: 6 steps).
 //!
 //! A thumbs label estimates the probability that the visitor was satisfied at that level: a
 //! different scale from the label tool's similarity score; the trainer weights these requests
@@ -21,7 +27,8 @@
 //! Nothing is dropped silently: every non-blank line is either a label or counted under the
 //! first reason that applies, in this order: malformed (not a session report; with its line),
 //! duplicate id (a report can arrive twice; the first is kept, across all files read), no
-//! predictor data, malformed (invalid features or a level outside (0, 1]; with its line), not
+//! predictor data, malformed (invalid features, a level outside (0, 1], or cloud steps outside
+//! `1..=context.steps_total`; with its line), not
 //! the cloud path, no verdict, another projection (the features were made with a projection
 //! other than the one being trained with, so they mean nothing to this model).
 
@@ -62,6 +69,16 @@ pub enum ReportError {
     /// The decision's level is not in (0, 1].
     #[error("decision.level = {0} is not in (0, 1]")]
     Level(f32),
+    /// The decision's cloud steps are not in `1..=context.steps_total`.
+    #[error(
+        "decision.cloud_steps = {cloud_steps} is not in 1..={steps_total} (context.steps_total)"
+    )]
+    Steps {
+        /// `decision.cloud_steps`.
+        cloud_steps: u32,
+        /// `context.steps_total`.
+        steps_total: u32,
+    },
 }
 
 /// A line that was not a usable report.
@@ -234,7 +251,7 @@ pub fn label(
     }
     Ok(Ok(LabelRecord {
         features: predictor.features.clone(),
-        level: predictor.decision.level,
+        level: predictor.decision.cloud_steps as f32 / predictor.context.steps_total as f32,
         quality: if thumbs_up { 1.0 } else { 0.0 },
         cloud_steps: predictor.decision.cloud_steps,
         prompt_id: report.id.clone(),
@@ -243,12 +260,23 @@ pub fn label(
     }))
 }
 
-/// The checks `dataset::parse_jsonl` makes of a label line: valid features, level in (0, 1].
+/// The checks `dataset::parse_jsonl` makes of a label line (valid features, level in
+/// (0, 1]), and that the steps run make a level: `1 <= cloud_steps <= steps_total`.
 fn check(predictor: &PredictorReport) -> Result<(), ReportError> {
     predictor.features.to_vector()?;
     let level = predictor.decision.level;
     if !(level > 0.0 && level <= 1.0) {
         return Err(ReportError::Level(level));
+    }
+    let (cloud_steps, steps_total) = (
+        predictor.decision.cloud_steps,
+        predictor.context.steps_total,
+    );
+    if !(1..=steps_total).contains(&cloud_steps) {
+        return Err(ReportError::Steps {
+            cloud_steps,
+            steps_total,
+        });
     }
     Ok(())
 }

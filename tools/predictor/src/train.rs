@@ -132,6 +132,13 @@ pub enum TrainError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// No epoch gave a finite validation loss, or the kept weights predict a quality that is
+    /// not finite: what would be written is not a trained model.
+    #[error("training diverged: {reason} (try a smaller learning rate)")]
+    Diverged {
+        /// What was not finite.
+        reason: String,
+    },
     /// The trained parameters do not make valid weights (e.g. they diverged to infinity).
     #[error("the trained weights are invalid: {0}")]
     Weights(#[from] WeightsError),
@@ -152,14 +159,16 @@ pub fn is_validation(prompt_id: &str, seed: u64, share: f64) -> bool {
     ((h >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
-/// RMSE of weights against the labels of some requests, through the crate's own curve.
+/// RMSE of weights against the labels of some requests, through the crate's own curve; NaN
+/// when the weights predict a quality that is not finite for one of them.
 pub fn rmse(weights: &Weights, requests: &[Request]) -> f32 {
     let mut sum = 0.0f64;
     let mut n = 0usize;
     for r in requests {
-        let curve = weights
-            .curve(&r.features)
-            .expect("requests hold validated features");
+        // Requests hold validated features, so the only error is a non-finite prediction.
+        let Ok(curve) = weights.curve(&r.features) else {
+            return f32::NAN;
+        };
         for &(s, y) in &r.labels {
             sum += f64::from(curve.quality(s) - y).powi(2);
             n += 1;
@@ -259,6 +268,34 @@ fn rmse_by_source(
     .collect()
 }
 
+/// The records' requests as [`train`] splits them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// The requests trained on.
+    pub train: Vec<Request>,
+    /// The requests held out: those whose prompt id [`is_validation`], so every request
+    /// (seed) of a prompt lands on the same side.
+    pub validation: Vec<Request>,
+    /// Fleet requests left out because [`TrainConfig::session_weight`] is 0.
+    pub ignored: Vec<Request>,
+}
+
+/// Groups the records into requests and splits them by prompt id with the configuration's
+/// seed and validation share (fleet requests dropped first when their weight is 0).
+pub fn split(records: &[LabelRecord], config: &TrainConfig) -> Split {
+    let (kept, ignored): (Vec<Request>, Vec<Request>) = requests(records)
+        .into_iter()
+        .partition(|r| request_weight(r, config.session_weight) > 0.0);
+    let (validation, train): (Vec<Request>, Vec<Request>) = kept
+        .into_iter()
+        .partition(|r| is_validation(&r.prompt_id, config.seed, config.validation_share));
+    Split {
+        train,
+        validation,
+        ignored,
+    }
+}
+
 /// Trains on the records (see the module docs) and returns the best validation weights.
 pub fn train(
     records: &[LabelRecord],
@@ -276,18 +313,28 @@ pub fn train(
             reason: "validation_share must be in (0, 1)",
         });
     }
+    if config.hidden.iter().any(|&(width, _)| width == 0) {
+        return Err(TrainError::Config {
+            reason: "every hidden layer needs a width of at least 1",
+        });
+    }
+    let lr = config.learning_rate;
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(TrainError::Config {
+            reason: "learning_rate must be finite and above 0",
+        });
+    }
     let w = config.session_weight;
     if !(w.is_finite() && w >= 0.0) {
         return Err(TrainError::Config {
             reason: "session_weight must be finite and at least 0",
         });
     }
-    let (kept, ignored): (Vec<Request>, Vec<Request>) = requests(records)
-        .into_iter()
-        .partition(|r| request_weight(r, w) > 0.0);
-    let (validation, mut train): (Vec<Request>, Vec<Request>) = kept
-        .into_iter()
-        .partition(|r| is_validation(&r.prompt_id, config.seed, config.validation_share));
+    let Split {
+        mut train,
+        validation,
+        ignored,
+    } = split(records, config);
     if train.is_empty() || validation.is_empty() {
         return Err(TrainError::Split {
             train: train.len(),
@@ -319,12 +366,29 @@ pub fn train(
             break;
         }
     }
+    if best.2 == 0 {
+        // Every validation loss was NaN or infinite: the kept parameters would be the
+        // random initialization, not a trained model.
+        return Err(TrainError::Diverged {
+            reason: format!("no epoch of {epochs} gave a finite validation loss"),
+        });
+    }
     net.params = best.1;
     let weights = net.to_weights(model_version, projection)?;
     let by_source = rmse_by_source(&weights, &train, &validation);
+    let (train_rmse, validation_rmse) = (rmse(&weights, &train), rmse(&weights, &validation));
+    if !(train_rmse.is_finite() && validation_rmse.is_finite()) {
+        return Err(TrainError::Diverged {
+            reason: format!(
+                "the kept weights (epoch {}) give a training RMSE of {train_rmse} and a \
+                 validation RMSE of {validation_rmse}",
+                best.2
+            ),
+        });
+    }
     Ok(TrainReport {
-        train_rmse: rmse(&weights, &train),
-        validation_rmse: rmse(&weights, &validation),
+        train_rmse,
+        validation_rmse,
         weights,
         epochs,
         best_epoch: best.2,

@@ -260,3 +260,80 @@ fn dx_train_takes_a_standard_projection_of_another_width() {
         "{stderr}"
     );
 }
+
+fn dx_evaluate(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dx-evaluate"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("dx-evaluate runs")
+}
+
+#[test]
+fn dx_evaluate_refuses_labels_of_another_step_count_and_bad_fixed_levels() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Labels of a 20-step schedule (dx-label's default), as synthetic lines.
+    let records = generate(
+        &SyntheticConfig {
+            seed: 4,
+            requests: 10,
+            steps_total: 20,
+            ..SyntheticConfig::default()
+        },
+        &projection(1),
+    );
+    std::fs::write(dir.path().join("labels.jsonl"), to_jsonl(&records)).expect("write");
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let output = dx_evaluate(&["--data", "labels.jsonl"], dir.path());
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("labels.jsonl: evaluating with N = 50 cloud steps")
+            && err.contains("the labels were made with N = 20 cloud steps: evaluate with N = 20"),
+        "{err}"
+    );
+
+    let output = dx_evaluate(
+        &["--data", "labels.jsonl", "--steps-total", "20"],
+        dir.path(),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(table.contains("| fixed 0.5 | 10.00 |"), "{table}");
+
+    for (fixed, why) in [
+        ("nan", "fixed = NaN is out of range: expected (0, 1]"),
+        (
+            "-0.3",
+            "fixed = -0.30000001192092896 is out of range: expected (0, 1]",
+        ),
+        ("1.5", "fixed = 1.5 is out of range: expected (0, 1]"),
+        (
+            "0.01",
+            "fixed = 0.009999999776482582 is out of range: expected a level that runs at \
+             least one of the context's steps_total cloud steps",
+        ),
+    ] {
+        let output = dx_evaluate(
+            &[
+                "--data",
+                "labels.jsonl",
+                "--steps-total",
+                "20",
+                "--fixed",
+                &format!("0.5,{fixed}"),
+            ],
+            dir.path(),
+        );
+        assert!(!output.status.success(), "{fixed}");
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!(
+                "--fixed {} with N = 20",
+                fixed.replace("nan", "NaN")
+            )) && err.contains(why),
+            "{fixed}: {err}"
+        );
+    }
+}

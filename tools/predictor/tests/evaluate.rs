@@ -1,14 +1,15 @@
 //! The evaluation's numbers on a tiny hand-built dataset, the dominance criterion, the plot
 //! and the dataset format.
 
+use diffusionx_predictor::InputError;
 use diffusionx_predictor::{
     Activation, Features, INPUT_LEN, Layer, Policy, Predictor, TEXT_DIMS, Weights,
 };
 use diffusionx_predictor_tools::dataset::{
-    DatasetError, LabelRecord, LabelSource, parse_jsonl, requests, to_jsonl,
+    DatasetError, LabelRecord, LabelSource, check_steps_total, parse_jsonl, requests, to_jsonl,
 };
 use diffusionx_predictor_tools::evaluate::{
-    Row, Strategy, beats_all, dominates, evaluate, markdown, mixture_hit_rate,
+    Row, Strategy, beats_all, dominates, evaluate, fixed_steps, markdown, mixture_hit_rate,
 };
 use diffusionx_predictor_tools::plot;
 use diffusionx_predictor_tools::setting::{ContextJson, Setting};
@@ -323,6 +324,108 @@ fn dataset_lines_are_checked_with_their_line_number() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(parse_jsonl("\n\n"), Err(DatasetError::Empty)));
+    // Unknown fields inside `features` too (a future features version), which the
+    // predictor's own `Features` would ignore.
+    match parse_jsonl(&edit(&|v| v["features"]["aesthetic"] = 0.7.into())) {
+        Err(DatasetError::Json { line, source }) => {
+            assert_eq!(line, 3);
+            assert!(source.to_string().contains("aesthetic"), "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let lenient: Features = serde_json::from_value({
+        let mut f = value["features"].clone();
+        f["aesthetic"] = 0.7.into();
+        f
+    })
+    .expect("the predictor's type ignores unknown fields");
+    assert_eq!(lenient, features());
+}
+
+#[test]
+fn labels_made_with_another_step_count_are_refused_naming_the_one_they_imply() {
+    // The label tool's default schedule is N = 20: level 0.5 runs 10 steps, 1.0 runs 20.
+    let twenty: Vec<LabelRecord> = [0.1f32, 0.25, 0.5, 1.0]
+        .iter()
+        .map(|&level| LabelRecord {
+            level,
+            quality: level,
+            cloud_steps: (level * 20.0) as u32,
+            ..tiny()[0].clone()
+        })
+        .collect();
+    assert!(check_steps_total(&twenty, 20).is_ok());
+    assert!(check_steps_total(&tiny(), 50).is_ok());
+    let err = check_steps_total(&twenty, 50).expect_err("made with 20 steps");
+    match &err {
+        DatasetError::StepsTotal {
+            steps_total,
+            mismatched,
+            labels,
+            level,
+            cloud_steps,
+            implied,
+        } => assert_eq!(
+            (
+                *steps_total,
+                *mismatched,
+                *labels,
+                *level,
+                *cloud_steps,
+                implied.clone()
+            ),
+            (50, 4, 4, 0.1, 2, vec![20])
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        "4 of 4 labels did not run floor(50 * level) cloud steps (the first: level 0.1 ran 2); \
+         the labels were made with N = 20 cloud steps: evaluate with N = 20"
+    );
+    // Labels of two schedules fit no single N.
+    let mixed = [twenty, tiny()].concat();
+    match check_steps_total(&mixed, 20) {
+        Err(DatasetError::StepsTotal {
+            mismatched,
+            implied,
+            ..
+        }) => assert_eq!((mismatched, implied), (8, vec![])),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn fixed_levels_outside_the_range_or_without_a_step_are_refused() {
+    let out_of_range = |s: f32| match fixed_steps(s, 50) {
+        Err(InputError::OutOfRange {
+            field: "fixed",
+            expected,
+            ..
+        }) => expected,
+        other => panic!("{s}: {other:?}"),
+    };
+    for s in [-0.3, 0.0, 1.5, f32::NAN] {
+        assert_eq!(out_of_range(s), "(0, 1]", "{s}");
+    }
+    assert_eq!(
+        out_of_range(0.01),
+        "a level that runs at least one of the context's steps_total cloud steps"
+    );
+    assert_eq!(fixed_steps(0.3, 50).expect("valid"), 15);
+    assert_eq!(fixed_steps(1.0, 20).expect("valid"), 20);
+    // evaluate refuses them too: no row scored at q(0) or at 150% of the schedule.
+    let context = ContextJson::default().to_context().expect("valid");
+    let result = evaluate(
+        &requests(&tiny()),
+        &[Strategy::Fixed(1.5)],
+        &context,
+        &Policy::default(),
+    );
+    assert!(
+        matches!(result, Err(InputError::OutOfRange { field: "fixed", .. })),
+        "{result:?}"
+    );
 }
 
 #[test]

@@ -1,12 +1,15 @@
 //! Learning on synthetic data drawn from a known quality function: the trainer recovers it
 //! and the learned policy beats every fixed level.
 
-use diffusionx_predictor::{Policy, Predictor, Weights};
+use std::collections::BTreeMap;
+
+use diffusionx_predictor::{Activation, Policy, Predictor, Weights};
+use diffusionx_predictor_tools::dataset::LabelRecord;
 use diffusionx_predictor_tools::dataset::{parse_jsonl, requests, to_jsonl};
 use diffusionx_predictor_tools::evaluate::{Strategy, beats_all, evaluate};
 use diffusionx_predictor_tools::setting::ContextJson;
 use diffusionx_predictor_tools::synthetic::{SyntheticConfig, generate, projection, true_quality};
-use diffusionx_predictor_tools::train::{TrainConfig, train};
+use diffusionx_predictor_tools::train::{Split, TrainConfig, TrainError, split, train};
 
 /// RMSE the trained curve must reach against the noise-free q* on the test requests.
 const RECOVERY_RMSE: f32 = 0.03;
@@ -159,4 +162,137 @@ fn training_is_deterministic_and_the_split_keeps_prompts_whole() {
     )
     .expect("trains");
     assert_ne!(a.weights.to_json(), other.weights.to_json());
+}
+
+/// `prompts` prompt ids with three requests (seeds) each: the synthetic requests of one
+/// prompt id share it, and their features differ.
+fn several_seeds_per_prompt(prompts: usize) -> Vec<LabelRecord> {
+    let proj = projection(3);
+    let mut records = generate(
+        &SyntheticConfig {
+            seed: 9,
+            requests: 3 * prompts,
+            ..SyntheticConfig::default()
+        },
+        &proj,
+    );
+    let ids: Vec<String> = requests(&records)
+        .iter()
+        .map(|r| r.prompt_id.clone())
+        .collect();
+    for r in &mut records {
+        let i = ids
+            .iter()
+            .position(|id| *id == r.prompt_id)
+            .expect("known id");
+        r.prompt_id = format!("prompt-{}", i / 3);
+    }
+    records
+}
+
+#[test]
+fn every_request_of_a_prompt_lands_on_the_same_side_of_the_split() {
+    let records = several_seeds_per_prompt(40);
+    let grouped = requests(&records);
+    assert_eq!(
+        grouped.len(),
+        120,
+        "three requests per prompt id, features differ"
+    );
+    let config = TrainConfig {
+        max_epochs: 2,
+        ..TrainConfig::default()
+    };
+    let Split {
+        train: trained,
+        validation,
+        ignored,
+    } = split(&records, &config);
+    assert!(ignored.is_empty());
+    // Side of each prompt id, and how many of its requests are on it.
+    let mut sides: BTreeMap<String, (Option<bool>, usize)> = BTreeMap::new();
+    for (side, rs) in [(false, &trained), (true, &validation)] {
+        for r in rs {
+            let entry = sides.entry(r.prompt_id.clone()).or_insert((None, 0));
+            assert_ne!(
+                entry.0,
+                Some(!side),
+                "{} has requests on both sides",
+                r.prompt_id
+            );
+            *entry = (Some(side), entry.1 + 1);
+        }
+    }
+    assert_eq!(sides.len(), 40);
+    assert!(sides.values().all(|&(_, n)| n == 3), "{sides:?}");
+    let held_out = sides.values().filter(|s| s.0 == Some(true)).count();
+    assert!(
+        (2..=16).contains(&held_out),
+        "{held_out} of 40 prompts held out"
+    );
+    assert_eq!(validation.len(), 3 * held_out);
+    // `train` uses exactly this split.
+    let report = train(&records, projection(3), "split".to_owned(), &config).expect("trains");
+    assert_eq!(
+        (report.train_requests, report.validation_requests),
+        (trained.len(), validation.len())
+    );
+}
+
+#[test]
+fn a_zero_hidden_width_or_a_bad_learning_rate_is_refused_before_training() {
+    let records = several_seeds_per_prompt(20);
+    let reason = |config: &TrainConfig| match train(&records, projection(3), "m".to_owned(), config)
+    {
+        Err(TrainError::Config { reason }) => reason,
+        other => panic!("{other:?}"),
+    };
+    let base = TrainConfig {
+        max_epochs: 3,
+        ..TrainConfig::default()
+    };
+    // A width of 0 panicked in the forward pass ("chunk size must be non-zero").
+    for hidden in [
+        vec![(0, Activation::Relu), (32, Activation::Tanh)],
+        vec![(8, Activation::Relu), (0, Activation::Tanh)],
+    ] {
+        let config = TrainConfig {
+            hidden,
+            ..base.clone()
+        };
+        assert_eq!(
+            reason(&config),
+            "every hidden layer needs a width of at least 1"
+        );
+    }
+    // NaN or infinity wrote the random initialization as a model ("kept epoch 0").
+    for learning_rate in [f64::NAN, f64::INFINITY, 0.0, -1e-3] {
+        let config = TrainConfig {
+            learning_rate,
+            ..base.clone()
+        };
+        assert_eq!(reason(&config), "learning_rate must be finite and above 0");
+    }
+}
+
+#[test]
+fn a_training_without_a_finite_validation_loss_is_an_error_not_the_initialization() {
+    // Records handed to `train` directly (not through `parse_jsonl`, which refuses them) with
+    // NaN qualities: every validation loss is NaN, so no epoch improves. Without the check
+    // the random initialization was returned as "kept epoch 0".
+    let mut records = several_seeds_per_prompt(20);
+    for r in &mut records {
+        r.quality = f32::NAN;
+    }
+    let config = TrainConfig {
+        max_epochs: 4,
+        patience: 2,
+        ..TrainConfig::default()
+    };
+    match train(&records, projection(3), "m".to_owned(), &config) {
+        Err(TrainError::Diverged { reason }) => {
+            assert_eq!(reason, "no epoch of 2 gave a finite validation loss")
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -109,7 +109,7 @@ fn thumbs_become_labels_one_and_zero_at_the_level_the_cloud_ran() {
     assert!(decision.level > 0.2 && decision.level < 0.8);
     let expected = |id: &str, tokens: u32, quality: f32| LabelRecord {
         features: features(tokens),
-        level: decision.level,
+        level: decision.cloud_steps as f32 / 50.0,
         quality,
         cloud_steps: decision.cloud_steps,
         prompt_id: id.to_owned(),
@@ -127,7 +127,9 @@ fn thumbs_become_labels_one_and_zero_at_the_level_the_cloud_ran() {
 }
 
 #[test]
-fn the_level_and_steps_come_from_the_decision() {
+fn the_label_is_at_the_fraction_of_the_schedule_that_ran() {
+    // Level 0.37 was sent (the policy's minimum, say), but a 50-step schedule runs 18 steps:
+    // the decision and the evaluation read the curve at 18 / 50 = 0.36, so the label is there.
     let r = edit(&report("k1-1-1", Some(true), 12), |r| {
         let p = predictor_mut(r);
         p.decision.level = 0.37;
@@ -136,7 +138,26 @@ fn the_level_and_steps_come_from_the_decision() {
     let record = label(&r, &trained_with().fingerprint())
         .expect("valid")
         .expect("a label");
-    assert_eq!((record.level, record.cloud_steps), (0.37, 18));
+    assert_eq!((record.level, record.cloud_steps), (0.36, 18));
+    // min_level 0.33 with N = 20: 6 steps run, the label is at 0.3.
+    let r = edit(&r, |r| {
+        let p = predictor_mut(r);
+        p.context.steps_total = 20;
+        p.decision.level = 0.33;
+        p.decision.cloud_steps = 6;
+    });
+    let record = label(&r, &trained_with().fingerprint())
+        .expect("valid")
+        .expect("a label");
+    assert_eq!((record.level, record.cloud_steps), (0.3, 6));
+    // Steps the schedule cannot have run are a malformed report.
+    let r = edit(&r, |r| predictor_mut(r).decision.cloud_steps = 21);
+    assert_eq!(
+        label(&r, &trained_with().fingerprint())
+            .expect_err("malformed")
+            .to_string(),
+        "decision.cloud_steps = 21 is not in 1..=20 (context.steps_total)"
+    );
 }
 
 #[test]

@@ -18,10 +18,10 @@ use diffusionx_label::label::{
 use diffusionx_label::levels::{DEFAULT_LEVELS, parse_levels, plan_levels};
 use diffusionx_label::preview::PreviewSettings;
 use diffusionx_label::prompts::parse_prompts;
+use diffusionx_label::run::{Failure, Job, Progress, label_jobs};
 use diffusionx_label::score::Score;
 use diffusionx_label::summary::{per_level, render};
 use diffusionx_predictor::Projection;
-use diffusionx_predictor_tools::dataset::to_jsonl;
 use diffusionx_predictor_tools::output::print;
 use diffusionx_refine::{Compute, Refiner};
 
@@ -137,6 +137,10 @@ struct Args {
     /// Run the cloud model on this CUDA GPU (needs the `cuda` feature) instead of the CPU.
     #[arg(long)]
     cuda: Option<usize>,
+    /// Continue an interrupted run from `<out>.partial`: requests it finished are kept and
+    /// not labelled again (the other flags must be the same as the first run's).
+    #[arg(long)]
+    resume: bool,
 }
 
 /// Writes `bytes` to a temporary file next to `path`, then renames it over `path`, so a
@@ -241,6 +245,14 @@ fn projection_out(args: &Args) -> PathBuf {
     })
 }
 
+/// A failed request in words: the prompt's position and text, the seed, the error.
+fn describe(failure: &Failure) -> String {
+    format!(
+        "prompt {} ({:?}), seed {}: {}",
+        failure.job.number, failure.job.prompt, failure.job.seed, failure.error
+    )
+}
+
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let args = Args::parse();
@@ -271,6 +283,13 @@ fn main() -> anyhow::Result<()> {
         .map(read_projection)
         .transpose()?;
     check_models(&args)?;
+    let partial = Progress::partial_path(&args.out);
+    if !args.resume && partial.exists() {
+        bail!(
+            "{} holds the labels of an interrupted run: pass --resume to continue it, or remove it",
+            partial.display()
+        );
+    }
     let (pipeline, refiner) = load_models(&args)?;
     let clip = load_clip(&args)?;
     let projection = match (given, &args.projection) {
@@ -282,35 +301,84 @@ fn main() -> anyhow::Result<()> {
         _ => standard_projection(&pipeline)?,
     };
     let settings = settings(&args, levels);
-    let total = prompts.len() * args.seeds.len();
-    let mut records = Vec::with_capacity(total * settings.levels.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        for (j, &seed) in args.seeds.iter().enumerate() {
+    let projection_out = projection_out(&args);
+    if args.resume && projection_out.exists() {
+        let before = read_projection(&projection_out)?;
+        if before != projection {
+            bail!(
+                "--resume: {} is not the projection of this run: the labels so far were made \
+                 with another one",
+                projection_out.display()
+            );
+        }
+    }
+    // Written first, so the labels of an interrupted run come with their projection.
+    write_atomically(&projection_out, projection_json(&projection).as_bytes())?;
+    let mut progress = Progress::start(&args.out, args.resume)?;
+    let jobs: Vec<Job> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, prompt)| {
+            args.seeds.iter().map(move |&seed| Job {
+                number: i + 1,
+                prompt: prompt.clone(),
+                seed,
+            })
+        })
+        .collect();
+    let total = jobs.len();
+    let resumed = progress.finished();
+    if resumed > 0 {
+        eprintln!(
+            "resuming: {resumed} of {total} requests already labelled in {}",
+            partial.display()
+        );
+    }
+    let mut count = resumed;
+    let failures = label_jobs(
+        &jobs,
+        &mut progress,
+        |job| {
             let request = Instant::now();
             let labelled = label_request(
                 &pipeline,
                 &refiner,
                 clip.as_ref(),
-                prompt,
-                seed,
+                &job.prompt,
+                job.seed,
                 &projection,
                 &settings,
-            )
-            .with_context(|| format!("prompt {} ({prompt:?}), seed {seed}", i + 1))?;
+            )?;
+            count += 1;
             eprintln!(
-                "labelled {}/{total}: {} seed {seed} ({:.1} s)",
-                i * args.seeds.len() + j + 1,
+                "labelled {count}/{total}: {} seed {} ({:.1} s)",
                 labelled.records[0].prompt_id,
+                job.seed,
                 request.elapsed().as_secs_f64()
             );
-            records.extend(labelled.records);
+            Ok(labelled.records)
+        },
+        |failure| eprintln!("failed, skipped: {}", describe(failure)),
+    )?;
+    if progress.records().is_empty() {
+        bail!(
+            "every request failed; nothing was labelled ({} kept for --resume)",
+            partial.display()
+        );
+    }
+    let records = progress.finish(&args.out)?;
+    let mut failed = String::new();
+    if !failures.is_empty() {
+        failed.push_str(&format!(
+            "{} of {total} requests failed and have no labels:\n",
+            failures.len()
+        ));
+        for failure in &failures {
+            failed.push_str(&format!("  {}\n", describe(failure)));
         }
     }
-    let projection_out = projection_out(&args);
-    write_atomically(&projection_out, projection_json(&projection).as_bytes())?;
-    write_atomically(&args.out, to_jsonl(&records).as_bytes())?;
     print(&format!(
-        "{} prompts x {} seeds x {} levels: {} lines -> {}\nprojection -> {}\n{}time {:.1} s\n",
+        "{} prompts x {} seeds x {} levels: {} lines -> {}\nprojection -> {}\n{failed}{}time {:.1} s\n",
         prompts.len(),
         args.seeds.len(),
         settings.levels.len(),

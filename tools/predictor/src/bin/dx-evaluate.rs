@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use diffusionx_predictor::{Predictor, Weights};
-use diffusionx_predictor_tools::dataset::{parse_jsonl, requests};
-use diffusionx_predictor_tools::evaluate::{Strategy, evaluate, markdown};
+use diffusionx_predictor_tools::dataset::{check_steps_total, parse_jsonl, requests};
+use diffusionx_predictor_tools::evaluate::{Strategy, evaluate, fixed_steps, markdown};
 use diffusionx_predictor_tools::output::print;
 use diffusionx_predictor_tools::plot;
 use diffusionx_predictor_tools::setting::Setting;
@@ -115,11 +115,22 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.data)
         .with_context(|| format!("reading {}", args.data.display()))?;
-    let requests =
-        requests(&parse_jsonl(&text).with_context(|| format!("in {}", args.data.display()))?);
+    let records = parse_jsonl(&text).with_context(|| format!("in {}", args.data.display()))?;
     let s = setting(&args)?;
     let context = s.context.to_context().context("invalid context")?;
     let policy = s.policy.to_policy().context("invalid policy")?;
+    let n = context.steps_total;
+    check_steps_total(&records, n).with_context(|| {
+        format!(
+            "{}: evaluating with N = {n} cloud steps (--steps-total or the setting's \
+             context.steps_total)",
+            args.data.display()
+        )
+    })?;
+    for &level in &args.fixed {
+        fixed_steps(level, n).with_context(|| format!("--fixed {level} with N = {n}"))?;
+    }
+    let requests = requests(&records);
     let rows = evaluate(&requests, &strategies(&args)?, &context, &policy)?;
     let table = markdown(&rows, &context, &policy, requests.len());
     print(&table)?;
