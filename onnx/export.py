@@ -113,6 +113,30 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_label(folder: Path) -> str:
+    """How the manifest names a diffusers source folder: the folder's name and the sha256 of the
+    file that says what it holds (`model_index.json` for a pipeline, `config.json` for a single
+    model such as a TAESD folder). Never its absolute path: the same weights exported on two
+    machines, or from two places, give the same manifest, and the image does not carry the
+    build host's paths (`python -m doctest onnx/export.py` checks this).
+
+    >>> import tempfile
+    >>> a, b = (Path(tempfile.mkdtemp()) / "tiny-sd" for _ in range(2))
+    >>> for d in (a, b):
+    ...     d.mkdir()
+    ...     _ = (d / "model_index.json").write_text("{}")
+    >>> source_label(a) == source_label(b)
+    True
+    >>> source_label(a)
+    'diffusers:tiny-sd (model_index.json sha256 44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a)'
+    """
+    folder = folder.resolve()
+    for name in ("model_index.json", "config.json"):
+        if (folder / name).is_file():
+            return f"diffusers:{folder.name} ({name} sha256 {sha256(folder / name)})"
+    return f"diffusers:{folder.name}"
+
+
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes, opset: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
@@ -516,17 +540,17 @@ def main() -> None:
         if not (args.out / MANIFEST).is_file():
             raise SystemExit(f"{args.out} has no {MANIFEST}: export the pipeline there first")
         m = add_tiny_vae_decoder(load_tiny_vae(args.tiny_decoder), args.out, opset=args.opset,
-                                 source=f"diffusers:{args.tiny_decoder.resolve()}", verify_graph=not args.no_verify)
+                                 source=source_label(args.tiny_decoder), verify_graph=not args.no_verify)
         print(json.dumps(m[TINY_VAE_DECODER], indent=2))
         return
     te, unet, vae, sched = load_diffusers(args.diffusers)
-    m = export_pipeline(te, unet, vae, sched, args.out, opset=args.opset, source=f"diffusers:{args.diffusers.resolve()}",
+    m = export_pipeline(te, unet, vae, sched, args.out, opset=args.opset, source=source_label(args.diffusers),
                         source_dir=args.diffusers, resolutions=args.check, minimal_tokenizer=args.minimal_tokenizer,
                         verify_graphs=not args.no_verify)
     check_source_tokenizer(args.diffusers, args.out)
     if args.tiny_decoder is not None:
         m = add_tiny_vae_decoder(load_tiny_vae(args.tiny_decoder), args.out, opset=args.opset,
-                                 source=f"diffusers:{args.tiny_decoder.resolve()}", verify_graph=not args.no_verify)
+                                 source=source_label(args.tiny_decoder), verify_graph=not args.no_verify)
     print(json.dumps({k: v for k, v in m.items() if k != "files"}, indent=2))
 
 

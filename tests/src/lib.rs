@@ -4,6 +4,7 @@
 
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod out_dir;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,11 +6,15 @@
 
 use std::time::Duration;
 
-use diffusionx_diffusion::NoiseLevel;
+use std::ops::ControlFlow;
+
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_e2e::{KioskOptions, kiosk, repo, start_gateway, tiny_sd, tiny_sd15};
+use diffusionx_engine::{Decode, Outcome as Run, Pipeline, Request, Start};
 use diffusionx_fleet::{NoiseLevelMode, NoisePolicy};
 use diffusionx_gateway::metrics::Outcome;
 use diffusionx_kiosk::script::{self, ScreenKind, Step};
+use diffusionx_kiosk::session::RoundRecord;
 use diffusionx_predictor::{Projection, Source};
 use diffusionx_ui::{FinalPath, RefineStatus, Screen};
 
@@ -44,7 +48,7 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
         .await
         .unwrap();
 
-    // The final picture is on the display: the screen and the display's pixels agree.
+    // The final picture is the gateway's.
     let Screen::Final { image, path } = kiosk.session().screen() else {
         panic!("not on the final screen");
     };
@@ -54,6 +58,25 @@ async fn a_visitor_gets_a_cloud_refined_picture() {
     assert!(distinct.len() > 100, "a picture, not a flat fill");
 
     let record = kiosk.session().record();
+    // It is the refinement of the last preview at the level and steps the kiosk recorded,
+    // computed here without the kiosk, QUIC or the gateway's scheduler (within the rounding of
+    // two runs of the same CPU code), and far from that preview unrefined.
+    let (expected, unrefined) = cloud_refinement(
+        record.rounds.last().unwrap(),
+        record.noise_level.unwrap(),
+        options.cloud_steps,
+    );
+    let off = max_abs_diff(image.pixels(), &expected);
+    assert!(
+        off <= 2,
+        "the final picture is {off}/255 off the gateway's refinement"
+    );
+    let apart = mean_abs_diff(image.pixels(), &unrefined);
+    assert!(
+        apart > 4.0,
+        "the final picture is {apart}/255 on average from the unrefined preview"
+    );
+
     let prompts: Vec<&str> = record.rounds.iter().map(|r| r.prompt.as_str()).collect();
     assert_eq!(
         prompts,
@@ -208,5 +231,132 @@ async fn a_gateway_killed_mid_job_falls_back_to_local_refinement() {
     assert_eq!((image.width(), image.height()), (256, 256));
     let reason = kiosk.session().record().fallback_reason.clone().unwrap();
     assert!(reason.starts_with("unreachable"), "{reason}");
-    assert_eq!(kiosk.session().record().path, Some(FinalPath::Local));
+    let record = kiosk.session().record();
+    assert_eq!(record.path, Some(FinalPath::Local));
+    // The picture is the edge engine's img2img of the last preview (the kiosk's refinement
+    // settings: 10 steps, guidance 7.5, DDIM, at the fixed level), not the preview itself.
+    let pipeline = Pipeline::load(&tiny_sd(), &Default::default()).unwrap();
+    let last = record.rounds.last().unwrap();
+    let latent = preview_latent(&pipeline, last);
+    let local = generate(
+        &pipeline,
+        Request {
+            steps: 10,
+            guidance_scale: 7.5,
+            start: Start::Latent {
+                latent,
+                noise_level: record.noise_level.unwrap(),
+                noise: None,
+            },
+            decode: Decode::Vae,
+            ..preview_request(last)
+        },
+    );
+    let expected = local.image.unwrap().pixels;
+    let off = max_abs_diff(image.pixels(), &expected);
+    assert!(
+        off <= 2,
+        "the final picture is {off}/255 off the local refinement"
+    );
+}
+
+/// The edge engine's request for `round`'s preview, as the kiosk makes it (256 px, no
+/// guidance, DDIM), keeping the latent only.
+fn preview_request(round: &RoundRecord) -> Request {
+    Request {
+        prompt: round.prompt.clone(),
+        negative_prompt: String::new(),
+        seed: round.seed,
+        width: 256,
+        height: 256,
+        steps: round.steps,
+        guidance_scale: 1.0,
+        scheduler: SchedulerKind::Ddim,
+        start: Start::Noise(None),
+        step_noise: None,
+        decode: Decode::Skip,
+    }
+}
+
+fn generate(pipeline: &Pipeline, request: Request) -> diffusionx_engine::Generation {
+    match pipeline
+        .generate(&request, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+    {
+        Run::Finished(generation) => generation,
+        Run::Cancelled { .. } => unreachable!("never asked to stop"),
+    }
+}
+
+/// `round`'s preview latent, `[4, 32, 32]`.
+fn preview_latent(pipeline: &Pipeline, round: &RoundRecord) -> Vec<f32> {
+    generate(pipeline, preview_request(round)).latent
+}
+
+/// The gateway's picture for `round`'s preview refined at `level` on a `steps`-step schedule
+/// (the kiosk's request: no negative prompt, guidance 7.5, DDIM, the latent sent as f16), and
+/// the same preview decoded unrefined by the gateway's VAE; both as the gateway encodes them
+/// (RGB bytes, `round(255 x)`).
+fn cloud_refinement(round: &RoundRecord, level: NoiseLevel, steps: u16) -> (Vec<u8>, Vec<u8>) {
+    let pipeline = Pipeline::load(&tiny_sd(), &Default::default()).unwrap();
+    let latent: Vec<f32> = preview_latent(&pipeline, round)
+        .into_iter()
+        .map(through_f16)
+        .collect();
+    let refiner = diffusionx_refine::Refiner::load(&tiny_sd15()).unwrap();
+    let job = diffusionx_refine::RefineJob {
+        prompt: round.prompt.clone(),
+        negative_prompt: String::new(),
+        seed: round.seed,
+        latent_height: 32,
+        latent_width: 32,
+        steps,
+        noise_level: level,
+        guidance_scale: 7.5,
+        scheduler: SchedulerKind::Ddim,
+        latent: latent.clone(),
+        decode: true,
+    };
+    let refined = refiner
+        .refine(&job, &mut |_| ControlFlow::Continue(()))
+        .unwrap()
+        .unwrap();
+    let unrefined = refiner.decode(&latent, 32, 32).unwrap();
+    (rgb_bytes(&refined.image.unwrap()), rgb_bytes(&unrefined))
+}
+
+/// `[3, H, W]` in [0, 1] to interleaved RGB bytes, as the gateway encodes its PNG.
+fn rgb_bytes(chw: &[f32]) -> Vec<u8> {
+    let plane = chw.len() / 3;
+    (0..plane)
+        .flat_map(|i| {
+            (0..3).map(move |c| (chw[c * plane + i].clamp(0.0, 1.0) * 255.0).round() as u8)
+        })
+        .collect()
+}
+
+/// `v` rounded to the nearest f16 (ties to even), as the kiosk sends its latent; latents lie far
+/// inside f16's range, so only f16's subnormals need their own case.
+fn through_f16(v: f32) -> f32 {
+    const MIN_NORMAL: f32 = 6.103_515_6e-5; // 2^-14
+    if v.abs() < MIN_NORMAL {
+        let quantum = 2f32.powi(-24);
+        return (v / quantum).round_ties_even() * quantum;
+    }
+    let bits = v.to_bits();
+    f32::from_bits((bits + 0x0fff + ((bits >> 13) & 1)) & !0x1fff)
+}
+
+fn max_abs_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x.abs_diff(*y)))
+        .sum::<f64>()
+        / a.len() as f64
 }

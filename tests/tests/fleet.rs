@@ -155,6 +155,62 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         .map(|m| serde_json::from_slice(&m.payload).unwrap())
         .unwrap();
     assert_eq!((presence.state, presence.boot), (PresenceState::Online, 1));
+    let seen = telemetry_seqs(&watcher.wait(WAIT, |_| true).await);
+    let mut operator = dxctl::broker::Link::connect(&dxctl::broker::ConnectOptions::new(
+        broker.url().parse().unwrap(),
+        "operator-cmd",
+    ))
+    .await
+    .unwrap();
+    let reply = dxctl::command::call(
+        &mut operator,
+        "lobby",
+        DEVICE,
+        diffusionx_fleet::topic::Command::ReportNow,
+        &serde_json::json!({}),
+        dxctl::command::new_correlation(),
+    )
+    .await
+    .unwrap();
+    let dxctl::command::Outcome::Reply(reply) = reply else {
+        panic!("no reply to report-now: {reply:?}");
+    };
+    assert_eq!(
+        (reply.ok, reply.result),
+        (true, Some(serde_json::json!({"outbox_pending": 0})))
+    );
+    operator.disconnect().await;
+    // The telemetry that report-now published counts the visitor's session, its one preview
+    // round and its cloud finalize.
+    let later = |m: &diffusionx_testkit::Received| {
+        m.topic.ends_with("/telemetry")
+            && serde_json::from_slice::<Telemetry>(&m.payload)
+                .is_ok_and(|t| !seen.contains(&(t.boot, t.seq)))
+    };
+    let got = watcher.wait(WAIT, |r| r.iter().any(later)).await;
+    let counted: Telemetry = got
+        .iter()
+        .find(|m| later(m))
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .unwrap();
+    assert_eq!(
+        (
+            counted.sessions,
+            counted.rounds,
+            counted.finalizes,
+            counted.fallbacks,
+            counted.fallback_rate,
+        ),
+        (1, report.rounds.len() as u64, 1, 0, Some(0.0))
+    );
+    assert_eq!(
+        (
+            counted.preview.count,
+            counted.cloud.count,
+            counted.outbox_pending
+        ),
+        (1, 1, 0)
+    );
     let fleet = kiosk.take_fleet().unwrap();
     assert_eq!(fleet.agent.status().outbox_pending, 0);
     fleet.agent.shutdown("test over", WAIT).await;
@@ -182,6 +238,16 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         (bye.state, bye.reason.as_deref()),
         (PresenceState::Offline, Some("test over"))
     );
+}
+
+/// The (boot, seq) of every telemetry sample among `received`.
+fn telemetry_seqs(received: &[diffusionx_testkit::Received]) -> Vec<(u64, u64)> {
+    received
+        .iter()
+        .filter(|m| m.topic.ends_with("/telemetry"))
+        .map(|m| serde_json::from_slice::<Telemetry>(&m.payload).unwrap())
+        .map(|t| (t.boot, t.seq))
+        .collect()
 }
 
 /// Weights for the tiny model's 4-value text embedding: a constant curve (the network's

@@ -20,8 +20,9 @@ use diffusionx_ui::Screen;
 /// Run the end-to-end demo.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Where the screens, the final image and the records go.
-    #[arg(long, default_value = "target/demo")]
+    /// Where the screens, the final image and the records go. Cleared first when the demo
+    /// wrote it (it holds a `.diffusionx-demo` marker); any other non-empty folder is refused.
+    #[arg(long, default_value = DEFAULT_OUT)]
     out: PathBuf,
     /// The scripted visitor.
     #[arg(long)]
@@ -40,6 +41,9 @@ struct Args {
     broker: Option<String>,
 }
 
+/// The default output folder, under cargo's build output (`cargo clean` removes it too).
+const DEFAULT_OUT: &str = "target/demo";
+
 /// The demo's fleet name.
 const FLEET: &str = "demo";
 
@@ -56,11 +60,8 @@ async fn main() -> anyhow::Result<()> {
     let [w, h] = args.panel[..] else {
         bail!("--panel wants WIDTHxHEIGHT");
     };
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("clearing {}", args.out.display()))?;
-    }
-    std::fs::create_dir_all(&args.out)?;
+    // Demos from before the marker wrote the default folder without one.
+    diffusionx_e2e::out_dir::prepare(&args.out, args.out == std::path::Path::new(DEFAULT_OUT))?;
     let script_path = args
         .script
         .clone()

@@ -96,7 +96,9 @@ fn test() -> Result<()> {
         .args(["test", "--workspace", "--locked"]))
 }
 
-/// The fleet tests run a real mosquitto: Debian's package, installed when missing.
+/// The fleet tests run a real mosquitto: Debian's package, installed when missing. They start
+/// their own brokers on free ports, so the system-wide broker the package enables and starts is
+/// stopped and disabled again where systemd runs the machine.
 fn install_mosquitto() -> Result<()> {
     let installed = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .iter()
@@ -105,7 +107,30 @@ fn install_mosquitto() -> Result<()> {
     if installed {
         return Ok(());
     }
-    apt_install(&["mosquitto", "mosquitto-clients"], "the fleet tests")
+    apt_install(&["mosquitto", "mosquitto-clients"], "the fleet tests")?;
+    if diffusionx_xtask::host::systemd_running(Path::new("/")) {
+        let [program, args @ ..] = diffusionx_xtask::host::DISABLE_SYSTEM_BROKER;
+        eprintln!(
+            "xtask: the tests need only the binary: stopping and disabling mosquitto.service"
+        );
+        run(privileged(program).args(args))?;
+    }
+    Ok(())
+}
+
+/// `program` as root: itself when this process is root, else through sudo.
+fn privileged(program: &str) -> Command {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if root {
+        Command::new(program)
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.arg(program);
+        sudo
+    }
 }
 
 /// Installs Debian `packages` with apt-get (as root, else through sudo).
@@ -114,18 +139,8 @@ fn apt_install(packages: &[&str], why: &str) -> Result<()> {
         "xtask: installing {} (Debian) for {why}",
         packages.join(", ")
     );
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     let apt = |args: &[&str]| {
-        let mut command = if root {
-            Command::new("apt-get")
-        } else {
-            let mut sudo = Command::new("sudo");
-            sudo.arg("apt-get");
-            sudo
-        };
+        let mut command = privileged("apt-get");
         command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
         run(&mut command)
     };

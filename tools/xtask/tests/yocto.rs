@@ -172,3 +172,146 @@ fn the_image_recipes_agree_with_the_unit_the_factory_configuration_and_the_udev_
         "{fixture}"
     );
 }
+
+/// The unit name oe-core's volatile-binds gives the bind of `what` (its `do_compile`:
+/// `/var/volatile/lib` -> `var-volatile-lib.service`).
+fn volatile_bind_service(what: &str) -> String {
+    format!("{}.service", what.trim_start_matches('/').replace('/', "-"))
+}
+
+#[test]
+fn the_data_partition_is_mounted_after_the_volatile_var_lib_on_a_mount_point_the_root_has() {
+    let wks = read("yocto/meta-diffusionx/wic/diffusionx-kiosk.wks.in");
+    let data = wks
+        .lines()
+        .find(|l| l.starts_with("part ") && l.contains("--label data"))
+        .unwrap();
+    let mount_point = data.split_whitespace().nth(1).unwrap();
+    assert_eq!(mount_point, "/var/lib/diffusionx");
+    let options: Vec<&str> = data
+        .split("--fsoptions \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .split(',')
+        .collect();
+    // Ordered after the service that mounts the volatile /var/lib over its parent (else the
+    // data partition can end up hidden under it), and only ordered: a failed volatile bind
+    // must not keep the data partition unmounted.
+    let after = format!(
+        "x-systemd.after={}",
+        volatile_bind_service("/var/volatile/lib")
+    );
+    assert_eq!(
+        options
+            .iter()
+            .filter(|o| o.starts_with("x-systemd."))
+            .collect::<Vec<_>>(),
+        [&after.as_str()]
+    );
+    // The units that need the data partition name its mount point.
+    let provision = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/files/diffusionx-provision.service"
+    ));
+    let image_conf = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/files/diffusionx-kiosk-image.conf"
+    ));
+    assert!(provision.contains(&format!("RequiresMountsFor={mount_point} /boot")));
+    assert!(image_conf.contains(&format!("RequiresMountsFor={mount_point}\n")));
+    // The read-only root has the mount point: the kiosk recipe creates and packages it.
+    let kiosk = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/diffusionx-kiosk_0.1.0.bb"
+    ));
+    let in_recipe = mount_point.replace("/var", "${localstatedir}");
+    assert!(
+        kiosk.contains(&format!("    install -d ${{D}}{in_recipe}\n")),
+        "no `install -d ${{D}}{in_recipe}` in the kiosk recipe"
+    );
+    assert!(kiosk.contains(&format!("                 {in_recipe}\"")));
+}
+
+#[test]
+fn the_kiosk_starts_without_waiting_for_the_network() {
+    let unit = read("appliance/kiosk/systemd/diffusionx-kiosk.service");
+    let image_conf = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/files/diffusionx-kiosk-image.conf"
+    ));
+    // Its dependencies are provisioning only; a standalone kiosk or one without a cable must not
+    // wait for systemd-networkd-wait-online's timeout with a black screen.
+    let dependencies = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                ["After=", "Wants=", "Requires=", "BindsTo="]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(dependencies(&unit), Vec::<String>::new());
+    assert_eq!(
+        dependencies(&image_conf),
+        [
+            "Requires=diffusionx-provision.service",
+            "After=diffusionx-provision.service"
+        ]
+    );
+}
+
+#[test]
+fn the_docs_build_the_firmware_from_the_layers_own_commit_and_name_licence_files_absolutely() {
+    // The crate list is the layer's and Cargo.lock the fetched commit's: the two must be one
+    // commit, so no document offers SRCREV as a way to build another.
+    let readme = read("yocto/README.md");
+    let kiosk = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/diffusionx-kiosk_0.1.0.bb"
+    ));
+    for (name, text) in [("yocto/README.md", &readme), ("the kiosk recipe", &kiosk)] {
+        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            flat.contains("must be the same commit"),
+            "{name} does not say the layer and SRCREV must be the same commit"
+        );
+        assert!(!flat.contains("builds another commit"), "{name}");
+        assert!(!flat.contains("may pin another"), "{name}");
+    }
+    // A relative file:// in LIC_FILES_CHKSUM is read from the model recipe's empty S: every
+    // example names the licence file absolutely or under DIFFUSIONX_MODEL_DIR.
+    let model = read(&format!(
+        "{RECIPES}/diffusionx-model/diffusionx-model_1.0.bb"
+    ));
+    let examples: Vec<&str> = readme
+        .lines()
+        .chain(model.lines())
+        .filter(|l| l.contains("DIFFUSIONX_MODEL_LIC_FILES_CHKSUM"))
+        .filter_map(|l| l.split("\"file://").nth(1))
+        .collect();
+    assert_eq!(examples.len(), 3, "{examples:?}");
+    for example in examples {
+        assert!(
+            example.starts_with('/') || example.starts_with("${DIFFUSIONX_"),
+            "a relative licence path: file://{example}"
+        );
+    }
+}
+
+#[test]
+fn the_licence_manifest_is_not_presented_as_covering_the_crates_the_kiosk_links() {
+    let kas = read("yocto/kas/common.yml");
+    let kiosk = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/diffusionx-kiosk_0.1.0.bb"
+    ));
+    let flat = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // The recipe declares the DiffusionX licence only, so both files say the manifest is
+    // incomplete for the kiosk, and neither calls it the licences of everything in the image.
+    assert!(kiosk.contains("LICENSE = \"Apache-2.0\""));
+    assert!(
+        flat(&kiosk).contains("is not a complete compliance record for it"),
+        "the kiosk recipe"
+    );
+    assert!(
+        flat(&kas).contains("not the licences of the crates its binary links"),
+        "yocto/kas/common.yml"
+    );
+    assert!(!flat(&kas).contains("The licences of everything in the image"));
+}

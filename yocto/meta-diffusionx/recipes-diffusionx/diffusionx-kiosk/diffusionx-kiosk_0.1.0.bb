@@ -3,14 +3,25 @@ DESCRIPTION = "The kiosk: visitor sessions with live previews on the CPU (Tiny-S
 cloud refinement over QUIC with a local fallback, session reports over MQTT."
 HOMEPAGE = "https://example.invalid/diffusionx"
 SECTION = "graphics"
+# LICENSE is the DiffusionX code's own, and not the whole binary's: `kiosk` also links,
+# statically, about 280 crates of diffusionx-kiosk-crates.inc under their own licences (mostly
+# MIT and Apache-2.0, also ISC, BSD-2-Clause, BSD-3-Clause, Unicode-3.0, Zlib, MPL-2.0, BSL-1.0,
+# 0BSD and others; `cargo metadata` gives each crate's SPDX expression), which this recipe does
+# not declare. So the image's licence manifest (COPY_LIC_MANIFEST, yocto/kas/common.yml) lists
+# the kiosk as Apache-2.0 only and is not a complete compliance record for it: a product's
+# compliance file must add the crates (each one's licence text is in its folder under
+# ${CARGO_VENDORING_DIRECTORY} after do_fetch).
 LICENSE = "Apache-2.0"
 LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # Built from a commit of the DiffusionX repository this layer lives in, never from its working
-# tree, so an image names exactly the source it holds: by default the commit the layer itself is
-# at (commit before building; uncommitted changes are not in the image). A release may pin
-# another (SRCREV:pn-diffusionx-kiosk), and DIFFUSIONX_GIT may point at a mirror where the
-# layer is used outside the repository (yocto/README.md).
+# tree, so an image names exactly the source it holds: the commit the layer itself is at (commit
+# before building; uncommitted changes are not in the image). DIFFUSIONX_GIT may point at a
+# mirror where the layer is used outside the repository (yocto/README.md).
+# The layer and SRCREV must be the same commit: the crate list below is this layer's, the
+# Cargo.lock cargo builds with (--frozen) is the fetched commit's, and any crate change between
+# two commits fails the build. To build a release, check out its tag and build from there;
+# never point SRCREV:pn-diffusionx-kiosk at another commit.
 DIFFUSIONX_GIT ??= "git://${DIFFUSIONX_TOPDIR};protocol=file"
 SRC_URI = "${DIFFUSIONX_GIT};nobranch=1;destsuffix=diffusionx \
            file://kiosk.toml \
@@ -56,10 +67,14 @@ do_install:append() {
     install -m 0644 ${UNPACKDIR}/kiosk.toml ${D}${datadir}/diffusionx/kiosk.toml
     install -d ${D}${sysconfdir}
     ln -s ${localstatedir}/lib/diffusionx/etc ${D}${sysconfdir}/diffusionx
+    # The data partition's mount point (wic/diffusionx-kiosk.wks.in): on the read-only root
+    # nothing can create it at boot.
+    install -d ${D}${localstatedir}/lib/diffusionx
 
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
     install -m 0644 ${UNPACKDIR}/99-diffusionx.rules ${D}${nonarch_base_libdir}/udev/rules.d/
 }
 
-FILES:${PN} += "${systemd_system_unitdir} ${datadir}/diffusionx ${nonarch_base_libdir}/udev/rules.d"
+FILES:${PN} += "${systemd_system_unitdir} ${datadir}/diffusionx ${nonarch_base_libdir}/udev/rules.d \
+                 ${localstatedir}/lib/diffusionx"
 RDEPENDS:${PN} += "diffusionx-model"

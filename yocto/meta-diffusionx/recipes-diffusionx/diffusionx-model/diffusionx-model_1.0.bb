@@ -10,7 +10,9 @@ diffusionx.json manifest with every file's sha256, installed read-only."
 # the folder it exported from real weights, and that model's licence, e.g. in local.conf:
 #   DIFFUSIONX_MODEL_DIR = "/srv/models/tiny-sd-int8"
 #   DIFFUSIONX_MODEL_LICENSE = "CreativeML-OpenRAIL-M"
-#   DIFFUSIONX_MODEL_LIC_FILES_CHKSUM = "file://LICENSE;md5=..."   (a file in that folder)
+#   DIFFUSIONX_MODEL_LIC_FILES_CHKSUM = "file://${DIFFUSIONX_MODEL_DIR}/LICENSE;md5=..."
+# The licence file's path must be absolute (as here): a relative file:// path is read from S,
+# which is empty in this recipe (it has no SRC_URI), not from DIFFUSIONX_MODEL_DIR.
 DIFFUSIONX_MODEL_DIR ??= "${DIFFUSIONX_TOPDIR}/onnx/fixtures/tiny-sd-int8-weights"
 DIFFUSIONX_MODEL_LICENSE ??= "Apache-2.0"
 DIFFUSIONX_MODEL_LIC_FILES_CHKSUM ??= "file://${DIFFUSIONX_TOPDIR}/LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
