@@ -102,6 +102,9 @@ const FIXED: &[(&str, Fixed)] = &[
     ("lower_order_final", Fixed::Bool(true)),
     ("euler_at_final", Fixed::Bool(false)),
     ("variance_type", Fixed::Null),
+    // DPM-Solver's schedule cut (diffusers' default -inf, which the file writes as `-Infinity`,
+    // read as null): a finite value shortens the schedule, which is not implemented.
+    ("lambda_min_clipped", Fixed::Null),
 ];
 
 enum Fixed {
@@ -176,7 +179,7 @@ impl SchedulerConfig {
             set_alpha_to_one: boolean(map, "set_alpha_to_one")?
                 .unwrap_or(defaults.set_alpha_to_one),
             clip_sample: boolean(map, "clip_sample")?,
-            clip_sample_range: float(map, "clip_sample_range")?
+            clip_sample_range: non_negative(map, "clip_sample_range")?
                 .unwrap_or(defaults.clip_sample_range),
             original_inference_steps: uint(map, "original_inference_steps")?
                 .unwrap_or(defaults.original_inference_steps),
@@ -222,6 +225,15 @@ fn float(map: &Map<String, Value>, key: &str) -> Result<Option<f64>, SchedulerEr
                 .ok_or_else(|| invalid(key, v, "a number"))
         })
         .transpose()
+}
+
+/// A number of at least 0 (a clipping range: a negative one has no values inside it).
+fn non_negative(map: &Map<String, Value>, key: &str) -> Result<Option<f64>, SchedulerError> {
+    let value = float(map, key)?;
+    match (value, present(map, key)) {
+        (Some(x), Some(v)) if x < 0.0 => Err(invalid(key, v, "a number of at least 0")),
+        _ => Ok(value),
+    }
 }
 
 fn boolean(map: &Map<String, Value>, key: &str) -> Result<Option<bool>, SchedulerError> {

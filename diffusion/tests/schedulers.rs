@@ -221,6 +221,7 @@ fn config_rejects_what_it_cannot_run() {
         r#"{"algorithm_type": "sde-dpmsolver++"}"#,
         r#"{"solver_order": 3}"#,
         r#"{"trained_betas": [0.1, 0.2]}"#,
+        r#"{"lambda_min_clipped": -2.0}"#,
     ] {
         let err = SchedulerConfig::from_json(json).unwrap_err();
         assert!(
@@ -233,6 +234,15 @@ fn config_rejects_what_it_cannot_run() {
         err.to_string(),
         r#"scheduler config `steps_offset` is "one", expected a non-negative integer"#
     );
+    // A negative clipping range would panic in the first step's clamp.
+    let err = SchedulerConfig::from_json(r#"{"clip_sample_range": -1.0}"#).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"scheduler config `clip_sample_range` is -1.0, expected a number of at least 0"#
+    );
+    // diffusers' default cut, as its files write it, is no cut.
+    let uncut = SchedulerConfig::from_json(r#"{"lambda_min_clipped": -Infinity}"#).unwrap();
+    assert_eq!(uncut, SchedulerConfig::default());
     assert!(matches!(
         SchedulerConfig::from_json("[1]"),
         Err(SchedulerError::NotAnObject)
@@ -266,7 +276,11 @@ fn step_counts_that_cannot_run_are_errors() {
     }
     // numpy's arange gives 62 trailing timesteps for 61 steps in diffusers.
     let trailing = SchedulerConfig::from_json(r#"{"timestep_spacing": "trailing"}"#).unwrap();
-    assert!(Scheduler::new(SchedulerKind::Euler, &trailing, 61).is_err());
+    let err = Scheduler::new(SchedulerKind::Euler, &trailing, 61).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Euler cannot run 61 steps: diffusers' trailing spacing yields a wrong number of timesteps for this count"
+    );
 }
 
 #[test]

@@ -58,6 +58,29 @@ impl LatentShape {
         self.len() == 0
     }
 
+    /// Checks the channel count and that this is the latent of an image of `resolution`
+    /// (each side divided by 8), then [`LatentShape::validate`].
+    pub fn validate_for(
+        &self,
+        resolution: crate::Resolution,
+        limits: &Limits,
+    ) -> Result<(), ValidationError> {
+        if self.channels != LATENT_CHANNELS {
+            return Err(ValidationError::LatentChannels(self.channels));
+        }
+        let expected_height = resolution.height / VAE_SCALE;
+        let expected_width = resolution.width / VAE_SCALE;
+        if (self.height, self.width) != (expected_height, expected_width) {
+            return Err(ValidationError::LatentShape {
+                latent_height: self.height,
+                latent_width: self.width,
+                expected_height,
+                expected_width,
+            });
+        }
+        self.validate(limits)
+    }
+
     /// Checks the channel count and that the image this latent decodes to is inside `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<(), ValidationError> {
         if self.channels != LATENT_CHANNELS {

@@ -6,7 +6,7 @@ use crate::error::{DecodeError, ValidationError};
 use crate::field::Field;
 use crate::ids::{DeviceId, JobId, SessionId};
 use crate::latent::Latent;
-use crate::limits::{LATENT_CHANNELS, Limits, VAE_SCALE};
+use crate::limits::{Limits, VAE_SCALE};
 use crate::wire::{Reader, check_text_len, put_f32, put_text, put_u16, put_u32, put_u64};
 
 /// Flag bit: send the refined latent back with the result.
@@ -211,21 +211,9 @@ impl RefineRequest {
                 max: limits.max_deadline_ms,
             });
         }
-        let shape = self.latent.shape();
-        shape.validate(limits)?;
-        let expected_height = self.resolution.height / VAE_SCALE;
-        let expected_width = self.resolution.width / VAE_SCALE;
-        if shape.channels != LATENT_CHANNELS
-            || (shape.height, shape.width) != (expected_height, expected_width)
-        {
-            return Err(ValidationError::LatentShape {
-                latent_height: shape.height,
-                latent_width: shape.width,
-                expected_height,
-                expected_width,
-            });
-        }
-        Ok(())
+        // The resolution is valid by now: a latent of another size is the latent's fault
+        // (field 16), not the resolution's.
+        self.latent.shape().validate_for(self.resolution, limits)
     }
 
     pub(crate) fn encode(&self, out: &mut Vec<u8>) {

@@ -85,7 +85,8 @@ impl RefineResult {
             return Err(ValidationError::ImageSize { len, max });
         }
         match &self.latent {
-            Some(latent) => latent.shape().validate(limits),
+            // protocol.md: the refined latent is the image's, its sides divided by 8.
+            Some(latent) => latent.shape().validate_for(self.image.resolution, limits),
             None => Ok(()),
         }
     }

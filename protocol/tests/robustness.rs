@@ -6,7 +6,7 @@ mod support;
 
 use diffusionx_protocol::{
     ClientMessage, Codec, Latent, LatentData, LatentShape, Message, OutputFormat, Resolution,
-    ServerMessage,
+    ServerMessage, ValidationError,
 };
 
 fn round_trip<M: Message + PartialEq + std::fmt::Debug>(message: &M) -> usize {
@@ -49,8 +49,25 @@ fn every_message_shape_round_trips() {
     assert_eq!(used, 8 + 94 + shape.len() * 4);
 
     let mut result = support::result();
+    result.image.resolution = request.resolution;
     result.latent = Some(request.latent.clone());
-    round_trip(&ServerMessage::Result(result));
+    round_trip(&ServerMessage::Result(result.clone()));
+
+    // protocol.md: a result's latent is its image's, each side divided by 8.
+    result.image.resolution = Resolution {
+        width: 256,
+        height: 256,
+    };
+    let mut frame = Vec::new();
+    assert_eq!(
+        Codec::default().encode(&ServerMessage::Result(result), &mut frame),
+        Err(ValidationError::LatentShape {
+            latent_height: 128,
+            latent_width: 96,
+            expected_height: 32,
+            expected_width: 32
+        })
+    );
 }
 
 /// xorshift64*: a fixed sequence, so a failure is reproducible from the iteration number.
