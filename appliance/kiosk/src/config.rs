@@ -426,6 +426,7 @@ impl KioskConfig {
         }
         self.scheduler()?;
         self.noise_level()?;
+        self.hint()?;
         if m.preview_steps == 0 {
             return Err(ConfigError::Invalid {
                 key: "model.preview_steps",
@@ -516,6 +517,29 @@ impl KioskConfig {
             (StepPreviews::Tiny, false) => return Err(missing("model.step_previews")),
         };
         Ok((decode, tiny_steps))
+    }
+
+    /// The attract screen's text, checked: the first thing every visitor reads must not be
+    /// blank or show `'?'` for characters the kiosk's Latin-1 fonts lack.
+    pub fn hint(&self) -> Result<&str, ConfigError> {
+        let hint = self.session.hint.as_str();
+        if hint.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "session.hint",
+                reason: "is empty; the attract screen would invite nobody".into(),
+            });
+        }
+        if let Some(c) = diffusionx_ui::undrawable(hint) {
+            return Err(ConfigError::Invalid {
+                key: "session.hint",
+                reason: format!(
+                    "{c:?} (U+{:04X}) cannot be drawn: the screen's fonts have \
+                     U+0020-007E and U+00A0-00FF only",
+                    u32::from(c)
+                ),
+            });
+        }
+        Ok(hint)
     }
 
     /// The noise level of the handover.

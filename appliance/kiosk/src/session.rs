@@ -357,6 +357,9 @@ pub struct Session {
 /// What a visitor sees when the blocklist refuses their prompt: no word is repeated back.
 pub const BLOCKED_NOTICE: &str = "Please try other words";
 
+/// What a visitor sees when they press Preview before typing anything.
+pub const EMPTY_NOTICE: &str = "Type a few words first";
+
 impl Session {
     /// A kiosk showing the attract screen at `now`.
     pub fn new(config: SessionConfig, now: Instant) -> Self {
@@ -486,6 +489,21 @@ impl Session {
         out
     }
 
+    /// A space typed in the prompt. The prompt box wraps words and draws a run of spaces as
+    /// one, with none at the start, so a leading or second consecutive space is ignored: the
+    /// text being edited is always what the visitor sees, and Backspace always visibly
+    /// removes something (CLIP's tokenizer collapses whitespace anyway).
+    fn type_space(&mut self) {
+        let after_word = self
+            .prompt
+            .chars()
+            .next_back()
+            .is_some_and(|c| !c.is_whitespace());
+        if after_word && self.prompt.len() < self.config.max_prompt_bytes {
+            self.prompt.push(' ');
+        }
+    }
+
     fn action(&mut self, action: Action, now: Instant, out: &mut Vec<Command>) {
         match (&mut self.state, action) {
             (State::Attract, _) => {
@@ -505,6 +523,7 @@ impl Session {
                 *pressed = Some(key);
                 self.notice = None;
                 match key {
+                    Key::Char(c) if c.is_whitespace() => self.type_space(),
                     Key::Char(c) => {
                         let c = if *shift { upper(c) } else { c };
                         *shift = false;
@@ -512,11 +531,7 @@ impl Session {
                             self.prompt.push(c);
                         }
                     }
-                    Key::Space => {
-                        if self.prompt.len() < self.config.max_prompt_bytes {
-                            self.prompt.push(' ');
-                        }
-                    }
+                    Key::Space => self.type_space(),
                     Key::Backspace => {
                         self.prompt.pop();
                     }
@@ -530,7 +545,9 @@ impl Session {
                             tracing::info!(word, "prompt refused by the blocklist");
                             self.record.blocked_prompts += 1;
                             self.notice = Some(BLOCKED_NOTICE.into());
-                        } else if !self.prompt.trim().is_empty() {
+                        } else if self.prompt.trim().is_empty() {
+                            self.notice = Some(EMPTY_NOTICE.into());
+                        } else {
                             self.start_round(now, out);
                         }
                     }

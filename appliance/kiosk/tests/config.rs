@@ -138,6 +138,36 @@ fn mistakes_are_refused_by_name() {
 }
 
 #[test]
+fn a_hint_the_screen_cannot_draw_is_refused_naming_the_character() {
+    let hint = "hint = \"Touch the screen to make a picture\"";
+    assert!(example().contains(hint));
+    let polish = example().replace(hint, "hint = \"Dotknij ekranu, aby zacząć\"");
+    assert_eq!(
+        load(&polish).unwrap_err(),
+        "session.hint: 'ą' (U+0105) cannot be drawn: the screen's fonts have \
+         U+0020-007E and U+00A0-00FF only"
+    );
+    let curly = example().replace(hint, "hint = \"Let\u{2019}s draw\"");
+    assert!(
+        load(&curly)
+            .unwrap_err()
+            .starts_with("session.hint: '\u{2019}' (U+2019) cannot be drawn")
+    );
+    for blank in ["hint = \"\"", "hint = \"   \""] {
+        assert_eq!(
+            load(&example().replace(hint, blank)).unwrap_err(),
+            "session.hint: is empty; the attract screen would invite nobody"
+        );
+    }
+    // Latin-1 is drawn as itself and passes.
+    let french = example().replace(hint, "hint = \"Touchez l'écran, créez une image\"");
+    assert_eq!(
+        load(&french).unwrap().hint().unwrap(),
+        "Touchez l'écran, créez une image"
+    );
+}
+
+#[test]
 fn an_spi_panel_is_configured_by_its_wiring() {
     let text = with_display(
         "kind = \"spi\"\ncontroller = \"st7789\"\nspidev = \"/dev/spidev0.0\"\ndc = 25\n\

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_kiosk::session::{
-    BLOCKED_NOTICE, CloudFailure, Command, Ending, Event, Handover, LOCAL_ONLY, PreviewFacts,
-    Session, SessionConfig,
+    BLOCKED_NOTICE, CloudFailure, Command, EMPTY_NOTICE, Ending, Event, Handover, LOCAL_ONLY,
+    PreviewFacts, Session, SessionConfig,
 };
 use diffusionx_predictor::{LatentStats, Observation};
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
@@ -396,6 +396,41 @@ fn no_timeout_while_the_kiosk_works() {
     assert_eq!(sim.session.next_deadline(), None);
     assert_eq!(sim.at(600.0, Event::Tick), vec![]);
     assert!(matches!(sim.session.screen(), Screen::Generating { .. }));
+}
+
+#[test]
+fn a_leading_or_repeated_space_is_ignored_so_the_box_shows_the_text() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed(" ");
+    assert_eq!(sim.session.prompt(), "", "no leading space");
+    sim.typed("fox  in   snow ");
+    assert_eq!(sim.session.prompt(), "fox in snow ");
+    // A whitespace character from a physical keyboard counts as a space too.
+    sim.act(Action::Key(Key::Char('\u{a0}')));
+    assert_eq!(sim.session.prompt(), "fox in snow ");
+    // Every Backspace removes something the visitor can see.
+    sim.act(Action::Key(Key::Backspace));
+    assert_eq!(sim.session.prompt(), "fox in snow");
+}
+
+#[test]
+fn preview_on_a_blank_prompt_says_so_and_starts_nothing() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed(" ");
+    assert_eq!(sim.act(Action::Key(Key::Done)), vec![], "no preview starts");
+    let Screen::PromptEntry { notice, text, .. } = sim.session.screen() else {
+        panic!("still editing")
+    };
+    assert_eq!(notice.as_deref(), Some(EMPTY_NOTICE));
+    assert_eq!(text, "");
+    // The next key clears the notice.
+    sim.typed("f");
+    let Screen::PromptEntry { notice, text, .. } = sim.session.screen() else {
+        panic!("still editing")
+    };
+    assert_eq!((notice, text.as_str()), (None, "f"));
 }
 
 #[test]

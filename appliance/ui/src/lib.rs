@@ -9,6 +9,7 @@
 //! - [`render`]: drawing a screen on any `DrawTarget<Color = Rgb888>`;
 //! - hit testing: [`Layout::hit`] turns a tap into an [`Action`], using the very rectangles
 //!   [`render`] drew;
+//! - [`undrawable`]: which text the fonts cannot draw, for checking operators' texts early;
 //! - [`HeadlessDisplay`]: an in-memory framebuffer backend with PNG output, used by tests,
 //!   screenshots and the demo.
 //!
@@ -30,3 +31,4 @@ pub use image::{ImageError, PngError, RgbImage};
 pub use layout::{Control, Layout, LayoutError, MIN_KEY_MM, Panel};
 pub use render::render;
 pub use screen::{FinalPath, RefineStatus, Screen};
+pub use text::undrawable;

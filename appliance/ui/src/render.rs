@@ -8,7 +8,7 @@ use embedded_graphics::primitives::{
     Primitive, PrimitiveStyle, PrimitiveStyleBuilder, Rectangle, RoundedRectangle,
 };
 
-use crate::layout::{Layout, centered};
+use crate::layout::{Layout, ProgressRegions, centered};
 use crate::text::{self, Align, Typeface};
 use crate::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
 
@@ -61,11 +61,31 @@ where
                 done: (*step, *total),
                 color: palette::ACCENT,
             };
-            progress_screen(target, layout, preview.as_ref(), &progress)
+            progress_screen(
+                target,
+                &layout.generating.progress,
+                layout.fonts.body,
+                preview.as_ref(),
+                &progress,
+            )?;
+            for control in layout.controls(screen) {
+                button(
+                    target,
+                    layout,
+                    control.rect,
+                    action_label(control.action),
+                    palette::ACCENT,
+                )?;
+            }
+            Ok(())
         }
-        Screen::Refining { image, status } => {
-            progress_screen(target, layout, image.as_ref(), &refine_progress(*status))
-        }
+        Screen::Refining { image, status } => progress_screen(
+            target,
+            &layout.progress,
+            layout.fonts.body,
+            image.as_ref(),
+            &refine_progress(*status),
+        ),
         Screen::Preview {
             prompt,
             image,
@@ -243,22 +263,19 @@ fn refine_progress(status: RefineStatus) -> Progress {
         ),
         RefineStatus::Queued { position, wait_ms } => (
             "Waiting for the cloud refiner".to_owned(),
-            format!(
-                "Number {position} in line, about {} s",
-                wait_ms.div_ceil(1000)
-            ),
+            queue_status(position, wait_ms),
             (0, 0),
             palette::ACCENT,
         ),
         RefineStatus::Cloud { step, total } => (
             "Refining in the cloud".to_owned(),
-            format!("Step {step}/{total}"),
+            step_status(step, total),
             (step, total),
             palette::ACCENT,
         ),
         RefineStatus::Local { step, total } => (
             "Refining on this kiosk".to_owned(),
-            format!("Step {step}/{total}"),
+            step_status(step, total),
             (step, total),
             palette::LOCAL,
         ),
@@ -271,17 +288,43 @@ fn refine_progress(status: RefineStatus) -> Progress {
     }
 }
 
+/// The visitor's place in the cloud queue.
+///
+/// The gateway sends the number of jobs *ahead* of this one (0 = next, `docs/protocol.md`
+/// section 6.1); the visitor reads their own place, so 0 is "next" and 3 is "4th".
+fn queue_status(position: u32, wait_ms: u32) -> String {
+    let place = match position {
+        0 => "You are next".to_owned(),
+        1 => "1 picture ahead of you".to_owned(),
+        ahead => format!("{ahead} pictures ahead of you"),
+    };
+    match wait_ms.div_ceil(1000) {
+        // An estimate of no wait says nothing the visitor can use.
+        0 => place,
+        seconds => format!("{place}, about {seconds} s"),
+    }
+}
+
+/// Steps done out of the total; before the refiner knows its step count (a local fallback
+/// encodes the prompt first) it says it is starting rather than "Step 0/0".
+fn step_status(step: u16, total: u16) -> String {
+    if total == 0 {
+        "Starting...".to_owned()
+    } else {
+        format!("Step {step}/{total}")
+    }
+}
+
 fn progress_screen<D>(
     target: &mut D,
-    layout: &Layout,
+    regions: &ProgressRegions,
+    face: Typeface,
     image: Option<&RgbImage>,
     progress: &Progress,
 ) -> Result<(), D::Error>
 where
     D: DrawTarget<Color = Rgb888>,
 {
-    let regions = &layout.progress;
-    let face = layout.fonts.body;
     paragraph(
         target,
         &progress.header,
@@ -490,4 +533,28 @@ where
         })
     });
     target.fill_contiguous(&dest, colors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_position_is_the_number_of_jobs_ahead() {
+        assert_eq!(queue_status(0, 0), "You are next");
+        assert_eq!(queue_status(0, 1_500), "You are next, about 2 s");
+        assert_eq!(queue_status(1, 900), "1 picture ahead of you, about 1 s");
+        assert_eq!(queue_status(3, 4_200), "3 pictures ahead of you, about 5 s");
+    }
+
+    #[test]
+    fn refiner_with_no_step_count_yet_says_it_is_starting() {
+        let local = refine_progress(RefineStatus::Local { step: 0, total: 0 });
+        assert_eq!(local.status, "Starting...");
+        assert_eq!(local.done, (0, 0));
+        let cloud = refine_progress(RefineStatus::Cloud { step: 0, total: 0 });
+        assert_eq!(cloud.status, "Starting...");
+        let stepping = refine_progress(RefineStatus::Local { step: 2, total: 8 });
+        assert_eq!(stepping.status, "Step 2/8");
+    }
 }

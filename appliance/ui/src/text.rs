@@ -8,10 +8,24 @@ use embedded_graphics::Drawable;
 use embedded_graphics::Pixel;
 use embedded_graphics::draw_target::{DrawTarget, DrawTargetExt};
 use embedded_graphics::geometry::{Dimensions, Point, Size};
+use embedded_graphics::mono_font::iso_8859_1::FONT_6X10;
 use embedded_graphics::mono_font::{MonoFont, MonoTextStyle};
 use embedded_graphics::pixelcolor::Rgb888;
 use embedded_graphics::primitives::Rectangle;
 use embedded_graphics::text::{Baseline, Text};
+
+/// The first character of `text` the kiosk's fonts cannot draw (they would show `'?'`), or
+/// `None` when every character draws as itself.
+///
+/// Every typeface of a [`Layout`](crate::Layout) is an ISO 8859-1 mono font of
+/// embedded-graphics, so this asks that font set's own glyph mapping: U+0020-007E and
+/// U+00A0-00FF draw, anything else (control characters, curly quotes, Greek, CJK) does not.
+pub fn undrawable(text: &str) -> Option<char> {
+    let mapping = FONT_6X10.glyph_mapping;
+    let replacement = mapping.index('?');
+    text.chars()
+        .find(|&c| c != '?' && mapping.index(c) == replacement)
+}
 
 /// A mono font at an integer magnification.
 #[derive(Debug, Clone, Copy)]
@@ -227,5 +241,14 @@ mod tests {
                 assert!(line.chars().count() <= columns, "{line:?} > {columns}");
             }
         }
+    }
+
+    #[test]
+    fn latin_1_draws_and_anything_else_is_named() {
+        assert_eq!(undrawable("Touch the screen? Noël, ÆØÅ ÿ \u{a0}~"), None);
+        assert_eq!(undrawable("Dotknij ekranu, aby zacząć"), Some('ą'));
+        assert_eq!(undrawable("Let\u{2019}s draw"), Some('\u{2019}'));
+        assert_eq!(undrawable("tab\there"), Some('\t'));
+        assert_eq!(undrawable("Ζ"), Some('Ζ'));
     }
 }

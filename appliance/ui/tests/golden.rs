@@ -191,8 +191,17 @@ fn refining_every_status() {
                 wait_ms: 4_200,
             },
         ),
+        (
+            "queued_next",
+            RefineStatus::Queued {
+                position: 0,
+                wait_ms: 0,
+            },
+        ),
         ("cloud", RefineStatus::Cloud { step: 5, total: 8 }),
         ("local", RefineStatus::Local { step: 2, total: 8 }),
+        // A local fallback before its first step: no step count yet.
+        ("local_starting", RefineStatus::Local { step: 0, total: 0 }),
     ];
     for (name, status) in statuses {
         check(

@@ -193,6 +193,32 @@ fn taps_outside_every_control_hit_nothing() {
 }
 
 #[test]
+fn a_running_preview_can_be_stopped_where_the_preview_screen_edits() {
+    for (w, h) in PANELS {
+        let layout = layout(w, h);
+        let generating = &all_screens()[2];
+        assert!(matches!(generating, Screen::Generating { .. }));
+        let controls = layout.controls(generating);
+        let actions: Vec<Action> = controls.iter().map(|c| c.action).collect();
+        assert_eq!(actions, [Action::EditPrompt], "{w}x{h}");
+        // The same place as the preview screen's "Edit prompt", so the finger finds it.
+        assert_eq!(
+            controls[0].rect,
+            layout.controls(&preview())[0].rect,
+            "{w}x{h}"
+        );
+        assert_eq!(
+            layout.hit(generating, controls[0].rect.center()),
+            Some(Action::EditPrompt)
+        );
+        // A refinement cannot be stopped: nothing reacts there.
+        let refining = &all_screens()[4];
+        assert!(matches!(refining, Screen::Refining { .. }));
+        assert_eq!(layout.controls(refining), vec![], "{w}x{h}");
+    }
+}
+
+#[test]
 fn attract_starts_a_session_anywhere() {
     let layout = layout(240, 320);
     let screen = &all_screens()[0];

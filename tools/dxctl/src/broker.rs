@@ -48,14 +48,30 @@ impl FromStr for BrokerUrl {
             return Err(bad("it must start with mqtt:// or mqtts://"));
         };
         let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-                let port = port.parse().map_err(|_| bad("the port is not a number"))?;
-                (host, port)
+        // An IPv6 address is bracketed and has colons of its own: the port, if any, follows
+        // the closing bracket as `]:port`.
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| bad("the IPv6 address has no closing ]"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(bad("only :port may follow the IPv6 address")),
+                },
             }
-            _ => (rest, if tls { 8883 } else { 1883 }),
+        } else {
+            match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = match port {
+            Some(port) => port.parse().map_err(|_| bad("the port is not a number"))?,
+            None if tls => 8883,
+            None => 1883,
+        };
         if host.is_empty() || host.contains('/') {
             return Err(bad("it has no host"));
         }
@@ -557,12 +573,23 @@ mod tests {
         let v6 = url("mqtts://[::1]:8884").expect("valid");
         assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("::1", 8884, true));
         assert_eq!(v6.to_string(), "mqtts://[::1]:8884");
+        // The port is optional after an IPv6 address too.
+        let v6 = url("mqtts://[::1]").expect("valid");
+        assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("::1", 8883, true));
+        let v6 = url("mqtt://[fe80::1]/").expect("valid");
+        assert_eq!((v6.host.as_str(), v6.port), ("fe80::1", 1883));
+        assert_eq!(v6.to_string(), "mqtt://[fe80::1]:1883");
         for bad in [
             "tcp://h:1",
             "mqtt://",
             "mqtt://h:port",
             "h:1883",
             "mqtt://:1883",
+            "mqtt://[::1",
+            "mqtt://[::1]1883",
+            "mqtt://[::1]:x",
+            "mqtt://[]:1883",
+            "mqtt://::1",
         ] {
             assert!(url(bad).is_err(), "{bad}");
         }

@@ -38,12 +38,43 @@ pub struct StatsRow {
     pub cloud_p95_ms: Option<u64>,
     /// Finalizes refined locally / all finalizes that took a path.
     pub fallback_rate: Option<f64>,
-    /// The window covered, seconds (`None` for a fleet row whose kiosks use different ones).
-    pub window_s: Option<u64>,
+    /// The window covered: serialized as `window_s`, seconds, `null` for a fleet row whose
+    /// kiosks use different windows, and left out when no kiosk is current.
+    #[serde(
+        rename = "window_s",
+        serialize_with = "window_seconds",
+        skip_serializing_if = "Window::is_no_kiosk"
+    )]
+    pub window: Window,
     /// Fleet row from telemetry: the kiosks left out because their telemetry is stale (not
     /// serialized when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stale: Vec<String>,
+}
+
+/// The window a row of `dxctl stats` covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Every sample of the row covers this many seconds.
+    Seconds(u64),
+    /// A fleet row whose kiosks use different windows.
+    Mixed,
+    /// A fleet row from telemetry with no current kiosk (every sample stale, or none): it
+    /// covers nothing, and is not "mixed" either.
+    NoKiosk,
+}
+
+impl Window {
+    fn is_no_kiosk(&self) -> bool {
+        *self == Window::NoKiosk
+    }
+}
+
+fn window_seconds<S: serde::Serializer>(window: &Window, serializer: S) -> Result<S::Ok, S::Error> {
+    match window {
+        Window::Seconds(seconds) => serializer.serialize_u64(*seconds),
+        Window::Mixed | Window::NoKiosk => serializer.serialize_none(),
+    }
 }
 
 /// A kiosk whose latest telemetry is older than the window it covers.
@@ -106,7 +137,7 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
             cloud_p50_ms: t.cloud.histogram.quantile(0.5),
             cloud_p95_ms: t.cloud.histogram.quantile(0.95),
             fallback_rate: t.fallback_rate.map(f64::from),
-            window_s: Some(t.window_s),
+            window: Window::Seconds(t.window_s),
             stale: Vec::new(),
         });
         preview.merge(&t.preview.histogram);
@@ -121,6 +152,7 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
         };
         windows.push(t.window_s);
     }
+    windows.sort_unstable();
     windows.dedup();
     rows.push(StatsRow {
         scope: FLEET_ROW.into(),
@@ -132,9 +164,10 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
         cloud_p50_ms: cloud.quantile(0.5),
         cloud_p95_ms: cloud.quantile(0.95),
         fallback_rate: ratio(fallbacks, finalizes),
-        window_s: match windows.as_slice() {
-            [one] => Some(*one),
-            _ => None,
+        window: match windows.as_slice() {
+            [] => Window::NoKiosk,
+            [one] => Window::Seconds(*one),
+            _ => Window::Mixed,
         },
         stale: stale.iter().map(|s| s.device.clone()).collect(),
     });
@@ -213,7 +246,7 @@ impl Tally {
             cloud_p50_ms: nearest_rank(&self.cloud, 50),
             cloud_p95_ms: nearest_rank(&self.cloud, 95),
             fallback_rate: ratio(self.local, self.finalizes),
-            window_s: Some(window_s),
+            window: Window::Seconds(window_s),
             stale: Vec::new(),
         }
     }
@@ -300,7 +333,11 @@ pub fn table(rows: &[StatsRow]) -> Table {
             ms(row.cloud_p95_ms),
             row.fallback_rate
                 .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
-            row.window_s.map_or("mixed".into(), window_text),
+            match row.window {
+                Window::Seconds(seconds) => window_text(seconds),
+                Window::Mixed => "mixed".into(),
+                Window::NoKiosk => "-".into(),
+            },
         ]);
     }
     table
@@ -357,6 +394,54 @@ mod tests {
             stale_line(&stale, 2 * 86_400_000).as_deref(),
             Some("stale: 1 kiosk left out, telemetry older than its window: k2 (2d ago)")
         );
+    }
+
+    fn telemetry(ts_ms: u64, window_s: u64) -> Telemetry {
+        serde_json::from_value(serde_json::json!({
+            "seq": 1, "ts_ms": ts_ms, "boot": 1, "uptime_s": 1, "cpu_temp_c": null,
+            "mem_used_mb": null, "mem_total_mb": null, "rss_mb": null, "load1": null,
+            "window_s": window_s, "sessions": 0, "rounds": 0, "fallbacks": 0,
+            "fallback_rate": null,
+            "preview": LatencySummary::of(Histogram::default()),
+            "cloud": LatencySummary::of(Histogram::default()),
+            "outbox_pending": 0, "outbox_write_errors": 0
+        }))
+        .expect("telemetry")
+    }
+
+    /// The fleet row's WINDOW cell and its JSON.
+    fn fleet_window(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> (String, String) {
+        let rows = from_telemetry(telemetry, now_ms).rows;
+        let fleet = rows.last().expect("a fleet row");
+        assert_eq!(fleet.scope, FLEET_ROW);
+        let text = table(&rows).to_string();
+        let line = text.lines().last().expect("a fleet line");
+        let cell = line.split_whitespace().last().expect("cells").to_owned();
+        (cell, serde_json::to_string(fleet).expect("json"))
+    }
+
+    #[test]
+    fn a_fleet_with_no_current_kiosk_has_no_window_rather_than_a_mixed_one() {
+        let now = 100_000_000;
+        let mut kiosks = BTreeMap::new();
+        kiosks.insert("k1".to_owned(), telemetry(now - 3_601_000, 3600));
+        kiosks.insert("k2".to_owned(), telemetry(now - 61_000, 60));
+        let (cell, json) = fleet_window(&kiosks, now);
+        assert_eq!(cell, "-");
+        assert!(!json.contains("window_s"), "{json}");
+        assert!(json.contains(r#""stale":["k1","k2"]"#), "{json}");
+        // No telemetry at all: the same.
+        assert_eq!(fleet_window(&BTreeMap::new(), now).0, "-");
+        // Two current kiosks with different windows are mixed; one window is shown.
+        kiosks.insert("k1".to_owned(), telemetry(now, 3600));
+        kiosks.insert("k2".to_owned(), telemetry(now, 60));
+        let (cell, json) = fleet_window(&kiosks, now);
+        assert_eq!(cell, "mixed");
+        assert!(json.contains(r#""window_s":null"#), "{json}");
+        kiosks.insert("k2".to_owned(), telemetry(now, 3600));
+        let (cell, json) = fleet_window(&kiosks, now);
+        assert_eq!(cell, "1h");
+        assert!(json.contains(r#""window_s":3600"#), "{json}");
     }
 
     #[test]

@@ -40,6 +40,9 @@ enum Decoder {
     Tiny,
 }
 
+/// The img2img noise level when `--init-latent` is given without `--strength`.
+const DEFAULT_STRENGTH: f32 = 0.5;
+
 /// Generate one image with the edge (Tiny-SD, tract) engine.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -74,9 +77,10 @@ struct Args {
     /// Start from this latent (`.npy`, f32 [1,4,h/8,w/8], scaled) instead of noise (img2img).
     #[arg(long)]
     init_latent: Option<PathBuf>,
-    /// img2img noise level in (0, 1].
-    #[arg(long, default_value_t = 0.5)]
-    strength: f32,
+    /// img2img noise level in (0, 1] [default: 0.5]; only with `--init-latent` (a
+    /// text-to-image run starts from pure noise, so a strength would mean nothing).
+    #[arg(long, requires = "init_latent")]
+    strength: Option<f32>,
     /// Use this noise (`.npy`, f32 [1,4,h/8,w/8]) instead of drawing it from the seed.
     #[arg(long)]
     init_noise: Option<PathBuf>,
@@ -150,12 +154,15 @@ fn main() -> Result<()> {
     let read = |path: &Path| read_latent(path, args.width, args.height);
     let noise = args.init_noise.as_deref().map(read).transpose()?;
     let start = match &args.init_latent {
-        Some(path) => Start::Latent {
-            latent: read(path)?,
-            noise_level: NoiseLevel::from_fraction(args.strength)
-                .with_context(|| format!("strength {} is not in (0, 1]", args.strength))?,
-            noise,
-        },
+        Some(path) => {
+            let strength = args.strength.unwrap_or(DEFAULT_STRENGTH);
+            Start::Latent {
+                latent: read(path)?,
+                noise_level: NoiseLevel::from_fraction(strength)
+                    .with_context(|| format!("strength {strength} is not in (0, 1]"))?,
+                noise,
+            }
+        }
         None => Start::Noise(noise),
     };
     let request = Request {
@@ -233,6 +240,43 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("dx-generate-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir.join(name)
+    }
+
+    #[test]
+    fn strength_without_an_init_latent_is_a_usage_error() {
+        let error = Args::try_parse_from([
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "fox",
+            "--strength",
+            "0.3",
+        ])
+        .unwrap_err();
+        assert_eq!(
+            error.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        let message = error.to_string();
+        assert!(message.contains("--init-latent <INIT_LATENT>"), "{message}");
+        assert!(message.contains("--strength <STRENGTH>"), "{message}");
+        // With an init latent it is taken; without either, text-to-image has none.
+        let img2img = Args::try_parse_from([
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "fox",
+            "--init-latent",
+            "l.npy",
+            "--strength",
+            "0.3",
+        ])
+        .unwrap();
+        assert_eq!(img2img.strength, Some(0.3));
+        let text = Args::try_parse_from(["generate", "--model", "m", "--prompt", "fox"]).unwrap();
+        assert_eq!(text.strength, None);
     }
 
     #[test]

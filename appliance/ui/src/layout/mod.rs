@@ -73,6 +73,7 @@ pub struct Layout {
     pub(crate) attract: AttractRegions,
     pub(crate) prompt: PromptRegions,
     pub(crate) progress: ProgressRegions,
+    pub(crate) generating: GeneratingRegions,
     pub(crate) result: ResultRegions,
     pub(crate) error: ErrorRegions,
 }
@@ -113,6 +114,14 @@ pub(crate) struct ProgressRegions {
     pub(crate) image: Rectangle,
     pub(crate) status: Rectangle,
     pub(crate) bar: Rectangle,
+}
+
+/// A preview in progress: the progress screen above a button row whose first button, where
+/// the preview screen has its own, stops the preview and goes back to editing.
+#[derive(Debug, Clone)]
+pub(crate) struct GeneratingRegions {
+    pub(crate) progress: ProgressRegions,
+    pub(crate) edit: Rectangle,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +199,7 @@ impl Layout {
             attract: attract_regions(content, &fonts, space),
             prompt: prompt_regions(content, pitch, space),
             progress: progress_regions(content, &fonts, space, short),
+            generating: generating_regions(content, &fonts, space, short, button_height),
             result: result_regions(content, &fonts, space, button_height),
             error: error_regions(content, &fonts, space, button_height),
         })
@@ -232,7 +242,9 @@ impl Layout {
                 keys.chain([control(self.prompt.done, Action::Key(Key::Done))])
                     .collect()
             }
-            Screen::Generating { .. } | Screen::Refining { .. } => Vec::new(),
+            // The session cancels a running preview and edits; a refinement runs to its end.
+            Screen::Generating { .. } => vec![control(self.generating.edit, Action::EditPrompt)],
+            Screen::Refining { .. } => Vec::new(),
             Screen::Preview { .. } => {
                 self.result_buttons([Action::EditPrompt, Action::NewSeed, Action::Finalize])
             }
@@ -373,6 +385,22 @@ fn progress_regions(
         image: stack.rest(),
         status,
         bar,
+    }
+}
+
+fn generating_regions(
+    content: Rectangle,
+    fonts: &Fonts,
+    space: Spacing,
+    short_side: u32,
+    button_height: u32,
+) -> GeneratingRegions {
+    let mut stack = Stack::new(content, space.gap);
+    let row = stack.bottom(button_height);
+    let [edit, _, _] = columns(row, space.gap);
+    GeneratingRegions {
+        progress: progress_regions(stack.rest(), fonts, space, short_side),
+        edit,
     }
 }
 
