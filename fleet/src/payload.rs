@@ -27,7 +27,9 @@ pub struct Presence {
     pub state: PresenceState,
     /// The kiosk's boot counter (persisted, +1 per process start).
     pub boot: u64,
-    /// Connections since this boot (1 for the first).
+    /// The connection attempt of this boot that this message belongs to (1 for the first;
+    /// failed attempts count too, so the first connection after 40 failed ones is 41). Only the
+    /// order matters: a later connection has a higher number.
     pub conn: u64,
     /// When it was written (Unix ms; for a last will: when the connection was made).
     pub ts_ms: u64,
@@ -147,6 +149,15 @@ pub struct Telemetry {
     pub load1: Option<f32>,
     /// The window the counters and latencies cover, seconds (a rolling window ending now).
     pub window_s: u64,
+    /// How much of `window_s` the counters really cover, seconds: less than `window_s` while
+    /// the kiosk has run for less than a window (its counters start empty at every start).
+    /// Absent from older kiosks (readers then take `min(window_s, uptime_s)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covers_s: Option<u64>,
+    /// Seconds between telemetry samples (the `telemetry_interval_s` setting in force), so
+    /// readers can tell a silent kiosk from a live one. Absent from older kiosks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry_interval_s: Option<u64>,
     /// Sessions finished in the window.
     pub sessions: u64,
     /// Preview rounds in the window.
@@ -337,6 +348,22 @@ pub struct ConfigDesired {
     pub predictor: Option<Value>,
 }
 
+impl ConfigDesired {
+    /// SHA-256 (lowercase hex) of the content (settings and predictor weights, not the
+    /// version): a kiosk tells a version it receives again (the retained message after a
+    /// reconnect) from another change that reused the number.
+    pub fn digest(&self) -> String {
+        let predictor = self.predictor.as_ref().filter(|p| !p.is_null());
+        let content = serde_json::json!({"settings": self.settings, "predictor": predictor});
+        use sha2::{Digest, Sha256};
+        // serde_json's maps are sorted by key, so equal content gives equal text.
+        Sha256::digest(content.to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// The body of `config/reported`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigReported {
@@ -393,6 +420,25 @@ mod tests {
             ..will.clone()
         };
         assert!(reconnect.is_newer_than(&will));
+    }
+
+    #[test]
+    fn a_desired_digest_names_its_content_not_its_version() {
+        let desired = |v: Value| serde_json::from_value::<ConfigDesired>(v).expect("desired");
+        let a = desired(json!({"version": 5, "settings": {"preview_steps": 6, "cloud_steps": 30}}));
+        let same = desired(
+            json!({"version": 6, "settings": {"cloud_steps": 30, "preview_steps": 6},
+                                  "predictor": null}),
+        );
+        let other = desired(json!({"version": 5, "settings": {"preview_steps": 8}}));
+        let weights = desired(
+            json!({"version": 5, "settings": {"preview_steps": 6, "cloud_steps": 30},
+                                     "predictor": {"model_version": "m1"}}),
+        );
+        assert_eq!(a.digest(), same.digest());
+        assert_ne!(a.digest(), other.digest());
+        assert_ne!(a.digest(), weights.digest());
+        assert_eq!(a.digest().len(), 64);
     }
 
     #[test]

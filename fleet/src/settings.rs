@@ -63,7 +63,8 @@ pub struct Settings {
     pub idle_timeout_s: u32,
     /// `full`, `hash` or `none`.
     pub prompt_privacy: PromptPrivacy,
-    /// Seconds between telemetry samples, 5..=3600.
+    /// Seconds between telemetry samples, 5..=3600, at most half of `stats_window_s` (checked
+    /// when a change sets either).
     pub telemetry_interval_s: u32,
     /// Seconds of history telemetry's counters and percentiles cover, 60..=86400.
     pub stats_window_s: u32,
@@ -142,6 +143,22 @@ impl Settings {
                 format!(
                     "{} is above max_noise_level {}",
                     p.min_noise_level, p.max_noise_level
+                ),
+            );
+        }
+        // A kiosk must sample more than once a window, or readers (`dxctl stats`) see its
+        // telemetry go stale between samples. Checked only when a change sets either field,
+        // so a kiosk's own file is not refused through an unrelated change.
+        let timing = ["telemetry_interval_s", "stats_window_s"];
+        if errors.is_empty()
+            && timing.iter().any(|f| patch.contains_key(*f))
+            && u64::from(next.telemetry_interval_s) * 2 > u64::from(next.stats_window_s)
+        {
+            errors.insert(
+                "telemetry_interval_s".into(),
+                format!(
+                    "{} is more than half of stats_window_s {}",
+                    next.telemetry_interval_s, next.stats_window_s
                 ),
             );
         }
@@ -317,6 +334,40 @@ mod tests {
 
     fn object(value: Value) -> serde_json::Map<String, Value> {
         value.as_object().cloned().expect("an object")
+    }
+
+    #[test]
+    fn the_telemetry_interval_must_fit_twice_in_the_window() {
+        let error = base()
+            .apply(&object(
+                json!({"telemetry_interval_s": 600, "stats_window_s": 300}),
+            ))
+            .expect_err("refused");
+        assert_eq!(
+            error.errors,
+            BTreeMap::from([(
+                "telemetry_interval_s".to_string(),
+                "600 is more than half of stats_window_s 300".to_string()
+            )])
+        );
+        // One field alone is checked against the other in force.
+        let error = base()
+            .apply(&object(json!({"telemetry_interval_s": 1801})))
+            .expect_err("refused");
+        assert_eq!(
+            error.errors.keys().collect::<Vec<_>>(),
+            ["telemetry_interval_s"]
+        );
+        let next = base()
+            .apply(&object(
+                json!({"telemetry_interval_s": 300, "stats_window_s": 600}),
+            ))
+            .expect("exactly half is fine");
+        assert_eq!((next.telemetry_interval_s, next.stats_window_s), (300, 600));
+        // A change of other fields does not refuse a kiosk whose own file breaks the rule.
+        let mut own = base();
+        own.telemetry_interval_s = 3600;
+        assert!(own.apply(&object(json!({"preview_steps": 8}))).is_ok());
     }
 
     #[test]

@@ -971,10 +971,13 @@ impl Controller {
                 return;
             }
         };
+        let digest = desired.digest();
         if desired.version <= self.overrides.considered {
+            self.on_desired_again(desired.version, &digest);
             return;
         }
         self.overrides.considered = desired.version;
+        self.overrides.considered_digest = Some(digest);
         let settings = self.base.apply(&desired.settings);
         let weights = match desired.predictor.as_ref().filter(|v| !v.is_null()) {
             Some(value) => predictor_weights(value, self.predictor_width).map(Some),
@@ -1016,6 +1019,41 @@ impl Controller {
         if let Err(error) = self.state.save_overrides(&self.overrides) {
             tracing::error!(%error, "saving operator settings");
         }
+        self.enqueue(Leaf::ConfigReported, &reported, Kind::Control);
+    }
+
+    /// A desired version not above the one considered: the retained message again (after a
+    /// reconnect: nothing to do), or another change that reused or went below the number (two
+    /// operators at once, a broker that lost its retained store). That one is not applied,
+    /// and the kiosk says so rather than leave its sender waiting or believing it applied.
+    fn on_desired_again(&mut self, version: u64, digest: &str) {
+        let considered = self.overrides.considered;
+        let same = version == considered
+            && self
+                .overrides
+                .considered_digest
+                .as_deref()
+                .is_none_or(|known| known == digest);
+        if same {
+            return;
+        }
+        let why = if version == considered {
+            format!(
+                "version {version} was already considered with other content; publish version {} or higher",
+                considered + 1
+            )
+        } else {
+            format!(
+                "version {version} is older than version {considered} already considered; publish version {} or higher",
+                considered + 1
+            )
+        };
+        tracing::warn!(
+            version,
+            considered,
+            "desired configuration not above the one considered"
+        );
+        let reported = self.reported(version, false, [("version".to_string(), why)].into());
         self.enqueue(Leaf::ConfigReported, &reported, Kind::Control);
     }
 
@@ -1099,11 +1137,17 @@ impl Controller {
         let current = self.settings.borrow().clone();
         match current.apply(&patch) {
             Ok(settings) => {
-                self.overrides.settings.extend(patch);
-                self.settings_errors.clear();
-                if let Err(error) = self.state.save_overrides(&self.overrides) {
-                    tracing::error!(%error, "saving operator settings");
+                // Saved before it is applied: a command is neither retained nor versioned, so
+                // a change the disk did not take would vanish at the next start, after the
+                // operator was told it worked.
+                let mut overrides = self.overrides.clone();
+                overrides.settings.extend(patch);
+                if let Err(error) = self.state.save_overrides(&overrides) {
+                    tracing::error!(%error, "saving operator settings; change not applied");
+                    return CommandReply::error(format!("could not save: {error}"));
                 }
+                self.overrides = overrides;
+                self.settings_errors.clear();
                 self.settings.send_replace(settings.clone());
                 let reported = self.current_reported();
                 self.enqueue(Leaf::ConfigReported, &reported, Kind::Control);
@@ -1140,7 +1184,14 @@ impl Controller {
             return;
         }
         self.telemetry_seq += 1;
-        let window_s = u64::from(self.settings.borrow().stats_window_s);
+        let (window_s, interval_s) = {
+            let settings = self.settings.borrow();
+            (
+                u64::from(settings.stats_window_s),
+                u64::from(settings.telemetry_interval_s),
+            )
+        };
+        let uptime_s = self.started.elapsed().as_secs();
         let now = now_ms();
         let (figures, pending, write_errors, lost) = {
             let mut shared = lock(&self.shared);
@@ -1153,13 +1204,16 @@ impl Controller {
             seq: self.telemetry_seq,
             ts_ms: now,
             boot: self.boot,
-            uptime_s: self.started.elapsed().as_secs(),
+            uptime_s,
             cpu_temp_c: system::cpu_temp_c(),
             mem_used_mb: memory.map(|(total, available)| total - available),
             mem_total_mb: memory.map(|(total, _)| total),
             rss_mb: system::rss_mb(),
             load1: system::load1(),
             window_s,
+            // The window starts empty at every start (it is kept in memory only).
+            covers_s: Some(window_s.min(uptime_s)),
+            telemetry_interval_s: Some(interval_s),
             sessions: figures.sessions,
             rounds: figures.rounds,
             finalizes: figures.finalizes,

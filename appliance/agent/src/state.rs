@@ -16,6 +16,11 @@ pub struct Overrides {
     /// The highest desired version considered (accepted or refused). It was accepted exactly
     /// when it equals `version` (a refused version never becomes `version`).
     pub considered: u64,
+    /// [`diffusionx_fleet::ConfigDesired::digest`] of the `considered` version (absent when
+    /// saved by older firmware): the same version received again with other content is
+    /// another change that reused the number, and is answered with a refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub considered_digest: Option<String>,
     /// Why the `considered` version was refused, field -> reason (empty when it was accepted):
     /// kept so that every later `config/reported` (after a reconnect, a restart or a command)
     /// still says so.

@@ -1045,3 +1045,251 @@ async fn a_refused_report_is_sent_again_after_the_retry_delay() -> Result<()> {
     agent.shutdown("done", WAIT).await;
     Ok(())
 }
+
+/// The reports `k1` published on `config/reported` after the first `before`.
+async fn reports_after(reported: &Collector, before: usize) -> Result<ConfigReported> {
+    let got = reported.wait(WAIT, |r| r.len() > before).await;
+    Ok(serde_json::from_slice(
+        &got.get(before).context("a new report")?.payload,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_number_reused_with_other_content_is_refused_not_ignored() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker: _broker,
+        reported,
+        state: _state,
+        agent,
+        events: _events,
+        operator,
+    } = config_setup().await?;
+    let one = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 1, "settings": {"preview_steps": 8}}),
+    )
+    .await?;
+    assert!(one.accepted, "{:?}", one.errors);
+
+    // Another operator's version 1 (both read version 0): not applied, and said so.
+    let before = reported.received().len();
+    operator
+        .publish(
+            "kiosk/v1/museum/k1/config/desired",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(
+                &serde_json::json!({"version": 1, "settings": {"cloud_steps": 30}}),
+            )?,
+        )
+        .await?;
+    let again = reports_after(&reported, before).await?;
+    assert_eq!(
+        (again.version, again.accepted, again.applied_version),
+        (1, false, 1)
+    );
+    assert_eq!(
+        again.errors,
+        [(
+            "version".to_string(),
+            "version 1 was already considered with other content; publish version 2 or higher"
+                .to_string()
+        )]
+        .into()
+    );
+    assert_eq!(
+        (again.settings.preview_steps, again.settings.cloud_steps),
+        (8, 20),
+        "version 1 as first received stays in force"
+    );
+    // A lower version than the one considered, too.
+    let before = reported.received().len();
+    operator
+        .publish(
+            "kiosk/v1/museum/k1/config/desired",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(&serde_json::json!({"version": 0, "settings": {}}))?,
+        )
+        .await?;
+    let older = reports_after(&reported, before).await?;
+    assert_eq!(
+        older.errors.get("version").map(String::as_str),
+        Some("version 0 is older than version 1 already considered; publish version 2 or higher")
+    );
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_change_that_cannot_be_saved_is_refused_and_not_applied() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported: _reported,
+        state,
+        agent,
+        events: _events,
+        operator,
+    } = config_setup().await?;
+    let mut replies = Replies::start(broker.port()).await?;
+    // The state folder refuses the file (as a full or read-only partition would).
+    std::fs::create_dir(state.join("overrides.json"))?;
+    let reply = command(
+        &operator,
+        &mut replies,
+        "set-config",
+        serde_json::json!({"preview_steps": 8}),
+        b"s1",
+    )
+    .await?;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(
+        reply
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("could not save: ")),
+        "{reply:?}"
+    );
+    assert_eq!(agent.settings().borrow().preview_steps, 4, "not applied");
+    let reply = command(
+        &operator,
+        &mut replies,
+        "set-blocklist",
+        serde_json::json!({"words": ["gore"]}),
+        b"s2",
+    )
+    .await?;
+    assert!(!reply.ok, "{reply:?}");
+    assert_eq!(agent.settings().borrow().blocklist, Vec::<String>::new());
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_says_how_much_of_its_window_it_covers_and_its_interval() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let watcher = Collector::start(broker.port(), "watcher", "kiosk/v1/museum/k1/telemetry");
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &dir.path().join("k1")))?;
+    let got = watcher.wait(WAIT, |r| !r.is_empty()).await;
+    let first: diffusionx_fleet::Telemetry =
+        serde_json::from_slice(&got.first().context("telemetry")?.payload)?;
+    assert_eq!(first.window_s, 3600);
+    assert_eq!(
+        (first.covers_s, first.telemetry_interval_s),
+        (Some(first.uptime_s), Some(3600)),
+        "a kiosk that just started covers its uptime, not the window"
+    );
+    assert!(first.uptime_s < first.window_s);
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_counts_a_report_lost_on_disk() -> Result<()> {
+    logs();
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("k1");
+    // Two reports wait from an earlier run; the first one's file became unreadable.
+    {
+        let mut outbox = diffusionx_agent::outbox::Outbox::open(&state.join("outbox"), true)?;
+        assert!(outbox.push(b"{\"id\":\"k1-1-1\"}".to_vec()));
+        assert!(outbox.push(b"{\"id\":\"k1-1-2\"}".to_vec()));
+    }
+    let one = state.join("outbox").join(format!("{:020}.json", 1));
+    std::fs::remove_file(&one)?;
+    std::fs::create_dir(&one)?;
+
+    let broker = Mosquitto::start(&dir.path().join("broker"))?;
+    let mut replies = Replies::start(broker.port()).await?;
+    let watcher = Collector::start(broker.port(), "watcher", "kiosk/v1/museum/k1/telemetry");
+    let (agent, _events) = Agent::start(options(broker.port(), "k1", &state))?;
+    wait_status(&agent, "one lost, one delivered", |s| {
+        s.lost == 1 && s.delivered == 1
+    })
+    .await?;
+    let (operator, mut eventloop) = rumqttc::v5::AsyncClient::new(
+        rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", broker.port()),
+        10,
+    );
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let flushed = command(
+        &operator,
+        &mut replies,
+        "report-now",
+        serde_json::json!({}),
+        b"r1",
+    )
+    .await?;
+    assert!(flushed.ok, "{flushed:?}");
+    let lost = |r: &[Received]| -> Vec<u64> {
+        r.iter()
+            .filter_map(|m| serde_json::from_slice::<diffusionx_fleet::Telemetry>(&m.payload).ok())
+            .map(|t| t.outbox_lost)
+            .collect()
+    };
+    let got = watcher.wait(WAIT, |r| lost(r).contains(&1)).await;
+    assert_eq!(lost(&got).last(), Some(&1), "{:?}", lost(&got));
+    assert_eq!(agent.status().lost, 1);
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_does_not_clear_the_report_of_saved_settings_ignored_at_start() -> Result<()> {
+    let ConfigSetup {
+        dir: _dir,
+        broker,
+        reported,
+        state,
+        agent,
+        events: _events,
+        operator,
+    } = config_setup().await?;
+    let one = desired(
+        &operator,
+        &reported,
+        serde_json::json!({"version": 1, "settings": {"min_noise_level": 0.6}}),
+    )
+    .await?;
+    assert!(one.accepted, "{:?}", one.errors);
+    agent.shutdown("configuration update", WAIT).await;
+    let mut changed = options(broker.port(), "k1", &state);
+    changed.settings.noise_policy.max_noise_level = 0.5;
+    let before = reported.received().len();
+    let (agent, _events) = Agent::start(changed)?;
+    let birth = reports_after(&reported, before).await?;
+    let ignored = birth.errors.clone();
+    assert_eq!(ignored.keys().collect::<Vec<_>>(), ["min_noise_level"]);
+
+    // A command changes the settings in force, but version 1 is still not: docs/mqtt.md says
+    // the report stays until the next accepted desired version.
+    let mut replies = Replies::start(broker.port()).await?;
+    let before = reported.received().len();
+    let set = command(
+        &operator,
+        &mut replies,
+        "set-config",
+        serde_json::json!({"preview_steps": 8}),
+        b"p1",
+    )
+    .await?;
+    assert!(set.ok, "{set:?}");
+    let after = reports_after(&reported, before).await?;
+    assert_eq!(
+        (
+            after.version,
+            after.accepted,
+            after.applied_version,
+            after.errors
+        ),
+        (1, false, 0, ignored)
+    );
+    assert_eq!(after.settings.preview_steps, 8);
+    agent.shutdown("done", WAIT).await;
+    Ok(())
+}

@@ -211,6 +211,15 @@ pub enum DxError {
         /// What the MQTT client said.
         source: ConnectionError,
     },
+    /// A device that never reported anything retained (a typo, or a kiosk that never
+    /// connected): nothing was published.
+    #[error("no kiosk {device:?} in fleet {fleet} (never reported); use --force to publish anyway")]
+    UnknownDevice {
+        /// The fleet.
+        fleet: String,
+        /// The device name given.
+        device: String,
+    },
 }
 
 /// Builds the rustls client configuration for `mqtts://` from PEM bytes: the CA that signed the

@@ -26,6 +26,9 @@ pub struct DeviceConfig {
     /// `topic: why` for each retained payload that did not parse.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub malformed: Vec<String>,
+    /// Whether a retained `status` of the device exists.
+    #[serde(skip)]
+    pub presence_seen: bool,
 }
 
 impl DeviceConfig {
@@ -40,12 +43,30 @@ impl DeviceConfig {
         desired.max(reported) + 1
     }
 
+    /// The retained desired version when the kiosk has not answered it yet (no report, or a
+    /// report of an older version).
+    pub fn pending(&self) -> Option<&ConfigDesired> {
+        self.desired
+            .as_ref()
+            .filter(|d| self.reported.as_ref().is_none_or(|r| d.version > r.version))
+    }
+
+    /// Whether the kiosk ever reported anything retained (its configuration or its presence):
+    /// a device name that did not is a typo, or a kiosk that never connected.
+    pub fn ever_reported(&self) -> bool {
+        self.reported.is_some() || self.presence_seen
+    }
+
     fn apply(&mut self, topic: &Topic, payload: &[u8]) {
         let result = match topic.leaf {
             Leaf::ConfigReported => {
                 serde_json::from_slice(payload).map(|r| self.reported = Some(r))
             }
             Leaf::ConfigDesired => serde_json::from_slice(payload).map(|d| self.desired = Some(d)),
+            Leaf::Status => {
+                self.presence_seen = true;
+                Ok(())
+            }
             _ => Ok(()),
         };
         if let Err(e) = result {
@@ -92,12 +113,17 @@ fn config_topics(fleet: &str, device: &str) -> Result<(Topic, Topic), DxError> {
     ))
 }
 
-/// Subscribes to the device's `config/desired` and `config/reported` and reads what is
-/// retained. The subscription stays, so [`set`] can wait for the answer on the same link.
+/// Subscribes to the device's `config/desired`, `config/reported` and `status` and reads what
+/// is retained. The subscription stays, so [`set`] can wait for the answer on the same link.
 pub async fn read(link: &mut Link, fleet: &str, device: &str) -> Result<DeviceConfig, DxError> {
     let (desired, reported) = config_topics(fleet, device)?;
-    link.subscribe(&[desired.to_string(), reported.to_string()])
-        .await?;
+    let status = Topic::new(fleet, device, Leaf::Status)?;
+    link.subscribe(&[
+        desired.to_string(),
+        reported.to_string(),
+        status.to_string(),
+    ])
+    .await?;
     let deadline = Instant::now() + link.timeout();
     let mut config = DeviceConfig::default();
     for publish in link.collect_quiet(QUIET, deadline).await? {
@@ -120,6 +146,15 @@ pub enum SetOutcome {
     /// The kiosk refused it; its settings in force are unchanged.
     Refused {
         /// Its report (with `errors`).
+        reported: ConfigReported,
+    },
+    /// The kiosk reported the version as applied, but with other settings or weights than
+    /// were published: another change used the same version number first (two operators at
+    /// once), and this one was not applied.
+    Conflict {
+        /// What was published.
+        desired: ConfigDesired,
+        /// The kiosk's report of the version.
         reported: ConfigReported,
     },
     /// No report of this version before the timeout (the kiosk may be offline; the desired
@@ -145,12 +180,45 @@ pub enum PredictorChange {
 /// reports them; from the retained desired version when it is the one applied, for kiosks that
 /// do not report them) with `patch` on top, and the predictor weights the change asks for.
 /// Weights are carried forward only when the kiosk reports them in force, so weights it
-/// refused do not make every later change refused too. Returns notes for the operator.
+/// refused do not make every later change refused too.
+///
+/// A retained desired version the kiosk has not answered yet (above its reported `version`:
+/// it is offline, or busy) is pending, and is the operators' whole wish so far: the change is
+/// built on its settings and weights, so that it is not silently replaced. Returns notes for
+/// the operator.
 pub fn plan(
     known: &DeviceConfig,
     patch: Patch,
     predictor: PredictorChange,
 ) -> (ConfigDesired, Vec<String>) {
+    if let Some(pending) = known.pending() {
+        let mut notes = vec![format!(
+            "building on pending version {} (not answered by the kiosk yet)",
+            pending.version
+        )];
+        let mut settings = pending.settings.clone();
+        settings.extend(patch);
+        let predictor = match predictor {
+            PredictorChange::Keep => {
+                let weights = pending.predictor.clone().filter(|w| !w.is_null());
+                if let Some(w) = &weights {
+                    notes.push(format!(
+                        "keeping pending predictor weights {}",
+                        w["model_version"].as_str().unwrap_or("(unnamed)")
+                    ));
+                }
+                weights
+            }
+            PredictorChange::Install(weights) => Some(weights),
+            PredictorChange::Remove => None,
+        };
+        let desired = ConfigDesired {
+            version: known.next_version(),
+            settings,
+            predictor,
+        };
+        return (desired, notes);
+    }
     let mut notes = Vec::new();
     let applied_desired = known.desired.as_ref().filter(|d| {
         known
@@ -199,6 +267,37 @@ pub fn plan(
     (desired, notes)
 }
 
+/// What [`set`] does for a device that never reported anything retained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownDevice {
+    /// Publish nothing: [`DxError::UnknownDevice`] (a typo would leave a retained desired
+    /// configuration that nobody ever reads).
+    Refuse,
+    /// Publish anyway (a kiosk that has not connected yet: `--force`).
+    Publish,
+}
+
+/// Whether `reported` (of the published version) describes what was published: the
+/// operators' settings in force equal to the published ones (kiosks that report them), and
+/// the same predictor weights. A kiosk ignores a version number it has already considered, so
+/// an accepted report with other content answers another change that used the number first.
+pub fn answers(desired: &ConfigDesired, reported: &ConfigReported) -> bool {
+    let settings = reported
+        .overrides
+        .as_ref()
+        .is_none_or(|overrides| *overrides == desired.settings);
+    let weights = desired
+        .predictor
+        .as_ref()
+        .filter(|w| !w.is_null())
+        .map(|w| w["model_version"].as_str().map(str::to_owned));
+    let predictor = match weights {
+        None => reported.predictor.is_none(),
+        Some(version) => version.is_none() || reported.predictor == version,
+    };
+    settings && predictor
+}
+
 /// Publishes a change as the device's retained `config/desired` with the next version (see
 /// [`plan`] and [`DeviceConfig::next_version`]) and waits for the `config/reported` of that
 /// version.
@@ -208,8 +307,15 @@ pub async fn set(
     device: &str,
     patch: Patch,
     predictor: PredictorChange,
+    unknown: UnknownDevice,
 ) -> Result<SetOutcome, DxError> {
     let known = read(link, fleet, device).await?;
+    if unknown == UnknownDevice::Refuse && !known.ever_reported() {
+        return Err(DxError::UnknownDevice {
+            fleet: fleet.into(),
+            device: device.into(),
+        });
+    }
     let (desired, notes) = plan(&known, patch, predictor);
     for note in notes {
         eprintln!("{device}: {note}");
@@ -234,10 +340,12 @@ pub async fn set(
             continue;
         };
         if reported.version == version {
-            return Ok(if reported.accepted {
+            return Ok(if !reported.accepted {
+                SetOutcome::Refused { reported }
+            } else if answers(&desired, &reported) {
                 SetOutcome::Accepted { reported }
             } else {
-                SetOutcome::Refused { reported }
+                SetOutcome::Conflict { desired, reported }
             });
         }
     }
@@ -338,11 +446,77 @@ mod tests {
             }),
             desired: Some(serde_json::from_value(desired).expect("a desired version")),
             malformed: Vec::new(),
+            presence_seen: true,
         }
     }
 
     fn patch(value: Value) -> Patch {
         value.as_object().cloned().expect("an object")
+    }
+
+    #[test]
+    fn a_change_builds_on_a_pending_version_the_kiosk_has_not_answered() {
+        let weights = json!({"model_version": "m2", "format": "diffusionx-predictor"});
+        let mut k = known(
+            Some(json!({})),
+            4,
+            json!({"version": 5, "settings": {"preview_steps": 6}, "predictor": weights}),
+            None,
+        );
+        let reported = k.reported.as_mut().expect("reported");
+        reported.version = 4;
+        let (d, notes) = plan(
+            &k,
+            patch(json!({"noise_level": 0.4})),
+            PredictorChange::Keep,
+        );
+        assert_eq!(d.version, 6);
+        assert_eq!(
+            Value::Object(d.settings),
+            json!({"preview_steps": 6, "noise_level": 0.4})
+        );
+        assert_eq!(d.predictor, Some(weights));
+        assert_eq!(
+            notes,
+            [
+                "building on pending version 5 (not answered by the kiosk yet)",
+                "keeping pending predictor weights m2"
+            ]
+        );
+        // A kiosk that never reported: the retained version is pending too.
+        k.reported = None;
+        let (d, _) = plan(
+            &k,
+            patch(json!({"cloud_steps": 30})),
+            PredictorChange::Remove,
+        );
+        assert_eq!(
+            (Value::Object(d.settings), d.predictor),
+            (json!({"preview_steps": 6, "cloud_steps": 30}), None)
+        );
+    }
+
+    #[test]
+    fn only_a_report_of_what_was_published_answers_it() {
+        let k = known(
+            Some(json!({"preview_steps": 6})),
+            5,
+            json!({"version": 5, "settings": {}}),
+            Some("m1"),
+        );
+        let mut reported = k.reported.expect("reported");
+        let desired = |v: Value| serde_json::from_value::<ConfigDesired>(v).expect("desired");
+        let ours = desired(json!({"version": 5, "settings": {"preview_steps": 6},
+                                  "predictor": {"model_version": "m1"}}));
+        assert!(answers(&ours, &reported));
+        let other = desired(json!({"version": 5, "settings": {"cloud_steps": 30},
+                                   "predictor": {"model_version": "m1"}}));
+        assert!(!answers(&other, &reported), "other settings");
+        let no_weights = desired(json!({"version": 5, "settings": {"preview_steps": 6}}));
+        assert!(!answers(&no_weights, &reported), "other weights");
+        // An older kiosk that does not report its overrides: the weights alone are checked.
+        reported.overrides = None;
+        assert!(answers(&other, &reported));
     }
 
     #[test]

@@ -84,13 +84,51 @@ impl Fleet {
         }
     }
 
-    /// One row per device, sorted by name.
+    /// One row per device, sorted by name, without a clock: no row is judged [`stale`]
+    /// (use [`Fleet::rows_at`]).
+    ///
+    /// [`stale`]: DeviceRow::stale
     pub fn rows(&self) -> Vec<DeviceRow> {
         self.devices
             .iter()
             .map(|(name, state)| DeviceRow::of(name, state))
             .collect()
     }
+
+    /// One row per device, sorted by name, each judged [`stale`] or not at `now_ms` (Unix ms).
+    ///
+    /// [`stale`]: DeviceRow::stale
+    pub fn rows_at(&self, now_ms: u64) -> Vec<DeviceRow> {
+        self.devices
+            .iter()
+            .map(|(name, state)| {
+                let mut row = DeviceRow::of(name, state);
+                row.stale = row.state == Liveness::Online
+                    && row
+                        .last_seen_ms
+                        .is_some_and(|seen| now_ms.saturating_sub(seen) > silent_after_ms(state));
+                row
+            })
+            .collect()
+    }
+}
+
+/// The longest `telemetry_interval_s` a kiosk accepts: a kiosk that sends no telemetry
+/// interval is silent once nothing came from it for three of these.
+pub const LONGEST_INTERVAL_S: u64 = 3600;
+
+/// How long without any message means an `online` kiosk is silent: three telemetry intervals
+/// when its telemetry names the interval; its telemetry window for older kiosks (they sample
+/// more often than once a window); three of the longest interval with no telemetry at all.
+pub fn silent_after_ms(state: &DeviceState) -> u64 {
+    let seconds = match &state.telemetry {
+        Some(t) => match t.telemetry_interval_s {
+            Some(interval) => interval.saturating_mul(3),
+            None => t.window_s,
+        },
+        None => LONGEST_INTERVAL_S * 3,
+    };
+    seconds.saturating_mul(1000)
 }
 
 /// Online, offline or never heard of.
@@ -110,8 +148,12 @@ pub enum Liveness {
 pub struct DeviceRow {
     /// The device name.
     pub device: String,
-    /// Online or offline.
+    /// Online or offline, as its retained `status` says.
     pub state: Liveness,
+    /// `online` by its status, but nothing came from it for longer than it takes to send
+    /// telemetry three times ([`silent_after_ms`]): probably gone without a last will (the
+    /// broker restarted while it was connected, and it never came back).
+    pub stale: bool,
     /// Why it is offline (`connection lost` for a last will).
     pub reason: Option<String>,
     /// The latest `ts_ms` of its status and telemetry.
@@ -144,6 +186,7 @@ impl DeviceRow {
                 Some(PresenceState::Offline) => Liveness::Offline,
                 None => Liveness::Unknown,
             },
+            stale: false,
             reason: presence
                 .filter(|p| p.state == PresenceState::Offline)
                 .and_then(|p| p.reason.clone()),
@@ -185,6 +228,10 @@ pub fn table(rows: &[DeviceRow], now_ms: u64) -> Table {
     for row in rows {
         let state = match (&row.state, &row.reason) {
             (Liveness::Offline, Some(reason)) => format!("offline ({reason})"),
+            (Liveness::Online, _) if row.stale => {
+                let silent = row.last_seen_ms.map_or("-".into(), |ts| age(now_ms, ts));
+                format!("online? (silent {})", silent.trim_end_matches(" ago"))
+            }
             (state, _) => format!("{state:?}").to_lowercase(),
         };
         table.push(vec![
@@ -289,6 +336,78 @@ mod tests {
         assert_eq!(rows[0].state, Liveness::Offline);
         assert_eq!(rows[0].reason.as_deref(), Some("shutdown"));
         assert_eq!(rows[0].last_seen_ms, Some(3000));
+    }
+
+    fn telemetry(fleet: &mut Fleet, device: &str, ts_ms: u64, interval_s: Option<u64>) {
+        let topic = Topic::new("m", device, Leaf::Telemetry).expect("valid");
+        let empty = diffusionx_fleet::LatencySummary::default();
+        let mut body = json!({
+            "seq": 1, "ts_ms": ts_ms, "boot": 5, "uptime_s": 60, "cpu_temp_c": null,
+            "mem_used_mb": null, "mem_total_mb": null, "rss_mb": null, "load1": null,
+            "window_s": 3600, "sessions": 0, "rounds": 0, "fallbacks": 0,
+            "fallback_rate": null, "preview": empty, "cloud": empty,
+            "outbox_pending": 0, "outbox_write_errors": 0
+        });
+        if let Some(interval) = interval_s {
+            body["telemetry_interval_s"] = json!(interval);
+        }
+        fleet.apply(&topic, body.to_string().as_bytes());
+    }
+
+    #[test]
+    fn an_online_kiosk_silent_for_three_intervals_is_stale() {
+        const DAY: u64 = 86_400_000;
+        let mut fleet = Fleet::default();
+        // An older kiosk (no interval in its telemetry): its window decides.
+        status(
+            &mut fleet,
+            "k1",
+            json!({"state": "online", "boot": 5, "conn": 1, "ts_ms": 0}),
+        );
+        telemetry(&mut fleet, "k1", 0, None);
+        let rows = fleet.rows_at(2 * DAY);
+        assert_eq!((rows[0].state, rows[0].stale), (Liveness::Online, true));
+        let text = table(&rows, 2 * DAY).to_string();
+        let line = text.lines().nth(1).expect("a row");
+        assert!(line.contains("online? (silent 2d)"), "{text}");
+        let json = serde_json::to_value(&rows[0]).expect("json");
+        assert_eq!(
+            (json["state"].clone(), json["stale"].clone()),
+            (json!("online"), json!(true))
+        );
+        assert!(
+            !fleet.rows_at(3_600_000).remove(0).stale,
+            "within its window"
+        );
+        assert!(!fleet.rows().remove(0).stale, "no clock, no judgment");
+
+        // A kiosk that names its interval: three of them.
+        status(
+            &mut fleet,
+            "k2",
+            json!({"state": "online", "boot": 5, "conn": 1, "ts_ms": 0}),
+        );
+        telemetry(&mut fleet, "k2", 1_000, Some(30));
+        let stale = |now| fleet.rows_at(now)[1].stale;
+        assert_eq!((stale(91_000), stale(91_001)), (false, true));
+        // Presence alone: three of the longest interval.
+        status(
+            &mut fleet,
+            "k3",
+            json!({"state": "online", "boot": 1, "conn": 1, "ts_ms": 0}),
+        );
+        let stale = |now| fleet.rows_at(now)[2].stale;
+        assert_eq!(
+            (stale(3 * 3_600_000), stale(3 * 3_600_000 + 1)),
+            (false, true)
+        );
+        // An offline kiosk is offline, never stale.
+        status(
+            &mut fleet,
+            "k4",
+            json!({"state": "offline", "boot": 1, "conn": 1, "ts_ms": 0, "reason": "shutdown"}),
+        );
+        assert!(!fleet.rows_at(2 * DAY)[3].stale);
     }
 
     #[test]

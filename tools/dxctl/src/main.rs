@@ -4,8 +4,8 @@
 //! sets the exit code; the work is in the `dxctl` library.
 //!
 //! Exit codes: 0 done; 1 the kiosk refused (a command's `ok:false`, a refused or invalid
-//! configuration); 2 usage, files or the broker (unreachable, refused, timed out); 3 no answer
-//! from the kiosk (it may be offline).
+//! configuration, a version taken by another change); 2 usage, files, an unknown device or the
+//! broker (unreachable, refused, timed out); 3 no answer from the kiosk (it may be offline).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -66,8 +66,8 @@ struct Connection {
     /// The MQTT user name; the password comes from DXCTL_PASSWORD or --password-file.
     #[arg(long, global = true)]
     username: Option<String>,
-    /// A file whose first line is the password.
-    #[arg(long, global = true)]
+    /// A file whose first line is the password (with --username).
+    #[arg(long, global = true, requires = "username")]
     password_file: Option<PathBuf>,
     /// Seconds to wait for the broker, and for a kiosk's answer.
     #[arg(long, global = true, default_value_t = 5.0)]
@@ -140,6 +140,9 @@ enum ConfigCmd {
         /// go back to the kiosk's own; without it the weights installed before stay.
         #[arg(long)]
         predictor: Option<PathBuf>,
+        /// Publish even if the kiosk never reported anything (one that has not connected yet).
+        #[arg(long)]
+        force: bool,
     },
     /// Check a patch locally against the kiosk's reported settings (publishes nothing).
     Check {
@@ -210,7 +213,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             let read = devices::read(&mut link, &fleet).await?;
             link.disconnect().await;
             warn(&read.malformed);
-            let rows = read.rows();
+            let rows = read.rows_at(now_ms());
             if json {
                 print_json(&rows)?;
             } else {
@@ -241,6 +244,14 @@ async fn run(cli: Cli) -> Result<Exit> {
                 .into_iter()
                 .filter_map(|(name, state)| Some((name, state.telemetry?)))
                 .collect();
+            if let Some(device) = &device
+                && !telemetry.contains_key(device)
+            {
+                bail!(
+                    "no telemetry from kiosk {device:?} in fleet {fleet} (never reported, or \
+                     not that name)"
+                );
+            }
             let now = now_ms();
             let stats::TelemetryStats { mut rows, stale } = stats::from_telemetry(&telemetry, now);
             if device.is_some() {
@@ -381,6 +392,7 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             assignments,
             file,
             predictor,
+            force,
         } => {
             let patch = match file {
                 Some(file) => config::parse_patch(&read_file(&file)?).map_err(|e| anyhow!(e))?,
@@ -400,7 +412,13 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             };
             let (mut link, fleet) = connect(connection).await?;
             config::check_names(&fleet, &device)?;
-            let outcome = config::set(&mut link, &fleet, &device, patch, predictor).await?;
+            let unknown = if force {
+                config::UnknownDevice::Publish
+            } else {
+                config::UnknownDevice::Refuse
+            };
+            let outcome =
+                config::set(&mut link, &fleet, &device, patch, predictor, unknown).await?;
             link.disconnect().await;
             print_set(&device, &outcome, json)
         }
@@ -508,6 +526,23 @@ fn print_set(device: &str, outcome: &SetOutcome, json: bool) -> Result<Exit> {
             }
             Exit::Refused
         }
+        SetOutcome::Conflict { desired, reported } => {
+            if !json {
+                out(&format!(
+                    "{device}: version {} was taken by another change (the kiosk runs {} \
+                     with predictor weights {}); yours ({}) was not applied: run config set \
+                     again\n",
+                    reported.version,
+                    reported
+                        .overrides
+                        .as_ref()
+                        .map_or("?".into(), |o| Value::Object(o.clone()).to_string()),
+                    reported.predictor.as_deref().unwrap_or("of its own"),
+                    Value::Object(desired.settings.clone()),
+                ))?;
+            }
+            Exit::Refused
+        }
         SetOutcome::NoAnswer { version } => {
             eprintln!(
                 "dxctl: {device} did not report version {version} in time (it may be \
@@ -571,6 +606,8 @@ async fn connect(connection: &Connection) -> Result<(Link, String)> {
     options.timeout = Duration::from_secs_f64(connection.timeout);
     if let Some(user) = &connection.username {
         options.credentials = Some((user.clone(), password(connection)?));
+    } else if std::env::var_os("DXCTL_PASSWORD").is_some() {
+        eprintln!("dxctl: DXCTL_PASSWORD is ignored without --username: connecting anonymously");
     }
     if let Some(ca) = &connection.ca {
         let ca = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;

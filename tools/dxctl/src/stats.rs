@@ -46,6 +46,10 @@ pub struct StatsRow {
         skip_serializing_if = "Window::is_no_kiosk"
     )]
     pub window: Window,
+    /// A kiosk row from telemetry whose counters cover only part of `window_s` (the kiosk
+    /// started less than a window ago): the seconds covered (not serialized otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub covers_s: Option<u64>,
     /// Fleet row from telemetry: the kiosks left out because their telemetry is stale (not
     /// serialized when none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -57,6 +61,14 @@ pub struct StatsRow {
 pub enum Window {
     /// Every sample of the row covers this many seconds.
     Seconds(u64),
+    /// A kiosk row whose counters cover only `covers_s` of its `window_s` (it started less
+    /// than a window ago). Serialized as `window_s`, with the row's `covers_s` beside it.
+    Partial {
+        /// Seconds covered.
+        covers_s: u64,
+        /// The kiosk's window.
+        window_s: u64,
+    },
     /// A fleet row whose kiosks use different windows.
     Mixed,
     /// A fleet row from telemetry with no current kiosk (every sample stale, or none): it
@@ -72,7 +84,10 @@ impl Window {
 
 fn window_seconds<S: serde::Serializer>(window: &Window, serializer: S) -> Result<S::Ok, S::Error> {
     match window {
-        Window::Seconds(seconds) => serializer.serialize_u64(*seconds),
+        Window::Seconds(seconds)
+        | Window::Partial {
+            window_s: seconds, ..
+        } => serializer.serialize_u64(*seconds),
         Window::Mixed | Window::NoKiosk => serializer.serialize_none(),
     }
 }
@@ -103,6 +118,20 @@ pub fn is_stale(t: &Telemetry, now_ms: u64) -> bool {
     now_ms.saturating_sub(t.ts_ms) > t.window_s.saturating_mul(1000)
 }
 
+/// The part of its window a sample covers: `covers_s` as the kiosk says, or (older kiosks,
+/// whose counters also start empty at every start) its uptime.
+pub fn covered(t: &Telemetry) -> Window {
+    let covers_s = t.covers_s.unwrap_or(t.uptime_s).min(t.window_s);
+    if covers_s < t.window_s {
+        Window::Partial {
+            covers_s,
+            window_s: t.window_s,
+        }
+    } else {
+        Window::Seconds(t.window_s)
+    }
+}
+
 fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
     (denominator > 0).then(|| numerator as f64 / denominator as f64)
 }
@@ -125,8 +154,9 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
     let mut rows = Vec::new();
     let (mut preview, mut cloud) = (Histogram::default(), Histogram::default());
     let (mut sessions, mut rounds, mut fallbacks, mut finalizes) = (0, 0, 0, 0);
-    let mut windows: Vec<u64> = Vec::new();
+    let mut windows: Vec<Window> = Vec::new();
     for (device, t) in current {
+        let window = covered(t);
         rows.push(StatsRow {
             scope: device.clone(),
             sessions: t.sessions,
@@ -137,7 +167,11 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
             cloud_p50_ms: t.cloud.histogram.quantile(0.5),
             cloud_p95_ms: t.cloud.histogram.quantile(0.95),
             fallback_rate: t.fallback_rate.map(f64::from),
-            window: Window::Seconds(t.window_s),
+            window,
+            covers_s: match window {
+                Window::Partial { covers_s, .. } => Some(covers_s),
+                _ => None,
+            },
             stale: Vec::new(),
         });
         preview.merge(&t.preview.histogram);
@@ -150,9 +184,8 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
         } else {
             t.fallbacks + t.cloud.histogram.count()
         };
-        windows.push(t.window_s);
+        windows.push(window);
     }
-    windows.sort_unstable();
     windows.dedup();
     rows.push(StatsRow {
         scope: FLEET_ROW.into(),
@@ -166,9 +199,11 @@ pub fn from_telemetry(telemetry: &BTreeMap<String, Telemetry>, now_ms: u64) -> T
         fallback_rate: ratio(fallbacks, finalizes),
         window: match windows.as_slice() {
             [] => Window::NoKiosk,
-            [one] => Window::Seconds(*one),
+            [Window::Seconds(one)] => Window::Seconds(*one),
+            // Different windows, or kiosks that cover only part of theirs.
             _ => Window::Mixed,
         },
+        covers_s: None,
         stale: stale.iter().map(|s| s.device.clone()).collect(),
     });
     TelemetryStats { rows, stale }
@@ -247,6 +282,7 @@ impl Tally {
             cloud_p95_ms: nearest_rank(&self.cloud, 95),
             fallback_rate: ratio(self.local, self.finalizes),
             window: Window::Seconds(window_s),
+            covers_s: None,
             stale: Vec::new(),
         }
     }
@@ -335,12 +371,25 @@ pub fn table(rows: &[StatsRow]) -> Table {
                 .map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
             match row.window {
                 Window::Seconds(seconds) => window_text(seconds),
+                Window::Partial { covers_s, window_s } => {
+                    format!("{} of {}", short(covers_s), window_text(window_s))
+                }
                 Window::Mixed => "mixed".into(),
                 Window::NoKiosk => "-".into(),
             },
         ]);
     }
     table
+}
+
+/// Seconds rounded down to the largest unit: `12m`, `2h`, `45s`.
+fn short(seconds: u64) -> String {
+    match seconds {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn window_text(seconds: u64) -> String {
@@ -398,7 +447,7 @@ mod tests {
 
     fn telemetry(ts_ms: u64, window_s: u64) -> Telemetry {
         serde_json::from_value(serde_json::json!({
-            "seq": 1, "ts_ms": ts_ms, "boot": 1, "uptime_s": 1, "cpu_temp_c": null,
+            "seq": 1, "ts_ms": ts_ms, "boot": 1, "uptime_s": 86_400, "cpu_temp_c": null,
             "mem_used_mb": null, "mem_total_mb": null, "rss_mb": null, "load1": null,
             "window_s": window_s, "sessions": 0, "rounds": 0, "fallbacks": 0,
             "fallback_rate": null,
@@ -442,6 +491,39 @@ mod tests {
         let (cell, json) = fleet_window(&kiosks, now);
         assert_eq!(cell, "1h");
         assert!(json.contains(r#""window_s":3600"#), "{json}");
+    }
+
+    #[test]
+    fn a_kiosk_that_started_within_its_window_covers_only_part_of_it() {
+        let now = 100_000_000;
+        let mut young = telemetry(now, 3600);
+        young.uptime_s = 600;
+        let mut kiosks = BTreeMap::new();
+        kiosks.insert("k1".to_owned(), young.clone());
+        let rows = from_telemetry(&kiosks, now).rows;
+        assert_eq!(
+            rows[0].window,
+            Window::Partial {
+                covers_s: 600,
+                window_s: 3600
+            }
+        );
+        let json = serde_json::to_string(&rows[0]).expect("json");
+        assert!(json.contains(r#""window_s":3600,"covers_s":600"#), "{json}");
+        let text = table(&rows).to_string();
+        assert!(
+            text.lines().nth(1).expect("k1").ends_with("10m of 1h"),
+            "{text}"
+        );
+        assert_eq!(rows[1].window, Window::Mixed, "the fleet row");
+        // The kiosk's own covers_s wins over its uptime.
+        young.covers_s = Some(3600);
+        kiosks.insert("k1".to_owned(), young);
+        let rows = from_telemetry(&kiosks, now).rows;
+        assert_eq!(
+            (rows[0].window, rows[0].covers_s, rows[1].window),
+            (Window::Seconds(3600), None, Window::Seconds(3600))
+        );
     }
 
     #[test]

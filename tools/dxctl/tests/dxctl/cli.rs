@@ -56,3 +56,21 @@ async fn usage_errors_exit_2() {
     );
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_without_a_user_name_is_a_usage_error() {
+    // Nothing listens there: a usage error comes before any connection.
+    let output = dxctl(
+        "mqtt://127.0.0.1:1",
+        &["--password-file", "/dev/null", "devices"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let text = stderr(&output);
+    assert!(
+        text.starts_with("error: the following required arguments were not provided:")
+            && text.contains("--username <USERNAME>"),
+        "{text}"
+    );
+    assert_eq!(stdout(&output), "");
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use diffusionx_fleet::Leaf;
-use dxctl::config::{self, PredictorChange, SetOutcome};
+use dxctl::config::{self, PredictorChange, SetOutcome, UnknownDevice};
 use serde_json::{Value, json};
 
 use crate::kiosk::{Kiosk, State, settings};
@@ -28,6 +28,7 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
         "k1",
         patch(json!({"preview_steps": 8})),
         PredictorChange::Keep,
+        UnknownDevice::Refuse,
     )
     .await
     .expect("set");
@@ -47,6 +48,7 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
         "k1",
         patch(json!({"cloud_steps": 30, "preview_steps": 0, "colour": "red"})),
         PredictorChange::Keep,
+        UnknownDevice::Refuse,
     )
     .await
     .expect("set");
@@ -241,5 +243,106 @@ async fn config_check_validates_locally_and_publishes_nothing() {
     assert_eq!(
         stderr(&output),
         "dxctl: k9 has not reported its settings (is it connected?)\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_applied_with_other_content_is_not_reported_as_ours() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    // A kiosk that applied version 1 and answers by hand.
+    let mut kiosk = Kiosk::connect(&url, FLEET, "k1").await;
+    let mut in_force = settings();
+    in_force.preview_steps = 6;
+    let report = |version: u64, overrides: Value| {
+        json!({"version": version, "accepted": true, "applied_version": version,
+               "settings": in_force, "overrides": overrides, "ts_ms": 1})
+    };
+    kiosk
+        .send(
+            Leaf::ConfigReported,
+            &report(1, json!({"preview_steps": 6})),
+        )
+        .await;
+    kiosk.subscribe(&kiosk.topic(Leaf::ConfigDesired)).await;
+
+    let run = tokio::spawn({
+        let url = url.clone();
+        async move { dxctl(&url, &["config", "set", "k1", "cloud_steps=30"]).await }
+    });
+    // dxctl publishes version 2; meanwhile another operator's version 2 reached the kiosk
+    // first, and the kiosk (which ignores a number it has considered) reports that one.
+    let desired = kiosk
+        .next_publish(std::time::Duration::from_secs(10))
+        .await
+        .expect("dxctl published");
+    let desired: Value = serde_json::from_slice(&desired.payload).expect("JSON");
+    assert_eq!(
+        desired,
+        json!({"version": 2, "settings": {"preview_steps": 6, "cloud_steps": 30}})
+    );
+    kiosk
+        .send(
+            Leaf::ConfigReported,
+            &report(2, json!({"preview_steps": 6, "noise_level": 0.4})),
+        )
+        .await;
+    let output = run.await.expect("dxctl ran");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = stdout(&output);
+    assert!(!text.contains("accepted"), "{text}");
+    assert!(
+        text.starts_with("k1: version 2 was taken by another change"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_device_gets_nothing_published_and_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let url = broker.url();
+    let output = dxctl(&url, &["config", "set", "nosuch", "preview_steps=6"]).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        stderr(&output),
+        "dxctl: no kiosk \"nosuch\" in fleet museum (never reported); use --force to publish \
+         anyway\n"
+    );
+    let mut link = operator(&url).await;
+    let read = config::read(&mut link, FLEET, "nosuch")
+        .await
+        .expect("read");
+    assert_eq!(read.desired, None, "nothing retained");
+
+    // With --force it is published (a kiosk that has not connected yet).
+    let output = dxctl(
+        &url,
+        &[
+            "--timeout",
+            "1",
+            "config",
+            "set",
+            "nosuch",
+            "preview_steps=6",
+            "--force",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let mut link = operator(&url).await;
+    let read = config::read(&mut link, FLEET, "nosuch")
+        .await
+        .expect("read");
+    assert_eq!(read.desired.map(|d| d.version), Some(1));
+
+    // stats for a device without telemetry.
+    let output = dxctl(&url, &["stats", "--device", "nosuch"]).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        stderr(&output),
+        "dxctl: no telemetry from kiosk \"nosuch\" in fleet museum (never reported, or not \
+         that name)\n"
     );
 }

@@ -5,7 +5,7 @@ use dxctl::devices::{self, DeviceRow, Liveness};
 use serde_json::json;
 
 use crate::kiosk::Kiosk;
-use crate::{FLEET, Sample, broker, dxctl, info, operator, stdout};
+use crate::{FLEET, Sample, broker, dxctl, info, now_ms, operator, stdout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_online_kiosk_with_telemetry_and_one_offline() {
@@ -13,9 +13,10 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
     let broker = broker(dir.path());
     let url = broker.url();
     let mut k1 = Kiosk::connect(&url, FLEET, "k1").await;
+    let now = now_ms();
     let sample = Sample {
         boot: 3,
-        ts_ms: 1_700_000_050_000,
+        ts_ms: now,
         sessions: 4,
         rounds: 9,
         fallbacks: 0,
@@ -32,7 +33,7 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
     k1.send(Leaf::Info, &info(3, "1.2.0")).await;
     k1.send(
         Leaf::Status,
-        &json!({"state": "online", "boot": 3, "conn": 1, "ts_ms": 1_700_000_000_000u64}),
+        &json!({"state": "online", "boot": 3, "conn": 1, "ts_ms": now - 50_000}),
     )
     .await;
     let mut k2 = Kiosk::connect(&url, FLEET, "k2").await;
@@ -60,8 +61,9 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
             DeviceRow {
                 device: "k1".into(),
                 state: Liveness::Online,
+                stale: false,
                 reason: None,
-                last_seen_ms: Some(1_700_000_050_000),
+                last_seen_ms: Some(now),
                 boot: Some(3),
                 firmware: Some("1.2.0".into()),
                 edge_model: Some("tiny-sd/int8".into()),
@@ -72,6 +74,7 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
             DeviceRow {
                 device: "k2".into(),
                 state: Liveness::Offline,
+                stale: false,
                 reason: Some("shutdown".into()),
                 last_seen_ms: Some(1_600_000_000_000),
                 boot: Some(8),
@@ -83,6 +86,14 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
             },
         ]
     );
+
+    // An online status that nothing followed for days: the kiosk died without a last will.
+    let mut k4 = Kiosk::connect(&url, FLEET, "k4").await;
+    k4.send(
+        Leaf::Status,
+        &json!({"state": "online", "boot": 2, "conn": 1, "ts_ms": now - 3 * 86_400_000}),
+    )
+    .await;
 
     // The binary prints the same rows as a table.
     let output = dxctl(&url, &["devices"]).await;
@@ -115,7 +126,31 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
         ["3", "1.2.0", "tiny-sd/int8", "2 (3 write errors, 1 lost)"]
     );
     assert_eq!(lines[2][..2], ["k2", "offline (shutdown)"]);
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines[3][..2], ["k4", "online? (silent 3d)"]);
+    assert_eq!(lines.len(), 4, "{text}");
+    // JSON keeps `state` and adds `stale`.
+    let output = dxctl(&url, &["devices", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");
+    let states: Vec<(&str, &str, bool)> = rows
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|r| {
+            (
+                r["device"].as_str().expect("device"),
+                r["state"].as_str().expect("state"),
+                r["stale"].as_bool().expect("stale"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("k1", "online", false),
+            ("k2", "offline", false),
+            ("k4", "online", true)
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,7 +90,7 @@ impl Sample<'_> {
     pub(crate) fn json(&self) -> Value {
         let finalizes = self.fallbacks + self.cloud.len() as u64;
         json!({
-            "seq": 7, "ts_ms": self.ts_ms, "boot": self.boot, "uptime_s": 600,
+            "seq": 7, "ts_ms": self.ts_ms, "boot": self.boot, "uptime_s": 86_400,
             "cpu_temp_c": 51.5, "mem_used_mb": 900, "mem_total_mb": 4096, "rss_mb": 700,
             "load1": 1.5, "window_s": 3600, "sessions": self.sessions, "rounds": self.rounds,
             "finalizes": finalizes, "fallbacks": self.fallbacks,
