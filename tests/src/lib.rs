@@ -208,5 +208,6 @@ pub fn kiosk_with_fleet(
         fleet,
         noise_policy: options.noise_policy,
         predictor: options.predictor.clone(),
+        privacy: diffusionx_fleet::PromptPrivacy::Full,
     })
 }

@@ -347,6 +347,7 @@ impl Link {
             latent,
         };
         let mut timeline = Timeline::default();
+        let started = tokio::time::Instant::now();
         let run = async {
             let connection = self.connect().await?;
             let load = match self
@@ -369,7 +370,18 @@ impl Link {
                 queue_depth: load.queue_depth,
                 expected_wait_ms: load.expected_wait_ms,
             });
-            if !load.accepting {
+            // A queue that will not reach this job before the deadline is as good as a full
+            // one: the visitor gets the local picture now, not after the whole deadline.
+            let left = self.config.deadline.saturating_sub(started.elapsed());
+            let wait = Duration::from_millis(u64::from(load.expected_wait_ms));
+            if !load.accepting || wait >= left {
+                if load.accepting {
+                    tracing::info!(
+                        wait_ms = load.expected_wait_ms,
+                        left_ms = left.as_millis() as u64,
+                        "the gateway's queue would outlast the deadline"
+                    );
+                }
                 connection.close(quinn::VarInt::from_u32(0), b"busy");
                 return Err(CloudFailure::Busy);
             }

@@ -327,6 +327,27 @@ pub struct RecordsConfig {
     pub dir: PathBuf,
 }
 
+/// The key in this file of a setting operators can change over MQTT (`field`, the setting's
+/// name in `diffusionx_fleet::Settings`), so an error names what the engineer can edit.
+fn setting_key(field: &str) -> &'static str {
+    match field {
+        "preview_steps" => "model.preview_steps",
+        "noise_level" => "session.noise_level",
+        "cloud_steps" => "gateway.steps",
+        "idle_timeout_s" => "session.idle_timeout_s",
+        "prompt_privacy" => "reporting.prompt_privacy",
+        "telemetry_interval_s" => "reporting.telemetry_interval_s",
+        "stats_window_s" => "reporting.stats_window_s",
+        "blocklist" => "session.blocklist",
+        "noise_level_mode" => "predictor.mode",
+        "quality_target" => "predictor.quality_target",
+        "min_noise_level" => "predictor.min_level",
+        "max_noise_level" => "predictor.max_level",
+        "cloud_budget_ms" => "predictor.cloud_budget_ms",
+        _ => "settings",
+    }
+}
+
 fn default_side() -> usize {
     256
 }
@@ -455,7 +476,8 @@ impl KioskConfig {
                 reason: e.to_string(),
             })?;
         }
-        // The settings operators may change must start valid: check them with the same rules.
+        // The settings operators may change must start valid: check them with the same rules,
+        // and name the refused one by its key in this file.
         let base = self.settings();
         let fields = serde_json::to_value(&base)
             .ok()
@@ -464,10 +486,11 @@ impl KioskConfig {
         if let Err(refused) = base.apply(&fields) {
             let (field, reason) = refused.errors.into_iter().next().unwrap_or_default();
             return Err(ConfigError::Invalid {
-                key: "settings",
-                reason: format!("{field}: {reason}"),
+                key: setting_key(&field),
+                reason,
             });
         }
+        self.check_guidance_and_steps()?;
         if let Some(g) = &self.gateway {
             diffusionx_protocol::DeviceId::new(g.device_id.clone()).map_err(|e| {
                 ConfigError::Invalid {
@@ -477,6 +500,90 @@ impl KioskConfig {
             })?;
         }
         Ok(())
+    }
+
+    /// The values that would make every local refinement or every cloud job fail: each is
+    /// refused here, by its key, rather than found in the reports as fallbacks.
+    fn check_guidance_and_steps(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| Err(ConfigError::Invalid { key, reason });
+        let limits = diffusionx_protocol::Limits::default();
+        let m = &self.model;
+        for (key, value) in [
+            ("model.preview_guidance", m.preview_guidance),
+            ("model.refine_guidance", m.refine_guidance),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return invalid(key, format!("{value} is not a finite number >= 0"));
+            }
+        }
+        let level = self.noise_level()?;
+        if m.refine_steps == 0 || level.denoising_steps(m.refine_steps) == 0 {
+            return invalid(
+                "model.refine_steps",
+                format!(
+                    "{} steps at session.noise_level {} leave no step to denoise: a local \
+                     refinement needs refine_steps x noise_level >= 1",
+                    m.refine_steps, self.session.noise_level
+                ),
+            );
+        }
+        let Some(g) = &self.gateway else {
+            return Ok(());
+        };
+        if !(g.guidance.is_finite() && (0.0..=limits.max_guidance).contains(&g.guidance)) {
+            return invalid(
+                "gateway.guidance",
+                format!(
+                    "{} is not in 0..={} (the gateway refuses it)",
+                    g.guidance, limits.max_guidance
+                ),
+            );
+        }
+        if !(1..=u64::from(limits.max_deadline_ms)).contains(&g.deadline_ms) {
+            return invalid(
+                "gateway.deadline_ms",
+                format!(
+                    "{} is not in 1..={} (the gateway refuses it)",
+                    g.deadline_ms, limits.max_deadline_ms
+                ),
+            );
+        }
+        if g.connect_timeout_ms == 0 || g.connect_timeout_ms >= g.deadline_ms {
+            return invalid(
+                "gateway.connect_timeout_ms",
+                format!(
+                    "{} is not in 1..{} (gateway.deadline_ms)",
+                    g.connect_timeout_ms, g.deadline_ms
+                ),
+            );
+        }
+        if self.predictor.mode == diffusionx_fleet::NoiseLevelMode::Fixed
+            && level.denoising_steps(g.steps) == 0
+        {
+            return invalid(
+                "gateway.steps",
+                format!(
+                    "{} steps at session.noise_level {} leave the cloud no step to denoise \
+                     (steps x noise_level must be >= 1)",
+                    g.steps, self.session.noise_level
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The visitor session's configuration as this file sets it (operators' settings over
+    /// MQTT replace the ones they cover once the fleet agent has them).
+    pub fn session_config(&self) -> Result<crate::session::SessionConfig, ConfigError> {
+        Ok(crate::session::SessionConfig {
+            idle_timeout: self.idle_timeout(),
+            preview_steps: self.model.preview_steps,
+            noise_level: self.noise_level()?,
+            hint: self.hint()?.to_owned(),
+            blocklist: self.session.blocklist.clone(),
+            gateway: self.gateway.is_some(),
+            ..crate::session::SessionConfig::default()
+        })
     }
 
     /// The preview scheduler.

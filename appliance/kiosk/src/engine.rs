@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use diffusionx_diffusion::SchedulerKind;
+use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::{Decode, Outcome, Pipeline, Progress, Request, Start};
 use diffusionx_ui::RgbImage;
 use tokio::sync::mpsc::UnboundedSender;
@@ -184,7 +184,7 @@ fn run(
                 scheduler: settings.scheduler,
                 start: Start::Latent {
                     latent: handover.latent,
-                    noise_level: handover.noise_level,
+                    noise_level: local_level(handover.noise_level, settings.refine_steps),
                     noise: None,
                 },
                 step_noise: None,
@@ -239,6 +239,25 @@ fn run(
     let _ = events.send(event);
 }
 
+/// The noise level of a local refinement of `steps` schedule steps: `level`, or the smallest
+/// level that leaves one step to denoise when `level` leaves none (a level operators set over
+/// MQTT, or the cloud's decision, can be finer than the kiosk's shorter local schedule). The
+/// visitor still gets a picture; the substitution is logged.
+fn local_level(level: NoiseLevel, steps: u16) -> NoiseLevel {
+    if level.denoising_steps(steps) > 0 || steps == 0 {
+        return level;
+    }
+    let one_step = NoiseLevel::MAX_BP.div_ceil(steps);
+    let raised = NoiseLevel::from_bp(one_step).unwrap_or(level);
+    tracing::warn!(
+        level = level.fraction(),
+        steps,
+        raised = raised.fraction(),
+        "the noise level leaves no local step to denoise; refining one step"
+    );
+    raised
+}
+
 /// What the screen shows after a preview step: the tiny decoder's full-size picture when asked
 /// for and it works, else the linear map's (a failed tiny decode is logged, never fatal).
 fn step_preview(progress: &Progress<'_>, tiny: bool) -> diffusionx_engine::RgbImage {
@@ -287,7 +306,20 @@ fn preview_facts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diffusionx_diffusion::NoiseLevel;
+
+    #[test]
+    fn a_local_level_too_fine_for_one_step_is_raised_to_one_step() {
+        let level = |bp| NoiseLevel::from_bp(bp).unwrap();
+        // 10 steps at 0.05 leave none: 0.1 is the smallest level that leaves one.
+        assert_eq!(local_level(level(500), 10), level(1000));
+        assert_eq!(local_level(level(1000), 10).denoising_steps(10), 1);
+        // 3 steps: ceil(10000 / 3) = 3334 bp gives floor(3 * 0.3334) = 1.
+        assert_eq!(local_level(level(100), 3), level(3334));
+        assert_eq!(level(3334).denoising_steps(3), 1);
+        // Levels that leave steps are kept.
+        assert_eq!(local_level(level(4000), 10), level(4000));
+        assert_eq!(local_level(level(10_000), 1), level(10_000));
+    }
 
     fn job(round: Option<u32>) -> (Job, Arc<AtomicBool>) {
         let job = match round {

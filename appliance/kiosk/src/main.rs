@@ -27,7 +27,6 @@ use diffusionx_kiosk::fbdev::Framebuffer;
 use diffusionx_kiosk::records::RecordStore;
 use diffusionx_kiosk::runner::{CloudSettings, Fleet, FrameSink, Kiosk, KioskParts, Stop};
 use diffusionx_kiosk::script;
-use diffusionx_kiosk::session::SessionConfig;
 use diffusionx_kiosk::spi_panel;
 use diffusionx_protocol::{DeviceId, Scheduler};
 use diffusionx_ui::{HeadlessDisplay, Layout, Panel};
@@ -209,13 +208,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             None => None,
         };
         let mut kiosk = Kiosk::new(KioskParts {
-            session: SessionConfig {
-                idle_timeout: config.idle_timeout(),
-                preview_steps: config.model.preview_steps,
-                noise_level: config.noise_level()?,
-                hint: config.session.hint.clone(),
-                ..SessionConfig::default()
-            },
+            session: config.session_config()?,
             pipeline,
             engine: EngineSettings {
                 width: config.model.width,
@@ -239,6 +232,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             fleet,
             noise_policy: config.settings().noise_policy,
             predictor,
+            privacy: config.reporting.prompt_privacy,
         })?;
         if let Some(sink) = sink {
             kiosk.on_frame(sink);

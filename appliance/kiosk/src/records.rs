@@ -4,8 +4,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use diffusionx_fleet::{Finalize, RoundReport, SessionReport};
+use diffusionx_fleet::{Finalize, PromptField, PromptPrivacy, RoundReport, SessionReport};
 use diffusionx_ui::FinalPath;
 use serde_json::{Value, json};
 
@@ -19,6 +20,8 @@ pub struct RecordStore {
     /// The fleet agent's boot counter, kept in `current.json` so that a session the kiosk
     /// could not end (power cut, crash) is reported after the restart under its own boot.
     boot: Option<u64>,
+    /// What `reports.jsonl` keeps of each prompt (the `prompt_privacy` setting).
+    privacy: PromptPrivacy,
 }
 
 /// A session record found in `current.json` at start-up: the kiosk stopped before it ended.
@@ -37,7 +40,17 @@ impl RecordStore {
         Ok(Self {
             dir: dir.into(),
             boot: None,
+            privacy: PromptPrivacy::Full,
         })
+    }
+
+    /// What `reports.jsonl` keeps of each round's prompt from now on (full text until set):
+    /// `full` the text, `hash` `prompt: null` with `prompt_sha256` (SHA-256 of a zero byte and
+    /// the prompt: a kiosk without a fleet has no fleet salt), `none` `prompt: null`.
+    /// `current.json` always holds the text: the session in progress needs it, and it is
+    /// removed when the session ends.
+    pub fn set_privacy(&mut self, privacy: PromptPrivacy) {
+        self.privacy = privacy;
     }
 
     /// Keeps `boot` (the fleet agent's boot counter) in every `current.json` from now on.
@@ -93,8 +106,25 @@ impl RecordStore {
 
     /// Appends a finished session to `reports.jsonl` (one JSON object per line, fsynced),
     /// leaving `current.json` alone.
+    /// Each line carries `ts_ms`, when it was written (milliseconds since the Unix epoch): the
+    /// session numbers start again at 1 at every start of the kiosk.
     pub fn append(&self, record: &SessionRecord) -> std::io::Result<()> {
-        self.append_line(&to_json(record).to_string())
+        let mut json = to_json(record);
+        if let Some(rounds) = json["rounds"].as_array_mut() {
+            for (round, r) in rounds.iter_mut().zip(&record.rounds) {
+                round["prompt"] = Value::Null;
+                match self.privacy.apply("", &r.prompt) {
+                    Some(PromptField::Text(text)) => round["prompt"] = text.into(),
+                    Some(PromptField::Sha256(hex)) => round["prompt_sha256"] = hex.into(),
+                    None => {}
+                }
+            }
+        }
+        json["ts_ms"] = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .into();
+        self.append_line(&json.to_string())
     }
 
     fn append_line(&self, line: &str) -> std::io::Result<()> {
@@ -128,10 +158,13 @@ impl RecordStore {
     }
 
     /// The session is over and its report is in the fleet outbox: removes `current.json`.
+    /// The removal is durable when this returns (the folder is synced): a power cut right after
+    /// must not bring the record back, to be reported a second time as abandoned.
     pub fn finish(&self) -> std::io::Result<()> {
         match std::fs::remove_file(self.dir.join("current.json")) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+            Ok(()) => std::fs::File::open(&self.dir)?.sync_all(),
         }
     }
 
@@ -405,6 +438,55 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("the reports");
         assert_eq!(text.lines().count(), 4, "{text}");
         assert!(text.ends_with("}\n"));
+    }
+
+    /// `reports.jsonl` (a kiosk without a fleet) keeps what `prompt_privacy` lets it keep, and
+    /// each line says when it was written (session numbers restart at every start).
+    #[test]
+    fn local_reports_follow_the_privacy_setting_and_carry_their_time() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let mut store = RecordStore::open(dir.path()).expect("a record store");
+        let mut record = finished(1);
+        record.rounds.push(RoundRecord {
+            prompt: "a red fox".into(),
+            seed: 7,
+            steps: 4,
+            preview_ms: Some(900),
+        });
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        for privacy in [
+            PromptPrivacy::Full,
+            PromptPrivacy::Hash,
+            PromptPrivacy::None,
+        ] {
+            store.set_privacy(privacy);
+            store.append(&record).expect("written");
+        }
+        let reports = store.reports().expect("readable");
+        let rounds: Vec<&Value> = reports.iter().map(|r| &r["rounds"][0]).collect();
+        assert_eq!(rounds[0]["prompt"], "a red fox");
+        assert_eq!(rounds[0].get("prompt_sha256"), None);
+        assert_eq!(rounds[1]["prompt"], Value::Null);
+        assert_eq!(
+            rounds[1]["prompt_sha256"],
+            diffusionx_fleet::settings::hash_prompt("", "a red fox")
+        );
+        assert_eq!(rounds[2]["prompt"], Value::Null);
+        assert_eq!(rounds[2].get("prompt_sha256"), None);
+        assert_eq!(rounds[2]["seed"], 7);
+        for report in &reports {
+            let ts = report["ts_ms"].as_u64().expect("a time");
+            assert!(ts >= before && ts < before + 60_000, "{ts} vs {before}");
+        }
+        // current.json keeps the text: the session in progress needs it back after a restart.
+        store.save(&record).expect("saved");
+        let leftover = store.leftover().expect("readable").expect("a record");
+        assert_eq!(leftover.record.rounds[0].prompt, "a red fox");
+        store.finish().expect("removed");
+        assert_eq!(store.leftover().expect("readable"), None);
     }
 
     fn predictor_report() -> diffusionx_fleet::PredictorReport {

@@ -18,6 +18,7 @@ use crate::records::{RecordStore, ReportContext, session_report};
 use crate::script::{ScreenKind, Step};
 use crate::session::{
     CloudFailure, Command, Ending, Event, Handover, Session, SessionConfig, SessionRecord,
+    TokenCounter,
 };
 use diffusionx_agent::{Agent, AgentEvent};
 use diffusionx_fleet::{NoisePolicy, PromptPrivacy, Settings};
@@ -59,6 +60,9 @@ pub struct KioskParts {
     pub noise_policy: NoisePolicy,
     /// Trained predictor weights (`None`: the rule-based default).
     pub predictor: Option<diffusionx_predictor::Weights>,
+    /// What reports keep of the prompts (`[reporting] prompt_privacy`; the fleet's setting
+    /// replaces it when there is one).
+    pub privacy: PromptPrivacy,
 }
 
 /// The kiosk's link to its fleet.
@@ -141,6 +145,13 @@ impl Kiosk {
             width: u16::try_from(parts.engine.width).context("image width")?,
             height: u16::try_from(parts.engine.height).context("image height")?,
         };
+        let tokenizer = parts.pipeline.tokenizer().clone();
+        let mut session = parts.session;
+        // The model's own tokenizer decides what fits (what the preview reads, what the
+        // gateway accepts).
+        session.prompt_tokens = Some(TokenCounter(Arc::new(move |prompt: &str| {
+            tokenizer.count(prompt).ok()
+        })));
         let engine = EngineWorker::spawn(parts.pipeline, parts.engine, events_tx.clone())
             .context("starting the engine thread")?;
         let panel = parts.layout.panel();
@@ -149,7 +160,6 @@ impl Kiosk {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let settings = parts.fleet.as_ref().map(|f| f.agent.settings());
-        let mut session = parts.session;
         // Without a link there is no cloud to try: local refinement is the design, not a
         // fallback.
         session.gateway = parts.link.is_some();
@@ -175,7 +185,7 @@ impl Kiosk {
             inputs,
             fleet: parts.fleet,
             settings,
-            privacy: PromptPrivacy::Hash,
+            privacy: parts.privacy,
             stop: None,
             noise_policy: parts.noise_policy,
             level: LevelChooser::new(parts.predictor.clone()),
@@ -185,11 +195,13 @@ impl Kiosk {
         if let Some(fleet) = &kiosk.fleet {
             kiosk.records.set_boot(fleet.agent.boot());
         }
-        kiosk.report_leftover();
+        kiosk.records.set_privacy(kiosk.privacy);
+        // Operators' settings first: the leftover's report follows their privacy setting.
         if let Some(rx) = kiosk.settings.as_mut() {
             let settings = rx.borrow_and_update().clone();
             kiosk.apply_settings(&settings);
         }
+        kiosk.report_leftover();
         kiosk.render()?;
         Ok(kiosk)
     }
@@ -432,8 +444,19 @@ impl Kiosk {
                 seed,
                 steps,
             } => {
-                tracing::info!(round, %prompt, seed, steps, "preview");
+                // The prompt stays out of the journal: `prompt_privacy` governs where it goes.
+                tracing::info!(
+                    round,
+                    chars = prompt.chars().count(),
+                    seed,
+                    steps,
+                    "preview"
+                );
                 self.engine.preview(round, prompt, seed, steps);
+                // The session exists on disk from its first round: one cut off by a power
+                // loss before it was finalized is reported as abandoned at the next start.
+                let saved = self.records.save(self.session.record());
+                self.record_trouble(saved, "writing the session record");
             }
             Command::CancelPreview { round } => {
                 tracing::info!(round, "preview cancelled");
@@ -521,10 +544,18 @@ impl Kiosk {
                         salt: &fleet.prompt_salt,
                     },
                 );
-                // On disk before this returns; published when the broker is there.
-                fleet.agent.report(&report);
-                let finished = self.records.finish();
-                self.record_trouble(finished, "removing the session record");
+                // On disk before this returns; published when the broker is there. When the
+                // outbox could not write it (it waits in memory), `current.json` stays: after
+                // a power cut the session is still reported, as abandoned, not lost.
+                if fleet.agent.report(&report) {
+                    let finished = self.records.finish();
+                    self.record_trouble(finished, "removing the session record");
+                } else {
+                    tracing::warn!(
+                        session = record.number,
+                        "the report is not on disk yet: the session record is kept"
+                    );
+                }
             }
             None => {
                 if self.unsent.len() >= MAX_UNSENT {
@@ -583,6 +614,7 @@ impl Kiosk {
         config.blocklist = settings.blocklist.clone();
         self.cloud.steps = settings.cloud_steps;
         self.privacy = settings.prompt_privacy;
+        self.records.set_privacy(settings.prompt_privacy);
         self.noise_policy = settings.noise_policy;
         tracing::info!(?settings, "settings in force");
     }

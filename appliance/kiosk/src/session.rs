@@ -33,7 +33,28 @@ pub struct SessionConfig {
     /// Whether the kiosk has a gateway. Without one every picture is refined locally from the
     /// start, reported with the reason [`LOCAL_ONLY`]: that is the design, not a fallback.
     pub gateway: bool,
+    /// Counts a prompt's CLIP tokens (start and end included), when the kiosk has the model's
+    /// tokenizer: a prompt over the protocol's limit (77) is refused with [`LONG_NOTICE`]
+    /// instead of being cut short in the preview and refused by the gateway at finalize.
+    pub prompt_tokens: Option<TokenCounter>,
 }
+
+/// A prompt's CLIP token count (`None` when it cannot be counted: the prompt is let through).
+#[derive(Clone)]
+pub struct TokenCounter(pub std::sync::Arc<CountTokens>);
+
+/// What a [`TokenCounter`] calls.
+pub type CountTokens = dyn Fn(&str) -> Option<usize> + Send + Sync;
+
+impl std::fmt::Debug for TokenCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCounter")
+    }
+}
+
+/// The most CLIP tokens a prompt may take, start and end tokens included (the wire protocol's
+/// limit, CLIP's context).
+pub const MAX_PROMPT_TOKENS: usize = 77;
 
 pub use diffusionx_fleet::payload::LOCAL_ONLY;
 
@@ -48,6 +69,7 @@ impl Default for SessionConfig {
             max_prompt_bytes: 1024,
             blocklist: Vec::new(),
             gateway: true,
+            prompt_tokens: None,
         }
     }
 }
@@ -354,6 +376,14 @@ pub struct Session {
     pooled: (Option<Vec<f32>>, Option<Vec<f32>>),
 }
 
+/// What a visitor sees when a preview's latent holds NaN or infinite values (a broken model or
+/// an overflow): the session ends as failed, nothing is sent to the cloud or refined locally.
+pub const NON_FINITE_PREVIEW: &str = "The model produced an invalid picture (not a number).";
+
+/// What a visitor sees when the prompt is longer than the model reads (over 77 CLIP tokens):
+/// the preview would silently drop the end and the cloud would refuse it.
+pub const LONG_NOTICE: &str = "Please use fewer words";
+
 /// What a visitor sees when the blocklist refuses their prompt: no word is repeated back.
 pub const BLOCKED_NOTICE: &str = "Please try other words";
 
@@ -547,6 +577,9 @@ impl Session {
                             self.notice = Some(BLOCKED_NOTICE.into());
                         } else if self.prompt.trim().is_empty() {
                             self.notice = Some(EMPTY_NOTICE.into());
+                        } else if let Some(tokens) = self.too_many_tokens() {
+                            tracing::info!(tokens, "prompt refused: too long for CLIP");
+                            self.notice = Some(LONG_NOTICE.into());
                         } else {
                             self.start_round(now, out);
                         }
@@ -669,6 +702,30 @@ impl Session {
                     latent,
                     facts,
                 },
+            ) if *round == r && !latent.iter().all(|v| v.is_finite()) => {
+                // A broken model or an overflow: the picture is black and the latent is
+                // useless to the cloud and to a local refinement alike. Nothing to finalize.
+                tracing::error!(round = r, "the preview's latent is not finite");
+                let _ = (image, facts);
+                self.state = State::Failed {
+                    title: "The preview did not work".into(),
+                    message: NON_FINITE_PREVIEW.into(),
+                };
+                self.record.ending = Ending::Failed;
+                self.last_input = now;
+            }
+            (
+                State::Generating {
+                    preview: round,
+                    started,
+                    ..
+                },
+                Event::PreviewDone {
+                    round: r,
+                    image,
+                    latent,
+                    facts,
+                },
             ) if *round == r => {
                 if let Some(f) = &facts {
                     self.pooled = (self.pooled.1.take(), Some(f.pooled.clone()));
@@ -759,6 +816,12 @@ impl Session {
             // Late events of a cancelled round or an abandoned refinement: nothing to do.
             _ => {}
         }
+    }
+
+    /// The prompt's token count when it is over [`MAX_PROMPT_TOKENS`].
+    fn too_many_tokens(&self) -> Option<usize> {
+        let counter = self.config.prompt_tokens.as_ref()?;
+        (counter.0)(&self.prompt).filter(|&n| n > MAX_PROMPT_TOKENS)
     }
 
     fn start_round(&mut self, now: Instant, out: &mut Vec<Command>) {

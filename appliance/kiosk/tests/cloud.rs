@@ -33,7 +33,12 @@ struct Seen {
 
 /// A gateway that accepts every job and, when the request has arrived, reads `records` and
 /// answers the job with an internal error (the kiosk then refines locally).
-fn start_gateway(dir: &Path, records: PathBuf) -> (SocketAddr, std::sync::mpsc::Receiver<Seen>) {
+/// Its load probe answers that a job would wait `wait_ms`.
+fn start_gateway(
+    dir: &Path,
+    records: PathBuf,
+    wait_ms: u32,
+) -> (SocketAddr, std::sync::mpsc::Receiver<Seen>) {
     let server = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("ca.pem"), server.cert.pem()).unwrap();
     let client = rcgen::generate_simple_self_signed(vec!["kiosk-1".into()]).unwrap();
@@ -73,7 +78,7 @@ fn start_gateway(dir: &Path, records: PathBuf) -> (SocketAddr, std::sync::mpsc::
                             queue_depth: 0,
                             running: 0,
                             max_batch: 4,
-                            expected_wait_ms: 0,
+                            expected_wait_ms: wait_ms,
                             step_ms: 50,
                             accepting: true,
                         }),
@@ -127,7 +132,7 @@ async fn the_noise_level_decision_is_on_disk_before_the_latent_leaves() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("records");
-    let (gateway, seen) = start_gateway(dir.path(), folder.clone());
+    let (gateway, seen) = start_gateway(dir.path(), folder.clone(), 0);
     let mut kiosk = kiosk(dir.path(), RecordStore::open(&folder).unwrap(), gateway);
     let steps =
         script::parse("type a red fox\nkey done\nwait preview\npress finalize\nwait final\n")
@@ -154,5 +159,29 @@ async fn the_noise_level_decision_is_on_disk_before_the_latent_leaves() {
     // The gateway failed the job: the picture was refined here, and the report says why.
     let record = kiosk.session().record();
     assert_eq!(record.path, Some(FinalPath::Local));
-    assert!(record.fallback_reason.is_some(), "{record:?}");
+    let reason = record.fallback_reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.starts_with("refused: ") && reason.contains("a test gateway refines nothing"),
+        "{reason}"
+    );
+}
+
+/// A gateway that accepts the job but whose queue would outlast the kiosk's deadline (60 s
+/// here) gets no latent: the visitor's picture is refined locally at once, reported as busy.
+#[tokio::test(flavor = "current_thread")]
+async fn a_queue_longer_than_the_deadline_sends_nothing_and_refines_locally() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("records");
+    let (gateway, seen) = start_gateway(dir.path(), folder.clone(), 600_000);
+    let mut kiosk = kiosk(dir.path(), RecordStore::open(&folder).unwrap(), gateway);
+    let steps =
+        script::parse("type a red fox\nkey done\nwait preview\npress finalize\nwait final\n")
+            .unwrap();
+    kiosk.play(&steps, Duration::from_secs(600)).await.unwrap();
+    assert!(seen.try_recv().is_err(), "no refine request was sent");
+    let record = kiosk.session().record();
+    assert_eq!(record.path, Some(FinalPath::Local));
+    assert_eq!(record.fallback_reason.as_deref(), Some("busy"));
+    assert_eq!(record.cloud_load, Some((0, 600_000)));
 }

@@ -97,7 +97,7 @@ fn fleet_sections_are_checked_by_name() {
     let interval = example().replace("telemetry_interval_s = 60", "telemetry_interval_s = 1");
     assert_eq!(
         load(&interval).unwrap_err(),
-        "settings: telemetry_interval_s: 1 is outside 5..=3600"
+        "reporting.telemetry_interval_s: 1 is outside 5..=3600"
     );
 }
 
@@ -135,6 +135,114 @@ fn mistakes_are_refused_by_name() {
             .unwrap_err()
             .contains("unknown variant `vga`")
     );
+}
+
+#[test]
+fn settings_are_refused_by_their_key_in_the_file() {
+    for (from, to, error) in [
+        (
+            "steps = 20",
+            "steps = 0",
+            "gateway.steps: 0 is outside 1..=100",
+        ),
+        (
+            "preview_steps = 4",
+            "preview_steps = 0",
+            "model.preview_steps: must be at least 1",
+        ),
+        (
+            "idle_timeout_s = 90",
+            "idle_timeout_s = 5",
+            "session.idle_timeout_s: 5 is outside 10..=3600",
+        ),
+    ] {
+        let text = example().replace(from, to);
+        assert_ne!(text, example(), "{from} is in the example");
+        assert_eq!(load(&text).unwrap_err(), error, "{to}");
+    }
+}
+
+/// Values that would fail every local refinement or send every picture to the slow local path
+/// (the gateway refuses them) are refused at load, by key.
+#[test]
+fn values_that_would_fail_every_picture_are_refused() {
+    let cases = [
+        (
+            "refine_steps = 10",
+            "refine_steps = 0",
+            "model.refine_steps: 0 steps",
+        ),
+        (
+            "noise_level = 0.5",
+            "noise_level = 0.05",
+            "model.refine_steps: 10 steps at session.noise_level 0.05 leave no step",
+        ),
+        (
+            "\nguidance = 7.5",
+            "\nguidance = 40.0",
+            "gateway.guidance: 40 is not in 0..=30",
+        ),
+        (
+            "\nguidance = 7.5",
+            "\nguidance = nan",
+            "gateway.guidance: NaN is not in",
+        ),
+        (
+            "refine_guidance = 7.5",
+            "refine_guidance = -1.0",
+            "model.refine_guidance: -1 is not a finite number >= 0",
+        ),
+        (
+            "preview_guidance = 1.0",
+            "preview_guidance = inf",
+            "model.preview_guidance: inf is not",
+        ),
+        (
+            "deadline_ms = 60000",
+            "deadline_ms = 900000",
+            "gateway.deadline_ms: 900000 is not in 1..=600000",
+        ),
+        (
+            "connect_timeout_ms = 3000",
+            "connect_timeout_ms = 0",
+            "gateway.connect_timeout_ms: 0 is not in 1..60000",
+        ),
+    ];
+    for (from, to, error) in cases {
+        let text = example().replacen(from, to, 1);
+        assert_ne!(text, example(), "{from} is in the example");
+        let got = load(&text).unwrap_err();
+        assert!(got.starts_with(error), "{to}: {got}");
+    }
+    // The cloud's steps matter when the level is fixed: 2 steps at 0.3 leave none.
+    let fixed = example()
+        .replace("mode = \"predicted\"", "mode = \"fixed\"")
+        .replace("steps = 20", "steps = 2")
+        .replace("noise_level = 0.5", "noise_level = 0.3");
+    let got = load(&fixed).unwrap_err();
+    assert!(
+        got.starts_with("gateway.steps: 2 steps at session.noise_level 0.3"),
+        "{got}"
+    );
+    // The same steps are fine when the predictor chooses the level (within its bounds).
+    let predicted = fixed.replace("mode = \"fixed\"", "mode = \"predicted\"");
+    assert!(load(&predicted).is_ok());
+}
+
+/// What the kiosk binary runs its sessions with comes from the file, blocklist included (it
+/// was dropped on kiosks without a fleet broker).
+#[test]
+fn the_session_is_configured_from_the_file() {
+    let text = example()
+        .replace("blocklist = []", "blocklist = [\"gore\", \"Nude\"]")
+        .replace("idle_timeout_s = 90", "idle_timeout_s = 120")
+        .replace("noise_level = 0.5", "noise_level = 0.4");
+    let session = load(&text).unwrap().session_config().unwrap();
+    assert_eq!(session.blocklist, ["gore", "Nude"]);
+    assert_eq!(session.idle_timeout, std::time::Duration::from_secs(120));
+    assert_eq!(session.noise_level.bp(), 4000);
+    assert_eq!(session.preview_steps, 4);
+    assert!(session.gateway);
 }
 
 #[test]

@@ -42,10 +42,14 @@ async fn a_record_store_that_cannot_be_written_does_not_stop_the_visitors_pictur
             ..
         }
     ));
-    assert_eq!(kiosk.record_failures(), 1, "the record at finalize");
+    assert_eq!(
+        kiosk.record_failures(),
+        2,
+        "the record when the preview started and at finalize"
+    );
     // The report of the finished session cannot be written either: it waits in memory.
     play(&mut kiosk, "press newpicture\nwait prompt\n").await;
-    assert_eq!(kiosk.record_failures(), 2);
+    assert_eq!(kiosk.record_failures(), 3);
     assert_eq!(kiosk.unsent_reports().len(), 1);
 
     // The card is back: the next write takes the waiting report first.
@@ -53,7 +57,7 @@ async fn a_record_store_that_cannot_be_written_does_not_stop_the_visitors_pictur
     std::fs::create_dir(&folder).unwrap();
     play(&mut kiosk, ONE_PICTURE).await;
     assert!(kiosk.unsent_reports().is_empty());
-    assert_eq!(kiosk.record_failures(), 2);
+    assert_eq!(kiosk.record_failures(), 3);
     let reports = store.reports().unwrap();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0]["session"], 1);
@@ -109,4 +113,49 @@ async fn stopping_mid_session_reports_the_session() {
     // Once only: stopping again reports nothing more.
     kiosk.interrupt().unwrap();
     assert_eq!(store.reports().unwrap().len(), 1);
+}
+
+/// A session cut off (power loss, `kill -9`) before the visitor finalized is on disk from its
+/// first round and reported as abandoned at the next start, with the rounds it had.
+#[tokio::test(flavor = "current_thread")]
+async fn a_session_killed_before_finalize_is_reported_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RecordStore::open(dir.path()).unwrap();
+    let mut kiosk = kiosk(store.clone());
+    play(
+        &mut kiosk,
+        "press start\ntype a red fox\nkey done\nwait preview\n",
+    )
+    .await;
+    // No interrupt: the process is gone without a word.
+    drop(kiosk);
+    assert_eq!(store.reports().unwrap().len(), 0);
+
+    let _restarted = self::kiosk(store.clone());
+    let reports = store.reports().unwrap();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0]["ending"], "abandoned");
+    assert_eq!(reports[0]["rounds"][0]["prompt"], "a red fox");
+    assert_eq!(reports[0]["rounds"].as_array().map(Vec::len), Some(1));
+    assert_eq!(store.leftover().unwrap(), None, "reported once");
+}
+
+/// The kiosk counts a prompt with the model's own tokenizer: a prompt the model would read
+/// only in part is refused with a notice before any preview starts.
+#[tokio::test(flavor = "current_thread")]
+async fn a_prompt_longer_than_the_model_reads_is_refused_before_the_preview() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kiosk = kiosk(RecordStore::open(dir.path()).unwrap());
+    let long = "a red fox in the snow ".repeat(16);
+    play(&mut kiosk, &format!("press start\ntype {long}\nkey done\n")).await;
+    match kiosk.session().screen() {
+        Screen::PromptEntry { notice, .. } => {
+            assert_eq!(
+                notice.as_deref(),
+                Some(diffusionx_kiosk::session::LONG_NOTICE)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(kiosk.session().record().rounds.is_empty(), "no preview ran");
 }

@@ -2,12 +2,13 @@
 //! compares the commands and screens that come out.
 #![allow(clippy::unwrap_used)] // A test that unwraps fails loudly, which is what it is for.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diffusionx_diffusion::NoiseLevel;
 use diffusionx_kiosk::session::{
     BLOCKED_NOTICE, CloudFailure, Command, EMPTY_NOTICE, Ending, Event, Handover, LOCAL_ONLY,
-    PreviewFacts, Session, SessionConfig,
+    LONG_NOTICE, NON_FINITE_PREVIEW, PreviewFacts, Session, SessionConfig, TokenCounter,
 };
 use diffusionx_predictor::{LatentStats, Observation};
 use diffusionx_ui::{Action, FinalPath, Key, RefineStatus, RgbImage, Screen};
@@ -204,6 +205,14 @@ fn three_rounds_then_finalize_in_the_cloud() {
         }
     ));
     sim.at(1.0, Event::CloudStep { step: 3, total: 4 });
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::Refining {
+            status: RefineStatus::Cloud { step: 3, total: 4 },
+            ..
+        }
+    ));
+    assert_eq!(sim.session.record().cloud_steps, Some(4));
     assert_eq!(sim.at(1.0, Event::CloudDone { image: image(42) }), vec![]);
     assert_eq!(
         sim.session.screen(),
@@ -396,6 +405,88 @@ fn no_timeout_while_the_kiosk_works() {
     assert_eq!(sim.session.next_deadline(), None);
     assert_eq!(sim.at(600.0, Event::Tick), vec![]);
     assert!(matches!(sim.session.screen(), Screen::Generating { .. }));
+}
+
+/// A visitor waiting for the cloud (or a local refinement) is not sent back to the attract
+/// screen by the idle timer, however long the job takes.
+#[test]
+fn no_timeout_while_the_picture_is_refined() {
+    let mut sim = Sim::new();
+    sim.act(Action::StartSession);
+    sim.typed("slow");
+    sim.act(Action::Key(Key::Done));
+    sim.preview_done(1, 1.0, 0.5);
+    let cmds = sim.act(Action::Finalize);
+    assert!(matches!(
+        &cmds[..],
+        [Command::SaveRecord(_), Command::RefineInCloud(_)]
+    ));
+    assert_eq!(sim.session.next_deadline(), None);
+    assert_eq!(sim.at(600.0, Event::Tick), vec![]);
+    assert!(matches!(sim.session.screen(), Screen::Refining { .. }));
+    sim.at(1.0, Event::CloudDone { image: image(42) });
+    assert_eq!(
+        sim.session.screen(),
+        Screen::Final {
+            image: image(42),
+            path: FinalPath::Cloud
+        }
+    );
+}
+
+/// A preview whose latent holds NaN (a broken model, an overflow) fails the round: nothing is
+/// left to finalize, so neither the cloud nor a local refinement gets the broken latent.
+#[test]
+fn a_non_finite_preview_latent_fails_the_round() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut sim = Sim::new();
+        sim.act(Action::StartSession);
+        sim.typed("fox");
+        sim.act(Action::Key(Key::Done));
+        assert_eq!(sim.preview_done(1, 1.0, bad), vec![]);
+        assert_eq!(
+            sim.session.screen(),
+            Screen::Error {
+                title: "The preview did not work".into(),
+                message: NON_FINITE_PREVIEW.into(),
+            }
+        );
+        assert_eq!(sim.session.record().ending, Ending::Failed);
+        assert_eq!(sim.act(Action::Finalize), vec![], "nothing to finalize");
+    }
+}
+
+/// A prompt the model would read only in part (over 77 CLIP tokens) is refused with a notice:
+/// the preview would drop its end and the gateway would refuse it at finalize.
+#[test]
+fn a_prompt_over_the_token_limit_is_refused_with_a_notice() {
+    let now = Instant::now();
+    // One token per word, plus the start and end tokens.
+    let words = TokenCounter(Arc::new(|p: &str| Some(p.split_whitespace().count() + 2)));
+    let session = Session::new(
+        SessionConfig {
+            prompt_tokens: Some(words),
+            ..SessionConfig::default()
+        },
+        now,
+    );
+    let mut sim = Sim { session, now };
+    sim.act(Action::StartSession);
+    sim.typed(&"fox ".repeat(76));
+    assert_eq!(sim.act(Action::Key(Key::Done)), vec![], "77 + 2 tokens");
+    assert!(matches!(
+        sim.session.screen(),
+        Screen::PromptEntry { notice: Some(ref n), .. } if n == LONG_NOTICE
+    ));
+    // 75 words (77 tokens) fit.
+    sim.act(Action::Key(Key::Backspace));
+    sim.act(Action::Key(Key::Backspace));
+    sim.act(Action::Key(Key::Backspace));
+    sim.act(Action::Key(Key::Backspace));
+    assert_eq!(sim.session.prompt().split_whitespace().count(), 75);
+    let (round, prompt, _) = start_preview(&sim.act(Action::Key(Key::Done)));
+    assert_eq!((round, prompt.split_whitespace().count()), (1, 75));
+    assert_eq!(sim.session.record().rounds.len(), 1);
 }
 
 #[test]

@@ -68,16 +68,7 @@ where
                 preview.as_ref(),
                 &progress,
             )?;
-            for control in layout.controls(screen) {
-                button(
-                    target,
-                    layout,
-                    control.rect,
-                    action_label(control.action),
-                    palette::ACCENT,
-                )?;
-            }
-            Ok(())
+            action_buttons(target, layout, screen, |_| palette::ACCENT)
         }
         Screen::Refining { image, status } => progress_screen(
             target,
@@ -379,20 +370,10 @@ where
         let lines = text::fit(line, area, face);
         text::draw_lines(target, &lines, area, face, palette::MUTED, Align::Center)?;
     }
-    for control in layout.controls(screen) {
-        let color = match control.action {
-            Action::Finalize | Action::NewPicture => palette::ACCENT,
-            _ => palette::KEY,
-        };
-        button(
-            target,
-            layout,
-            control.rect,
-            action_label(control.action),
-            color,
-        )?;
-    }
-    Ok(())
+    action_buttons(target, layout, screen, |action| match action {
+        Action::Finalize | Action::NewPicture => palette::ACCENT,
+        _ => palette::KEY,
+    })
 }
 
 fn error_screen<D>(
@@ -425,13 +406,27 @@ where
         palette::TEXT,
         Align::Center,
     )?;
+    action_buttons(target, layout, screen, |_| palette::ACCENT)
+}
+
+/// Draws the screen's controls as labelled buttons, each in the colour `color` picks for its
+/// action.
+fn action_buttons<D>(
+    target: &mut D,
+    layout: &Layout,
+    screen: &Screen,
+    color: impl Fn(Action) -> Rgb888,
+) -> Result<(), D::Error>
+where
+    D: DrawTarget<Color = Rgb888>,
+{
     for control in layout.controls(screen) {
         button(
             target,
             layout,
             control.rect,
             action_label(control.action),
-            palette::ACCENT,
+            color(control.action),
         )?;
     }
     Ok(())

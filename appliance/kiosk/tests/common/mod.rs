@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{Decode, EngineConfig, Pipeline};
-use diffusionx_fleet::NoisePolicy;
+use diffusionx_fleet::{NoisePolicy, PromptPrivacy};
 use diffusionx_kiosk::cloud::Link;
 use diffusionx_kiosk::engine::EngineSettings;
 use diffusionx_kiosk::records::RecordStore;
@@ -69,6 +69,7 @@ pub(crate) fn kiosk(records: RecordStore, link: Option<Link>) -> Kiosk {
         fleet: None,
         noise_policy: NoisePolicy::default(),
         predictor: None,
+        privacy: PromptPrivacy::Full,
     })
     .expect("the kiosk starts")
 }
