@@ -65,6 +65,9 @@ pub struct Config {
     /// Stream slots and how long a new stream may take to send its first frame.
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// QUIC handshakes in flight, and how long one may take.
+    #[serde(default)]
+    pub handshakes: HandshakesConfig,
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
@@ -100,6 +103,9 @@ pub struct QueueConfig {
     pub max_batch_pixels: usize,
     /// What a Busy answer tells the kiosk to wait before retrying, in milliseconds.
     pub retry_after_ms: u32,
+    /// The UNet step time wait estimates (`Queued`, load probes) assume until the first step is
+    /// measured, in milliseconds.
+    pub initial_step_ms: u32,
 }
 
 impl Default for QueueConfig {
@@ -110,6 +116,7 @@ impl Default for QueueConfig {
             max_batch: 8,
             max_batch_pixels: 65_536,
             retry_after_ms: 2_000,
+            initial_step_ms: 1_000,
         }
     }
 }
@@ -140,6 +147,35 @@ impl StreamsConfig {
     /// The first-frame timeout.
     pub fn first_frame_timeout(&self) -> Duration {
         Duration::from_millis(self.first_frame_timeout_ms)
+    }
+}
+
+/// Connections being set up. mTLS refuses a client only at the end of its handshake, so anyone
+/// who can send UDP can start one; these bound what that costs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandshakesConfig {
+    /// Handshakes in flight at most; a connection attempt beyond them is refused at once
+    /// (QUIC `CONNECTION_REFUSED`). From half of it on, a client whose address is not yet
+    /// validated is first sent a QUIC Retry, which a spoofed source cannot answer.
+    pub max: u32,
+    /// How long a handshake may take, in milliseconds; a slower one is dropped.
+    pub timeout_ms: u64,
+}
+
+impl Default for HandshakesConfig {
+    fn default() -> Self {
+        Self {
+            max: 256,
+            timeout_ms: 5_000,
+        }
+    }
+}
+
+impl HandshakesConfig {
+    /// The handshake timeout.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
     }
 }
 
@@ -236,6 +272,7 @@ impl Config {
         positive("queue.capacity", q.capacity)?;
         positive("queue.per_device", q.per_device)?;
         positive("queue.max_batch", q.max_batch)?;
+        positive("queue.initial_step_ms", q.initial_step_ms as usize)?;
         if q.per_device > q.capacity {
             return Err(ConfigError::Invalid {
                 key: "queue.per_device",
@@ -251,9 +288,35 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        // Every waiting and running job holds a stream, and a load probe needs one more: with
+        // fewer slots the queue could never fill, so `/readyz` and probes would say "accepting"
+        // while every new stream is answered Busy.
+        let needed = q.capacity as u64 + q.max_batch as u64 + 1;
+        if u64::from(self.streams.max) < needed {
+            return Err(ConfigError::Invalid {
+                key: "streams.max",
+                reason: format!(
+                    "{} is less than queue.capacity + queue.max_batch + 1 ({needed}): every \
+                     waiting and running job holds a stream, and a load probe needs one more",
+                    self.streams.max
+                ),
+            });
+        }
         if self.streams.first_frame_timeout_ms == 0 {
             return Err(ConfigError::Invalid {
                 key: "streams.first_frame_timeout_ms",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.handshakes.max == 0 {
+            return Err(ConfigError::Invalid {
+                key: "handshakes.max",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.handshakes.timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                key: "handshakes.timeout_ms",
                 reason: "must be at least 1".into(),
             });
         }
@@ -320,9 +383,54 @@ client_ca = "/etc/dx/fleet-ca.pem"
             Config::parse(&text).unwrap_err().to_string(),
             "queue.per_device: 3 is more than queue.capacity (2)"
         );
+        let text = format!("{MINIMAL}\n[queue]\nmax_batch_pixels = 32767\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err().to_string(),
+            "queue.max_batch_pixels: 32767 cannot hold one guided 1024x1024 job (32768)"
+        );
+        let text = format!("{MINIMAL}\n[streams]\nmax = 0\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err().to_string(),
+            "streams.max: must be at least 1"
+        );
+        let text = format!("{MINIMAL}\n[streams]\nfirst_frame_timeout_ms = 0\n");
+        assert_eq!(
+            Config::parse(&text).unwrap_err().to_string(),
+            "streams.first_frame_timeout_ms: must be at least 1"
+        );
+        for key in ["max", "timeout_ms"] {
+            let text = format!("{MINIMAL}\n[handshakes]\n{key} = 0\n");
+            assert_eq!(
+                Config::parse(&text).unwrap_err().to_string(),
+                format!("handshakes.{key}: must be at least 1")
+            );
+        }
         let text = MINIMAL.replace("model =", "device = \"tpu\"\nmodel =");
         let message = Config::parse(&text).unwrap_err().to_string();
         assert!(message.contains("unknown variant `tpu`"), "{message}");
+    }
+
+    #[test]
+    fn streams_max_must_hold_the_queue_the_batch_and_a_probe() {
+        let text = format!("{MINIMAL}\n[streams]\nmax = 8\n");
+        let message = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            message.starts_with(
+                "streams.max: 8 is less than queue.capacity + queue.max_batch + 1 (41)"
+            ),
+            "{message}"
+        );
+        // The defaults (32 waiting, 8 running) need 41; a smaller queue needs fewer.
+        let text = format!("{MINIMAL}\n[streams]\nmax = 41\n");
+        assert_eq!(Config::parse(&text).unwrap().streams.max, 41);
+        let text = format!(
+            "{MINIMAL}\n[queue]\ncapacity = 1\nper_device = 1\nmax_batch = 1\n[streams]\nmax = 2\n"
+        );
+        let message = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            message.starts_with("streams.max: 2 is less than"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -335,9 +443,12 @@ client_ca = "/etc/dx/fleet-ca.pem"
             PathBuf::from("/etc/diffusionx/fleet-ca.pem")
         );
         assert_eq!(c.queue.max_batch_pixels, 65_536);
+        assert_eq!(c.queue.initial_step_ms, 1_000);
         assert_eq!(c.shutdown.grace_ms, 10_000);
         assert_eq!(c.streams.max, 4096);
         assert_eq!(c.streams.first_frame_timeout(), Duration::from_secs(10));
+        assert_eq!(c.handshakes.max, 256);
+        assert_eq!(c.handshakes.timeout(), Duration::from_secs(5));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 //! and health checks are served over plain HTTP on a separate port.
 //!
 //! Modules: [`config`] (TOML), [`tls`] (certificates, mTLS, the dev PKI), [`metrics`],
-//! [`Scheduler`] (admission, fairness, deadlines, batching) and [`Gateway`] (the endpoint).
+//! [`Scheduler`] (admission, fairness, deadlines, batching; a panic in the refiner fails its
+//! jobs, not the engine thread) and [`Gateway`] (the endpoint).
 
 pub mod config;
+mod engine;
 mod http;
 pub mod metrics;
 mod queue;

@@ -45,6 +45,8 @@ pub struct Metrics {
     queue_depth: AtomicU64,
     running: AtomicU64,
     connections: AtomicU64,
+    handshakes: AtomicU64,
+    engine_up: AtomicU64,
     step_buckets: [AtomicU64; 12],
     step_count: AtomicU64,
     step_sum_us: AtomicU64,
@@ -84,6 +86,25 @@ impl Metrics {
         } else {
             self.connections.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// A QUIC handshake started (`+1`) or ended (`-1`), however it ended.
+    pub fn handshake(&self, started: bool) {
+        if started {
+            self.handshakes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// QUIC handshakes in flight.
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(Ordering::Relaxed)
+    }
+
+    /// The engine loop runs (`true`) or stopped or failed (`false`).
+    pub fn set_engine_up(&self, up: bool) {
+        self.engine_up.store(u64::from(up), Ordering::Relaxed);
     }
 
     /// Records one UNet call of `jobs` jobs taking `seconds`.
@@ -129,6 +150,16 @@ impl Metrics {
                 "Open QUIC connections.",
                 &self.connections,
             ),
+            (
+                "dx_handshakes",
+                "QUIC handshakes in flight.",
+                &self.handshakes,
+            ),
+            (
+                "dx_engine_up",
+                "1 while the refinement engine serves; 0 once it stopped or failed.",
+                &self.engine_up,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -173,6 +204,10 @@ mod tests {
         m.set_load(3, 2);
         m.step(2, 0.3);
         m.step(1, 0.004);
+        m.set_engine_up(true);
+        m.handshake(true);
+        m.handshake(true);
+        m.handshake(false);
         let text = m.render();
         for line in [
             "dx_jobs_total{outcome=\"done\"} 2",
@@ -180,6 +215,8 @@ mod tests {
             "dx_jobs_total{outcome=\"failed\"} 0",
             "dx_queue_depth 3",
             "dx_batch_size 2",
+            "dx_handshakes 1",
+            "dx_engine_up 1",
             "dx_step_seconds_bucket{le=\"0.005\"} 1",
             "dx_step_seconds_bucket{le=\"0.25\"} 1",
             "dx_step_seconds_bucket{le=\"0.5\"} 2",

@@ -45,7 +45,6 @@ impl<T> FairQueue<T> {
 
     /// Every waiting item in the order they would be served: round `r` takes the `r`-th item of
     /// each device, devices in their current turn order.
-    #[cfg(test)]
     pub(crate) fn in_order(&self) -> Vec<&T> {
         let mut out = Vec::with_capacity(self.len);
         let mut round = 0;

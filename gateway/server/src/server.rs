@@ -17,7 +17,8 @@ use diffusionx_text::ClipTokenizer;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::config::Config;
+use crate::config::{Config, HandshakesConfig};
+use crate::engine::Engine;
 use crate::metrics::{Metrics, Outcome};
 use crate::scheduler::{Scheduler, Stop, Submission, hex, scheduler_kind, truncate};
 
@@ -31,6 +32,11 @@ pub const CONNECTIONS_PER_DEVICE: usize = 4;
 
 /// The application close code of a connection over [`CONNECTIONS_PER_DEVICE`].
 pub const CLOSE_TOO_MANY_CONNECTIONS: u32 = 4;
+
+/// How long shutdown waits, after the grace time and the abort, for the engine's current call to
+/// end. A full-size CPU step takes seconds; one that takes longer is stuck, and the process
+/// exits without it.
+const ENGINE_STOP_LIMIT: Duration = Duration::from_secs(60);
 
 /// A running gateway: the QUIC endpoint, the engine thread and the HTTP endpoint.
 pub struct Gateway {
@@ -85,6 +91,15 @@ impl Gateway {
     pub async fn start(
         config: &Config,
         refiner: Refiner,
+        tls: quinn::ServerConfig,
+    ) -> anyhow::Result<Self> {
+        Self::start_on(config, refiner, tls).await
+    }
+
+    /// [`Gateway::start`] on any [`Engine`] (tests inject faults with one).
+    pub(crate) async fn start_on<E: Engine + Send + 'static>(
+        config: &Config,
+        engine: E,
         mut tls: quinn::ServerConfig,
     ) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::default());
@@ -116,7 +131,7 @@ impl Gateway {
             let scheduler = scheduler.clone();
             std::thread::Builder::new()
                 .name("refine-engine".into())
-                .spawn(move || scheduler.run(&refiner))
+                .spawn(move || scheduler.run_on(&engine))
                 .context("starting the engine thread")?
         };
         let ready = Arc::new(AtomicBool::new(true));
@@ -139,7 +154,11 @@ impl Gateway {
             retry_after_ms: config.queue.retry_after_ms,
             connections: Mutex::default(),
         });
-        tokio::spawn(accept_loop(endpoint.clone(), shared));
+        tokio::spawn(accept_loop(
+            endpoint.clone(),
+            shared,
+            config.handshakes.clone(),
+        ));
         tracing::info!(
             quic = %endpoint.local_addr()?,
             http = ?http_addr,
@@ -178,32 +197,38 @@ impl Gateway {
         &self.scheduler
     }
 
-    /// Graceful shutdown: refuse new connections and jobs (`ShuttingDown`), tell waiting jobs,
-    /// let running jobs finish within the grace time and cancel them after it, deliver the
-    /// final frames, then close every connection.
+    /// Graceful shutdown: new jobs get `ShuttingDown` (new connections are still accepted, so
+    /// that their kiosks get that typed answer at once instead of waiting out a connect
+    /// timeout), waiting jobs are told, running jobs may finish within the grace time and are
+    /// cancelled after it, the final frames are delivered, then every connection is closed.
+    ///
+    /// Bounded: after the grace time the engine's current call gets 60 s to
+    /// end; an engine thread that is gone or stuck is not waited for.
     pub async fn shutdown(mut self) -> anyhow::Result<ShutdownReport> {
         tracing::info!(grace = ?self.grace, "shutting down");
         self.ready.store(false, Ordering::Relaxed);
-        self.endpoint.set_server_config(None);
         self.scheduler.begin_shutdown();
         let scheduler = self.scheduler.clone();
         let grace = self.grace;
+        let engine = self.engine.take();
         let drained = tokio::task::spawn_blocking(move || {
-            if scheduler.wait_stopped(grace) {
-                return true;
+            let drained = wait_engine(&scheduler, engine.as_ref(), grace);
+            if !drained {
+                scheduler.abort_running();
+                if !wait_engine(&scheduler, engine.as_ref(), ENGINE_STOP_LIMIT) {
+                    tracing::error!(
+                        limit = ?ENGINE_STOP_LIMIT,
+                        "the engine's current call did not end after the grace time: not waiting for it"
+                    );
+                }
             }
-            scheduler.abort_running();
-            // The current UNet call finishes first; a full-size CPU step takes seconds.
-            while !scheduler.wait_stopped(Duration::from_secs(60)) {
-                tracing::warn!("still waiting for the engine's current step");
+            if let Some(engine) = engine.filter(std::thread::JoinHandle::is_finished) {
+                let _ = engine.join();
             }
-            false
+            drained
         })
         .await
         .context("waiting for the engine")?;
-        if let Some(engine) = self.engine.take() {
-            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
-        }
         // Every stream task holds a permit until its final frame is acknowledged or its peer is
         // gone; wait for them (bounded), then close.
         let all = tokio::time::timeout(
@@ -236,15 +261,64 @@ impl Gateway {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+/// Waits up to `timeout` for the engine to stop; true when it did. A thread that ended without
+/// saying so (it cannot, short of an abort) counts as stopped: nothing is left to wait for.
+fn wait_engine(
+    scheduler: &Scheduler,
+    engine: Option<&std::thread::JoinHandle<()>>,
+    timeout: Duration,
+) -> bool {
+    const SLICE: Duration = Duration::from_millis(100);
+    let until = Instant::now() + timeout;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if scheduler.wait_stopped(left.min(SLICE)) {
+            return true;
+        }
+        if engine.is_some_and(std::thread::JoinHandle::is_finished) {
+            tracing::error!("the engine thread ended without stopping");
+            return true;
+        }
+        if left.is_zero() {
+            return false;
+        }
+    }
+}
+
+/// Accepts connections. mTLS refuses a client only at the end of its handshake, so handshakes
+/// are bounded: at most `limits.max` in flight (one more is refused at once with
+/// `CONNECTION_REFUSED`), each within `limits.timeout_ms`, and from half of the cap on a client
+/// whose address is not validated is sent a Retry first (a spoofed source cannot answer it).
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, limits: HandshakesConfig) {
+    let max = limits.max as usize;
+    let handshakes = Arc::new(Semaphore::new(max));
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let in_flight = max - handshakes.available_permits();
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, max, "too many handshakes in flight: refused");
+            incoming.refuse();
+            continue;
+        };
+        if in_flight * 2 >= max && !incoming.remote_address_validated() && incoming.may_retry() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            continue;
+        }
         let shared = shared.clone();
+        let timeout = limits.timeout();
+        shared.metrics.handshake(true);
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(connection) => serve_connection(connection, shared).await,
+            let handshake = async { incoming.accept()?.await };
+            let result = tokio::time::timeout(timeout, handshake).await;
+            shared.metrics.handshake(false);
+            drop(permit);
+            match result {
+                Ok(Ok(connection)) => serve_connection(connection, shared).await,
                 // An unauthenticated kiosk ends here: the handshake wants a fleet certificate.
-                Err(e) => tracing::info!(%remote, error = %e, "handshake refused"),
+                Ok(Err(e)) => tracing::info!(%remote, error = %e, "handshake refused"),
+                Err(_) => tracing::info!(%remote, ?timeout, "handshake timed out"),
             }
         });
     }
@@ -508,7 +582,11 @@ async fn serve_stream(
                 field: Field::Frame,
                 message: "Cancel must follow a RefineRequest on the same stream".into(),
             };
+            tracing::info!(%device, error = ?e, "refused a Cancel as a first frame");
+            shared.metrics.job(Outcome::Invalid);
             answer(send, codec, error(job_id, e)).await;
+            drop(permit);
+            let _ = recv.stop(0u32.into());
             return;
         }
         Ok(None) | Err(ReadEnd::Gone) => return,
@@ -642,8 +720,18 @@ async fn relay(
     let mut reading = true;
     loop {
         tokio::select! {
+            // A job's final message wins over a stray frame or a stop that arrive with it: the
+            // engine already counted the job by that message.
+            biased;
             event = events.recv() => {
-                let Some(message) = event else { return };
+                let Some(message) = event else {
+                    // The engine gives every job one final message; this is a bug, and the
+                    // kiosk still gets a final frame (protocol.md 1).
+                    tracing::error!(job = %hex(job_id), "the engine dropped a job without an answer");
+                    let e = JobError::Internal { message: "the gateway lost the job".into() };
+                    answer(send, codec, error(job_id, e)).await;
+                    return;
+                };
                 let last = matches!(message, ServerMessage::Result(_) | ServerMessage::Error { .. });
                 if !write(&mut send, codec, &message).await {
                     stop.cancel();
@@ -706,13 +794,13 @@ async fn relay(
             _ = &mut stopped => {
                 tracing::info!(job = %hex(job_id), "kiosk stopped reading: cancelling");
                 stop.cancel();
-                    scheduler.reap();
+                scheduler.reap();
                 return;
             }
             reason = connection.closed() => {
                 tracing::info!(job = %hex(job_id), %reason, "connection closed: cancelling");
                 stop.cancel();
-                    scheduler.reap();
+                scheduler.reap();
                 return;
             }
         }

@@ -7,10 +7,11 @@ use std::net::SocketAddr;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use diffusionx_gateway::Gateway;
 use diffusionx_gateway::config::Config;
-use diffusionx_gateway::metrics::Outcome;
+use diffusionx_gateway::metrics::{Metrics, Outcome};
 use diffusionx_gateway::tls::{self, DevPki, Identity};
 use diffusionx_protocol::{
     ClientMessage, Codec, DeviceId, Field, JobError, JobId, Latent, LatentData, LatentShape,
@@ -59,14 +60,9 @@ impl Setup {
     }
 
     async fn connect_with(&self, identity: Option<Identity>) -> Result<quinn::Connection, String> {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        endpoint.set_default_client_config(
-            tls::client_config(std::slice::from_ref(&self.pki.ca), identity).unwrap(),
-        );
-        let connecting = endpoint
-            .connect(self.addr(), "localhost")
-            .map_err(|e| e.to_string())?;
-        connecting.await.map_err(|e| e.to_string())
+        connect_to(self.addr(), &self.pki, identity)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn connect(&self, device: &str) -> quinn::Connection {
@@ -78,6 +74,33 @@ impl Setup {
     async fn http_get(&self, path: &str) -> String {
         http_get(self.gateway.http_addr().unwrap(), path).await
     }
+}
+
+/// A kiosk's connection to `addr`, with `identity` as its client certificate.
+async fn connect_to(
+    addr: SocketAddr,
+    pki: &DevPki,
+    identity: Option<Identity>,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(
+        tls::client_config(std::slice::from_ref(&pki.ca), identity).unwrap(),
+    );
+    endpoint.connect(addr, "localhost").unwrap().await
+}
+
+/// Waits until the exposition has `line`, reading it between other tasks' turns (no sleeps):
+/// for gauges that follow an event the test cannot wait on, such as the gateway seeing a
+/// connection close.
+async fn metrics_reach(metrics: &Metrics, line: &str) {
+    let wanted = format!("\n{line}\n");
+    let reached = tokio::time::timeout(Duration::from_secs(30), async {
+        while !metrics.render().contains(&wanted) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "the metrics never showed {line:?}");
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -306,6 +329,8 @@ async fn a_job_end_to_end_matches_the_refiner_and_is_counted() {
     );
     assert!(metrics.contains("\ndx_step_seconds_count 5\n"), "{metrics}");
     assert!(metrics.contains("\ndx_connections 1\n"), "{metrics}");
+    assert!(metrics.contains("\ndx_engine_up 1\n"), "{metrics}");
+    assert!(metrics.contains("\ndx_handshakes 0\n"), "{metrics}");
     let ready = setup.http_get("/readyz").await;
     assert!(
         ready.starts_with("HTTP/1.1 200 OK") && ready.ends_with("ready\n"),
@@ -326,6 +351,10 @@ async fn a_job_end_to_end_matches_the_refiner_and_is_counted() {
     let img =
         image::load_from_memory_with_format(&result.image.bytes, image::ImageFormat::Jpeg).unwrap();
     assert_eq!((img.width(), img.height()), (256, 256));
+
+    // The kiosk leaves: the connection gauge comes back down.
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    metrics_reach(setup.gateway.metrics(), "dx_connections 0").await;
     setup.gateway.shutdown().await.unwrap();
 }
 
@@ -527,7 +556,14 @@ async fn a_full_queue_answers_busy_and_a_cancel_frame_stops_a_job() {
         }
     );
     let mut b1 = Job::submit(&b, &request("kiosk-b", 13, 4, 5000)).await;
-    assert!(matches!(b1.next().await, Some(ServerMessage::Queued(q)) if q.position == 1));
+    match b1.next().await {
+        // Behind the running job and a2: a wait of at least one step.
+        Some(ServerMessage::Queued(q)) => {
+            assert_eq!(q.position, 1);
+            assert!(q.expected_wait_ms > 0, "{q:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     // The queue holds two: kiosk-c is refused too.
     let mut c1 = Job::submit(&c, &request("kiosk-c", 14, 4, 5000)).await;
     assert_eq!(
@@ -543,9 +579,15 @@ async fn a_full_queue_answers_busy_and_a_cancel_frame_stops_a_job() {
                 (load.queue_depth, load.running, load.accepting),
                 (2, 1, false)
             );
+            // A step was measured; a job sent now waits behind the running one and two more.
+            assert!(load.step_ms > 0, "{load:?}");
+            assert!(load.expected_wait_ms >= load.step_ms, "{load:?}");
         }
         other => panic!("{other:?}"),
     }
+    let metrics = setup.http_get("/metrics").await;
+    assert!(metrics.contains("\ndx_queue_depth 2\n"), "{metrics}");
+    assert!(metrics.contains("\ndx_batch_size 1\n"), "{metrics}");
 
     // Cancel the long job with a Cancel frame: it ends Cancelled, the others run.
     running
@@ -589,9 +631,15 @@ async fn devices_take_turns_in_the_queue() {
     assert_eq!(position(b1.next().await), 1);
     assert_eq!(position(a3.next().await), 2, "a3 was told it moved back");
     running.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    let mut queued = Vec::new();
     for job in [&mut a2, &mut b1, &mut a3] {
-        assert_eq!(result_of(&job.rest().await).steps_run, 2);
+        let result = result_of(&job.rest().await).clone();
+        assert_eq!(result.steps_run, 2);
+        queued.push(result.timings.queue_us);
     }
+    // Served in the order told, one job at a time: b1, which arrived last, waited less than
+    // a3, which arrived before it.
+    assert!(queued[1] < queued[2], "queue_us of a2, b1, a3: {queued:?}");
     setup.gateway.shutdown().await.unwrap();
 }
 
@@ -873,7 +921,60 @@ async fn shutdown_finishes_running_jobs_and_turns_away_the_rest() {
         .connect_with(client, addr, "localhost")
         .unwrap()
         .await;
-    assert!(refused.is_err(), "a connection after shutdown was accepted");
+    // Refused by the closed endpoint while its socket lingers, or no answer once it is gone.
+    let refused_or_silent = match &refused {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        }
+        Err(quinn::ConnectionError::TimedOut) => true,
+        _ => false,
+    };
+    assert!(refused_or_silent, "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kiosk_that_connects_during_shutdown_is_told_shutting_down_at_once() {
+    let setup = start("max_batch = 1", 60_000).await;
+    let a = setup.connect("kiosk-a").await;
+    // Long enough to be running still when the late kiosk comes; cancelled after.
+    let mut running = Job::submit(&a, &request("kiosk-a", 53, 200, 10000)).await;
+    running.until_running().await;
+    let c = setup.connect("kiosk-c").await;
+    let mut waiting = Job::submit(&c, &request("kiosk-c", 55, 4, 5000)).await;
+    assert!(matches!(
+        waiting.next().await,
+        Some(ServerMessage::Queued(_))
+    ));
+    let (addr, pki) = (setup.addr(), setup.pki.clone());
+    let identity = setup.identity("kiosk-b");
+    let report = tokio::spawn(setup.gateway.shutdown());
+    // The waiting job is turned away: the shutdown has begun.
+    assert_eq!(
+        error_of(&waiting.rest().await),
+        &JobError::ShuttingDown {
+            retry_after_ms: 2000
+        }
+    );
+    // During the grace time a new kiosk (a new connection, as for every job) connects and is
+    // answered ShuttingDown, typed, not left to its connect timeout.
+    let late = tokio::time::timeout(Duration::from_secs(10), async {
+        let conn = connect_to(addr, &pki, Some(identity)).await.unwrap();
+        Job::submit(&conn, &request("kiosk-b", 54, 4, 5000))
+            .await
+            .rest()
+            .await
+    })
+    .await
+    .expect("the late kiosk is answered within 10 s");
+    assert_eq!(
+        error_of(&late),
+        &JobError::ShuttingDown {
+            retry_after_ms: 2000
+        }
+    );
+    running.send.reset(quinn::VarInt::from_u32(0)).unwrap();
+    assert_eq!(error_of(&running.rest().await), &JobError::Cancelled);
+    assert!(report.await.unwrap().unwrap().drained);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -953,16 +1054,21 @@ async fn a_refused_request_is_answered_with_its_own_job_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_sends_no_whole_frame_loses_its_slot_and_a_stream_without_one_is_busy() {
-    // One stream slot; a first frame must arrive within 1 s.
+    // Three stream slots (the fewest for one waiting and one running job, and a probe); a first
+    // frame must arrive within 1 s.
     let setup = start(
-        "retry_after_ms = 1500\n[streams]\nmax = 1\nfirst_frame_timeout_ms = 1000",
+        "capacity = 1\nper_device = 1\nmax_batch = 1\nretry_after_ms = 1500\n\
+         [streams]\nmax = 3\nfirst_frame_timeout_ms = 1000",
         10_000,
     )
     .await;
     let conn = setup.connect("kiosk-a").await;
     let whole = frame(&ClientMessage::Refine(request("kiosk-a", 35, 4, 5000)));
-    // 100 bytes of a request, then nothing: it holds the only slot.
-    let mut stalled = Job::open(&conn, &whole[..100], false).await;
+    // 100 bytes of a request, then nothing, three times: they hold every slot.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(Job::open(&conn, &whole[..100], false).await);
+    }
     // The next stream finds no slot: Busy with the configured wait, counted.
     let mut refused = Job::open(&conn, &frame(&ClientMessage::LoadProbe), true).await;
     assert_eq!(
@@ -974,17 +1080,19 @@ async fn a_stream_that_sends_no_whole_frame_loses_its_slot_and_a_stream_without_
             }
         }]
     );
-    // The stalled stream is answered when its time is up, and stopped.
-    let messages = stalled.rest().await;
-    match final_error(&messages) {
-        (job_id, JobError::InvalidRequest { field, message }) => {
-            assert_eq!(job_id, JobId::from_bytes([35; 16]));
-            assert_eq!(*field, Field::Frame);
-            assert!(message.contains("1000 ms"), "{message}");
+    // The stalled streams are answered when their time is up, and stopped.
+    for stalled in &mut stalled {
+        let messages = stalled.rest().await;
+        match final_error(&messages) {
+            (job_id, JobError::InvalidRequest { field, message }) => {
+                assert_eq!(job_id, JobId::from_bytes([35; 16]));
+                assert_eq!(*field, Field::Frame);
+                assert!(message.contains("1000 ms"), "{message}");
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
+        assert!(stalled.send.stopped().await.is_ok());
     }
-    assert!(stalled.send.stopped().await.is_ok());
     // Its slot is free again.
     let mut job = Job::open(&conn, &whole, true).await;
     assert_eq!(result_of(&job.rest().await).steps_run, 2);
@@ -995,8 +1103,91 @@ async fn a_stream_that_sends_no_whole_frame_loses_its_slot_and_a_stream_without_
             m.jobs(Outcome::Invalid),
             m.jobs(Outcome::Done)
         ),
-        (1, 1, 1)
+        (1, 3, 1)
     );
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_as_a_first_frame_is_refused_and_counted_invalid() {
+    let setup = start("", 10_000).await;
+    let conn = setup.connect("kiosk-a").await;
+    let cancel = frame(&ClientMessage::Cancel(JobId::from_bytes([5; 16])));
+    let mut job = Job::open(&conn, &cancel, true).await;
+    match job.rest().await.as_slice() {
+        [
+            ServerMessage::Error {
+                job_id,
+                error: JobError::InvalidRequest { field, message },
+            },
+        ] => {
+            assert_eq!(*job_id, JobId::from_bytes([5; 16]));
+            assert_eq!(*field, Field::Frame);
+            assert_eq!(
+                message,
+                "Cancel must follow a RefineRequest on the same stream"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(setup.gateway.metrics().jobs(Outcome::Invalid), 1);
+    setup.gateway.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_flight_are_capped_and_time_out() {
+    let setup = start("[handshakes]\nmax = 1\ntimeout_ms = 1000", 10_000).await;
+    // A client that sends its Initial and then goes quiet: a real client's first datagram,
+    // passed on by a socket that never answers the gateway.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut quiet = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    quiet.set_default_client_config(
+        tls::client_config(
+            std::slice::from_ref(&setup.pki.ca),
+            Some(setup.identity("kiosk-a")),
+        )
+        .unwrap(),
+    );
+    let _connecting = quiet
+        .connect(relay.local_addr().unwrap(), "localhost")
+        .unwrap();
+    let ten_s = Duration::from_secs(10);
+    let mut initial = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(ten_s, relay.recv_from(&mut initial))
+        .await
+        .unwrap()
+        .unwrap();
+    relay.send_to(&initial[..n], setup.addr()).await.unwrap();
+    // The gateway answers it: its handshake is in flight, and holds the one place.
+    let mut reply = vec![0u8; 4096];
+    tokio::time::timeout(ten_s, relay.recv_from(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    let metrics = setup.http_get("/metrics").await;
+    assert!(metrics.contains("\ndx_handshakes 1\n"), "{metrics}");
+
+    // A kiosk is refused at once meanwhile.
+    let refused = tokio::time::timeout(
+        ten_s,
+        connect_to(setup.addr(), &setup.pki, Some(setup.identity("kiosk-b"))),
+    )
+    .await
+    .expect("refused at once, not left to time out");
+    match refused {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // After handshakes.timeout_ms the quiet one is dropped, and kiosks are served again.
+    metrics_reach(setup.gateway.metrics(), "dx_handshakes 0").await;
+    let conn = setup.connect("kiosk-b").await;
+    assert!(accepting(&conn).await);
     setup.gateway.shutdown().await.unwrap();
 }
 
