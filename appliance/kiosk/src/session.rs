@@ -691,28 +691,15 @@ impl Session {
                 (*step, *total, *shown) = (s, t, Some(image));
             }
             (
-                State::Generating {
-                    preview: round,
-                    started,
-                    ..
-                },
+                State::Generating { preview: round, .. },
                 Event::PreviewDone {
-                    round: r,
-                    image,
-                    latent,
-                    facts,
+                    round: r, latent, ..
                 },
             ) if *round == r && !latent.iter().all(|v| v.is_finite()) => {
                 // A broken model or an overflow: the picture is black and the latent is
                 // useless to the cloud and to a local refinement alike. Nothing to finalize.
                 tracing::error!(round = r, "the preview's latent is not finite");
-                let _ = (image, facts);
-                self.state = State::Failed {
-                    title: "The preview did not work".into(),
-                    message: NON_FINITE_PREVIEW.into(),
-                };
-                self.record.ending = Ending::Failed;
-                self.last_input = now;
+                self.fail_preview(NON_FINITE_PREVIEW.into(), now);
             }
             (
                 State::Generating {
@@ -745,12 +732,7 @@ impl Session {
             (State::Generating { preview, .. }, Event::PreviewFailed { round: r, message })
                 if *preview == r =>
             {
-                self.state = State::Failed {
-                    title: "The preview did not work".into(),
-                    message,
-                };
-                self.record.ending = Ending::Failed;
-                self.last_input = now;
+                self.fail_preview(message, now);
             }
             (
                 State::Refining { .. },
@@ -816,6 +798,16 @@ impl Session {
             // Late events of a cancelled round or an abandoned refinement: nothing to do.
             _ => {}
         }
+    }
+
+    /// The round's preview failed: the session ends as failed, showing `message`.
+    fn fail_preview(&mut self, message: String, now: Instant) {
+        self.state = State::Failed {
+            title: "The preview did not work".into(),
+            message,
+        };
+        self.record.ending = Ending::Failed;
+        self.last_input = now;
     }
 
     /// The prompt's token count when it is over [`MAX_PROMPT_TOKENS`].
