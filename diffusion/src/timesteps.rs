@@ -20,6 +20,11 @@ pub enum TimestepSpacing {
 ///
 /// diffusers' `trailing` spacing is broken for some counts (61 of 1000, for one: numpy's `arange`
 /// then yields `n + 1` values, the last one -1); this function keeps the first `n` values then.
+///
+/// Nothing is clamped: `leading` spacing plus `steps_offset` can give a timestep of `train` or
+/// more (`[1000, 999, ...]` for 1000 steps and offset 1), where diffusers fails on
+/// `alphas_cumprod[t]`; [`Scheduler::new`](crate::Scheduler::new) refuses such a schedule.
+/// `trailing` and `linspace` stay below `train` by construction.
 pub fn timesteps(
     train: usize,
     n: usize,
@@ -29,7 +34,7 @@ pub fn timesteps(
     if n == 0 || train == 0 {
         return Vec::new();
     }
-    let mut ts: Vec<usize> = match spacing {
+    match spacing {
         TimestepSpacing::Leading => {
             let ratio = train / n;
             (0..n).rev().map(|k| k * ratio + steps_offset).collect()
@@ -44,9 +49,7 @@ pub fn timesteps(
             .rev()
             .map(|x| x.round_ties_even() as usize)
             .collect(),
-    };
-    ts.iter_mut().for_each(|t| *t = (*t).min(train - 1));
-    ts
+    }
 }
 
 /// `np.arange(train, 0, -train / n).round()`: the trailing timesteps plus one, as f64. numpy

@@ -39,6 +39,16 @@ fn spacings_match_diffusers_ddim() {
         timesteps(1000, 7, TimestepSpacing::Linspace, 1),
         [999, 832, 666, 500, 333, 166, 0]
     );
+    // Past the training schedule, as diffusers computes them (it then fails on
+    // `alphas_cumprod[t]`; `Scheduler::new` refuses them), not clamped to 999.
+    assert_eq!(
+        timesteps(1000, 4, TimestepSpacing::Leading, 500),
+        [1250, 1000, 750, 500]
+    );
+    assert_eq!(
+        timesteps(1000, 1000, TimestepSpacing::Leading, 1)[..3],
+        [1000, 999, 998]
+    );
     let fifty = timesteps(1000, 50, TimestepSpacing::Leading, 1);
     assert_eq!(
         (&fifty[..3], &fifty[47..]),

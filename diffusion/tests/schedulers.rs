@@ -274,6 +274,22 @@ fn step_counts_that_cannot_run_are_errors() {
             Err(SchedulerError::Steps { .. })
         ));
     }
+    // `leading` spacing plus `steps_offset` past the last training timestep: diffusers' DDIM
+    // fails on `alphas_cumprod[1000]`; clamping it would run timestep 999 twice.
+    for (json, steps) in [
+        (r#"{"steps_offset": 1}"#, 1000),
+        (r#"{"steps_offset": 500}"#, 4),
+    ] {
+        let offset = SchedulerConfig::from_json(json).unwrap();
+        let err = Scheduler::new(SchedulerKind::Ddim, &offset, steps).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Ddim cannot run {steps} steps: a timestep falls outside the training schedule"
+            ),
+            "{json}"
+        );
+    }
     // numpy's arange gives 62 trailing timesteps for 61 steps in diffusers.
     let trailing = SchedulerConfig::from_json(r#"{"timestep_spacing": "trailing"}"#).unwrap();
     let err = Scheduler::new(SchedulerKind::Euler, &trailing, 61).unwrap_err();

@@ -103,6 +103,13 @@ impl ClipTokenizer {
         Ok(ids)
     }
 
+    /// The end-of-text token's id (`<|endoftext|>`): [`encode`](Self::encode) writes it after
+    /// the prompt, and a prompt may hold it literally (special tokens are matched in the text).
+    /// CLIP pools its text embedding at the first one.
+    pub fn eos(&self) -> u32 {
+        self.eos
+    }
+
     /// Tokens `text` takes including the start and end tokens, before truncation: what the
     /// protocol's prompt limit counts.
     pub fn count(&self, text: &str) -> Result<usize, TokenizerError> {

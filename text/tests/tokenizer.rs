@@ -58,3 +58,15 @@ fn a_prompt_that_cannot_be_encoded_names_the_tokenizer_file() {
         "{error}"
     );
 }
+
+#[test]
+fn the_end_token_is_known_and_matched_in_a_prompt() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../onnx/fixtures");
+    let tokenizer = ClipTokenizer::from_folder(&fixtures.join("tiny-sd/tokenizer")).unwrap();
+    assert_eq!(tokenizer.eos(), 49407);
+    // A prompt holding the end token literally: it is one token, right after "a cat".
+    let ids = tokenizer.encode("a cat <|endoftext|> a dog").unwrap();
+    let first = ids.iter().position(|&id| id == tokenizer.eos());
+    assert_eq!(first, Some(tokenizer.count("a cat").unwrap() - 1));
+    assert_eq!(ids.last(), Some(&tokenizer.eos()), "padded with it too");
+}

@@ -353,13 +353,19 @@ fn matched(
     let has = |l: &[char], c: char| l.contains(&c);
     // The first product's roles: batch in q, k and scores; the query in q and the scores; the
     // key in k and the scores (the softmax's axis); the width in q and k only.
+    // A label is seen once per operand it is in; a second, different query or width label
+    // (two summed axes, say) is not plainly an attention: the kernel would read one of them at
+    // index 0 and never sum over the other.
     let mut batch1 = Vec::new();
     let (mut query, mut width) = (None, None);
+    let other = |seen: Option<char>, c: char| seen.is_some_and(|s| s != c);
     for &c in ql.iter().chain(&kl).chain(&sl) {
         match (has(&ql, c), has(&kl, c), has(&sl, c)) {
             (true, true, true) if !batch1.contains(&c) => batch1.push(c),
+            (true, false, true) if other(query, c) => return Ok(None),
             (true, false, true) => query = Some(c),
             (false, true, true) if c == key => {}
+            (true, true, false) if other(width, c) => return Ok(None),
             (true, true, false) => width = Some(c),
             (true, true, true) => {}
             _ => return Ok(None),
@@ -569,8 +575,8 @@ mod tests {
     }
 
     /// What is not plainly an attention stays as it is: a log-softmax, a softmax over the
-    /// query axis, scores that are also read elsewhere, and a first product that sums an axis
-    /// of one input alone.
+    /// query axis, scores that are also read elsewhere, a first product that sums an axis
+    /// of one input alone, and one that sums two axes of q and k (or has two query axes).
     #[test]
     fn other_patterns_are_left_alone() -> TractResult<()> {
         let shapes: [&[usize]; 3] = [&[2, 5, 4], &[2, 6, 4], &[2, 6, 3]];
@@ -594,6 +600,30 @@ mod tests {
             false,
         )?;
         assert_eq!(fuse_attention(&mut m)?, 0);
+        // Two summed axes (`x` and `k`): tract's composition sums over both.
+        let shapes: [&[usize]; 3] = [&[2, 5, 3, 4], &[2, 6, 3, 4], &[2, 6, 3]];
+        let mut m = model(
+            "bmxk,bnxk->bmn",
+            "bmn,bnv->bmv",
+            2,
+            shapes,
+            SoftmaxKind::Softmax,
+            false,
+        )?;
+        assert_eq!(fuse_attention(&mut m)?, 0);
+        assert_eq!(fused_nodes(&m), 0);
+        // Two query axes (`m` and `y`) in q and the scores.
+        let shapes: [&[usize]; 3] = [&[2, 5, 3, 4], &[2, 6, 4], &[2, 6, 3]];
+        let mut m = model(
+            "bmyk,bnk->bmyn",
+            "bmyn,bnv->bmyv",
+            3,
+            shapes,
+            SoftmaxKind::Softmax,
+            false,
+        )?;
+        assert_eq!(fuse_attention(&mut m)?, 0);
+        assert_eq!(fused_nodes(&m), 0);
         Ok(())
     }
 }

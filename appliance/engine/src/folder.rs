@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -16,6 +16,26 @@ pub const MANIFEST: &str = "diffusionx.json";
 /// `onnx/export.py --tiny-decoder`): `latent_sample` (the UNet's scaled latents) -> `sample`
 /// (`[-1, 1]`, 8x the latent's size).
 pub const TINY_VAE_DECODER: &str = "tiny_vae_decoder/model.onnx";
+
+/// The tokenizer's configuration: optional (SD 1.x's pad token when absent), but its pad token
+/// changes every embedding, so a folder that has it must list it.
+pub const TOKENIZER_CONFIG: &str = "tokenizer/tokenizer_config.json";
+
+/// Optional files the engine reads, each never half there: a listed file that is gone, or a
+/// file the manifest does not list (an update interrupted, a file copied in by hand), is
+/// refused. With what each is for and how to list it.
+const OPTIONAL: [(&str, &str, &str); 2] = [
+    (
+        TINY_VAE_DECODER,
+        "the tiny preview decoder the manifest lists",
+        "add it with onnx/export.py --tiny-decoder, or remove it",
+    ),
+    (
+        TOKENIZER_CONFIG,
+        "the tokenizer configuration the manifest lists",
+        "its pad token changes every embedding: re-export the folder, or remove it",
+    ),
+];
 
 /// Files a model folder must have, and what each is for.
 const REQUIRED: [(&str, &str); 6] = [
@@ -38,24 +58,28 @@ pub enum Precision {
 }
 
 /// `diffusionx.json`: what the export wrote and checked.
+///
+/// Format 1 is the only one there has been, and `onnx/export.py` has always written
+/// `vae_scaling_factor` in it, so the key is required: there is no older manifest a default
+/// would have to serve, and a folder without it is not one the export wrote.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
     /// Manifest format version; 1.
     pub format: u32,
     /// Weight precision.
     pub precision: Precision,
-    /// SHA-256 (lowercase hex) of every file, by path relative to the folder.
+    /// SHA-256 (lowercase hex) of every file, by path relative to the folder: relative paths
+    /// inside it (no `..`, not absolute) of regular files.
     pub files: BTreeMap<String, String>,
-    /// `[height, width]` pairs the export verified.
+    /// `[height, width]` pairs the export verified; when not empty, [`Pipeline::prepare`]
+    /// (the kiosk's start-up) refuses other sizes.
+    ///
+    /// [`Pipeline::prepare`]: crate::Pipeline::prepare
     #[serde(default)]
     pub checked_resolutions: Vec<[u32; 2]>,
-    /// The VAE's latent scaling factor.
-    #[serde(default = "default_scaling")]
+    /// The VAE's latent scaling factor (the decoder divides the latent by it): finite and
+    /// greater than 0.
     pub vae_scaling_factor: f32,
-}
-
-fn default_scaling() -> f32 {
-    0.18215
 }
 
 /// An opened, checked model folder.
@@ -66,9 +90,11 @@ pub struct ModelFolder {
 }
 
 impl ModelFolder {
-    /// Opens `root`: every required file must exist and the manifest must list it; with
-    /// `verify_hashes`, every listed file's SHA-256 must match (seconds for a full-size model,
-    /// worth it after a power loss during an update).
+    /// Opens `root`: every required file must exist and the manifest must list it, the optional
+    /// ones the engine reads must be both there and listed or neither, every listed path must
+    /// stay inside the folder, and `vae_scaling_factor` must be a positive number; with
+    /// `verify_hashes`, every listed file must be a regular file whose SHA-256 matches (seconds
+    /// for a full-size model, worth it after a power loss during an update).
     pub fn open(root: impl Into<PathBuf>, verify_hashes: bool) -> Result<Self, EngineError> {
         let root = root.into();
         let manifest_path = root.join(MANIFEST);
@@ -95,6 +121,20 @@ impl ModelFolder {
                 ),
             });
         }
+        let scale = manifest.vae_scaling_factor;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(EngineError::Manifest {
+                path: manifest_path,
+                reason: format!("vae_scaling_factor is {scale}, expected a number above 0"),
+            });
+        }
+        // `root.join` of an absolute path is that path, and `..` leaves the folder.
+        if let Some(file) = manifest.files.keys().find(|file| !inside(file)) {
+            return Err(EngineError::Manifest {
+                path: manifest_path,
+                reason: format!("lists {file:?}, which is not a relative path inside the folder"),
+            });
+        }
         for (file, why) in REQUIRED {
             if !root.join(file).is_file() {
                 return Err(EngineError::MissingFile {
@@ -110,33 +150,35 @@ impl ModelFolder {
                 });
             }
         }
-        // Optional, but never half there: a listed decoder that is gone, or one the manifest does
-        // not list (an update interrupted, or a file copied in by hand), is refused.
-        match (
-            root.join(TINY_VAE_DECODER).is_file(),
-            manifest.files.contains_key(TINY_VAE_DECODER),
-        ) {
-            (false, true) => {
-                return Err(EngineError::MissingFile {
-                    folder: root,
-                    file: TINY_VAE_DECODER.into(),
-                    why: "the tiny preview decoder the manifest lists",
-                });
+        for (file, why, hint) in OPTIONAL {
+            match (root.join(file).is_file(), manifest.files.contains_key(file)) {
+                (false, true) => {
+                    return Err(EngineError::MissingFile {
+                        folder: root,
+                        file: file.into(),
+                        why,
+                    });
+                }
+                (true, false) => {
+                    return Err(EngineError::Manifest {
+                        path: manifest_path,
+                        reason: format!("does not list {file}, which the folder has ({hint})"),
+                    });
+                }
+                _ => {}
             }
-            (true, false) => {
-                return Err(EngineError::Manifest {
-                    path: manifest_path,
-                    reason: format!(
-                        "does not list {TINY_VAE_DECODER}, which the folder has (add it with \
-                         onnx/export.py --tiny-decoder, or remove it)"
-                    ),
-                });
-            }
-            _ => {}
         }
         if verify_hashes {
             for (file, expected) in &manifest.files {
-                let actual = sha256_file(&root.join(file))?;
+                let path = root.join(file);
+                let Some(opened) = open_regular(&path)? else {
+                    // A device (`/dev/zero` would be read forever), a directory, a pipe.
+                    return Err(EngineError::Manifest {
+                        path: manifest_path,
+                        reason: format!("lists {file}, which is not a regular file"),
+                    });
+                };
+                let actual = sha256_read(&path, opened)?;
                 if !actual.eq_ignore_ascii_case(expected) {
                     return Err(EngineError::HashMismatch {
                         file: file.clone(),
@@ -159,6 +201,16 @@ impl ModelFolder {
         &self.manifest
     }
 
+    /// Whether the export verified `height` x `width` px: listed in the manifest's
+    /// `checked_resolutions`, or that list is empty (the manifest does not say).
+    pub fn checked(&self, height: usize, width: usize) -> bool {
+        let list = &self.manifest.checked_resolutions;
+        list.is_empty()
+            || list
+                .iter()
+                .any(|&[h, w]| (h as usize, w as usize) == (height, width))
+    }
+
     /// The path of `file` inside the folder.
     pub fn path(&self, file: &str) -> PathBuf {
         self.root.join(file)
@@ -176,9 +228,32 @@ impl ModelFolder {
     }
 }
 
+/// Whether a manifest key names a path inside the folder: relative, only plain names (no
+/// `..`, no `.`, no root or drive prefix).
+fn inside(file: &str) -> bool {
+    let path = Path::new(file);
+    !file.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Opens `path` if it is a regular file (a link to one included): checked before opening (so a
+/// pipe does not block the open) and again on the opened file (it may have been replaced).
+fn open_regular(path: &Path) -> Result<Option<std::fs::File>, EngineError> {
+    let io = |e| EngineError::io(path, e);
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Ok(None);
+    }
+    let file = std::fs::File::open(path).map_err(io)?;
+    Ok(file.metadata().map_err(io)?.is_file().then_some(file))
+}
+
 /// SHA-256 of a file as lowercase hex, read in 1 MiB chunks.
 pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
-    let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    sha256_read(path, file)
+}
+
+/// SHA-256 of an opened file (`path` is for errors).
+fn sha256_read(path: &Path, mut file: std::fs::File) -> Result<String, EngineError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -4,8 +4,12 @@
 //! ONNX layout plus our manifest), CLIP tokenization, the text encoder, the denoising loop with
 //! classifier-free guidance on the shared schedulers of `diffusionx-diffusion`, img2img from a
 //! latent, live previews (a linear latent-to-RGB map, or the folder's optional tiny VAE decoder), cancellation between steps, and the VAE decode. It wraps every tract
-//! error in [`EngineError`]. It never touches the network, the display or the clock, and it
-//! never decides policy (steps, resolution, noise level): callers pass those in.
+//! error in [`EngineError`]. It never touches the network or the display. It reads the clock
+//! only to measure its own timings ([`Timings`], and [`Graph::profile`] for tools), never to
+//! decide anything. It never decides policy (steps, resolution, noise level): callers pass
+//! those in; it only refuses what the model folder was not checked for (a resolution outside
+//! the manifest's `checked_resolutions` at [`Pipeline::prepare`]) and values that are not
+//! numbers.
 
 mod attention;
 mod cache;
@@ -23,7 +27,9 @@ mod weights;
 pub use attention::{Attention, fuse_attention};
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
-pub use folder::{MANIFEST, Manifest, ModelFolder, Precision, TINY_VAE_DECODER, sha256_file};
+pub use folder::{
+    MANIFEST, Manifest, ModelFolder, Precision, TINY_VAE_DECODER, TOKENIZER_CONFIG, sha256_file,
+};
 pub use graph::Graph;
 pub use pipeline::{
     Decode, EngineConfig, Generation, Outcome, Pipeline, Progress, PromptFacts, Request, Start,

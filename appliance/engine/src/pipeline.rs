@@ -1,5 +1,6 @@
 //! The Tiny-SD pipeline: prompt -> text embeddings -> denoising loop -> latent -> image.
 
+use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -86,7 +87,7 @@ pub struct Request {
     pub height: usize,
     /// Steps of the full schedule (img2img runs the last part of it).
     pub steps: u16,
-    /// Classifier-free guidance scale; at most 1 disables guidance (one UNet batch, no
+    /// Classifier-free guidance scale, finite; at most 1 disables guidance (one UNet batch, no
     /// negative prompt).
     pub guidance_scale: f32,
     /// The scheduler.
@@ -206,6 +207,9 @@ pub struct Pipeline {
     tiny_vae_decoder: Option<Graph>,
     scheduler_config: SchedulerConfig,
     text_cache: Mutex<TextCache>,
+    /// `(height, width)` sizes outside the manifest's checked resolutions that
+    /// [`Pipeline::generate`] has already warned about (once each).
+    unchecked_warned: Mutex<BTreeSet<(usize, usize)>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -240,6 +244,7 @@ impl Pipeline {
                 .transpose()?,
             scheduler_config,
             text_cache: Mutex::new(TextCache::new(config.text_cache_entries)),
+            unchecked_warned: Mutex::new(BTreeSet::new()),
             folder,
         })
     }
@@ -279,6 +284,10 @@ impl Pipeline {
     /// the folder has one), so the first visitor does
     /// not wait for tract's optimizer. Each UNet plan holds its own packed weights, so only the
     /// batch the kiosk uses is built; another one is built on first use.
+    ///
+    /// This is the kiosk's start-up path, so it refuses a size the export did not verify: one
+    /// outside the manifest's `checked_resolutions` when that list is not empty
+    /// ([`ModelFolder::checked`]), and a guidance scale that is not finite.
     pub fn prepare(
         &self,
         width: usize,
@@ -286,6 +295,15 @@ impl Pipeline {
         guidance_scale: f32,
     ) -> Result<(), EngineError> {
         let (h, w) = latent_size(width, height)?;
+        check_guidance(guidance_scale)?;
+        if !self.folder.checked(height, width) {
+            return Err(EngineError::InvalidRequest(format!(
+                "{width}x{height} px is not among the model folder's checked resolutions \
+                 ({}; [height, width] pairs in {})",
+                self.checked_list(),
+                crate::folder::MANIFEST
+            )));
+        }
         // Encoding the empty prompt builds the text encoder's plan (and caches the embedding
         // every guidance-free negative prompt uses).
         let hidden = self.encode_text("")?.len() / CONTEXT;
@@ -332,13 +350,20 @@ impl Pipeline {
 
     /// What the noise level predictor needs to know about `text`: its length in CLIP tokens
     /// (start and end token included, at most 77) and its pooled embedding, the text
-    /// encoder's last hidden state at the end token (what CLIP's `pooler_output` is), from the
-    /// same cached encoding the denoising uses.
+    /// encoder's last hidden state at the first end token of the encoded ids (what CLIP's
+    /// `pooler_output` is: a prompt that holds the literal `<|endoftext|>` is pooled there, not
+    /// at the end of the prompt), from the same cached encoding the denoising uses.
     pub fn prompt_facts(&self, text: &str) -> Result<PromptFacts, EngineError> {
         let tokens = self.tokenizer.count(text)?.min(CONTEXT);
+        let eos = self.tokenizer.eos();
+        let end = self
+            .tokenizer
+            .encode(text)?
+            .iter()
+            .position(|&id| id == eos)
+            .expect("encode always writes an end token");
         let hidden_states = self.encode_text(text)?;
         let hidden = hidden_states.len() / CONTEXT;
-        let end = tokens - 1;
         Ok(PromptFacts {
             tokens: u32::try_from(tokens).expect("at most 77 tokens"),
             pooled: hidden_states[end * hidden..(end + 1) * hidden].to_vec(),
@@ -415,6 +440,8 @@ impl Pipeline {
     ) -> Result<Outcome, EngineError> {
         let (h, w) = latent_size(request.width, request.height)?;
         let len = CHANNELS * h * w;
+        check_finite_request(request)?;
+        self.warn_if_unchecked(request.width, request.height);
         let guided = request.guidance_scale > 1.0;
         if request.decode == Decode::Tiny {
             // Refused before any step is spent on a run whose image cannot be made.
@@ -577,6 +604,39 @@ impl Pipeline {
         Ok(noise)
     }
 
+    /// The manifest's checked resolutions as `[h, w]` pairs, for messages.
+    fn checked_list(&self) -> String {
+        let list: Vec<String> = self
+            .folder
+            .manifest()
+            .checked_resolutions
+            .iter()
+            .map(|[h, w]| format!("[{h}, {w}]"))
+            .collect();
+        list.join(", ")
+    }
+
+    /// [`generate`](Self::generate) runs sizes the export did not check (tools, benchmarks),
+    /// but says so, once per size: a graph with static spatial axes fails there only inside
+    /// tract's optimizer.
+    fn warn_if_unchecked(&self, width: usize, height: usize) {
+        if self.folder.checked(height, width) {
+            return;
+        }
+        let first = self
+            .unchecked_warned
+            .lock()
+            .expect("warned lock")
+            .insert((height, width));
+        if first {
+            tracing::warn!(
+                folder = %self.folder.root().display(),
+                checked = %self.checked_list(),
+                "{width}x{height} px is not among the model folder's checked resolutions"
+            );
+        }
+    }
+
     /// VAE-decodes a scaled latent to `[3, H, W]` in [-1, 1].
     pub fn decode(&self, latent: &[f32], h: usize, w: usize) -> Result<Vec<f32>, EngineError> {
         let scale = self.folder.manifest().vae_scaling_factor;
@@ -648,6 +708,50 @@ fn check_noise(shape: &[usize], batch: usize, h: usize, w: usize) -> Result<(), 
     Ok(())
 }
 
+/// A guidance scale must be a number: NaN would turn guidance off (`NaN > 1` is false, so the
+/// negative prompt is ignored) and an infinity makes every latent value NaN.
+fn check_guidance(scale: f32) -> Result<(), EngineError> {
+    if !scale.is_finite() {
+        return Err(EngineError::InvalidRequest(format!(
+            "guidance_scale is {scale}, expected a finite number"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a request with a non-finite guidance scale, or a non-finite value in any latent or
+/// noise it gives: such a value goes through every step and decodes to a grey or black picture.
+/// One pass over the given data.
+fn check_finite_request(request: &Request) -> Result<(), EngineError> {
+    check_guidance(request.guidance_scale)?;
+    match &request.start {
+        Start::Noise(noise) => check_finite_opt("start noise", noise.as_deref())?,
+        Start::Latent { latent, noise, .. } => {
+            check_finite("start latent", latent)?;
+            check_finite_opt("start noise", noise.as_deref())?;
+        }
+    }
+    for (step, noise) in request.step_noise.iter().flatten().enumerate() {
+        check_finite(&format!("step_noise[{step}]"), noise)?;
+    }
+    Ok(())
+}
+
+fn check_finite_opt(field: &str, values: Option<&[f32]>) -> Result<(), EngineError> {
+    values.map_or(Ok(()), |values| check_finite(field, values))
+}
+
+/// `field` must hold only finite values.
+fn check_finite(field: &str, values: &[f32]) -> Result<(), EngineError> {
+    match values.iter().position(|x| !x.is_finite()) {
+        Some(at) => Err(EngineError::InvalidRequest(format!(
+            "{field} holds a non-finite value ({} at index {at})",
+            values[at]
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Latent `(height, width)` of an image, refusing sizes the UNet cannot take.
 fn latent_size(width: usize, height: usize) -> Result<(usize, usize), EngineError> {
     let ok = |px: usize| px.is_multiple_of(64) && (256..=1024).contains(&px);
@@ -662,6 +766,25 @@ fn latent_size(width: usize, height: usize) -> Result<(usize, usize), EngineErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_named_with_their_field_and_index() {
+        assert!(check_finite("start latent", &[0.0, -1.5, 3.0]).is_ok());
+        let err = check_finite("start latent", &[0.0, f32::INFINITY, f32::NAN])
+            .expect_err("inf is not finite")
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid request: start latent holds a non-finite value (inf at index 1)"
+        );
+        let err = check_guidance(f32::NEG_INFINITY)
+            .expect_err("-inf is not finite")
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid request: guidance_scale is -inf, expected a finite number"
+        );
+    }
 
     #[test]
     fn a_unet_output_of_another_shape_is_a_graph_error() {

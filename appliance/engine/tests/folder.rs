@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{
     Decode, EngineConfig, EngineError, ModelFolder, Outcome, Pipeline, Precision, Progress,
-    Request, Start, TINY_VAE_DECODER,
+    Request, Start, TINY_VAE_DECODER, TOKENIZER_CONFIG,
 };
 
 fn tiny() -> PathBuf {
@@ -214,4 +214,127 @@ fn an_unknown_manifest_format_is_refused() {
         err.to_string().contains("format 2 is not supported"),
         "{err}"
     );
+}
+
+/// Rewrites the manifest of the folder at `dir` with `edit`.
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("diffusionx.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut manifest);
+    std::fs::write(&path, manifest.to_string()).unwrap();
+}
+
+/// `ModelFolder::open(dir, true)`'s error, or a panic if it takes more than 20 s (a folder
+/// that reads a device forever must fail the test, not hang it).
+fn open_error_within_a_time_limit(dir: &Path) -> EngineError {
+    let (send, receive) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::spawn(move || send.send(ModelFolder::open(dir, true).map(|_| ())));
+    receive
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("opening the folder finishes")
+        .unwrap_err()
+}
+
+#[test]
+fn the_vae_scaling_factor_is_required_and_positive() {
+    for (value, shown) in [
+        (serde_json::json!(0.0), "0"),
+        (serde_json::json!(-0.18215), "-0.18215"),
+    ] {
+        let dir = copy_of_tiny();
+        edit_manifest(dir.path(), |m| m["vae_scaling_factor"] = value);
+        let err = ModelFolder::open(dir.path(), false).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::Manifest { reason, .. }
+                if reason == &format!("vae_scaling_factor is {shown}, expected a number above 0")),
+            "{err}"
+        );
+    }
+    // Format 1 has always written it: a manifest without it is not one the export wrote.
+    let dir = copy_of_tiny();
+    edit_manifest(dir.path(), |m| {
+        m.as_object_mut().unwrap().remove("vae_scaling_factor");
+    });
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Manifest { reason, .. }
+            if reason.starts_with("missing field `vae_scaling_factor`")),
+        "{err}"
+    );
+}
+
+#[test]
+fn listed_paths_must_stay_inside_the_folder() {
+    for key in [
+        "/dev/zero",
+        "../tiny-sd/model_index.json",
+        "unet/../../x",
+        "./model_index.json",
+    ] {
+        let dir = copy_of_tiny();
+        edit_manifest(dir.path(), |m| m["files"][key] = "00".into());
+        let err = open_error_within_a_time_limit(dir.path());
+        assert!(
+            matches!(&err, EngineError::Manifest { reason, .. }
+                if reason == &format!("lists {key:?}, which is not a relative path inside the folder")),
+            "{key}: {err}"
+        );
+    }
+}
+
+#[test]
+fn only_regular_files_are_hashed() {
+    // A directory, and (on unix) a link inside the folder to a device that never ends.
+    let dir = copy_of_tiny();
+    edit_manifest(dir.path(), |m| m["files"]["unet"] = "00".into());
+    let err = open_error_within_a_time_limit(dir.path());
+    assert!(
+        matches!(&err, EngineError::Manifest { reason, .. }
+            if reason == "lists unet, which is not a regular file"),
+        "{err}"
+    );
+    #[cfg(unix)]
+    {
+        let dir = copy_of_tiny();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero")).unwrap();
+        edit_manifest(dir.path(), |m| m["files"]["zero"] = "00".into());
+        let err = open_error_within_a_time_limit(dir.path());
+        assert!(
+            matches!(&err, EngineError::Manifest { reason, .. }
+                if reason == "lists zero, which is not a regular file"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn the_tokenizer_config_is_optional_but_never_half_there() {
+    // Every committed folder lists it.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../onnx/fixtures");
+    for folder in ["tiny-sd", "tiny-sd-int8", "tiny-sd-int8-weights"] {
+        let folder = ModelFolder::open(root.join(folder), true).unwrap();
+        assert!(folder.manifest().files.contains_key(TOKENIZER_CONFIG));
+    }
+    // There but not listed: its pad token would change every embedding unchecked.
+    let dir = copy_of_tiny();
+    unlist(dir.path(), TOKENIZER_CONFIG);
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Manifest { reason, .. }
+            if reason.starts_with("does not list tokenizer/tokenizer_config.json, which the folder has")),
+        "{err}"
+    );
+    // Listed but gone.
+    let dir = copy_of_tiny();
+    std::fs::remove_file(dir.path().join(TOKENIZER_CONFIG)).unwrap();
+    let err = ModelFolder::open(dir.path(), false).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::MissingFile { file, .. } if file == TOKENIZER_CONFIG),
+        "{err}"
+    );
+    // Neither: SD 1.x's pad token, and the folder opens.
+    unlist(dir.path(), TOKENIZER_CONFIG);
+    assert!(ModelFolder::open(dir.path(), true).is_ok());
 }
