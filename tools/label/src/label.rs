@@ -125,6 +125,7 @@ pub fn label_request(
             prompt_id: id.clone(),
             source: LabelSource::Label,
             scores: Some(scores),
+            projection: Some(projection.fingerprint()),
         });
     }
     Ok(Labelled {

@@ -283,6 +283,7 @@ mod tests {
             prompt_id: crate::prompts::prompt_id(prompt),
             source: LabelSource::Label,
             scores: None,
+            projection: None,
         }
     }
 

@@ -75,6 +75,7 @@ mod tests {
             prompt_id: "p".to_owned(),
             source: LabelSource::Label,
             scores: None,
+            projection: None,
         };
         let rows = per_level(&[
             line(1.0, 1.0),

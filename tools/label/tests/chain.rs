@@ -161,6 +161,11 @@ fn labels_train_a_model_that_evaluates_and_decides() {
             assert_eq!(r.features, expected_features, "{prompt}: features");
             assert_eq!(r.prompt_id, prompt_id(prompt));
             assert_eq!(r.source, LabelSource::Label);
+            assert_eq!(
+                r.projection,
+                Some(projection.fingerprint()),
+                "{prompt}: projection"
+            );
             let bp = (r.level * 10_000.0).round() as u32;
             assert_eq!(r.cloud_steps, cloud_steps(bp, u32::from(CLOUD_STEPS)));
             let scores = r.scores.as_ref().unwrap();

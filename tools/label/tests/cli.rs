@@ -313,6 +313,7 @@ fn an_interrupted_run_is_kept_and_resumed() {
         prompt_id: prompt_id("a lighthouse at dusk"),
         source: LabelSource::Label,
         scores: None,
+        projection: None,
     };
     let partial = dir.path().join("labels.jsonl.partial");
     std::fs::write(&partial, to_jsonl(std::slice::from_ref(&done)) + "{\"feat").unwrap();

@@ -54,6 +54,12 @@ pub struct LabelRecord {
     /// The raw scores `quality` was derived from (label tool lines; absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<Scores>,
+    /// The [`Projection::fingerprint`](diffusionx_predictor::Projection::fingerprint) of the
+    /// projection that made `features.text` (absent in files written before the field
+    /// existed). [`check_projection`] refuses lines
+    /// made with another projection than the one a model is trained or evaluated with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection: Option<String>,
 }
 
 /// [`Features`] as a dataset line holds them: every field, nothing else.
@@ -162,6 +168,25 @@ pub enum DatasetError {
         /// Every `N` up to [`MAX_STEPS_TOTAL`] that agrees with all labels.
         implied: Vec<u32>,
     },
+    /// Labels whose text features were made with another projection than the model's: their
+    /// `text` values mean something else to it.
+    #[error(
+        "{mismatched} of {labels} labels were made with projection {found}, not {expected} \
+         (the first: prompt {prompt_id}); train and evaluate with the projection that made \
+         them (dx-label writes it next to its output as <out>.projection.json)"
+    )]
+    Projection {
+        /// The fingerprint of the model's projection.
+        expected: String,
+        /// The first other fingerprint found.
+        found: String,
+        /// The `prompt_id` of the first label that has it.
+        prompt_id: String,
+        /// Labels with a fingerprint other than `expected`.
+        mismatched: usize,
+        /// All labels.
+        labels: usize,
+    },
 }
 
 /// The largest `N` [`check_steps_total`] considers when it names the `N` the labels imply.
@@ -210,6 +235,26 @@ pub fn check_steps_total(records: &[LabelRecord], steps_total: u32) -> Result<()
         level: first.level,
         cloud_steps: first.cloud_steps,
         implied,
+    })
+}
+
+/// Checks that every label that names its projection names `fingerprint`, the
+/// [`Projection::fingerprint`](diffusionx_predictor::Projection::fingerprint) of the projection
+/// a model is trained or evaluated with. Lines without one (written before the field
+/// existed) are accepted.
+pub fn check_projection(records: &[LabelRecord], fingerprint: &str) -> Result<(), DatasetError> {
+    let mut wrong = records
+        .iter()
+        .filter(|r| r.projection.as_deref().is_some_and(|p| p != fingerprint));
+    let Some(first) = wrong.next() else {
+        return Ok(());
+    };
+    Err(DatasetError::Projection {
+        expected: fingerprint.to_owned(),
+        found: first.projection.clone().unwrap_or_default(),
+        prompt_id: first.prompt_id.clone(),
+        mismatched: 1 + wrong.count(),
+        labels: records.len(),
     })
 }
 

@@ -257,6 +257,7 @@ pub fn label(
         prompt_id: report.id.clone(),
         source: LabelSource::Fleet,
         scores: None,
+        projection: Some(fingerprint.to_owned()),
     }))
 }
 

@@ -114,6 +114,7 @@ fn request(rng: &mut Rng, projection: &Projection) -> Features {
 pub fn generate(config: &SyntheticConfig, projection: &Projection) -> Vec<LabelRecord> {
     let mut rng = Rng::new(config.seed);
     let mut records = Vec::with_capacity(config.requests * config.levels.len());
+    let fingerprint = projection.fingerprint();
     for i in 0..config.requests {
         let features = request(&mut rng, projection);
         let json = features.clone();
@@ -129,6 +130,7 @@ pub fn generate(config: &SyntheticConfig, projection: &Projection) -> Vec<LabelR
                 prompt_id: format!("{}{i:05}", config.prompt_prefix),
                 source: LabelSource::Synthetic,
                 scores: None,
+                projection: Some(fingerprint.clone()),
             });
         }
     }

@@ -261,6 +261,97 @@ fn dx_train_takes_a_standard_projection_of_another_width() {
     );
 }
 
+#[test]
+fn labels_made_with_another_projection_are_refused_by_dx_train_and_dx_evaluate() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    let config = SyntheticConfig {
+        seed: 4,
+        requests: 10,
+        steps_total: 20,
+        ..SyntheticConfig::default()
+    };
+    // Each dataset names the projection that made its text features.
+    let (one, two) = (projection(1), projection(2));
+    let (fp1, fp2) = (one.fingerprint(), two.fingerprint());
+    assert_ne!(fp1, fp2);
+    let labels1 = generate(&config, &one);
+    assert!(
+        labels1
+            .iter()
+            .all(|r| r.projection.as_deref() == Some(fp1.as_str()))
+    );
+    let labels2 = generate(&config, &two);
+    for (name, text) in [
+        ("labels1.jsonl", to_jsonl(&labels1)),
+        ("labels2.jsonl", to_jsonl(&labels2)),
+        ("p1.json", serde_json::to_string(one.rows()).expect("rows")),
+        ("p2.json", serde_json::to_string(two.rows()).expect("rows")),
+    ] {
+        std::fs::write(dir.path().join(name), text).expect("write");
+    }
+    let train = |data: &str, projection: &str, out: &str| {
+        dx_train(
+            &[
+                "--data",
+                data,
+                "--projection",
+                projection,
+                "--out",
+                out,
+                "--model-version",
+                "m",
+                "--max-epochs",
+                "2",
+            ],
+            dir.path(),
+        )
+    };
+    let output = train("labels1.jsonl", "p1.json", "w1.json");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = train("labels2.jsonl", "p2.json", "w2.json");
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // Training labels of projection 1 with projection 2 is refused, and writes nothing.
+    let output = train("labels1.jsonl", "p2.json", "w3.json");
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    let mismatch = format!(
+        "{n} of {n} labels were made with projection {fp1}, not {fp2}",
+        n = labels1.len()
+    );
+    assert!(
+        err.contains("labels1.jsonl: training with --projection p2.json")
+            && err.contains(&mismatch),
+        "{err}"
+    );
+    assert!(!dir.path().join("w3.json").exists());
+
+    // Evaluating them with weights trained under projection 2 is refused the same way.
+    let evaluate = |weights: &str| {
+        dx_evaluate(
+            &[
+                "--data",
+                "labels1.jsonl",
+                "--steps-total",
+                "20",
+                "--weights",
+                weights,
+            ],
+            dir.path(),
+        )
+    };
+    let output = evaluate("w1.json");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = evaluate("w2.json");
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("labels1.jsonl: evaluating weights w2.json") && err.contains(&mismatch),
+        "{err}"
+    );
+}
+
 fn dx_evaluate(args: &[&str], dir: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_dx-evaluate"))
         .args(args)

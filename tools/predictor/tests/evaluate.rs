@@ -43,6 +43,7 @@ fn tiny() -> Vec<LabelRecord> {
         prompt_id: id.to_owned(),
         source: LabelSource::Label,
         scores: None,
+        projection: None,
     };
     vec![
         label("a", 0.2, 0.5),

@@ -115,6 +115,7 @@ fn thumbs_become_labels_one_and_zero_at_the_level_the_cloud_ran() {
         prompt_id: id.to_owned(),
         source: LabelSource::Fleet,
         scores: None,
+        projection: Some(trained_with().fingerprint()),
     };
     assert_eq!(
         labels.records,

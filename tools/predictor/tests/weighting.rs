@@ -33,6 +33,7 @@ fn record(id: &str, tokens: u32, level: f32, quality: f32, source: LabelSource) 
         prompt_id: id.to_owned(),
         source,
         scores: None,
+        projection: None,
     }
 }
 

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use diffusionx_predictor::{Predictor, Weights};
-use diffusionx_predictor_tools::dataset::{check_steps_total, parse_jsonl, requests};
+use diffusionx_predictor_tools::dataset::{
+    LabelRecord, check_projection, check_steps_total, parse_jsonl, requests,
+};
 use diffusionx_predictor_tools::evaluate::{Strategy, evaluate, fixed_steps, markdown};
 use diffusionx_predictor_tools::output::print;
 use diffusionx_predictor_tools::plot;
@@ -80,7 +82,9 @@ fn setting(args: &Args) -> anyhow::Result<Setting> {
     Ok(s)
 }
 
-fn strategies(args: &Args) -> anyhow::Result<Vec<Strategy>> {
+/// The strategies to compare; learned weights must have the projection that made the labels'
+/// text features.
+fn strategies(args: &Args, records: &[LabelRecord]) -> anyhow::Result<Vec<Strategy>> {
     let mut out = Vec::new();
     if let Some(path) = &args.weights {
         let weights = Weights::from_json(
@@ -88,6 +92,13 @@ fn strategies(args: &Args) -> anyhow::Result<Vec<Strategy>> {
                 .with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("in {}", path.display()))?;
+        check_projection(records, &weights.projection().fingerprint()).with_context(|| {
+            format!(
+                "{}: evaluating weights {}",
+                args.data.display(),
+                path.display()
+            )
+        })?;
         let name = format!("learned ({})", weights.model_version());
         let predictor = Predictor::learned(weights);
         for margin in std::iter::once(0.0).chain(args.margins.iter().copied()) {
@@ -131,7 +142,7 @@ fn main() -> anyhow::Result<()> {
         fixed_steps(level, n).with_context(|| format!("--fixed {level} with N = {n}"))?;
     }
     let requests = requests(&records);
-    let rows = evaluate(&requests, &strategies(&args)?, &context, &policy)?;
+    let rows = evaluate(&requests, &strategies(&args, &records)?, &context, &policy)?;
     let table = markdown(&rows, &context, &policy, requests.len());
     print(&table)?;
     if let Some(path) = &args.out_md {

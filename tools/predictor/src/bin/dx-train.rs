@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Parser;
 use diffusionx_predictor::Projection;
-use diffusionx_predictor_tools::dataset::{LabelRecord, LabelSource, parse_jsonl};
+use diffusionx_predictor_tools::dataset::{
+    LabelRecord, LabelSource, check_projection, parse_jsonl,
+};
 use diffusionx_predictor_tools::output::print;
 use diffusionx_predictor_tools::sessions::SessionLabels;
 use diffusionx_predictor_tools::synthetic::EMBEDDING_LEN;
@@ -93,6 +95,13 @@ fn main() -> anyhow::Result<()> {
     let mut records: Vec<LabelRecord> = Vec::new();
     for path in &args.data {
         let lines = parse_jsonl(&read(path)?).with_context(|| format!("in {}", path.display()))?;
+        check_projection(&lines, &fingerprint).with_context(|| {
+            format!(
+                "{}: training with --projection {}",
+                path.display(),
+                args.projection.display()
+            )
+        })?;
         report.push_str(&format!("{}: {} labels\n", path.display(), lines.len()));
         records.extend(lines);
     }
