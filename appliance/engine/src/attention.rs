@@ -600,30 +600,27 @@ mod tests {
             false,
         )?;
         assert_eq!(fuse_attention(&mut m)?, 0);
-        // Two summed axes (`x` and `k`): tract's composition sums over both.
-        let shapes: [&[usize]; 3] = [&[2, 5, 3, 4], &[2, 6, 3, 4], &[2, 6, 3]];
-        let mut m = model(
-            "bmxk,bnxk->bmn",
-            "bmn,bnv->bmv",
-            2,
-            shapes,
-            SoftmaxKind::Softmax,
-            false,
-        )?;
-        assert_eq!(fuse_attention(&mut m)?, 0);
-        assert_eq!(fused_nodes(&m), 0);
-        // Two query axes (`m` and `y`) in q and the scores.
-        let shapes: [&[usize]; 3] = [&[2, 5, 3, 4], &[2, 6, 4], &[2, 6, 3]];
-        let mut m = model(
-            "bmyk,bnk->bmyn",
-            "bmyn,bnv->bmyv",
-            3,
-            shapes,
-            SoftmaxKind::Softmax,
-            false,
-        )?;
-        assert_eq!(fuse_attention(&mut m)?, 0);
-        assert_eq!(fused_nodes(&m), 0);
+        let unfusable: [(&str, &str, usize, [&[usize]; 3]); 2] = [
+            // Two summed axes (`x` and `k`): tract's composition sums over both.
+            (
+                "bmxk,bnxk->bmn",
+                "bmn,bnv->bmv",
+                2,
+                [&[2, 5, 3, 4], &[2, 6, 3, 4], &[2, 6, 3]],
+            ),
+            // Two query axes (`m` and `y`) in q and the scores.
+            (
+                "bmyk,bnk->bmyn",
+                "bmyn,bnv->bmyv",
+                3,
+                [&[2, 5, 3, 4], &[2, 6, 4], &[2, 6, 3]],
+            ),
+        ];
+        for (scores, output, axis, shapes) in unfusable {
+            let mut m = model(scores, output, axis, shapes, SoftmaxKind::Softmax, false)?;
+            assert_eq!(fuse_attention(&mut m)?, 0, "{scores}");
+            assert_eq!(fused_nodes(&m), 0, "{scores}");
+        }
         Ok(())
     }
 }

@@ -165,8 +165,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
         )?),
         InputConfig::None | InputConfig::Evdev { .. } => None,
     };
+    // The input devices can be opened (the commonest bring-up fault: no touchscreen, or one
+    // udev did not name), before the check says all is well.
+    if let InputConfig::Evdev { touch, keyboard } = &config.input {
+        for (key, device) in touch
+            .iter()
+            .map(|t| ("input.touch.device", &t.device))
+            .chain(keyboard.iter().map(|k| ("input.keyboard", k)))
+        {
+            std::fs::File::open(device)
+                .with_context(|| format!("{key}: opening {}", device.display()))?;
+        }
+    }
     if args.check {
-        tracing::info!("configuration, model and certificates are usable");
+        tracing::info!("configuration, model, certificates and input devices are usable");
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -97,3 +97,41 @@ fn a_missing_password_file_fails_the_check() {
         "{log}"
     );
 }
+
+#[test]
+fn a_missing_touchscreen_or_keyboard_fails_the_check_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = config(dir.path(), "");
+    let base = std::fs::read_to_string(&path).unwrap();
+    let present = dir.path().join("event0");
+    std::fs::write(&present, "").unwrap();
+    let missing = dir.path().join("no-such-event");
+    let input = |touch: &Path, keyboard: &Path| {
+        let text = format!(
+            "{base}\n[input]\nkind = \"evdev\"\nkeyboard = {k:?}\n\n[input.touch]\n\
+             device = {t:?}\nx = [0, 4095]\ny = [0, 4095]\n",
+            k = keyboard.display().to_string(),
+            t = touch.display().to_string(),
+        );
+        std::fs::write(&path, text).unwrap();
+        check(&path)
+    };
+    let (ok, log) = input(&present, &present);
+    assert!(ok, "{log}");
+    assert!(log.contains("input devices are usable"), "{log}");
+    let (ok, log) = input(&missing, &present);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains(&format!(
+            "input.touch.device: opening {}",
+            missing.display()
+        )),
+        "{log}"
+    );
+    let (ok, log) = input(&present, &missing);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains(&format!("input.keyboard: opening {}", missing.display())),
+        "{log}"
+    );
+}

@@ -91,6 +91,7 @@ fn run(command: &mut Command) -> Result<()> {
 
 fn test() -> Result<()> {
     install_mosquitto()?;
+    install_python()?;
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["test", "--workspace", "--locked"]))
@@ -100,14 +101,21 @@ fn test() -> Result<()> {
 /// their own brokers on free ports, so the system-wide broker the package enables and starts is
 /// stopped and disabled again where systemd runs the machine.
 fn install_mosquitto() -> Result<()> {
-    let installed = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .any(|p| Path::new(p).is_file())
-        || std::env::var_os("MOSQUITTO").is_some();
-    if installed {
+    use diffusionx_xtask::host;
+    let found = host::find_mosquitto(
+        std::env::var_os("MOSQUITTO").as_deref(),
+        std::env::var_os("PATH").as_deref(),
+        Path::new("/"),
+    );
+    if found.is_some() {
         return Ok(());
     }
-    apt_install(&["mosquitto", "mosquitto-clients"], "the fleet tests")?;
+    if !host::apt_get_available(Path::new("/")) {
+        bail!(host::NO_MOSQUITTO);
+    }
+    apt_install(&["mosquitto", "mosquitto-clients"], "the fleet tests").context(
+        "installing mosquitto failed: install it another way, or set MOSQUITTO=/path/to/mosquitto",
+    )?;
     if diffusionx_xtask::host::systemd_running(Path::new("/")) {
         let [program, args @ ..] = diffusionx_xtask::host::DISABLE_SYSTEM_BROKER;
         eprintln!(
@@ -116,6 +124,22 @@ fn install_mosquitto() -> Result<()> {
         run(privileged(program).args(args))?;
     }
     Ok(())
+}
+
+/// The Yocto tests run the model recipe's Python `do_install` (`tools/xtask/tests/yocto.rs`):
+/// Debian's python3, installed when missing.
+fn install_python() -> Result<()> {
+    use diffusionx_xtask::host;
+    if host::on_path("python3", std::env::var_os("PATH").as_deref()).is_some() {
+        return Ok(());
+    }
+    if !host::apt_get_available(Path::new("/")) {
+        bail!(
+            "python3 is not installed and apt-get is not available to install it: install \
+             python3 with this system's package manager"
+        );
+    }
+    apt_install(&["python3"], "the Yocto recipe tests")
 }
 
 /// `program` as root: itself when this process is root, else through sudo.
@@ -139,9 +163,12 @@ fn apt_install(packages: &[&str], why: &str) -> Result<()> {
         "xtask: installing {} (Debian) for {why}",
         packages.join(", ")
     );
+    // Through `env`, so the setting survives sudo's reset of the environment.
     let apt = |args: &[&str]| {
-        let mut command = privileged("apt-get");
-        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        let mut command = privileged("env");
+        command
+            .args(["DEBIAN_FRONTEND=noninteractive", "apt-get"])
+            .args(args);
         run(&mut command)
     };
     apt(&["update", "-qq"])?;
@@ -195,19 +222,13 @@ fn arm_test(extra: &[String]) -> Result<()> {
 
 /// The whole system on this machine (see `tests/src/bin/demo.rs`). The dev profile keeps
 /// tract and candle optimized (`opt-level = 2` for dependencies) and builds far faster than
-/// release on small machines.
+/// release on small machines. Run from the caller's folder, so relative paths in `extra` (`--out`, `--kiosk-model`,
+/// `--script`) mean what they say there.
 fn demo(extra: &[String]) -> Result<()> {
     run(Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args([
-            "run",
-            "--locked",
-            "-p",
-            "diffusionx-e2e",
-            "--bin",
-            "demo",
-            "--",
-        ])
+        .args(["run", "--locked", "--manifest-path"])
+        .arg(root().join("Cargo.toml"))
+        .args(["-p", "diffusionx-e2e", "--bin", "demo", "--"])
         .args(extra))
 }
 

@@ -45,6 +45,7 @@ fn provision(dir: &Path) -> String {
         .env("DIFFUSIONX_CONFIG", dir.join("data/etc"))
         .env("DIFFUSIONX_DEFAULT", dir.join("factory.toml"))
         .env("DIFFUSIONX_OWNER", "")
+        .env("DIFFUSIONX_BOOT_MOUNT", "")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -52,11 +53,13 @@ fn provision(dir: &Path) -> String {
     stderr
 }
 
+/// The files directly in `dir` (not its folders), with their text, by name.
 fn files(dir: &Path) -> Vec<(String, String)> {
     let mut found: Vec<(String, String)> = std::fs::read_dir(dir)
         .unwrap()
-        .map(|e| {
-            let path = e.unwrap().path();
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.is_file())
+        .map(|path| {
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
             (name, std::fs::read_to_string(&path).unwrap())
         })
@@ -81,18 +84,25 @@ fn provisioning_installs_the_factory_configuration_then_a_bundle_and_survives_a_
     );
     assert!(said.contains("factory configuration"), "{said}");
 
-    // An operator's bundle: every configuration file is installed, the key readable by its
-    // owner only, anything else skipped, and the bundle (it holds the key) removed.
+    // An operator's bundle: every file is installed (the password file the example config
+    // names too), all but kiosk.toml readable by their owner only, a folder skipped, and the
+    // bundle (it holds the key) removed.
     let bundle = root.join("boot/diffusionx");
-    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::create_dir_all(bundle.join("photos")).unwrap();
     for (name, text) in [
         ("kiosk.toml", "device = \"lobby-1\"\n"),
         ("kiosk.pem", "CERT\n"),
         ("kiosk.key", "KEY\n"),
-        ("notes.docx", "junk"),
+        ("mqtt-password", "secret\n"),
+        ("visitor.txt", "a red fox\n"),
     ] {
         std::fs::write(bundle.join(name), text).unwrap();
     }
+    let example = read("appliance/kiosk/kiosk.example.toml");
+    assert!(
+        example.contains("/etc/diffusionx/mqtt-password"),
+        "the example names the password file this test installs"
+    );
     let said = provision(root);
     assert_eq!(
         files(&config),
@@ -100,19 +110,62 @@ fn provisioning_installs_the_factory_configuration_then_a_bundle_and_survives_a_
             ("kiosk.key".into(), "KEY\n".into()),
             ("kiosk.pem".into(), "CERT\n".into()),
             ("kiosk.toml".into(), "device = \"lobby-1\"\n".into()),
+            ("mqtt-password".into(), "secret\n".into()),
+            ("visitor.txt".into(), "a red fox\n".into()),
         ]
     );
-    let mode = std::fs::metadata(config.join("kiosk.key"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    let mode = |name: &str| {
+        std::fs::metadata(config.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for name in ["kiosk.key", "kiosk.pem", "mqtt-password", "visitor.txt"] {
+        assert_eq!(mode(name), 0o600, "{name}");
+    }
     assert!(!bundle.exists(), "the bundle stays on the boot partition");
-    assert!(said.contains("skipped notes.docx"), "{said}");
+    assert!(said.contains("skipped photos"), "{said}");
+
+    // The kiosk keeps its records beside its configuration (a relative records.dir): a new
+    // bundle replaces the files and keeps the folder.
+    std::fs::create_dir_all(config.join("records")).unwrap();
+    std::fs::write(config.join("records/reports.jsonl"), "{\"id\":\"r1\"}\n").unwrap();
+    std::fs::create_dir_all(&bundle).unwrap();
+    std::fs::write(bundle.join("kiosk.toml"), "device = \"lobby-1\"\n").unwrap();
+    for name in ["kiosk.pem", "kiosk.key", "mqtt-password", "visitor.txt"] {
+        std::fs::write(
+            bundle.join(name),
+            files(&config).into_iter().find(|f| f.0 == name).unwrap().1,
+        )
+        .unwrap();
+    }
+    provision(root);
+    assert_eq!(
+        std::fs::read_to_string(config.join("records/reports.jsonl")).unwrap(),
+        "{\"id\":\"r1\"}\n"
+    );
+    assert!(!root.join("data/etc.old").exists());
+
+    // A power cut after the swap, before the folders moved: they move at the next boot.
+    std::fs::create_dir_all(root.join("data/etc.old")).unwrap();
+    std::fs::rename(config.join("records"), root.join("data/etc.old/records")).unwrap();
+    std::fs::write(root.join("data/etc.old/kiosk.toml"), "old").unwrap();
+    let said = provision(root);
+    assert!(
+        said.contains("finished an interrupted provisioning"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(config.join("records/reports.jsonl")).unwrap(),
+        "{\"id\":\"r1\"}\n"
+    );
+    assert_eq!(files(&config)[2].1, "device = \"lobby-1\"\n");
+    assert!(!root.join("data/etc.old").exists());
 
     // Later boots change nothing.
     provision(root);
-    assert_eq!(files(&config).len(), 3);
+    assert_eq!(files(&config).len(), 5);
 
     // A power cut between the two renames of a later bundle: the previous configuration is
     // back at the next boot (and the half-staged new one gone).
@@ -161,6 +214,33 @@ fn the_image_recipes_agree_with_the_unit_the_factory_configuration_and_the_udev_
     assert!(unit.contains("User=kiosk"));
     assert!(kiosk.contains("--shell /sbin/nologin kiosk"));
     assert!(script.contains("OWNER=\"${DIFFUSIONX_OWNER-kiosk:kiosk}\""));
+    // Everything the kiosk package installs comes from the fetched commit (`${S}`), none of it
+    // from the layer's working tree: no `file://` source, every installed file under `${S}`,
+    // and each one exists there.
+    let src_uri: String = kiosk
+        .split("SRC_URI = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .into();
+    assert!(!src_uri.contains("file://"), "{src_uri}");
+    let files_dir = "${S}/yocto/meta-diffusionx/recipes-diffusionx/diffusionx-kiosk/files";
+    assert!(kiosk.contains(&format!("DIFFUSIONX_FILES = \"{files_dir}\"")));
+    let installed: Vec<&str> = kiosk
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("install -m "))
+        .filter_map(|rest| rest.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(installed.len(), 6, "{installed:?}");
+    for source in installed {
+        let path = source
+            .replace("${DIFFUSIONX_FILES}", files_dir)
+            .replace("${S}/", "");
+        assert!(
+            !path.contains('$') && root().join(&path).is_file(),
+            "{source}: not a file of the commit"
+        );
+    }
     // The default model is a committed folder with a manifest.
     let fixture = model
         .split("${DIFFUSIONX_TOPDIR}/")
@@ -217,6 +297,32 @@ fn the_data_partition_is_mounted_after_the_volatile_var_lib_on_a_mount_point_the
         "{RECIPES}/diffusionx-kiosk/files/diffusionx-kiosk-image.conf"
     ));
     assert!(provision.contains(&format!("RequiresMountsFor={mount_point} /boot")));
+    // The boot partition (FAT, no journal) is mounted read-only; provisioning makes it
+    // writable only around the deletion of a bundle, and read-only again after it.
+    let boot = wks.lines().find(|l| l.starts_with("part /boot ")).unwrap();
+    assert!(boot.contains("--fsoptions \"ro,noatime\""), "{boot}");
+    let script = read(&format!(
+        "{RECIPES}/diffusionx-kiosk/files/diffusionx-provision"
+    ));
+    let bundle_branch = script
+        .split("if [ -f \"$BUNDLE/kiosk.toml\" ]; then")
+        .nth(1)
+        .and_then(|rest| rest.split("\nfi\n").next())
+        .unwrap();
+    let order: Vec<&str> = bundle_branch
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("remount_boot") || l.starts_with("rm -rf \"$BUNDLE\""))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "remount_boot rw",
+            "rm -rf \"$BUNDLE\"",
+            "remount_boot ro || say \"could not make $BOOT_MOUNT read-only again\""
+        ]
+    );
+    assert!(script.contains("BOOT_MOUNT=\"${DIFFUSIONX_BOOT_MOUNT-/boot}\""));
     assert!(image_conf.contains(&format!("RequiresMountsFor={mount_point}\n")));
     // The read-only root has the mount point: the kiosk recipe creates and packages it.
     let kiosk = read(&format!(
@@ -249,6 +355,12 @@ fn the_kiosk_starts_without_waiting_for_the_network() {
             .collect()
     };
     assert_eq!(dependencies(&unit), Vec::<String>::new());
+    // One start loads the model once: no `--check` before it (the start checks the same).
+    let exec: Vec<&str> = unit.lines().filter(|l| l.starts_with("Exec")).collect();
+    assert_eq!(
+        exec,
+        ["ExecStart=/usr/bin/kiosk --config /etc/diffusionx/kiosk.toml"]
+    );
     assert_eq!(
         dependencies(&image_conf),
         [
@@ -314,4 +426,149 @@ fn the_licence_manifest_is_not_presented_as_covering_the_crates_the_kiosk_links(
         "yocto/kas/common.yml"
     );
     assert!(!flat(&kas).contains("The licences of everything in the image"));
+}
+
+/// Runs the model recipe's `do_install` (Python) on a copy of `fixture` changed by `change`
+/// (Python statements on `m`, the manifest, and `d`, the folder), with `bb.fatal` raising;
+/// returns `ok` or the fatal message.
+const RUN_MODEL_INSTALL: &str = r#"
+import json, os, shutil, sys, tempfile, types
+recipe, fixture, sizes, change = sys.argv[1:5]
+body = open(recipe).read().split("python do_install() {\n", 1)[1].split("\n}\n", 1)[0]
+class Fatal(Exception):
+    pass
+def fatal(message):
+    raise Fatal(message)
+work = tempfile.mkdtemp()
+d = os.path.join(work, "model")
+shutil.copytree(fixture, d)
+m = json.load(open(os.path.join(d, "diffusionx.json")))
+exec(change)
+json.dump(m, open(os.path.join(d, "diffusionx.json"), "w"))
+values = {"DIFFUSIONX_MODEL_DIR": d, "DIFFUSIONX_MODEL_SIZES": sizes,
+          "D": os.path.join(work, "image"), "datadir": "/usr/share"}
+class Data:
+    def getVar(self, key):
+        return values.get(key)
+    def expand(self, text):
+        for key, value in values.items():
+            text = text.replace("${%s}" % key, value)
+        return text
+scope = {"bb": types.SimpleNamespace(fatal=fatal)}
+exec("def do_install(d):\n" + body, scope)
+try:
+    scope["do_install"](Data())
+    installed = os.path.join(values["D"], "usr/share/diffusionx/model/diffusionx.json")
+    print("ok" if os.path.isfile(installed) else "nothing installed")
+except Fatal as e:
+    print(str(e).replace(d, "MODEL"))
+"#;
+
+#[test]
+fn the_model_recipe_refuses_what_the_kiosk_would_refuse_at_start_up() {
+    let recipe = root().join(format!(
+        "{RECIPES}/diffusionx-model/diffusionx-model_1.0.bb"
+    ));
+    let fixture = root().join("onnx/fixtures/tiny-sd-int8-weights");
+    let install = |sizes: &str, change: &str| -> String {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(RUN_MODEL_INSTALL)
+            .arg(&recipe)
+            .arg(&fixture)
+            .arg(sizes)
+            .arg(change)
+            .output()
+            .expect("python3 runs (cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(install("256x256", "pass"), "ok");
+    for (change, refusal) in [
+        (
+            "del m['files']['model_index.json']",
+            "MODEL/diffusionx.json: does not list model_index.json",
+        ),
+        (
+            "m['format'] = 2",
+            "MODEL/diffusionx.json: format 2 is not supported (the kiosk reads format 1)",
+        ),
+        (
+            "m['vae_scaling_factor'] = 0",
+            "MODEL/diffusionx.json: vae_scaling_factor is 0, expected a number above 0",
+        ),
+        (
+            "m['files']['./unet/model.onnx'] = m['files']['unet/model.onnx']",
+            "MODEL/diffusionx.json: lists './unet/model.onnx', which is not a relative path \
+             inside the folder",
+        ),
+        (
+            "del m['files']['tokenizer/tokenizer_config.json']",
+            "MODEL/diffusionx.json: does not list tokenizer/tokenizer_config.json, which the \
+             folder has (re-export the folder, or remove the file)",
+        ),
+        (
+            "m['checked_resolutions'] = [[512, 512]]",
+            "MODEL/diffusionx.json: checked_resolutions [[512, 512]] does not hold 256x256, \
+             which the kiosk renders at (DIFFUSIONX_MODEL_SIZES): export it with --check 256x256",
+        ),
+        (
+            "open(os.path.join(d, 'unet/model.onnx'), 'ab').write(b'x')",
+            "MODEL: unet/model.onnx does not match its manifest sha256",
+        ),
+    ] {
+        assert_eq!(install("256x256", change), refusal, "{change}");
+    }
+    // Other sizes a product renders at are named in DIFFUSIONX_MODEL_SIZES.
+    assert_eq!(
+        install("512x512", "m['checked_resolutions'] = [[512, 512]]"),
+        "ok"
+    );
+
+    // The recipe's lists are the engine's (appliance/engine/src/folder.rs).
+    let folder = read("appliance/engine/src/folder.rs");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let python_list = |name: &str| -> Vec<String> {
+        text.split(&format!("{name} = ["))
+            .nth(1)
+            .and_then(|rest| rest.split(']').next())
+            .unwrap()
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect()
+    };
+    let rust_list = |name: &str| -> Vec<String> {
+        let block = folder
+            .split(&format!("const {name}:"))
+            .nth(1)
+            .and_then(|rest| rest.split("= [").nth(1))
+            .and_then(|rest| rest.split("];").next())
+            .unwrap();
+        // The first string of each tuple, or the constant it names.
+        block
+            .split('(')
+            .skip(1)
+            .map(|entry| {
+                let first = entry.trim().split(',').next().unwrap().trim();
+                match first.strip_prefix('"') {
+                    Some(quoted) => quoted.trim_end_matches('"').to_string(),
+                    None => folder
+                        .split(&format!("pub const {first}: &str = \""))
+                        .nth(1)
+                        .and_then(|rest| rest.split('"').next())
+                        .unwrap()
+                        .to_string(),
+                }
+            })
+            .collect()
+    };
+    assert_eq!(python_list("REQUIRED"), rust_list("REQUIRED"));
+    assert_eq!(python_list("OPTIONAL"), rust_list("OPTIONAL"));
+    assert_eq!(python_list("PRECISIONS"), ["f32", "int8"]);
 }

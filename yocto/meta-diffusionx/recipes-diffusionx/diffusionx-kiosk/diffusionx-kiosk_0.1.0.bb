@@ -22,14 +22,11 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 # Cargo.lock cargo builds with (--frozen) is the fetched commit's, and any crate change between
 # two commits fails the build. To build a release, check out its tag and build from there;
 # never point SRCREV:pn-diffusionx-kiosk at another commit.
+# Everything the package installs comes from that commit, the files of this recipe's files/
+# folder included (not from the layer's working tree): a factory kiosk.toml, provisioning
+# script or udev rule never differs from the binary's commit.
 DIFFUSIONX_GIT ??= "git://${DIFFUSIONX_TOPDIR};protocol=file"
-SRC_URI = "${DIFFUSIONX_GIT};nobranch=1;destsuffix=diffusionx \
-           file://kiosk.toml \
-           file://diffusionx-provision \
-           file://diffusionx-provision.service \
-           file://diffusionx-kiosk-image.conf \
-           file://99-diffusionx.rules \
-           "
+SRC_URI = "${DIFFUSIONX_GIT};nobranch=1;destsuffix=diffusionx"
 PV = "0.1.0+git"
 SRCREV ??= "${@bb.process.run(['git', '-C', d.getVar('DIFFUSIONX_TOPDIR'), 'rev-parse', 'HEAD'])[0].strip()}"
 S = "${UNPACKDIR}/diffusionx"
@@ -51,20 +48,23 @@ USERADD_PARAM:${PN} = "--system --user-group --home-dir ${localstatedir}/lib/dif
 SYSTEMD_SERVICE:${PN} = "diffusionx-kiosk.service diffusionx-provision.service"
 SYSTEMD_AUTO_ENABLE:${PN} = "enable"
 
+# This recipe's files/ folder in the fetched commit.
+DIFFUSIONX_FILES = "${S}/yocto/meta-diffusionx/recipes-diffusionx/diffusionx-kiosk/files"
+
 do_install:append() {
     # The unit from the source tree (docs/kiosk.md), and what the image adds to it.
     install -d ${D}${systemd_system_unitdir}/diffusionx-kiosk.service.d
     install -m 0644 ${S}/appliance/kiosk/systemd/diffusionx-kiosk.service \
         ${D}${systemd_system_unitdir}/
-    install -m 0644 ${UNPACKDIR}/diffusionx-kiosk-image.conf \
+    install -m 0644 ${DIFFUSIONX_FILES}/diffusionx-kiosk-image.conf \
         ${D}${systemd_system_unitdir}/diffusionx-kiosk.service.d/image.conf
-    install -m 0644 ${UNPACKDIR}/diffusionx-provision.service ${D}${systemd_system_unitdir}/
+    install -m 0644 ${DIFFUSIONX_FILES}/diffusionx-provision.service ${D}${systemd_system_unitdir}/
     install -d ${D}${sbindir}
-    install -m 0755 ${UNPACKDIR}/diffusionx-provision ${D}${sbindir}/
+    install -m 0755 ${DIFFUSIONX_FILES}/diffusionx-provision ${D}${sbindir}/
 
     # The factory configuration; the one in force lives on the data partition.
     install -d ${D}${datadir}/diffusionx
-    install -m 0644 ${UNPACKDIR}/kiosk.toml ${D}${datadir}/diffusionx/kiosk.toml
+    install -m 0644 ${DIFFUSIONX_FILES}/kiosk.toml ${D}${datadir}/diffusionx/kiosk.toml
     install -d ${D}${sysconfdir}
     ln -s ${localstatedir}/lib/diffusionx/etc ${D}${sysconfdir}/diffusionx
     # The data partition's mount point (wic/diffusionx-kiosk.wks.in): on the read-only root
@@ -72,7 +72,7 @@ do_install:append() {
     install -d ${D}${localstatedir}/lib/diffusionx
 
     install -d ${D}${nonarch_base_libdir}/udev/rules.d
-    install -m 0644 ${UNPACKDIR}/99-diffusionx.rules ${D}${nonarch_base_libdir}/udev/rules.d/
+    install -m 0644 ${DIFFUSIONX_FILES}/99-diffusionx.rules ${D}${nonarch_base_libdir}/udev/rules.d/
 }
 
 FILES:${PN} += "${systemd_system_unitdir} ${datadir}/diffusionx ${nonarch_base_libdir}/udev/rules.d \

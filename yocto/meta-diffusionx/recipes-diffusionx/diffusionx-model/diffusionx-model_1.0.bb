@@ -29,8 +29,30 @@ do_compile[noexec] = "1"
 
 inherit allarch
 
+# The sizes (height x width) the kiosk's configuration renders at: the factory kiosk.toml's
+# 256x256. When the manifest lists checked_resolutions, each must be among them, as the kiosk's
+# start-up requires; a product whose bundles render at other sizes lists them here.
+DIFFUSIONX_MODEL_SIZES ??= "256x256"
+
 python do_install() {
-    import hashlib, json, os, shutil
+    import hashlib, json, math, os, shutil
+
+    # The kiosk's own rules (appliance/engine/src/folder.rs, ModelFolder::open, and
+    # Pipeline::prepare's resolution check): an image never ships a model the kiosk would refuse
+    # at start-up. tools/xtask/tests/yocto.rs keeps these lists equal to the engine's.
+    REQUIRED = [
+        "model_index.json",
+        "text_encoder/model.onnx",
+        "unet/model.onnx",
+        "vae_decoder/model.onnx",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+    ]
+    OPTIONAL = [
+        "tiny_vae_decoder/model.onnx",
+        "tokenizer/tokenizer_config.json",
+    ]
+    PRECISIONS = ["f32", "int8"]
 
     src = d.getVar("DIFFUSIONX_MODEL_DIR")
     dest = d.expand("${D}${datadir}/diffusionx/model")
@@ -39,22 +61,51 @@ python do_install() {
         bb.fatal("%s has no diffusionx.json: not a model folder from onnx/export.py" % src)
     with open(manifest_path) as f:
         manifest = json.load(f)
+    if manifest.get("format") != 1:
+        bb.fatal("%s: format %r is not supported (the kiosk reads format 1)"
+                 % (manifest_path, manifest.get("format")))
+    if manifest.get("precision") not in PRECISIONS:
+        bb.fatal("%s: precision %r is not one of %s"
+                 % (manifest_path, manifest.get("precision"), ", ".join(PRECISIONS)))
+    scale = manifest.get("vae_scaling_factor")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+            and math.isfinite(scale) and scale > 0):
+        bb.fatal("%s: vae_scaling_factor is %r, expected a number above 0"
+                 % (manifest_path, scale))
     files = manifest.get("files") or {}
     if not files:
         bb.fatal("%s lists no files" % manifest_path)
-    # Exactly the files the manifest lists, each checked against its sha256: an image never
-    # ships a model the kiosk would refuse at start-up.
+    for name in sorted(files):
+        parts = name.split("/")
+        if os.path.isabs(name) or any(p in ("", ".", "..") for p in parts):
+            bb.fatal("%s: lists %r, which is not a relative path inside the folder"
+                     % (manifest_path, name))
+    for name in REQUIRED:
+        if not os.path.isfile(os.path.join(src, name)):
+            bb.fatal("%s: %s is missing" % (src, name))
+        if name not in files:
+            bb.fatal("%s: does not list %s" % (manifest_path, name))
+    for name in OPTIONAL:
+        if os.path.isfile(os.path.join(src, name)) and name not in files:
+            bb.fatal("%s: does not list %s, which the folder has (re-export the folder, or "
+                     "remove the file)" % (manifest_path, name))
+    checked = [list(r) for r in manifest.get("checked_resolutions") or []]
+    for size in (d.getVar("DIFFUSIONX_MODEL_SIZES") or "").split():
+        height, width = (int(v) for v in size.split("x"))
+        if checked and [height, width] not in checked:
+            bb.fatal("%s: checked_resolutions %s does not hold %dx%d, which the kiosk renders "
+                     "at (DIFFUSIONX_MODEL_SIZES): export it with --check %dx%d"
+                     % (manifest_path, checked, height, width, height, width))
+    # Exactly the files the manifest lists, each a regular file checked against its sha256.
     for name, expected in sorted(files.items()):
         path = os.path.join(src, name)
-        if os.path.isabs(name) or ".." in name.split("/"):
-            bb.fatal("%s: manifest entry %s leaves the folder" % (manifest_path, name))
         if not os.path.isfile(path):
             bb.fatal("%s: %s is listed in the manifest but missing" % (src, name))
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        if digest.hexdigest() != expected:
+        if digest.hexdigest() != expected.lower():
             bb.fatal("%s: %s does not match its manifest sha256" % (src, name))
         os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
         shutil.copyfile(path, os.path.join(dest, name))
