@@ -126,6 +126,14 @@ pub struct SettingsError {
 }
 
 impl Settings {
+    /// These settings as a JSON object, each `f32` as written (`0.8`, where a direct
+    /// `serde_json::to_value` widens it to `0.800000011920929`): what command replies carry and
+    /// what `dxctl` prints.
+    pub fn to_json(&self) -> serde_json::Map<String, Value> {
+        let text = serde_json::to_string(self).expect("settings always serialize");
+        serde_json::from_str(&text).expect("serde_json reads its own output")
+    }
+
     /// These settings with `patch` (a JSON object of some fields) applied, or every field's
     /// reason for refusing. Unknown fields, wrong types and values out of range are refused.
     pub fn apply(&self, patch: &serde_json::Map<String, Value>) -> Result<Settings, SettingsError> {

@@ -99,8 +99,15 @@ pub fn kiosk(gateway: &LocalGateway, options: &KioskOptions) -> anyhow::Result<K
 }
 
 /// Starts the fleet agent of a kiosk named [`DEVICE`] in fleet `fleet` against the broker at
-/// `broker` (`mqtt://host:port`), its state in `dir/fleet`.
-pub fn fleet_agent(dir: &Path, broker: &str, fleet: &str) -> anyhow::Result<Fleet> {
+/// `broker` (`mqtt://host:port`), its state in `dir/fleet`; its `info` names the edge `model`
+/// folder and the `panel` size (width, height) as the kiosk's would.
+pub fn fleet_agent(
+    dir: &Path,
+    broker: &str,
+    fleet: &str,
+    model: &Path,
+    panel: (u32, u32),
+) -> anyhow::Result<Fleet> {
     let settings = diffusionx_fleet::Settings {
         preview_steps: 4,
         noise_level: 0.5,
@@ -131,15 +138,10 @@ pub fn fleet_agent(dir: &Path, broker: &str, fleet: &str) -> anyhow::Result<Flee
             firmware: env!("CARGO_PKG_VERSION").into(),
             display: diffusionx_fleet::payload::DisplayInfo {
                 backend: "headless".into(),
-                width: 1280,
-                height: 800,
+                width: panel.0,
+                height: panel.1,
             },
-            models: vec![diffusionx_fleet::payload::ModelInfo {
-                role: "edge".into(),
-                name: "tiny-sd".into(),
-                sha256: None,
-                precision: Some("f32".into()),
-            }],
+            models: vec![diffusionx_kiosk::facts::model_info(model)],
         },
         settings,
         sync: true,

@@ -41,7 +41,7 @@ async fn an_operator_setting_reaches_the_visitor_and_the_session_reaches_the_ope
         .await;
 
     let gateway = start_gateway(dir.path(), &tiny_sd15()).await.unwrap();
-    let fleet = fleet_agent(dir.path(), &broker.url(), "lobby").unwrap();
+    let fleet = fleet_agent(dir.path(), &broker.url(), "lobby", &tiny_sd(), (1280, 800)).unwrap();
     let mut settings = fleet.agent.settings();
     let options = KioskOptions {
         dir: dir.path().to_path_buf(),

@@ -1097,7 +1097,7 @@ impl Controller {
                 "firmware": self.facts.firmware,
             })),
             Some(Command::GetConfig) => {
-                CommandReply::ok(serde_json::to_value(&*self.settings.borrow()).unwrap_or_default())
+                CommandReply::ok(Value::Object(self.settings.borrow().to_json()))
             }
             Some(Command::SetConfig) => match args.as_object() {
                 Some(patch) => self.set(patch.clone()),
@@ -1151,7 +1151,7 @@ impl Controller {
                 self.settings.send_replace(settings.clone());
                 let reported = self.current_reported();
                 self.enqueue(Leaf::ConfigReported, &reported, Kind::Control);
-                CommandReply::ok(serde_json::to_value(settings).unwrap_or_default())
+                CommandReply::ok(Value::Object(settings.to_json()))
             }
             Err(refused) => CommandReply {
                 ok: false,

@@ -438,7 +438,15 @@ async fn commands_and_desired_configuration() -> Result<()> {
         b"g1",
     )
     .await?;
-    assert_eq!(config.result, Some(serde_json::to_value(self::settings())?));
+    assert_eq!(
+        config.result,
+        Some(serde_json::Value::Object(self::settings().to_json()))
+    );
+    // Each f32 as written: 0.8, not 0.800000011920929.
+    assert_eq!(
+        config.result.as_ref().map(|r| r["quality_target"].clone()),
+        Some(serde_json::json!(0.8))
+    );
     let flushed = command(
         &operator,
         &mut replies,

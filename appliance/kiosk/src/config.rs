@@ -479,11 +479,7 @@ impl KioskConfig {
         // The settings operators may change must start valid: check them with the same rules,
         // and name the refused one by its key in this file.
         let base = self.settings();
-        let fields = serde_json::to_value(&base)
-            .ok()
-            .and_then(|v| v.as_object().cloned())
-            .unwrap_or_default();
-        if let Err(refused) = base.apply(&fields) {
+        if let Err(refused) = base.apply(&base.to_json()) {
             let (field, reason) = refused.errors.into_iter().next().unwrap_or_default();
             return Err(ConfigError::Invalid {
                 key: setting_key(&field),

@@ -20,10 +20,11 @@ use diffusionx_ui::Screen;
 /// Run the end-to-end demo.
 #[derive(Debug, Parser)]
 struct Args {
-    /// Where the screens, the final image and the records go. Cleared first when the demo
-    /// wrote it (it holds a `.diffusionx-demo` marker); any other non-empty folder is refused.
-    #[arg(long, default_value = DEFAULT_OUT)]
-    out: PathBuf,
+    /// Where the screens, the final image and the session record go (default: `target/demo` of the
+    /// repository). Cleared first when the demo wrote it (it holds a `.diffusionx-demo`
+    /// marker); any other non-empty folder is refused.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// The scripted visitor.
     #[arg(long)]
     script: Option<PathBuf>,
@@ -41,7 +42,8 @@ struct Args {
     broker: Option<String>,
 }
 
-/// The default output folder, under cargo's build output (`cargo clean` removes it too).
+/// The default output folder, under the repository's build output (`cargo clean` removes it
+/// too).
 const DEFAULT_OUT: &str = "target/demo";
 
 /// The demo's fleet name.
@@ -61,7 +63,9 @@ async fn main() -> anyhow::Result<()> {
         bail!("--panel wants WIDTHxHEIGHT");
     };
     // Demos from before the marker wrote the default folder without one.
-    diffusionx_e2e::out_dir::prepare(&args.out, args.out == std::path::Path::new(DEFAULT_OUT))?;
+    let default_out = args.out.is_none();
+    let out = args.out.clone().unwrap_or_else(|| repo().join(DEFAULT_OUT));
+    diffusionx_e2e::out_dir::prepare(&out, default_out)?;
     let script_path = args
         .script
         .clone()
@@ -77,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         "starting the gateway on loopback ({}, throwaway CA) ...",
         gateway_model.display()
     );
-    let gateway = start_gateway(&args.out, &gateway_model).await?;
+    let gateway = start_gateway(&out, &gateway_model).await?;
     println!(
         "gateway: QUIC {} (mTLS), metrics http://{}/metrics",
         gateway.gateway.local_addr()?,
@@ -100,11 +104,12 @@ async fn main() -> anyhow::Result<()> {
     .await
     .with_context(|| format!("connecting to {broker}"))?;
     dxctl::sessions::subscribe(&mut operator, FLEET, None).await?;
-    let fleet = fleet_agent(&args.out, &broker, FLEET)?;
+    let kiosk_model = args.kiosk_model.clone().unwrap_or_else(tiny_sd);
+    let fleet = fleet_agent(&out, &broker, FLEET, &kiosk_model, (w, h))?;
 
     let options = KioskOptions {
-        dir: args.out.clone(),
-        model: args.kiosk_model.clone().unwrap_or_else(tiny_sd),
+        dir: out.clone(),
+        model: kiosk_model,
         panel: (w, h),
         cloud_steps: 20,
         noise_level: NoiseLevel::from_bp(5000).context("noise level")?,
@@ -118,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     );
     kiosk.play(&steps, Duration::from_secs(300)).await?;
 
-    let final_png = args.out.join("final.png");
+    let final_png = out.join("final.png");
     let mut final_path = None;
     for shot in kiosk.snapshots() {
         if shot.to_string_lossy().ends_with("-final.png") {
@@ -190,11 +195,17 @@ async fn main() -> anyhow::Result<()> {
             decision["limit"]
         );
     }
-    println!("  session record: {}", args.out.join("records").display());
+    // The kiosk keeps a record only while its session runs (the report went to the fleet):
+    // the demo writes the one it just finished.
+    let record_path = out.join("session.json");
+    std::fs::write(&record_path, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("writing {}", record_path.display()))?;
+    println!("  session record: {}", record_path.display());
 
     // What the operator sees: the session report over MQTT, then the fleet.
     let mut dedup = dxctl::sessions::Dedup::new(16);
-    let mut table = dxctl::sessions::table();
+    // The lines `dxctl sessions --follow` prints.
+    let mut table = dxctl::sessions::line(&dxctl::sessions::HEADER);
     tokio::time::timeout(
         Duration::from_secs(30),
         dxctl::sessions::follow(
@@ -202,7 +213,8 @@ async fn main() -> anyhow::Result<()> {
             Some(1),
             &mut dedup,
             |e| {
-                table.push(dxctl::sessions::row(&e));
+                table.push('\n');
+                table.push_str(&dxctl::sessions::line(&dxctl::sessions::row(&e)));
             },
             |_| {},
         ),

@@ -212,13 +212,15 @@ pub enum DxError {
         source: ConnectionError,
     },
     /// A device that never reported anything retained (a typo, or a kiosk that never
-    /// connected): nothing was published.
-    #[error("no kiosk {device:?} in fleet {fleet} (never reported); use --force to publish anyway")]
+    /// connected): nothing was published, or nothing answered.
+    #[error("no kiosk {device:?} in fleet {fleet} (never reported); {hint}")]
     UnknownDevice {
         /// The fleet.
         fleet: String,
         /// The device name given.
         device: String,
+        /// What to do about it.
+        hint: &'static str,
     },
 }
 

@@ -134,6 +134,23 @@ pub async fn read(link: &mut Link, fleet: &str, device: &str) -> Result<DeviceCo
     Ok(config)
 }
 
+/// What `cmd` and `config get/check` say of a device that never reported anything retained.
+pub const CHECK_THE_NAME: &str = "check the device name and --fleet";
+
+/// [`DxError::UnknownDevice`] when `read` shows that `device` never reported anything
+/// retained (a typo, or a kiosk that never connected), so that "no answer" is not taken for
+/// "offline".
+pub fn known(read: &DeviceConfig, fleet: &str, device: &str) -> Result<(), DxError> {
+    if read.ever_reported() {
+        return Ok(());
+    }
+    Err(DxError::UnknownDevice {
+        fleet: fleet.into(),
+        device: device.into(),
+        hint: CHECK_THE_NAME,
+    })
+}
+
 /// How a `config set` ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "outcome", rename_all = "lowercase")]
@@ -314,6 +331,7 @@ pub async fn set(
         return Err(DxError::UnknownDevice {
             fleet: fleet.into(),
             device: device.into(),
+            hint: "use --force to publish anyway",
         });
     }
     let (desired, notes) = plan(&known, patch, predictor);

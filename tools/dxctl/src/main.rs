@@ -69,7 +69,7 @@ struct Connection {
     /// A file whose first line is the password (with --username).
     #[arg(long, global = true, requires = "username")]
     password_file: Option<PathBuf>,
-    /// Seconds to wait for the broker, and for a kiosk's answer.
+    /// Seconds to wait for the broker, and for a kiosk's answer (more than 0, at most 86400).
     #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
 }
@@ -219,6 +219,10 @@ async fn run(cli: Cli) -> Result<Exit> {
             } else {
                 out(&devices::table(&rows, now_ms()).to_string())?;
             }
+            if rows.is_empty() {
+                // An empty table from a mistyped fleet must not pass for an empty fleet.
+                eprintln!("dxctl: {}", no_kiosks(&fleet));
+            }
             Ok(Exit::Done)
         }
         Subcommands::Sessions {
@@ -252,6 +256,9 @@ async fn run(cli: Cli) -> Result<Exit> {
                      not that name)"
                 );
             }
+            if telemetry.is_empty() {
+                eprintln!("dxctl: {}", no_kiosks(&fleet));
+            }
             let now = now_ms();
             let stats::TelemetryStats { mut rows, stale } = stats::from_telemetry(&telemetry, now);
             if device.is_some() {
@@ -283,6 +290,11 @@ async fn run(cli: Cli) -> Result<Exit> {
             let correlation = command::new_correlation();
             let outcome =
                 command::call(&mut link, &fleet, &device, command, &args, correlation).await?;
+            if matches!(outcome, Outcome::NoReply { .. }) {
+                // A name that never reported is a typo, not an offline kiosk.
+                let read = config::read(&mut link, &fleet, &device).await?;
+                config::known(&read, &fleet, &device)?;
+            }
             link.disconnect().await;
             print_reply(&device, outcome, json)
         }
@@ -293,9 +305,7 @@ async fn follow_sessions(link: &mut Link, count: Option<u64>, json: bool) -> Res
     let mut dedup = Dedup::new(DEDUP_CAPACITY);
     let mut failed = None;
     if !json {
-        out(&session_line(&[
-            "DEVICE", "ID", "ROUNDS", "PATH", "NOISE", "REFINE", "ENDING",
-        ]))?;
+        out(&sessions::line(&sessions::HEADER))?;
     }
     // The first failed write (a closed pipe, a full disk) ends the tail: nobody reads it.
     sessions::follow_until(
@@ -306,7 +316,7 @@ async fn follow_sessions(link: &mut Link, count: Option<u64>, json: bool) -> Res
             let text = if json {
                 event.to_json().to_string()
             } else {
-                session_line(&sessions::row(&event))
+                sessions::line(&sessions::row(&event))
             };
             match out(&text) {
                 Ok(()) => std::ops::ControlFlow::Continue(()),
@@ -323,15 +333,6 @@ async fn follow_sessions(link: &mut Link, count: Option<u64>, json: bool) -> Res
         Some(e) => Err(e),
         None => Ok(Exit::Done),
     }
-}
-
-fn session_line<S: AsRef<str>>(cells: &[S]) -> String {
-    let widths = [12, 24, 6, 5, 5, 9, 0];
-    let mut line = String::new();
-    for (cell, width) in cells.iter().zip(widths) {
-        line.push_str(&format!("{:<width$} ", cell.as_ref()));
-    }
-    line.trim_end().to_string()
 }
 
 fn stats_from_file(
@@ -375,6 +376,11 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             config::check_names(&fleet, &device)?;
             let read = config::read(&mut link, &fleet, &device).await?;
             link.disconnect().await;
+            if read.desired.is_none() {
+                // Nothing about the name at all (a configuration published with --force to a
+                // kiosk not connected yet is still shown).
+                config::known(&read, &fleet, &device)?;
+            }
             warn(&read.malformed);
             if json {
                 print_json(&read)?;
@@ -428,6 +434,7 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             config::check_names(&fleet, &device)?;
             let read = config::read(&mut link, &fleet, &device).await?;
             link.disconnect().await;
+            config::known(&read, &fleet, &device)?;
             let Some(reported) = read.reported else {
                 eprintln!("dxctl: {device} has not reported its settings (is it connected?)");
                 return Ok(Exit::NoAnswer);
@@ -435,7 +442,7 @@ async fn run_config(connection: &Connection, action: ConfigCmd, json: bool) -> R
             match config::check(&reported.settings, &patch) {
                 Ok(settings) => {
                     if json {
-                        print_json(&json!({"ok": true, "settings": settings}))?;
+                        print_json(&json!({"ok": true, "settings": settings.to_json()}))?;
                     } else {
                         out(&format!("{device}: the patch is valid\n"))?;
                     }
@@ -472,11 +479,10 @@ fn config_text(device: &str, read: &config::DeviceConfig) -> String {
                     "refused"
                 }
             ));
-            if let Ok(Value::Object(settings)) = serde_json::to_value(&reported.settings) {
-                let width = settings.keys().map(String::len).max().unwrap_or(0);
-                for (key, value) in settings {
-                    text.push_str(&format!("  {key:<width$}  {value}\n"));
-                }
+            let settings = reported.settings.to_json();
+            let width = settings.keys().map(String::len).max().unwrap_or(0);
+            for (key, value) in settings {
+                text.push_str(&format!("  {key:<width$}  {value}\n"));
             }
             text.push_str(&format!(
                 "  predictor weights  {}\n",
@@ -588,6 +594,15 @@ fn print_reply(device: &str, outcome: Outcome, json: bool) -> Result<Exit> {
     }
 }
 
+/// The longest `--timeout`: a day (a longer wait is a mistake, and `Duration` has a limit).
+const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+/// What `devices` and `stats` say on stderr when nothing came back: an empty fleet, or a
+/// mistyped `--fleet`.
+fn no_kiosks(fleet: &str) -> String {
+    format!("no kiosk has reported in fleet {fleet} (check --fleet)")
+}
+
 /// Connects with the global flags; returns the link and the fleet name.
 async fn connect(connection: &Connection) -> Result<(Link, String)> {
     let fleet = connection
@@ -595,8 +610,8 @@ async fn connect(connection: &Connection) -> Result<(Link, String)> {
         .clone()
         .context("no fleet: give --fleet NAME or set DXCTL_FLEET")?;
     let broker: BrokerUrl = connection.broker.parse()?;
-    if !(connection.timeout > 0.0 && connection.timeout.is_finite()) {
-        bail!("--timeout must be a positive number of seconds");
+    if !(connection.timeout > 0.0 && connection.timeout <= MAX_TIMEOUT_S) {
+        bail!("--timeout must be a positive number of seconds, at most {MAX_TIMEOUT_S}");
     }
     let client = connection
         .client

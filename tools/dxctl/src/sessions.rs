@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::broker::{DxError, Link};
-use crate::table::{Table, ms};
+use crate::table::ms;
 
 /// How many report ids [`Dedup`] remembers by default (a few MiB at most).
 pub const DEDUP_CAPACITY: usize = 100_000;
@@ -95,14 +95,23 @@ impl SessionEvent {
     }
 }
 
-/// The columns people see, one line per session.
-pub fn table() -> Table {
-    Table::new(&[
-        "DEVICE", "ID", "ROUNDS", "PATH", "NOISE", "REFINE", "ENDING",
-    ])
+/// The columns of [`line()`] for one session ([`row`]).
+pub const HEADER: [&str; 7] = [
+    "DEVICE", "ID", "ROUNDS", "PATH", "NOISE", "REFINE", "ENDING",
+];
+
+/// One line of `dxctl sessions --follow`: [`HEADER`] or a [`row`], in fixed-width columns (a
+/// tail cannot size its columns from lines it has not seen yet).
+pub fn line<S: AsRef<str>>(cells: &[S]) -> String {
+    let widths = [12, 24, 6, 5, 5, 9, 0];
+    let mut line = String::new();
+    for (cell, width) in cells.iter().zip(widths) {
+        line.push_str(&format!("{:<width$} ", cell.as_ref()));
+    }
+    line.trim_end().to_string()
 }
 
-/// The row of one session for [`table`].
+/// The cells of one session for [`line()`].
 pub fn row(event: &SessionEvent) -> Vec<String> {
     let report = &event.report;
     let finalize = report.finalize.as_ref();

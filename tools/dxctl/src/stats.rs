@@ -341,8 +341,15 @@ pub fn parse_window(text: &str) -> Result<Duration, String> {
     if n == 0 {
         return Err(format!("window {text:?} is empty"));
     }
-    Ok(Duration::from_secs(n * seconds))
+    n.checked_mul(seconds)
+        .filter(|&s| s <= MAX_WINDOW_S)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("window {text:?} is longer than {}d", MAX_WINDOW_S / 86_400))
 }
+
+/// The longest window [`parse_window`] takes: ten years (reports older than that are not
+/// statistics of a running fleet, and the number stays far from overflowing milliseconds).
+pub const MAX_WINDOW_S: u64 = 3650 * 86_400;
 
 /// The table people read.
 pub fn table(rows: &[StatsRow]) -> Table {
@@ -535,6 +542,15 @@ mod tests {
         for bad in ["", "30", "m", "1w", "0h", "1.5h", "-1h"] {
             assert!(parse_window(bad).is_err(), "{bad}");
         }
+        // Too long: an error, not an overflow.
+        assert_eq!(parse_window("3650d"), Ok(Duration::from_secs(MAX_WINDOW_S)));
+        for long in ["3651d", "18446744073709551615d", "99999999999999999999h"] {
+            assert!(parse_window(long).is_err(), "{long}");
+        }
+        assert_eq!(
+            parse_window("3651d"),
+            Err("window \"3651d\" is longer than 3650d".to_string())
+        );
         assert_eq!(window_text(86_400), "1d");
         assert_eq!(window_text(1800), "30m");
     }

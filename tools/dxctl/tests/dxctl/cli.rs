@@ -55,6 +55,31 @@ async fn usage_errors_exit_2() {
         "dxctl: client name \"a/b\" must be 1-64 characters of A-Z a-z 0-9 _ - .\n"
     );
     assert_eq!(output.status.code(), Some(2));
+    // Out-of-range numbers are usage errors, not panics (exit 101).
+    for timeout in ["1e20", "0", "nan"] {
+        let output = dxctl("mqtt://127.0.0.1:1", &["--timeout", timeout, "devices"]).await;
+        assert_eq!(output.status.code(), Some(2), "{timeout}: {output:?}");
+        assert_eq!(
+            stderr(&output),
+            "dxctl: --timeout must be a positive number of seconds, at most 86400\n",
+            "{timeout}"
+        );
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reports = dir.path().join("reports.jsonl");
+    std::fs::write(&reports, "").expect("written");
+    let path = reports.to_str().expect("utf-8");
+    let output = dxctl(
+        "mqtt://127.0.0.1:1",
+        &["stats", "--from", path, "--window", "18446744073709551615d"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        stderr(&output).contains("is longer than 3650d"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

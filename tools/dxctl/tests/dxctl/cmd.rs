@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use diffusionx_fleet::{Command, CommandReply};
+use diffusionx_fleet::{Command, CommandReply, Leaf};
 use dxctl::command::{self, Outcome};
 use serde_json::{Value, json};
 
@@ -75,10 +75,7 @@ async fn ping_gets_the_reply_with_its_correlation_and_ignores_others() {
     );
     let output = dxctl(&url, &["cmd", "k1", "get-config", "--json"]).await;
     let reply: Value = serde_json::from_str(&stdout(&output)).expect("JSON");
-    assert_eq!(
-        reply["result"],
-        serde_json::to_value(settings()).expect("json")
-    );
+    assert_eq!(reply["result"], Value::Object(settings().to_json()));
     serving.abort();
 }
 
@@ -87,6 +84,21 @@ async fn no_reply_exits_3_and_says_the_device_may_be_offline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = broker(dir.path());
     let url = broker.url();
+    // A name that never reported anything is a typo (or a kiosk never connected): exit 2.
+    let output = dxctl(&url, &["--timeout", "1", "cmd", "k9", "ping"]).await;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_eq!(
+        stderr(&output),
+        "dxctl: no kiosk \"k9\" in fleet museum (never reported); check the device name and \
+         --fleet\n"
+    );
+    // A kiosk that has been online (its retained presence) and does not answer: exit 3.
+    let mut k9 = Kiosk::connect(&url, FLEET, "k9").await;
+    k9.send(
+        Leaf::Status,
+        &json!({"state": "online", "boot": 1, "conn": 1, "ts_ms": 1}),
+    )
+    .await;
     let started = std::time::Instant::now();
     let output = dxctl(&url, &["--timeout", "1", "cmd", "k9", "ping"]).await;
     assert_eq!(output.status.code(), Some(3), "{output:?}");

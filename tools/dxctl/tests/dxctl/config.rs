@@ -100,6 +100,27 @@ async fn a_valid_change_is_applied_and_a_bad_one_refused_as_a_whole() {
     assert_eq!(got["reported"]["applied_version"], 4);
     assert_eq!(got["reported"]["settings"]["prompt_privacy"], "hash");
     assert_eq!(got["reported"]["settings"]["preview_steps"], 8);
+    // `--json` and the text form carry each f32 as written (0.8, not 0.800000011920929).
+    assert_eq!(got["reported"]["settings"]["quality_target"], json!(0.8));
+    let output = dxctl(&url, &["config", "get", "k1"]).await;
+    let text = stdout(&output);
+    let setting = |key: &str| {
+        text.lines().find_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            (words.first() == Some(&key)).then(|| words[1..].join(" "))
+        })
+    };
+    assert_eq!(setting("quality_target").as_deref(), Some("0.8"), "{text}");
+    assert_eq!(setting("min_noise_level").as_deref(), Some("0.2"), "{text}");
+    assert_eq!(
+        setting("prompt_privacy").as_deref(),
+        Some("\"hash\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("  predictor weights  the kiosk's own\n"),
+        "{text}"
+    );
 
     // Predictor weights ride on config/desired: installed, carried forward by later changes,
     // removed with `none`; a file that is not weights is refused before anything is sent.
@@ -227,22 +248,38 @@ async fn config_check_validates_locally_and_publishes_nothing() {
     assert_eq!(read.desired, None);
     assert_eq!(read.reported.map(|r| r.settings), Some(reported_settings));
 
-    // A kiosk that never reported: exit 3.
-    let output = dxctl(
-        &url,
-        &[
-            "config",
-            "check",
-            "k9",
-            "--file",
-            good.to_str().expect("utf-8"),
-        ],
+    // A name that never reported anything: exit 2, for check and get.
+    let path = good.to_str().expect("utf-8");
+    for args in [
+        &["config", "check", "k9", "--file", path][..],
+        &["config", "get", "k9"],
+    ] {
+        let output = dxctl(&url, args).await;
+        assert_eq!(output.status.code(), Some(2), "{output:?}");
+        assert_eq!(
+            stderr(&output),
+            "dxctl: no kiosk \"k9\" in fleet museum (never reported); check the device name \
+             and --fleet\n"
+        );
+    }
+    // A kiosk online (its retained presence) that has not reported its settings: exit 3.
+    let mut k9 = Kiosk::connect(&url, FLEET, "k9").await;
+    k9.send(
+        Leaf::Status,
+        &json!({"state": "online", "boot": 1, "conn": 1, "ts_ms": 1}),
     )
     .await;
+    let output = dxctl(&url, &["config", "check", "k9", "--file", path]).await;
     assert_eq!(output.status.code(), Some(3), "{output:?}");
     assert_eq!(
         stderr(&output),
         "dxctl: k9 has not reported its settings (is it connected?)\n"
+    );
+    let output = dxctl(&url, &["config", "get", "k9"]).await;
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    assert_eq!(
+        stdout(&output),
+        "k9: no reported configuration\ndesired: none\n"
     );
 }
 

@@ -5,7 +5,7 @@ use dxctl::devices::{self, DeviceRow, Liveness};
 use serde_json::json;
 
 use crate::kiosk::Kiosk;
-use crate::{FLEET, Sample, broker, dxctl, info, now_ms, operator, stdout};
+use crate::{FLEET, Sample, broker, dxctl, info, now_ms, operator, stderr, stdout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_online_kiosk_with_telemetry_and_one_offline() {
@@ -128,6 +128,26 @@ async fn one_online_kiosk_with_telemetry_and_one_offline() {
     assert_eq!(lines[2][..2], ["k2", "offline (shutdown)"]);
     assert_eq!(lines[3][..2], ["k4", "online? (silent 3d)"]);
     assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(
+        stderr(&output),
+        "",
+        "a fleet with kiosks: nothing on stderr"
+    );
+    // A mistyped fleet: the empty table, and a line saying so.
+    for command in ["devices", "stats"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_dxctl"))
+            .args(["--broker", &url, "--fleet", "musem", command])
+            .env_remove("DXCTL_BROKER")
+            .env_remove("DXCTL_FLEET")
+            .output()
+            .expect("dxctl runs");
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        assert_eq!(
+            stderr(&output),
+            "dxctl: no kiosk has reported in fleet musem (check --fleet)\n",
+            "{command}"
+        );
+    }
     // JSON keeps `state` and adds `stale`.
     let output = dxctl(&url, &["devices", "--json"]).await;
     let rows: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("JSON");

@@ -318,15 +318,13 @@ impl Kiosk {
             Command::Ping => CommandReply::ok(json!({
                 "boot": state.boot, "uptime_s": 42, "firmware": state.firmware
             })),
-            Command::GetConfig => {
-                CommandReply::ok(serde_json::to_value(&state.settings).expect("json"))
-            }
+            Command::GetConfig => CommandReply::ok(Value::Object(state.settings.to_json())),
             Command::SetConfig => {
                 let patch = args.as_object().cloned().unwrap_or_default();
                 match state.settings.apply(&patch) {
                     Ok(next) => {
                         state.settings = next;
-                        CommandReply::ok(serde_json::to_value(&state.settings).expect("json"))
+                        CommandReply::ok(Value::Object(state.settings.to_json()))
                     }
                     Err(refused) => CommandReply {
                         ok: false,
