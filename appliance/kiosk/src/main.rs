@@ -3,6 +3,7 @@
 //! ```text
 //! kiosk --config /etc/diffusionx/kiosk.toml           # run
 //! kiosk --config /etc/diffusionx/kiosk.toml --check   # check config, model, certificates; exit
+//! kiosk --config /etc/diffusionx/kiosk.toml --check-config   # the file and what it names; exit
 //! ```
 //!
 //! systemd: `Type=notify` gets `READY=1` once the model is loaded and the first screen shown;
@@ -41,6 +42,10 @@ struct Args {
     /// Check the configuration, the model and the certificates, then exit.
     #[arg(long)]
     check: bool,
+    /// Check only the configuration file and the credential files it names (no model, no
+    /// devices: what provisioning runs on a new bundle before it keeps it), then exit.
+    #[arg(long, conflicts_with = "check")]
+    check_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +76,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
         // The files the agent reads when it connects: a broken CA, certificate, key or
         // password file fails here (and `--check`), not after the check said all is well.
         mqtt.check().context("the [mqtt] credentials")?;
+    }
+    if args.check_config {
+        if let Some(g) = &config.gateway {
+            for (key, path) in [
+                ("gateway.ca", &g.ca),
+                ("gateway.cert", &g.cert),
+                ("gateway.key", &g.key),
+            ] {
+                std::fs::read(path).with_context(|| format!("{key}: {}", path.display()))?;
+            }
+        }
+        tracing::info!("the configuration is usable");
+        return Ok(());
     }
     let mut engine_config = EngineConfig::default();
     if config.model.threads > 0 {

@@ -135,3 +135,50 @@ fn a_missing_touchscreen_or_keyboard_fails_the_check_naming_it() {
         "{log}"
     );
 }
+
+#[test]
+fn check_config_checks_the_file_and_its_credentials_without_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |path: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiosk"))
+            .arg("--config")
+            .arg(path)
+            .arg("--check-config")
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A model path that does not exist: the configuration alone is checked.
+    let path = config(dir.path(), "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let no_model = text.replace(&model().display().to_string(), "/nowhere/model");
+    std::fs::write(&path, &no_model).unwrap();
+    let (ok, log) = run(&path);
+    assert!(ok, "{log}");
+    assert!(log.contains("the configuration is usable"), "{log}");
+    // A typo in a key is refused, naming it.
+    std::fs::write(&path, no_model.replace("preview_steps", "preview_step")).unwrap();
+    let (ok, log) = run(&path);
+    assert!(!ok, "{log}");
+    assert!(log.contains("preview_step"), "{log}");
+    // A gateway key file that is not there.
+    let missing = dir.path().join("kiosk.key");
+    let gateway = format!(
+        "{no_model}\n[gateway]\naddress = \"127.0.0.1:4433\"\nserver_name = \"localhost\"\n\
+         ca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\ndevice_id = \"kiosk-1\"\n",
+        ca = path.display().to_string(),
+        cert = path.display().to_string(),
+        key = missing.display().to_string(),
+    );
+    std::fs::write(&path, gateway).unwrap();
+    let (ok, log) = run(&path);
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains(&format!("gateway.key: {}", missing.display())),
+        "{log}"
+    );
+}

@@ -34,8 +34,15 @@ fn the_recipes_crate_list_is_the_lockfiles() {
 
 const RECIPES: &str = "yocto/meta-diffusionx/recipes-diffusionx";
 
-/// Runs the image's provisioning script with its paths under `dir`; returns its stderr.
+/// Runs the image's provisioning script with its paths under `dir`, every bundle accepted;
+/// returns its stderr.
 fn provision(dir: &Path) -> String {
+    provision_with(dir, "true")
+}
+
+/// [`provision`] with `check` as the bundle check (`kiosk --check-config --config` on the
+/// image).
+fn provision_with(dir: &Path, check: &str) -> String {
     let script = root()
         .join(RECIPES)
         .join("diffusionx-kiosk/files/diffusionx-provision");
@@ -46,6 +53,7 @@ fn provision(dir: &Path) -> String {
         .env("DIFFUSIONX_DEFAULT", dir.join("factory.toml"))
         .env("DIFFUSIONX_OWNER", "")
         .env("DIFFUSIONX_BOOT_MOUNT", "")
+        .env("DIFFUSIONX_CHECK", check)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -179,6 +187,75 @@ fn provisioning_installs_the_factory_configuration_then_a_bundle_and_survives_a_
 }
 
 #[test]
+fn a_bundle_the_kiosk_would_refuse_leaves_the_working_configuration_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("factory.toml"), "factory = true\n").unwrap();
+    // The check: refuses a file with a typo, naming it, as `kiosk --check-config` does.
+    let check = root.join("check.sh");
+    std::fs::write(
+        &check,
+        "if grep -q typo \"$1\"; then echo 'kiosk: session.typo: unknown field' >&2; exit 1; fi\n",
+    )
+    .unwrap();
+    let check = format!("sh {}", check.display());
+    let config = root.join("data/etc");
+    let bundle = root.join("boot/diffusionx");
+    let refused = root.join("boot/diffusionx-refused.txt");
+    let drop_bundle = |toml: &str, key: &str| {
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::write(bundle.join("kiosk.toml"), toml).unwrap();
+        std::fs::write(bundle.join("kiosk.key"), key).unwrap();
+    };
+    drop_bundle("device = \"lobby-1\"\n", "KEY1\n");
+    let said = provision_with(root, &check);
+    assert!(said.contains("installed the bundle"), "{said}");
+    std::fs::create_dir_all(config.join("records")).unwrap();
+    std::fs::write(config.join("records/r.json"), "{}").unwrap();
+    let working = files(&config);
+
+    // A bundle with a typo: the working configuration and its records stay, the bundle (it
+    // holds a key) is deleted, and the reason waits on the boot partition.
+    drop_bundle("device = \"lobby-1\"\ntypo = 1\n", "KEY2\n");
+    let said = provision_with(root, &check);
+    assert_eq!(files(&config), working);
+    assert!(config.join("records/r.json").is_file());
+    assert!(!bundle.exists());
+    let why = std::fs::read_to_string(&refused).unwrap();
+    assert!(
+        why.starts_with("refused the bundle from ")
+            && why.ends_with(
+                "the previous configuration stays: kiosk: session.typo: unknown field\n"
+            ),
+        "{why}"
+    );
+    assert!(
+        said.contains("kiosk: session.typo: unknown field"),
+        "{said}"
+    );
+    assert!(!root.join("data/etc.old").exists() && !root.join("data/etc.refused").exists());
+
+    // A power cut after the swap, before the check and the bundle's deletion: the previous
+    // configuration goes back and the bundle is tried again.
+    drop_bundle("device = \"lobby-2\"\n", "KEY3\n");
+    std::fs::rename(&config, root.join("data/etc.old")).unwrap();
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::write(config.join("kiosk.toml"), "half").unwrap();
+    let said = provision_with(root, &check);
+    assert!(said.contains("undid an interrupted provisioning"), "{said}");
+    assert!(said.contains("installed the bundle"), "{said}");
+    assert_eq!(
+        files(&config),
+        [
+            ("kiosk.key".into(), "KEY3\n".into()),
+            ("kiosk.toml".into(), "device = \"lobby-2\"\n".into()),
+        ]
+    );
+    assert!(config.join("records/r.json").is_file(), "records kept");
+    assert!(!refused.exists(), "a kept bundle clears the old refusal");
+}
+
+#[test]
 fn the_image_recipes_agree_with_the_unit_the_factory_configuration_and_the_udev_rules() {
     let unit = read("appliance/kiosk/systemd/diffusionx-kiosk.service");
     let kiosk = read(&format!(
@@ -305,7 +382,7 @@ fn the_data_partition_is_mounted_after_the_volatile_var_lib_on_a_mount_point_the
         "{RECIPES}/diffusionx-kiosk/files/diffusionx-provision"
     ));
     let bundle_branch = script
-        .split("if [ -f \"$BUNDLE/kiosk.toml\" ]; then")
+        .split("\nif [ -f \"$BUNDLE/kiosk.toml\" ]; then")
         .nth(1)
         .and_then(|rest| rest.split("\nfi\n").next())
         .unwrap();
@@ -323,6 +400,11 @@ fn the_data_partition_is_mounted_after_the_volatile_var_lib_on_a_mount_point_the
         ]
     );
     assert!(script.contains("BOOT_MOUNT=\"${DIFFUSIONX_BOOT_MOUNT-/boot}\""));
+    // The bundle check is the kiosk's own, on the binary the recipe installs.
+    assert!(script.contains(
+        "CHECK=\"${DIFFUSIONX_CHECK-env NO_COLOR=1 RUST_LOG=error /usr/bin/kiosk \
+             --check-config --config}\""
+    ));
     assert!(image_conf.contains(&format!("RequiresMountsFor={mount_point}\n")));
     // The read-only root has the mount point: the kiosk recipe creates and packages it.
     let kiosk = read(&format!(
