@@ -13,7 +13,7 @@
 
 /// The sizes of a convolution: `batch` images of `channels x height x width` in, `out_channels`
 /// out, a `kernel x kernel` window with `padding` zeros on every side, stride 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     /// Images.
     pub batch: usize,

@@ -8,6 +8,8 @@
 //! - [`conv`]: stride-1 convolutions of NCHW images as one matrix product per band of output
 //!   lines, with the band's columns in a buffer the caller reuses and the product written
 //!   straight into the output (the gateway's 3x3 convolutions on the CPU).
+//! - [`mod@matmul`]: `c = a b` on strided views of plain slices (the kiosk's linear layers), with
+//!   every view checked against its slice before the product.
 //! - [`vmath`]: `exp` and the erf GELU in plain arithmetic, so that loops over them compile to
 //!   vector code, and run as AVX2 code where the CPU has it.
 //!
@@ -15,7 +17,9 @@
 
 pub mod attention;
 pub mod conv;
+pub mod matmul;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, QUERY_BLOCK, Scratch, View, ViewMut, attend};
 pub use conv::{Bands, ConvMismatch, ConvShape, conv2d};
+pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};
