@@ -281,7 +281,7 @@ fn f32_shape(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Vec<usi
 
 /// An einsum's axis labels per input and for its output, if each label appears at most once
 /// per operand and it has two inputs, one output, no quantization and runs in f32.
-fn labels(op: &EinSum) -> Option<([Vec<char>; 2], Vec<char>)> {
+pub(crate) fn labels(op: &EinSum) -> Option<([Vec<char>; 2], Vec<char>)> {
     if op.q_params.is_some() || op.operating_dt != f32::datum_type() {
         return None;
     }

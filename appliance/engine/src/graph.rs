@@ -10,6 +10,54 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::EngineError;
 
+/// Whose kernels run a graph's f32 matrix products (`"gemm"` or `"tract"` in configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Products {
+    /// The `gemm` crate's, through the engine's own nodes: stride-1 convolutions as banded
+    /// products ([`crate::band_convolutions`]) and the other products on strided views
+    /// ([`crate::gemm_products`]). On a 2-core AVX-512 Xeon a UNet call took 0.8x tract's time
+    /// (docs/benchmarks.md).
+    Gemm,
+    /// tract's own (its convolutions split along their input channels,
+    /// [`crate::split_wide_convolutions`]).
+    Tract,
+}
+
+impl Default for Products {
+    /// [`Products::Gemm`] on x86-64, where it was measured faster; [`Products::Tract`]
+    /// elsewhere until a board measures otherwise (tract's ARM kernels are written for the
+    /// kiosks' cores; `bench-edge --products` compares the two on the machine it runs on).
+    fn default() -> Self {
+        if cfg!(target_arch = "x86_64") {
+            Self::Gemm
+        } else {
+            Self::Tract
+        }
+    }
+}
+
+impl std::fmt::Display for Products {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Gemm => "gemm",
+            Self::Tract => "tract",
+        })
+    }
+}
+
+impl std::str::FromStr for Products {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gemm" => Ok(Self::Gemm),
+            "tract" => Ok(Self::Tract),
+            other => Err(format!("{other:?} is neither \"gemm\" nor \"tract\"")),
+        }
+    }
+}
+
 /// An ONNX graph and its plans, one per set of input shapes. tract needs seconds to optimize a
 /// UNet, so plans are built once (at start-up for the configured resolutions) and kept. The parsed
 /// ONNX model is not kept: its weights would sit in memory beside the optimized plan's packed
@@ -20,6 +68,7 @@ pub struct Graph {
     path: PathBuf,
     inputs: Vec<(String, Option<DatumType>, Option<usize>)>,
     outputs: Vec<String>,
+    products: Products,
     plans: Mutex<HashMap<Vec<TVec<usize>>, Arc<TypedSimplePlan>>>,
 }
 
@@ -72,8 +121,16 @@ impl Graph {
             path: path.to_path_buf(),
             inputs,
             outputs,
+            products: Products::default(),
             plans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The graph with its products run by `products`' kernels (plans built from now on).
+    pub fn with_products(mut self, products: Products) -> Self {
+        self.products = products;
+        self.plans = Mutex::new(HashMap::new());
+        self
     }
 
     /// The graph's name in errors (`unet`, `vae_decoder`, ...).
@@ -142,10 +199,19 @@ impl Graph {
             .into_typed()
             .and_then(|m| m.into_decluttered())
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
+        let gemm = self.products == Products::Gemm;
+        if gemm {
+            crate::conv::band_convolutions(&mut typed)
+                .map_err(|e| EngineError::tract(self.name, "banding convolutions", e))?;
+        }
         crate::split::split_wide_convolutions(&mut typed, crate::split::MAX_K)
             .map_err(|e| EngineError::tract(self.name, "splitting wide convolutions", e))?;
         crate::attention::fuse_attention(&mut typed)
             .map_err(|e| EngineError::tract(self.name, "fusing attention", e))?;
+        if gemm {
+            crate::linear::gemm_products(&mut typed)
+                .map_err(|e| EngineError::tract(self.name, "products by gemm", e))?;
+        }
         let mut optimized = im2col_convolutions()
             .map_err(|e| EngineError::tract(self.name, "configuring tract", e))?
             .enter(|| typed.into_optimized())

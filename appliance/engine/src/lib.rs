@@ -13,24 +13,29 @@
 
 mod attention;
 mod cache;
+mod conv;
 mod error;
 mod folder;
 mod graph;
+mod linear;
 /// tract's tensor type, for callers of [`Graph`].
 pub use tract_onnx::prelude::{DatumType, Tensor};
 pub mod npy;
 mod pipeline;
 mod preview;
+mod rewrite;
 mod split;
 mod weights;
 
 pub use attention::{Attention, fuse_attention};
+pub use conv::{BandedConv, MAX_COLUMNS_BYTES, band_convolutions};
 pub use diffusionx_text::{CONTEXT, ClipTokenizer, TokenizerError};
 pub use error::EngineError;
 pub use folder::{
     MANIFEST, Manifest, ModelFolder, Precision, TINY_VAE_DECODER, TOKENIZER_CONFIG, sha256_file,
 };
-pub use graph::Graph;
+pub use graph::{Graph, Products};
+pub use linear::{GemmProduct, gemm_products};
 pub use pipeline::{
     Decode, EngineConfig, Generation, Outcome, Pipeline, Progress, PromptFacts, Request, Start,
     Timings, set_threads,
@@ -62,6 +67,13 @@ mod test_support {
             group,
             q_params: None,
         }
+    }
+
+    /// `n` deterministic values in [-0.5, 0.5], different for each `seed`.
+    pub(crate) fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 211.0)
+            .collect()
     }
 
     /// The largest absolute difference between two equally long slices.

@@ -15,7 +15,7 @@ use tract_onnx::prelude::*;
 use crate::cache::TextCache;
 use crate::error::EngineError;
 use crate::folder::{ModelFolder, TINY_VAE_DECODER};
-use crate::graph::Graph;
+use crate::graph::{Graph, Products};
 use crate::preview::{RgbImage, decoded_to_rgb, latent_to_rgb};
 use diffusionx_text::{CONTEXT, ClipTokenizer};
 
@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub verify_hashes: bool,
     /// Prompts whose embeddings are kept between rounds.
     pub text_cache_entries: usize,
+    /// Whose kernels run the graphs' f32 matrix products.
+    pub products: Products,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +43,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             verify_hashes: true,
             text_cache_entries: 8,
+            products: Products::default(),
         }
     }
 }
@@ -225,6 +228,9 @@ impl Pipeline {
     pub fn load(root: &Path, config: &EngineConfig) -> Result<Self, EngineError> {
         let folder = ModelFolder::open(root, config.verify_hashes)?;
         set_threads(config.threads);
+        let load = |name, path: &Path| {
+            Graph::load(name, path).map(|graph| graph.with_products(config.products))
+        };
         let scheduler_path = folder.path("scheduler/scheduler_config.json");
         let text = std::fs::read_to_string(&scheduler_path)
             .map_err(|e| EngineError::io(&scheduler_path, e))?;
@@ -235,12 +241,12 @@ impl Pipeline {
             })?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_folder(&folder.path("tokenizer"))?,
-            text_encoder: Graph::load("text_encoder", &folder.path("text_encoder/model.onnx"))?,
-            unet: Graph::load("unet", &folder.path("unet/model.onnx"))?,
-            vae_decoder: Graph::load("vae_decoder", &folder.path("vae_decoder/model.onnx"))?,
+            text_encoder: load("text_encoder", &folder.path("text_encoder/model.onnx"))?,
+            unet: load("unet", &folder.path("unet/model.onnx"))?,
+            vae_decoder: load("vae_decoder", &folder.path("vae_decoder/model.onnx"))?,
             tiny_vae_decoder: folder
                 .tiny_vae_decoder()
-                .map(|path| Graph::load("tiny_vae_decoder", &path))
+                .map(|path| load("tiny_vae_decoder", &path))
                 .transpose()?,
             scheduler_config,
             text_cache: Mutex::new(TextCache::new(config.text_cache_entries)),

@@ -20,9 +20,11 @@
 //! The arithmetic is f32 throughout, so the result is the f32 graph's on the dequantized weights
 //! (tests: within rounding of the composition), and the activations are never quantized.
 //!
-//! Unsafe code: tract's aligned buffer for packed panels is allocated uninitialised, and read as
-//! f32 values (both blocks in [`DequantizePack::pack`]); the conversion into it uses AVX2
-//! intrinsics where the CPU has them (module `avx2`, each block with its bounds argument).
+//! Unsafe code: tract's aligned buffers for packed panels and for a dequantized weight are
+//! allocated uninitialised, and read as f32 values once written (both blocks in
+//! [`DequantizePack::pack`], one in the `eval` of [`DequantizeWeights`]); the conversion into
+//! the panels uses AVX2 intrinsics where the CPU has them (module `avx2`, each block with its
+//! bounds argument).
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -202,27 +204,61 @@ impl EvalOp for DequantizeWeights {
         let scales = scales.try_as_plain_ram()?;
         let scales = scales.as_slice::<f32>()?;
         let inner: usize = shape[self.axis + 1..].iter().product();
-        let mut out = Tensor::zero::<f32>(shape)?;
+        let channels = scales.len();
+        ensure!(
+            channels > 0 && q.len() % channels == 0,
+            "a weight dequantization of {} values with {channels} scales",
+            q.len()
+        );
+        // SAFETY: every value is written below before the tensor is read or returned (the parts
+        // of `for_each_part` cover `out`, and each part's rows are written whole), and f32 has
+        // no invalid bit patterns.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(shape)? };
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             let out = plain.as_slice_mut::<f32>()?;
-            let channels = scales.len();
-            // Rows of `inner` values share one scale; row r has channel r % channels.
-            for_each_part(out, inner.max(1), |first_row, part| {
-                for (r, (o, q)) in part
-                    .chunks_mut(inner.max(1))
-                    .zip(q[first_row * inner..].chunks(inner.max(1)))
-                    .enumerate()
-                {
-                    let s = scales[(first_row + r) % channels];
-                    for (o, q) in o.iter_mut().zip(q) {
-                        *o = *q as f32 * s;
+            if inner <= 1 {
+                // The channels are the last axis (a linear layer's `[in, out]` weight): each
+                // row of `channels` values times the scales, element by element.
+                for_each_part(out, channels, |first_row, part| {
+                    let q = &q[first_row * channels..];
+                    for (o, q) in part.chunks_mut(channels).zip(q.chunks(channels)) {
+                        for ((o, q), s) in o.iter_mut().zip(q).zip(scales) {
+                            *o = f32::from(*q) * s;
+                        }
                     }
-                }
-            });
+                });
+            } else {
+                // Rows of `inner` values share one scale; row r has channel r % channels.
+                for_each_part(out, inner, |first_row, part| {
+                    let q = &q[first_row * inner..];
+                    for (r, (o, q)) in part.chunks_mut(inner).zip(q.chunks(inner)).enumerate() {
+                        let s = scales[(first_row + r) % channels];
+                        for (o, q) in o.iter_mut().zip(q) {
+                            *o = f32::from(*q) * s;
+                        }
+                    }
+                });
+            }
         }
         Ok(tvec!(out.into_tvalue()))
     }
+}
+
+/// Whether `outlet` is a [`DequantizeWeights`]' output, directly or through ops of one input
+/// (the slices and reshapes tract puts between a weight and its product).
+pub(crate) fn dequantized(model: &TypedModel, mut outlet: OutletId) -> bool {
+    for _ in 0..8 {
+        let node = model.node(outlet.node);
+        if node.op_is::<DequantizeWeights>() {
+            return true;
+        }
+        match &*node.inputs {
+            [input] => outlet = *input,
+            _ => return false,
+        }
+    }
+    false
 }
 
 /// Runs `work(first_row, rows)` on parts of `out` (rows of `row` values) on tract's thread pool.
@@ -844,6 +880,18 @@ mod tests {
                 "{threads} threads: {worst} (scale {scale})"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn int8_weights_stay_with_tracts_products_under_the_gemm_passes() -> TractResult<()> {
+        let mut int8 = model(true)?;
+        assert_eq!(crate::band_convolutions(&mut int8)?, 0);
+        assert_eq!(crate::gemm_products(&mut int8)?, 0);
+        // The f32 graph's products are taken.
+        let mut f32_model = model(false)?;
+        assert_eq!(crate::band_convolutions(&mut f32_model)?, 1);
+        assert_eq!(crate::gemm_products(&mut f32_model)?, 1);
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use diffusionx_diffusion::{NoiseLevel, SchedulerKind};
 use diffusionx_engine::npy;
-use diffusionx_engine::{Decode, EngineConfig, Outcome, Pipeline, Request, Start};
+use diffusionx_engine::{Decode, EngineConfig, Outcome, Pipeline, Products, Request, Start};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
@@ -29,12 +29,13 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The committed tiny pipeline on one thread.
-fn tiny_pipeline() -> Pipeline {
+/// The committed tiny pipeline on one thread, its products on `products`' kernels.
+fn tiny_pipeline(products: Products) -> Pipeline {
     Pipeline::load(
         &fixtures().join("tiny-sd"),
         &EngineConfig {
             threads: 1,
+            products,
             ..EngineConfig::default()
         },
     )
@@ -64,8 +65,19 @@ const IMAGE_TOLERANCE: f32 = 1e-4;
 const AMPLIFIED_LATENT_TOLERANCE: f32 = 2e-4;
 
 #[test]
-fn every_reference_case_matches_diffusers() {
-    let pipeline = tiny_pipeline();
+fn every_reference_case_matches_diffusers_on_gemms_kernels() {
+    every_reference_case_matches_diffusers(Products::Gemm);
+}
+
+#[test]
+fn every_reference_case_matches_diffusers_on_tracts_kernels() {
+    every_reference_case_matches_diffusers(Products::Tract);
+}
+
+// Prints what each case reaches (the numbers in docs/kiosk.md), as the tests calling it may.
+#[allow(clippy::print_stdout)]
+fn every_reference_case_matches_diffusers(products: Products) {
+    let pipeline = tiny_pipeline(products);
     let reference = fixtures().join("tiny-sd-reference");
     // Python's json writes diffusers' `-Infinity` defaults, which are not JSON; no key read here
     // holds one.
@@ -179,7 +191,7 @@ fn every_reference_case_matches_diffusers() {
             .as_ref()
             .map(|img| max_abs_diff(img, &f32s(&dir, "image.npy")));
         println!(
-            "{name}: per-step max abs diff {step_diffs:?}, final {final_diff:e}, image {image_diff:?}"
+            "{products}: {name}: per-step max abs diff {step_diffs:?}, final {final_diff:e}, image {image_diff:?}"
         );
         assert!(
             step_diffs.iter().all(|d| *d <= latent_tolerance),
@@ -204,17 +216,20 @@ const TINY_DECODER_TOLERANCE: f32 = 1e-5;
 
 #[test]
 fn the_tiny_vae_decoder_matches_diffusers_autoencoder_tiny() {
-    let pipeline = tiny_pipeline();
     let dir = fixtures().join("tiny-sd-reference/tiny_vae_decoder");
     let latent = npy::read::<f32>(&dir.join("latent.npy")).unwrap();
     let expected = npy::read::<f32>(&dir.join("image.npy")).unwrap();
     // A 16 x 12 latent: not square, so a transposed plane would show.
     assert_eq!(latent.shape, [4, 16, 12]);
     assert_eq!(expected.shape, [3, 128, 96]);
-    let got = pipeline.decode_tiny(&latent.data, 16, 12).unwrap();
-    let diff = max_abs_diff(&got, &expected.data);
-    println!("tiny VAE decoder: max abs diff {diff:e}");
-    assert!(diff <= TINY_DECODER_TOLERANCE, "{diff:e}");
+    for products in [Products::Gemm, Products::Tract] {
+        let got = tiny_pipeline(products)
+            .decode_tiny(&latent.data, 16, 12)
+            .unwrap();
+        let diff = max_abs_diff(&got, &expected.data);
+        println!("{products}: tiny VAE decoder: max abs diff {diff:e}");
+        assert!(diff <= TINY_DECODER_TOLERANCE, "{products}: {diff:e}");
+    }
     // The reference has structure to compare (not a flat image).
     let mean = expected.data.iter().sum::<f32>() / expected.data.len() as f32;
     let spread = expected

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{
-    Decode, EngineConfig, Generation, Outcome, Pipeline, Precision, Request, Start, npy,
+    Decode, EngineConfig, Generation, Outcome, Pipeline, Precision, Products, Request, Start, npy,
 };
 
 fn fixtures() -> PathBuf {
@@ -153,16 +153,26 @@ fn weight_only_int8_unet_is_f32_on_its_weights_and_runs_from_int8_panels() {
 
     // Every weight is dequantized per call into the panels of its product; no dequantization
     // is left on its own (it would be an f32 copy of the weight) or folded into a constant.
-    let graph =
-        diffusionx_engine::Graph::load("unet", &fixtures().join(FOLDER).join("unet/model.onnx"))
-            .unwrap();
-    let ops = graph.profile(input.tensors(), false).unwrap();
-    let count = |name: &str| common::op_count(&ops, name);
-    assert_eq!(count("DiffusionxDequantizeWeights"), 0, "{ops:?}");
-    assert!(
-        count("DiffusionxDequantizePack") >= QUANTIZED_WEIGHTS,
-        "{ops:?}"
-    );
+    // With gemm's kernels too: int8 weights stay with tract's products.
+    for products in [Products::Gemm, Products::Tract] {
+        let graph = diffusionx_engine::Graph::load(
+            "unet",
+            &fixtures().join(FOLDER).join("unet/model.onnx"),
+        )
+        .unwrap()
+        .with_products(products);
+        let ops = graph.profile(input.tensors(), false).unwrap();
+        let count = |name: &str| common::op_count(&ops, name);
+        assert_eq!(
+            count("DiffusionxDequantizeWeights"),
+            0,
+            "{products}: {ops:?}"
+        );
+        assert!(
+            count("DiffusionxDequantizePack") >= QUANTIZED_WEIGHTS,
+            "{products}: {ops:?}"
+        );
+    }
 }
 
 /// How many weights onnx/quantize.py made int8 in the tiny UNet (its manifest's `details`).

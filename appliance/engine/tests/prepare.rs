@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use diffusionx_engine::{Graph, fuse_attention, split_wide_convolutions};
+use diffusionx_engine::{Graph, Products, fuse_attention, split_wide_convolutions};
 use tract_onnx::prelude::*;
 
 fn graph(name: &str) -> PathBuf {
@@ -166,15 +166,21 @@ fn a_vae_decoder_with_fused_attention_decodes_what_the_plain_one_does() {
 }
 
 #[test]
-fn the_tiny_vae_decoder_convolves_by_im2col_not_by_tract_direct_spatial_convolution() {
+fn the_tiny_vae_decoder_convolves_by_products_not_by_tract_direct_spatial_convolution() {
     // Its 8-channel 3x3 convolutions on 128- and 256-point rows are what tract 0.23 would give
-    // its direct spatial convolution (2.1x slower on the 64-channel full-size decoder).
-    let graph = Graph::load("tiny_vae_decoder", &graph("tiny_vae_decoder")).unwrap();
-    let ops = graph
-        .profile(vec![("latent_sample", values(&[1, 4, 32, 32], 1))], false)
-        .unwrap();
-    let count = |name: &str| common::op_count(&ops, name);
-    assert_eq!(count("DirectSpatialConv"), 0, "{ops:?}");
-    // All 35 convolutions (4 + 3 x 3 x 3 + 1 x 3 + 1) as matrix products.
-    assert_eq!(count("OptMatMul"), 35, "{ops:?}");
+    // its direct spatial convolution (2.1x slower on the 64-channel full-size decoder). All 35
+    // (4 + 3 x 3 x 3 + 1 x 3 + 1) are banded gemm products, or with tract's kernels im2col
+    // products.
+    for (products, banded, tracts) in [(Products::Gemm, 35, 0), (Products::Tract, 0, 35)] {
+        let graph = Graph::load("tiny_vae_decoder", &graph("tiny_vae_decoder"))
+            .unwrap()
+            .with_products(products);
+        let ops = graph
+            .profile(vec![("latent_sample", values(&[1, 4, 32, 32], 1))], false)
+            .unwrap();
+        let count = |name: &str| common::op_count(&ops, name);
+        assert_eq!(count("DirectSpatialConv"), 0, "{products}: {ops:?}");
+        assert_eq!(count("DiffusionxBandedConv"), banded, "{products}: {ops:?}");
+        assert_eq!(count("OptMatMul"), tracts, "{products}: {ops:?}");
+    }
 }

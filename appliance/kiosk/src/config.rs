@@ -152,6 +152,10 @@ pub struct ModelConfig {
     /// Threads for the engine; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
+    /// Whose kernels run the engine's f32 matrix products, `"gemm"` or `"tract"`; unset, the
+    /// engine's choice for this CPU (gemm on x86-64, tract elsewhere).
+    #[serde(default)]
+    pub products: Option<diffusionx_engine::Products>,
     /// What decodes a preview's picture (a local refinement always uses the VAE).
     #[serde(default)]
     pub preview_decoder: PreviewDecoder,

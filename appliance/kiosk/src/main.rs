@@ -94,6 +94,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
     if config.model.threads > 0 {
         engine_config.threads = config.model.threads;
     }
+    if let Some(products) = config.model.products {
+        engine_config.products = products;
+    }
     diffusionx_engine::set_threads(engine_config.threads);
     let pipeline = Pipeline::load(&config.model.path, &engine_config)
         .with_context(|| format!("loading the model {}", config.model.path.display()))?;

@@ -380,6 +380,24 @@ fn preview_decoders_follow_the_config_and_the_model_folder() {
 }
 
 #[test]
+fn the_engines_kernels_are_the_engines_choice_unless_the_config_names_them() {
+    use diffusionx_engine::Products;
+    assert_eq!(load(&example()).unwrap().model.products, None);
+    let with =
+        |line: &str| load(&example().replace("threads = 0", &format!("threads = 0\n{line}")));
+    assert_eq!(
+        with("products = \"tract\"").unwrap().model.products,
+        Some(Products::Tract)
+    );
+    assert_eq!(
+        with("products = \"gemm\"").unwrap().model.products,
+        Some(Products::Gemm)
+    );
+    let err = with("products = \"fast\"").unwrap_err();
+    assert!(err.contains("unknown variant `fast`"), "{err}");
+}
+
+#[test]
 fn the_kiosk_images_factory_configuration_parses_as_a_standalone_kiosk() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../yocto/meta-diffusionx/recipes-diffusionx/diffusionx-kiosk/files/kiosk.toml");

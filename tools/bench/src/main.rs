@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use diffusionx_diffusion::SchedulerKind;
 use diffusionx_engine::{
-    DatumType, Decode, EngineConfig, Graph, Outcome, Pipeline, Request, Start, Tensor,
+    DatumType, Decode, EngineConfig, Graph, Outcome, Pipeline, Products, Request, Start, Tensor,
 };
 use serde_json::{Value, json};
 
@@ -33,6 +33,10 @@ struct Args {
     /// Threads for both runtimes.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Whose kernels run the engine's f32 matrix products: `gemm` or `tract` (default: the
+    /// engine's for this CPU).
+    #[arg(long, default_value_t = Products::default(), value_parser = parse_products)]
+    products: Products,
     /// Timed runs per measurement (after one untimed warm-up run).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -169,7 +173,13 @@ fn main() -> Result<()> {
         let key = format!("{}:{}", spec.name, if spec.int8 { "int8" } else { "f32" });
         let model = if spec.int8 { &args.int8 } else { &args.f32 };
         eprintln!("bench {key} ...");
-        let ours = run_json(Command::new(&exe).args(child_args(&args, &key)))?;
+        let ours = run_json(
+            Command::new(&exe).args(child_args(&args, &key)).envs(
+                KIOSK_MALLOC
+                    .into_iter()
+                    .filter(|(k, _)| std::env::var_os(k).is_none()),
+            ),
+        )?;
         let theirs = if args.python.is_empty() {
             Value::Null
         } else {
@@ -190,6 +200,14 @@ fn main() -> Result<()> {
     append_report(&args, &rows)
 }
 
+/// glibc's malloc settings of the kiosk's systemd unit
+/// (`appliance/kiosk/systemd/diffusionx-kiosk.service`): the engine is measured as the kiosk
+/// runs it, unless the caller's environment sets them.
+const KIOSK_MALLOC: [(&str, &str); 2] = [
+    ("MALLOC_MMAP_THRESHOLD_", "33554432"),
+    ("MALLOC_TRIM_THRESHOLD_", "1073741824"),
+];
+
 fn child_args(args: &Args, key: &str) -> Vec<String> {
     vec![
         "--child".into(),
@@ -200,6 +218,8 @@ fn child_args(args: &Args, key: &str) -> Vec<String> {
         args.int8.display().to_string(),
         "--threads".into(),
         args.threads.to_string(),
+        "--products".into(),
+        args.products.to_string(),
         "--repeat".into(),
         args.repeat.to_string(),
     ]
@@ -272,7 +292,8 @@ fn child(args: &Args, key: &str) -> Result<Value> {
         let (size, batch) = rest.split_once("-b").context("unet-HxW-bB")?;
         let side: usize = size.split_once('x').context("HxW")?.0.parse()?;
         let batch: usize = batch.parse()?;
-        let graph = Graph::load("unet", &model.join("unet/model.onnx"))?;
+        let graph =
+            Graph::load("unet", &model.join("unet/model.onnx"))?.with_products(args.products);
         let hidden = 768;
         let timestep = match graph.input_rank("timestep") {
             Some(0) => tensor(&[], 501.0)?,
@@ -294,7 +315,8 @@ fn child(args: &Args, key: &str) -> Result<Value> {
                 .map_err(Into::into)
         })?
     } else if name == "text-encoder" {
-        let graph = Graph::load("text_encoder", &model.join("text_encoder/model.onnx"))?;
+        let graph = Graph::load("text_encoder", &model.join("text_encoder/model.onnx"))?
+            .with_products(args.products);
         let ids = || -> Result<Tensor> {
             let ids: Vec<i64> = (0..77)
                 .map(|i| if i == 0 { 49406 } else { 49407 })
@@ -316,7 +338,8 @@ fn child(args: &Args, key: &str) -> Result<Value> {
         })?
     } else if let Some((graph_name, px)) = decoder(name) {
         let side: usize = px.parse::<usize>()? / 8;
-        let graph = Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?;
+        let graph = Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?
+            .with_products(args.products);
         let latent = || tensor(&[1, 4, side, side], 0.3);
         graph.prepare(vec![("latent_sample", latent()?)])?;
         time(args.repeat, || {
@@ -334,6 +357,7 @@ fn child(args: &Args, key: &str) -> Result<Value> {
             threads: args.threads,
             verify_hashes: false,
             text_cache_entries: 0,
+            products: args.products,
         };
         let pipeline = Pipeline::load(model, &config)?;
         let guidance_scale = if mode == "cfg" { 7.5 } else { 1.0 };
@@ -388,7 +412,8 @@ fn profile(args: &Args, key: &str) -> Result<()> {
     let (graph, inputs): (Graph, Inputs) = if let Some((graph_name, px)) = decoder(name) {
         let side: usize = px.parse::<usize>()? / 8;
         (
-            Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?,
+            Graph::load(graph_name, &model.join(graph_name).join("model.onnx"))?
+                .with_products(args.products),
             Box::new(move || Ok(vec![("latent_sample", tensor(&[1, 4, side, side], 0.3)?)])),
         )
     } else {
@@ -399,7 +424,7 @@ fn profile(args: &Args, key: &str) -> Result<()> {
         let side: usize = size.split_once('x').context("HxW")?.0.parse()?;
         let batch: usize = batch.parse()?;
         (
-            Graph::load("unet", &model.join("unet/model.onnx"))?,
+            Graph::load("unet", &model.join("unet/model.onnx"))?.with_products(args.products),
             Box::new(move || {
                 Ok(vec![
                     ("sample", tensor(&[batch, 4, side, side], 0.5)?),
@@ -441,10 +466,11 @@ fn quantization(folder: &std::path::Path) -> String {
 fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
     let num = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
     let mut text = format!(
-        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --repeat {} --python {}{}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 ({})\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
+        "\n## Edge engine (tract) vs onnxruntime, {} thread(s)\n\n- machine: {}\n- command: `cargo run --release -p diffusionx-bench --bin bench-edge -- --threads {} --products {} --repeat {} --python {}{}`\n- graphs: full-size random-weight Tiny-SD (`onnx/make_fullsize.py`), f32 and int8 ({})\n- times: median of {} runs after a warm-up run, seconds per call; peak RSS of a process doing only that measurement; the engine under the kiosk unit's malloc settings (`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`)\n\n| measurement | precision | tract s | onnxruntime s | tract / ort | tract peak RSS MiB | ort peak RSS MiB |\n|---|---|---|---|---|---|---|\n",
         args.threads,
         machine(),
         args.threads,
+        args.products,
         args.repeat,
         if args.python.is_empty() {
             "''"
@@ -480,4 +506,8 @@ fn append_report(args: &Args, rows: &[(String, Value, Value)]) -> Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("appended {} rows to {}", rows.len(), args.out.display());
     Ok(())
+}
+
+fn parse_products(s: &str) -> Result<Products, String> {
+    s.parse()
 }

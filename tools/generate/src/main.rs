@@ -100,6 +100,10 @@ struct Args {
     /// Threads for tract's matrix products (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Whose kernels run the f32 matrix products: `gemm` or `tract` (default: the engine's
+    /// for this CPU).
+    #[arg(long, value_parser = |s: &str| s.parse::<diffusionx_engine::Products>())]
+    products: Option<diffusionx_engine::Products>,
     /// Skip the SHA-256 check of the model files.
     #[arg(long)]
     no_verify: bool,
@@ -142,6 +146,9 @@ fn main() -> Result<()> {
     };
     if let Some(threads) = args.threads {
         config.threads = threads;
+    }
+    if let Some(products) = args.products {
+        config.products = products;
     }
     let started = Instant::now();
     let pipeline = Pipeline::load(&args.model, &config)?;

@@ -1,0 +1,427 @@
+//! Graph preparation: f32 matrix products (linear layers, 1x1 convolutions) by the `gemm` crate.
+//!
+//! After [`crate::band_convolutions`], a UNet call's remaining matrix products are its linear
+//! layers: the attention projections, the feed-forward layers, and the 1x1 convolutions that
+//! tract's declutter turns into `EinSum`s (`proj_in`, `proj_out`, resnet shortcuts). [`gemm_products`]
+//! replaces each f32 two-input `EinSum` of concrete shapes whose summed axes are one run of
+//! memory in both inputs by one [`GemmProduct`] node: one product of the `gemm` crate per index
+//! of the axes it loops over (batch axes, and free axes it cannot merge), on views of the inputs
+//! as they lie, so that nothing is packed or transposed in the graph. The largest run of free
+//! axes contiguous in both the input and the output becomes the product's rows (a 1x1
+//! convolution's `h x w` pixels), the other input's the columns.
+//!
+//! Its inputs are the `EinSum`'s: a constant weight stays a constant node. A product of an int8
+//! weight ([`crate::DequantizeWeights`], through slices and reshapes) stays tract's, which
+//! converts the weight straight into the panels its kernels read.
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::einsum::EinSum;
+
+use diffusionx_kernels::{Matrix, MatrixMut, matmul};
+
+/// Replaces every f32 product of `model` that [`GemmProduct`] can run by one, and returns how
+/// many it replaced.
+pub fn gemm_products(model: &mut TypedModel) -> TractResult<usize> {
+    let mut replaced = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(einsum) = node.op_as::<EinSum>() else {
+            continue;
+        };
+        // An int8 weight stays with tract's product, which reads it straight into its panels
+        // (`pack_dequantized_weights`): a gemm product would need it written out as f32
+        // values per call first.
+        if node
+            .inputs
+            .iter()
+            .any(|&outlet| crate::weights::dequantized(model, outlet))
+        {
+            continue;
+        }
+        let op = {
+            let facts = model.node_input_facts(id)?;
+            GemmProduct::of(einsum, &facts, model.outlet_fact(id.into())?)
+        };
+        let Some(op) = op else {
+            continue;
+        };
+        let inputs = node.inputs.clone();
+        crate::rewrite::replace_node(model, id, op, &inputs)?;
+        replaced += 1;
+    }
+    Ok(replaced)
+}
+
+/// One axis the product loops over: its length and its stride in each input and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Loop {
+    len: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+/// A run of axes walked as one: its length and its stride in the two tensors it lies in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Run {
+    len: usize,
+    first: usize,
+    second: usize,
+}
+
+/// `c[..] = sum over k of a[..] b[..]` for two f32 inputs of fixed shapes: one `gemm` product of
+/// `rows x depth` by `depth x columns` per index of its loops.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GemmProduct {
+    shapes: [TVec<usize>; 3],
+    /// The rows: in `a` (first stride) and `c` (second).
+    rows: Run,
+    /// The summed axis: in `a` (first) and `b` (second).
+    depth: Run,
+    /// The columns: in `b` (first) and `c` (second).
+    columns: Run,
+    loops: Vec<Loop>,
+    /// The einsum it replaces, for the op's description.
+    expr: String,
+}
+
+/// Row-major strides of `shape`.
+fn strides(shape: &[usize]) -> TVec<usize> {
+    let mut strides: TVec<usize> = tvec![1; shape.len()];
+    for ix in (0..shape.len().saturating_sub(1)).rev() {
+        strides[ix] = strides[ix + 1] * shape[ix + 1];
+    }
+    strides
+}
+
+/// The longest run of `axes` (length, stride in one tensor, stride in the other) that lies
+/// contiguously in both tensors, and the axes outside it; axes of length 1 are dropped.
+fn longest_run(mut axes: Vec<(usize, usize, usize)>) -> (Run, Vec<(usize, usize, usize)>) {
+    axes.retain(|&(len, _, _)| len > 1);
+    axes.sort_by_key(|&(_, first, _)| first);
+    let mut best: Option<(usize, usize)> = None;
+    let mut best_len = 1;
+    for start in 0..axes.len() {
+        let (mut len, first, second) = axes[start];
+        let mut end = start + 1;
+        while end < axes.len() && axes[end].1 == len * first && axes[end].2 == len * second {
+            len *= axes[end].0;
+            end += 1;
+        }
+        if len > best_len {
+            best_len = len;
+            best = Some((start, end));
+        }
+    }
+    match best {
+        None => (
+            Run {
+                len: 1,
+                first: 0,
+                second: 0,
+            },
+            axes,
+        ),
+        Some((start, end)) => {
+            let run = Run {
+                len: best_len,
+                first: axes[start].1,
+                second: axes[start].2,
+            };
+            let rest = axes[..start].iter().chain(&axes[end..]).copied().collect();
+            (run, rest)
+        }
+    }
+}
+
+impl GemmProduct {
+    /// The op for `einsum` on inputs `facts` with output `out`, or `None` when it is not a
+    /// product this op runs.
+    fn of(einsum: &EinSum, facts: &[&TypedFact], out: &TypedFact) -> Option<Self> {
+        let ([a, b], c) = crate::attention::labels(einsum)?;
+        let f32_ = f32::datum_type();
+        if facts.len() != 2 || facts.iter().any(|f| f.datum_type != f32_) || out.datum_type != f32_
+        {
+            return None;
+        }
+        let shape = |f: &TypedFact| f.shape.as_concrete().map(TVec::from_slice);
+        let shapes = [shape(facts[0])?, shape(facts[1])?, shape(out)?];
+        let st = [
+            strides(&shapes[0]),
+            strides(&shapes[1]),
+            strides(&shapes[2]),
+        ];
+        let (mut rows, mut depth, mut columns, mut batch) = (vec![], vec![], vec![], vec![]);
+        let labels = [&a, &b, &c];
+        let mut seen: Vec<char> = a.iter().chain(&b).chain(&c).copied().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for label in seen {
+            let at: Vec<Option<usize>> = labels
+                .iter()
+                .map(|l| l.iter().position(|&x| x == label))
+                .collect();
+            let len = |t: usize| at[t].map(|ix| shapes[t][ix]);
+            let stride = |t: usize| at[t].map_or(0, |ix| st[t][ix]);
+            let lens: Vec<usize> = (0..3).filter_map(len).collect();
+            if lens.iter().any(|&l| l != lens[0]) {
+                return None; // broadcasting
+            }
+            let n = lens[0];
+            match (at[0].is_some(), at[1].is_some(), at[2].is_some()) {
+                (true, true, false) => depth.push((n, stride(0), stride(1))),
+                (true, false, true) => rows.push((n, stride(0), stride(2))),
+                (false, true, true) => columns.push((n, stride(1), stride(2))),
+                (true, true, true) => batch.push(Loop {
+                    len: n,
+                    a: stride(0),
+                    b: stride(1),
+                    c: stride(2),
+                }),
+                // An axis summed in one input only, or in the output only: not a product.
+                _ if n == 1 => {}
+                _ => return None,
+            }
+        }
+        let (depth, rest) = longest_run(depth);
+        if !rest.is_empty() {
+            return None;
+        }
+        let (rows, row_loops) = longest_run(rows);
+        let (columns, column_loops) = longest_run(columns);
+        let mut loops = batch;
+        loops.retain(|l| l.len > 1);
+        loops.extend(
+            row_loops
+                .into_iter()
+                .map(|(len, a, c)| Loop { len, a, b: 0, c }),
+        );
+        loops.extend(
+            column_loops
+                .into_iter()
+                .map(|(len, b, c)| Loop { len, a: 0, b, c }),
+        );
+        Some(Self {
+            shapes,
+            rows,
+            depth,
+            columns,
+            loops,
+            expr: format!("{}", einsum.axes),
+        })
+    }
+}
+
+impl Op for GemmProduct {
+    fn name(&self) -> StaticName {
+        "DiffusionxGemmProduct".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{}: {}x{} by {}x{}, {} products",
+            self.expr,
+            self.rows.len,
+            self.depth.len,
+            self.depth.len,
+            self.columns.len,
+            self.loops.iter().map(|l| l.len).product::<usize>()
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for GemmProduct {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(
+            inputs.len() == 2
+                && inputs.iter().all(|f| f.datum_type == f32::datum_type())
+                && inputs[0].shape.as_concrete() == Some(&self.shapes[0][..])
+                && inputs[1].shape.as_concrete() == Some(&self.shapes[1][..]),
+            "a gemm product takes two f32 inputs of its shapes"
+        );
+        Ok(tvec!(f32::fact(&*self.shapes[2])))
+    }
+
+    as_op!();
+}
+
+impl EvalOp for GemmProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let [a, b] = &*inputs else {
+            bail!("a gemm product with {} inputs", inputs.len());
+        };
+        let a = a.try_as_plain_ram()?;
+        let a = a.as_slice::<f32>()?;
+        let b = b.try_as_plain_ram()?;
+        let b = b.as_slice::<f32>()?;
+        let mut output = Tensor::zero::<f32>(&self.shapes[2])?;
+        {
+            let mut plain = output.try_as_plain_ram_mut()?;
+            let c = plain.as_slice_mut::<f32>()?;
+            let run = |threads: usize, c: &mut [f32]| self.products(a, b, c, threads);
+            crate::rewrite::on_tract_threads(|threads| run(threads, c))?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl GemmProduct {
+    /// Every product, one per index of the loops.
+    fn products(&self, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) -> TractResult<()> {
+        let mut index = vec![0; self.loops.len()];
+        loop {
+            let (mut oa, mut ob, mut oc) = (0, 0, 0);
+            for (l, &i) in self.loops.iter().zip(&index) {
+                oa += i * l.a;
+                ob += i * l.b;
+                oc += i * l.c;
+            }
+            let lhs = Matrix {
+                data: a.get(oa..).context("a gemm product's input is short")?,
+                rows: self.rows.len,
+                columns: self.depth.len,
+                row_stride: self.rows.first,
+                column_stride: self.depth.first,
+            };
+            let rhs = Matrix {
+                data: b.get(ob..).context("a gemm product's input is short")?,
+                rows: self.depth.len,
+                columns: self.columns.len,
+                row_stride: self.depth.second,
+                column_stride: self.columns.first,
+            };
+            let out = MatrixMut {
+                data: c
+                    .get_mut(oc..)
+                    .context("a gemm product's output is short")?,
+                rows: self.rows.len,
+                columns: self.columns.len,
+                row_stride: self.rows.second,
+                column_stride: self.columns.second,
+            };
+            matmul(lhs, rhs, out, false, threads).map_err(|e| format_err!("{e}"))?;
+            // The next index, last loop fastest.
+            let mut ix = self.loops.len();
+            loop {
+                if ix == 0 {
+                    return Ok(());
+                }
+                ix -= 1;
+                index[ix] += 1;
+                if index[ix] < self.loops[ix].len {
+                    break;
+                }
+                index[ix] = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::values;
+
+    /// A model of one `expr` product of two inputs of these shapes (the second a constant with
+    /// `weight`), and its inputs.
+    fn model(
+        expr: &str,
+        a: &[usize],
+        b: &[usize],
+        weight: bool,
+    ) -> TractResult<(TypedModel, TVec<Tensor>)> {
+        let mut model = TypedModel::default();
+        let ta = Tensor::from_shape(a, &values(a.iter().product(), 1))?;
+        let tb = Tensor::from_shape(b, &values(b.iter().product(), 2))?;
+        let xa = model.add_source("a", f32::fact(a))?;
+        let (xb, inputs) = match weight {
+            true => (model.add_const("b", tb)?, tvec![ta]),
+            false => (model.add_source("b", f32::fact(b))?, tvec![ta, tb]),
+        };
+        let y = model.wire_node(
+            "product",
+            EinSum::new(expr.parse()?, f32::datum_type()),
+            &[xa, xb],
+        )?;
+        model.select_output_outlets(&y)?;
+        Ok((model, inputs))
+    }
+
+    fn run(model: TypedModel, inputs: &TVec<Tensor>) -> TractResult<(Vec<usize>, Vec<f32>)> {
+        let plan = model.into_optimized()?.into_runnable()?;
+        let values = inputs.iter().map(|t| t.clone().into_tvalue()).collect();
+        let out = plan.run(values)?.remove(0).into_tensor();
+        let data = out.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        Ok((out.shape().to_vec(), data))
+    }
+
+    fn count(model: &TypedModel) -> usize {
+        model
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<GemmProduct>())
+            .count()
+    }
+
+    /// An expression, its two input shapes, whether the second is a constant weight, and how
+    /// many products it takes.
+    type Case = (
+        &'static str,
+        &'static [usize],
+        &'static [usize],
+        bool,
+        usize,
+    );
+
+    #[test]
+    fn gemm_products_compute_what_tracts_einsums_do() -> TractResult<()> {
+        let cases: [Case; 7] = [
+            // A linear layer, its weight as stored by torch (transposed), a 1x1 convolution.
+            ("bsk,kn->bsn", &[2, 13, 24], &[24, 9], true, 1),
+            ("bsk,nk->bsn", &[1, 13, 24], &[9, 24], true, 1),
+            ("bchw,oc->bohw", &[2, 12, 5, 7], &[10, 12], true, 2),
+            // Batched products of two activations, the batch axis outside and inside.
+            ("bmk,bkn->bmn", &[3, 11, 6], &[3, 6, 5], false, 3),
+            ("mbk,bkn->bmn", &[11, 3, 6], &[3, 6, 5], false, 3),
+            // Free axes that do not merge into one run: loops over the others.
+            ("hwk,kn->whn", &[4, 5, 6], &[6, 7], true, 4),
+            // A product with one column.
+            ("bsk,k->bs", &[2, 13, 24], &[24], true, 1),
+        ];
+        for (expr, a, b, weight, products) in cases {
+            let (model, inputs) = model(expr, a, b, weight)?;
+            let expected = run(model.clone(), &inputs)?;
+            let mut ours = model;
+            assert_eq!(gemm_products(&mut ours)?, 1, "{expr}");
+            assert_eq!(count(&ours), 1, "{expr}");
+            let op = ours
+                .nodes()
+                .iter()
+                .find_map(|n| n.op_as::<GemmProduct>())
+                .unwrap();
+            let loops: usize = op.loops.iter().map(|l| l.len).product();
+            assert_eq!(loops, products, "{expr}: {op:?}");
+            let got = run(ours, &inputs)?;
+            assert_eq!(got.0, expected.0, "{expr}");
+            let worst = crate::test_support::largest_difference(&got.1, &expected.1);
+            assert!(worst < 1e-5, "{expr}: differs by {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sums_over_axes_that_are_not_one_run_are_left_to_tract() -> TractResult<()> {
+        // k and l lie in opposite orders in the two inputs: no single depth stride.
+        let (mut crossed, _) = model("akl,lkb->ab", &[3, 4, 5], &[5, 4, 2], true)?;
+        assert_eq!(gemm_products(&mut crossed)?, 0);
+        // Broadcasting an axis of length 1 against 3.
+        let (mut broadcast, _) = model("bk,bkn->bn", &[1, 4], &[3, 4, 2], false)?;
+        assert_eq!(gemm_products(&mut broadcast)?, 0);
+        Ok(())
+    }
+}
