@@ -17,7 +17,7 @@
 //! into it. Convolutions it does not take (int8, strided, grouped, dilated, unevenly padded)
 //! stay tract's, and [`crate::split_wide_convolutions`] still splits the wide ones.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -207,7 +207,7 @@ impl TypedOp for BandedConv {
 
 thread_local! {
     /// Each thread's buffer for a band's columns, kept from call to call.
-    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static COLUMNS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 impl EvalOp for BandedConv {
@@ -257,13 +257,18 @@ impl EvalOp for BandedConv {
             let mut plain = output.try_as_plain_ram_mut()?;
             let out = plain.as_slice_mut::<f32>()?;
             let run = |threads: usize, out: &mut [f32]| {
-                COLUMNS.with_borrow_mut(|columns| {
-                    let bands = Bands {
-                        max_columns_bytes: MAX_COLUMNS_BYTES,
-                        threads,
-                    };
-                    conv2d(x, self.shape, weight, bias, out, bands, columns)
-                })
+                // The buffer is taken out of the thread's slot for the call, not borrowed:
+                // while this thread waits on the convolution's parallel work, rayon may run
+                // another convolution on it (another graph in the same pool), which then finds
+                // the slot empty and uses a buffer of its own.
+                let mut columns = COLUMNS.take();
+                let bands = Bands {
+                    max_columns_bytes: MAX_COLUMNS_BYTES,
+                    threads,
+                };
+                let done = conv2d(x, self.shape, weight, bias, out, bands, &mut columns);
+                COLUMNS.set(columns);
+                done
             };
             crate::rewrite::on_tract_threads(|threads| run(threads, out))
                 .map_err(|e| format_err!("{e}"))?;
