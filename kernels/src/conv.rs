@@ -7,9 +7,9 @@
 //! product adds to them). Nothing else is allocated, copied or passed over: no padded input,
 //! no stacked views, no concatenation of bands, no separate bias pass.
 //!
-//! The product is the `gemm` crate's (candle's own CPU kernels) through the module's one
-//! `unsafe` call, after the checks that keep every index it touches inside its slice.
-#![allow(unsafe_code)]
+//! The product is the `gemm` crate's (candle's own CPU kernels) through [`crate::matmul()`],
+//! which checks every index it touches and, below [`crate::matmul::SPLIT_ROWS`] output channels,
+//! gives each thread a share of the band's pixels.
 
 /// The sizes of a convolution: `batch` images of `channels x height x width` in, `out_channels`
 /// out, a `kernel x kernel` window with `padding` zeros on every side, stride 1.
@@ -44,7 +44,31 @@ impl ConvShape {
     fn depth(&self) -> usize {
         self.channels * self.kernel * self.kernel
     }
+
+    /// The bound on a band's columns ([`Bands::max_columns_bytes`]) for this convolution:
+    /// [`CACHE_BAND_BYTES`] when its f32 weights take no more, else `large`.
+    ///
+    /// Each band's product reads all the weights again, and a band's columns are written and
+    /// read once. With large weights (a UNet's: 3.7-118 MB) few large bands read them least;
+    /// with small ones (a tiny decoder's 64 channels: 147 KB, read from the cache) bands that
+    /// stay in the cache save the columns' trip through memory.
+    pub fn band_bytes(&self, large: usize) -> usize {
+        let weights = self.out_channels * self.depth() * size_of::<f32>();
+        match weights <= CACHE_BAND_BYTES {
+            true => CACHE_BAND_BYTES,
+            false => large,
+        }
+    }
 }
+
+/// A band's columns for a convolution whose weights take no more ([`ConvShape::band_bytes`]).
+/// Measured on a 2-core AMD EPYC (Zen 3: 512 KiB L2 per core, 32 MiB L3), two threads: the
+/// full-size tiny decoder at 256 px (`bench-edge --child tiny-decode-256:f32 --threads 2`) with
+/// bands of 0.5 MiB 0.40 s, 2 MiB 0.38 s, 8 MiB 0.51 s, 32 MiB 0.60 s; single convolutions, 2
+/// against 32 MiB: 128 -> 128 channels at 512x512 786 / 914 ms, 128 -> 3 at 512x512 90 / 290 ms;
+/// 512 -> 512 at 64x64 (9.4 MB of weights) 209 / 192 ms, which is why large weights keep large
+/// bands.
+pub const CACHE_BAND_BYTES: usize = 2 << 20;
 
 /// A slice of [`conv2d`] does not have the length its shape gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +238,9 @@ fn fill_columns(
 }
 
 /// `dst[o, j] += weight[o, :] . cols[:, j]` for every output channel `o` and the band's `n`
-/// output pixels `j`; output channel `o`'s band starts at `dst[o * plane]`.
+/// output pixels `j`; output channel `o`'s band starts at `dst[o * plane]`. By
+/// [`crate::matmul()`]: with fewer output channels than [`crate::matmul::SPLIT_ROWS`] (a tiny decoder's
+/// 64), each thread takes a share of the band's pixels instead of gemm splitting the channels.
 fn band_product(
     shape: &ConvShape,
     weight: &[f32],
@@ -224,43 +250,33 @@ fn band_product(
     plane: usize,
     threads: usize,
 ) {
+    use crate::matmul::{Matrix, MatrixMut, matmul};
     let (m, k) = (shape.out_channels, shape.depth());
-    // The callers' slices: weights m x k, columns k x n, and m bands of n values `plane` apart.
-    assert!(weight.len() >= m * k && cols.len() >= k * n && n <= plane);
-    assert!(dst.len() >= (m - 1) * plane + n);
-    let parallelism = match threads {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
+    let a = Matrix {
+        data: weight,
+        rows: m,
+        columns: k,
+        row_stride: k,
+        column_stride: 1,
     };
-    // Strides no larger than the slices' lengths fit an isize.
-    let s = |v: usize| v as isize;
-    // SAFETY: the asserts above keep every index the product reads (weight: i * k + l; cols:
-    // l * n + j) or reads and writes (dst: i * plane + j), for i < m, l < k, j < n, inside its
-    // slice; `dst` is borrowed mutably, so it aliases neither input; it is initialised (the
-    // bias), so reading it (`read_dst`) reads values.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            s(plane),
-            true,
-            weight.as_ptr(),
-            1,
-            s(k),
-            cols.as_ptr(),
-            1,
-            s(n),
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    let b = Matrix {
+        data: cols,
+        rows: k,
+        columns: n,
+        row_stride: n,
+        column_stride: 1,
+    };
+    let c = MatrixMut {
+        data: dst,
+        rows: m,
+        columns: n,
+        row_stride: plane,
+        column_stride: 1,
+    };
+    // The callers' slices hold weights m x k, columns k x n and m bands of n <= plane values
+    // `plane` apart, so the views fit and the bands do not overlap.
+    matmul(a, b, c, true, threads.max(1))
+        .expect("conv2d checked the slices' lengths against its shape");
 }
 
 #[cfg(test)]
@@ -331,13 +347,34 @@ mod tests {
     }
 
     #[test]
+    fn small_weights_take_bands_that_stay_in_the_cache() {
+        const LARGE: usize = 32 << 20;
+        let at = |c, o, k| shape(1, c, 256, 256, o, k, k / 2).band_bytes(LARGE);
+        // A tiny decoder's 64 -> 64 (147 KB of weights), a VAE decoder's 128 -> 128 (590 KB)
+        // and its last 128 -> 3; a UNet's smallest 320 -> 320 (3.7 MB) and 1280 -> 1280.
+        assert_eq!(at(64, 64, 3), CACHE_BAND_BYTES);
+        assert_eq!(at(128, 128, 3), CACHE_BAND_BYTES);
+        assert_eq!(at(128, 3, 3), CACHE_BAND_BYTES);
+        assert_eq!(at(320, 320, 3), LARGE);
+        assert_eq!(at(1280, 1280, 3), LARGE);
+        // The bound is the weights' bytes: 2 MiB of f32 exactly, then one output channel more.
+        assert_eq!(at(1024, 512, 1), CACHE_BAND_BYTES);
+        assert_eq!(at(1024, 513, 1), LARGE);
+    }
+
+    #[test]
     fn convolves_as_the_definition_in_bands_and_whole() -> Result<(), ConvMismatch> {
+        use crate::matmul::{MIN_SHARE, SPLIT_ROWS};
+        const { assert!(5 < SPLIT_ROWS && 17 * 23 >= 2 * MIN_SHARE) };
         let cases = [
             shape(2, 5, 13, 11, 7, 3, 1),
             shape(1, 3, 6, 9, 4, 3, 0),
             shape(3, 4, 5, 5, 2, 1, 0),
             shape(1, 2, 4, 3, 3, 3, 2),
             shape(1, 16, 9, 17, 8, 3, 1),
+            // 391 pixels in one band with two threads: each thread takes a share of the pixels
+            // (5 output channels, fewer than SPLIT_ROWS), split in the middle of a line.
+            shape(1, 3, 17, 23, 5, 3, 1),
         ];
         for (i, s) in cases.into_iter().enumerate() {
             let (ho, wo) = s.output().expect("an output");

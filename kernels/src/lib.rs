@@ -21,5 +21,5 @@ pub mod matmul;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, QUERY_BLOCK, Scratch, View, ViewMut, attend};
-pub use conv::{Bands, ConvMismatch, ConvShape, conv2d};
+pub use conv::{Bands, CACHE_BAND_BYTES, ConvMismatch, ConvShape, conv2d};
 pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};

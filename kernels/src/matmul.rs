@@ -170,7 +170,7 @@ pub fn matmul(
 pub const SPLIT_ROWS: usize = 256;
 
 /// The fewest columns a thread's share has.
-const MIN_SHARE: usize = 64;
+pub(crate) const MIN_SHARE: usize = 64;
 
 /// A pointer the threads of one [`matmul`] share; each writes its own columns through it.
 #[derive(Clone, Copy)]

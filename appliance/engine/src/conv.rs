@@ -9,6 +9,9 @@
 //! buffer each thread keeps and one product of the `gemm` crate (blocked over `k`, AVX-512 where
 //! the CPU has it) written onto output lines that already hold the bias. The arithmetic is the
 //! convolution's; the order of the additions differs (tests: within 1e-4 of tract's, relative).
+//! A convolution with small weights (a tiny decoder's) takes bands that stay in the cache
+//! ([`diffusionx_kernels::ConvShape::band_bytes`]), and with fewer than 256 output channels each
+//! thread takes a share of a band's pixels.
 //!
 //! The weights are a constant of the op, or an f32 input computed per call (a weight tract did
 //! not fold, such as a large cast). An int8 graph's weights ([`crate::DequantizeWeights`]) stay
@@ -263,7 +266,7 @@ impl EvalOp for BandedConv {
                 // the slot empty and uses a buffer of its own.
                 let mut columns = COLUMNS.take();
                 let bands = Bands {
-                    max_columns_bytes: MAX_COLUMNS_BYTES,
+                    max_columns_bytes: self.shape.band_bytes(MAX_COLUMNS_BYTES),
                     threads,
                 };
                 let done = conv2d(x, self.shape, weight, bias, out, bands, &mut columns);

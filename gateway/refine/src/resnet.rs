@@ -29,7 +29,9 @@ use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
 /// The most bytes one stacked-views buffer may take; a batch whose buffer would be larger is
 /// convolved a slice of rows at a time, an image larger still a band of output lines at a time.
 /// Measured on the benchmark machine (full-size SD v1.5 VAE decode at 512 px, one image): 128
-/// MiB 39.5 s, 32 MiB 31.2 s, 8 MiB 35.2 s; the UNet at 64x64 moved by under 2%.
+/// MiB 39.5 s, 32 MiB 31.2 s, 8 MiB 35.2 s; the UNet at 64x64 moved by under 2%. A
+/// convolution whose weights take 2 MiB or less (the VAE decoder's 128-channel ones) takes bands
+/// that stay in the cache instead ([`ConvShape::band_bytes`]).
 const MAX_COLUMNS_BYTES: usize = 32 << 20;
 
 /// The same bound on a GPU, where the columns of a 16-row call at 64x64 (377 MiB in f16) fit.
@@ -209,7 +211,7 @@ impl CpuConv {
         let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
         let mut out = vec![0f32; batch * out_channels * ho * wo];
         let bands = Bands {
-            max_columns_bytes: self.max_bytes,
+            max_columns_bytes: shape.band_bytes(self.max_bytes),
             threads: candle_core::utils::get_num_threads(),
         };
         let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
