@@ -1,7 +1,8 @@
 //! CPU kernels both engines share: the kiosk's (tract) and the gateway's (candle).
 //!
-//! - [`attention`]: `softmax(q kᵀ) v` for a block of queries of one head, with the block's scores
-//!   in a buffer the caller reuses instead of the whole score matrix in memory, on strided views
+//! - [`attention`]: `softmax(q kᵀ) v` for a block of queries of one head, without the whole
+//!   score matrix in memory (on AVX2 and FMA, register tiles and an online softmax over chunks
+//!   of keys; elsewhere the block's scores in a buffer the caller reuses), on strided views
 //!   so that each engine passes its tensors as they lie (the gateway `[heads, tokens, width]`,
 //!   the kiosk's ONNX graphs `[batch, tokens, heads, width]`). Each engine splits the blocks
 //!   over its own threads.
@@ -20,6 +21,6 @@ pub mod conv;
 pub mod matmul;
 pub mod vmath;
 
-pub use attention::{OutOfBounds, QUERY_BLOCK, Scratch, View, ViewMut, attend};
+pub use attention::{OutOfBounds, Scratch, View, ViewMut, attend, query_block};
 pub use conv::{Bands, CACHE_BAND_BYTES, ConvMismatch, ConvShape, conv2d};
 pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};

@@ -11,7 +11,8 @@
 //!
 //! [`fuse_attention`] replaces each such triple by one [`Attention`] node: blocks of queries of
 //! one batch row, all heads, per task, computed by the kernel the gateway shares
-//! ([`diffusionx_kernels::attend`]: scores in a reused buffer, exponentials in vector code),
+//! ([`diffusionx_kernels::attend`]: on AVX2 and FMA register tiles over chunks of keys with an
+//! online softmax, elsewhere scores in a reused buffer; exponentials in vector code),
 //! tasks dealt out to tract's own thread pool. It reads q, k and v where they lie (any order of
 //! axes, from the products' axis labels) and writes the output in the layout the second
 //! product had, so nothing around it changes. The arithmetic is the composition's; summation
@@ -25,7 +26,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 
-use diffusionx_kernels::{QUERY_BLOCK, Scratch, View, ViewMut, attend};
+use diffusionx_kernels::{Scratch, View, ViewMut, attend, query_block};
 
 /// Replaces every f32 `EinSum -> Softmax -> EinSum` attention of `model` by one [`Attention`]
 /// node and returns how many it replaced. A triple is left alone unless the scores and the
@@ -162,10 +163,10 @@ impl Attention {
             Executor::MultiThread(pool) => pool.current_num_threads(),
             Executor::RayonGlobal => rayon::current_num_threads(),
         };
-        // Blocks of at most QUERY_BLOCK queries, more of them when there are too few tasks to
+        // Blocks of at most `query_block()` queries, more of them when there are too few tasks to
         // keep every thread busy (a small latent, one batch row).
         let blocks = n
-            .div_ceil(QUERY_BLOCK)
+            .div_ceil(query_block())
             .max(threads.div_ceil(outer_count.max(1)))
             .min(n.max(1));
         let block = n.div_ceil(blocks).max(1);

@@ -5,15 +5,16 @@
 //! (8 heads, 2 rows) in every self-attention layer, written by one product, read and written by
 //! the softmax (whose `expf` is a libm call per element) and read again by the next product, all
 //! in fresh pages. On the CPU in f32 this module instead deals blocks of
-//! [`QUERY_BLOCK`] queries of one head out to the threads, each computed by the kernel the kiosk
-//! shares, [`diffusionx_kernels::attend`] (scores in a buffer the thread reuses, exponentials in
+//! [`query_block`] queries of one head out to the threads, each computed by the kernel the kiosk
+//! shares, [`diffusionx_kernels::attend`] (on AVX2 and FMA register tiles over chunks of keys
+//! with an online softmax, elsewhere scores in a buffer the thread reuses; exponentials in
 //! vector code, the division moved to the output rows; within 2e-6 of candle's composition).
 //!
 //! Elsewhere (GPUs, f16 and bf16) it is the composition, with the softmax of
 //! [`crate::fused::softmax_last_dim`].
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use diffusionx_kernels::{QUERY_BLOCK, Scratch, View, ViewMut, attend};
+use diffusionx_kernels::{Scratch, View, ViewMut, attend, query_block};
 
 use crate::fused::softmax_last_dim;
 
@@ -63,7 +64,7 @@ impl CustomOp3 for CpuAttention {
         let (q, k, v) = (values(sq, lq)?, values(sk, lk)?, values(sv, lv)?);
         let (b, n, d) = lq.shape().dims3()?;
         let (_, m, e) = lv.shape().dims3()?;
-        let qb = QUERY_BLOCK;
+        let qb = query_block();
         let mut out = vec![0f32; b * n * e];
         // Tasks are (row-head, block of queries), dealt out in order to the threads.
         let blocks = n.div_ceil(qb);
