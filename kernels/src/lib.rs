@@ -19,6 +19,8 @@
 pub mod attention;
 pub mod conv;
 pub mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, Scratch, View, ViewMut, attend, query_block};

@@ -20,7 +20,7 @@
 //! of the block while they are in L2 (hence blocks of 512 queries, [`super::query_block`]); a
 //! group's scores for the chunk (16 KiB) stay in L1. At the end each query's row of the output
 //! is its column of `oᵀ` divided by its sum. The tile is the classic 6 x 16 one of an AVX2
-//! matrix product: per step of the inner size, two 8-wide loads, six broadcasts, twelve FMAs.
+//! matrix product ([`crate::tile`]).
 //! Padding lanes (a group of fewer than 16 queries) compute on zeros and are never written
 //! out.
 //!
@@ -33,17 +33,18 @@ use std::arch::x86_64::*;
 use std::f32::consts::LOG2_E;
 
 use super::{Scratch, View, ViewMut};
+use crate::tile;
 
 /// Queries per group: the tile's width, two 8-wide vectors.
-const LANES: usize = 16;
+const LANES: usize = tile::NR;
 /// Rows of a register tile: keys in `sᵀ = k qᵀ`, value columns in `oᵀ += vᵀ p`.
-const ROWS: usize = 6;
+const ROWS: usize = tile::MR;
 /// Keys per chunk: a chunk's scores for one group are 256 x 16 f32, 16 KiB.
 const KEY_CHUNK: usize = 256;
 
 /// Whether the CPU has what this module's code needs (AVX2 and FMA).
 pub(super) fn available() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    tile::available()
 }
 
 /// `out = softmax(q kᵀ) v` as [`super::attend`], whose checks it relies on: every view holds
@@ -207,57 +208,16 @@ fn tile_product(rows: usize, a: &[f32], b: &[f32], depth: usize, dst: &mut [f32]
             && a.len() >= depth * ROWS,
         "a register tile's operand out of its slice"
     );
-    let (a, b, dst) = (a.as_ptr(), b.as_ptr(), dst.as_mut_ptr());
-    // SAFETY: the bounds asserted above, for every T = rows.
+    // SAFETY: the bounds asserted above; the CPU has AVX2 and FMA (this function's features).
     unsafe {
-        match rows {
-            6 => steps::<6>(a, b, depth, dst, add),
-            5 => steps::<5>(a, b, depth, dst, add),
-            4 => steps::<4>(a, b, depth, dst, add),
-            3 => steps::<3>(a, b, depth, dst, add),
-            2 => steps::<2>(a, b, depth, dst, add),
-            _ => steps::<1>(a, b, depth, dst, add),
-        }
-    }
-}
-
-/// The register tile: `T` rows of `a` broadcast against two vectors of `b` per step.
-///
-/// # Safety
-/// `a[0..depth * ROWS]`, `b[0..depth * 16]` and `dst[0..T * 16]` are in bounds, and the CPU
-/// has AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn steps<const T: usize>(
-    a: *const f32,
-    b: *const f32,
-    depth: usize,
-    dst: *mut f32,
-    add: bool,
-) {
-    // SAFETY: the function's contract.
-    unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        if add {
-            for (row, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(dst.add(row * LANES));
-                acc[1] = _mm256_loadu_ps(dst.add(row * LANES + 8));
-            }
-        }
-        for t in 0..depth {
-            let b0 = _mm256_loadu_ps(b.add(t * LANES));
-            let b1 = _mm256_loadu_ps(b.add(t * LANES + 8));
-            let at = a.add(t * ROWS);
-            for (row, acc) in acc.iter_mut().enumerate() {
-                let x = _mm256_broadcast_ss(&*at.add(row));
-                acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
-            }
-        }
-        for (row, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(dst.add(row * LANES), acc[0]);
-            _mm256_storeu_ps(dst.add(row * LANES + 8), acc[1]);
-        }
+        tile::tile(
+            rows,
+            a.as_ptr(),
+            b.as_ptr(),
+            depth,
+            (dst.as_mut_ptr(), LANES),
+            add,
+        )
     }
 }
 
