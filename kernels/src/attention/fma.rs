@@ -113,38 +113,12 @@ fn chunks(
             .zip(scratch.sums.chunks_exact_mut(2 * LANES))
         {
             // 1. sᵀ = k qᵀ for the chunk's keys, ROWS per tile.
-            for (j, tile) in (0..keys)
-                .step_by(ROWS)
-                .zip(scratch.keys.chunks_exact(ROWS * d))
-            {
-                let rows = ROWS.min(keys - j);
-                tile_product(
-                    rows,
-                    tile,
-                    qt,
-                    d,
-                    &mut st[j * LANES..(j + rows) * LANES],
-                    false,
-                );
-            }
+            products(&scratch.keys, keys, (qt, d), st, false);
             // 2. The running max, the rescaled state, the chunk's exponentials.
             let (max, sums) = state.split_at_mut(LANES);
             online_softmax(st, max, sums, acc);
             // 3. oᵀ += vᵀ p: value columns as the tile's rows.
-            for (c, tile) in (0..e)
-                .step_by(ROWS)
-                .zip(scratch.values.chunks_exact(ROWS * keys))
-            {
-                let rows = ROWS.min(e - c);
-                tile_product(
-                    rows,
-                    tile,
-                    st,
-                    keys,
-                    &mut acc[c * LANES..(c + rows) * LANES],
-                    true,
-                );
-            }
+            products(&scratch.values, e, (st, keys), acc, true);
         }
     }
     // Each query's row: its column of oᵀ over its sum.
@@ -192,6 +166,21 @@ fn pack(x: View<'_>, (first, count): (usize, usize), depth: (usize, usize), pack
                 }
             }
         }
+    }
+}
+
+/// `dst` (`count` x 16, rows contiguous) = (or `+=` if `add`) the packed tiles of `packed`
+/// (`count` rows over `depth` steps, [`ROWS`] to a tile, as [`pack`] writes them) times `b`
+/// (`depth` x 16, rows contiguous).
+#[target_feature(enable = "avx2,fma")]
+fn products(packed: &[f32], count: usize, (b, depth): (&[f32], usize), dst: &mut [f32], add: bool) {
+    for (first, tile) in (0..count)
+        .step_by(ROWS)
+        .zip(packed.chunks_exact(ROWS * depth))
+    {
+        let rows = ROWS.min(count - first);
+        let dst = &mut dst[first * LANES..(first + rows) * LANES];
+        tile_product(rows, tile, b, depth, dst, add);
     }
 }
 
