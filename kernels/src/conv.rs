@@ -7,9 +7,17 @@
 //! product adds to them). Nothing else is allocated, copied or passed over: no padded input,
 //! no stacked views, no concatenation of bands, no separate bias pass.
 //!
-//! The product is the `gemm` crate's (candle's own CPU kernels) through [`crate::matmul()`],
-//! which checks every index it touches and, below [`crate::matmul::SPLIT_ROWS`] output channels,
-//! gives each thread a share of the band's pixels.
+//! With weights as stored ([`ConvWeights::Plain`], the gateway's), the product is the `gemm`
+//! crate's (candle's own CPU kernels) through [`crate::matmul()`], which checks every index it
+//! touches and, below [`crate::matmul::SPLIT_ROWS`] output channels, gives each thread a share
+//! of the band's pixels. With weights packed ahead of time ([`ConvWeights::Packed`], the kiosk's
+//! constant weights, packed at load), the band's columns are written straight into the panels
+//! of the register tile ([`Packed::from_steps`]) and multiplied by [`matmul_packed`]: no packing
+//! per call on either side, and the columns pass through memory once instead of three times
+//! (written, read and written packed, read).
+
+use crate::matmul::{Matrix, MatrixMut, matmul};
+use crate::packed::{Operand, Packed, Side, matmul_packed};
 
 /// The sizes of a convolution: `batch` images of `channels x height x width` in, `out_channels`
 /// out, a `kernel x kernel` window with `padding` zeros on every side, stride 1.
@@ -96,6 +104,17 @@ pub struct Bands {
     pub threads: usize,
 }
 
+/// The weights of [`conv2d_with`].
+#[derive(Debug, Clone, Copy)]
+pub enum ConvWeights<'a> {
+    /// As stored: `[out_channels, channels, kernel, kernel]`, multiplied by the `gemm` crate's
+    /// kernels.
+    Plain(&'a [f32]),
+    /// Packed ahead of time as the left operand ([`Side::Left`]) of the `[out_channels,
+    /// channels x kernel x kernel]` matrix, multiplied by [`matmul_packed`].
+    Packed(&'a Packed),
+}
+
 /// `out = bias + weight * input` for the stride-1 convolution `shape`: `input` is `[batch,
 /// channels, height, width]`, `weight` `[out_channels, channels, kernel, kernel]`, `bias`
 /// `[out_channels]`, `out` `[batch, out_channels, lines, columns]` of [`ConvShape::output`].
@@ -104,6 +123,21 @@ pub fn conv2d(
     input: &[f32],
     shape: ConvShape,
     weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    bands: Bands,
+    columns: &mut Vec<f32>,
+) -> Result<(), ConvMismatch> {
+    let weight = ConvWeights::Plain(weight);
+    conv2d_with(input, shape, weight, bias, out, bands, columns)
+}
+
+/// [`conv2d`] with its weights as stored or packed ahead of time (a graph's constant weights,
+/// packed once at load).
+pub fn conv2d_with(
+    input: &[f32],
+    shape: ConvShape,
+    weight: ConvWeights<'_>,
     bias: Option<&[f32]>,
     out: &mut [f32],
     bands: Bands,
@@ -131,7 +165,11 @@ pub fn conv2d(
     if input.len() != batch * image {
         return Err(mismatch("the input's length"));
     }
-    if weight.len() != out_channels * depth {
+    let fits = match weight {
+        ConvWeights::Plain(w) => w.len() == out_channels * depth,
+        ConvWeights::Packed(p) => p.side() == Side::Left && p.dims() == (out_channels, depth),
+    };
+    if !fits {
         return Err(mismatch("the weights' length"));
     }
     if bias.is_some_and(|b| b.len() != out_channels) {
@@ -149,26 +187,68 @@ pub fn conv2d(
     }
     let line_bytes = depth * wo * size_of::<f32>();
     let lines = (max_columns_bytes / line_bytes).clamp(1, ho);
-    columns.resize(depth * lines * wo, 0.0);
+    if let ConvWeights::Plain(_) = weight {
+        columns.resize(depth * lines * wo, 0.0);
+    }
+    let kk = shape.kernel * shape.kernel;
     for b in 0..batch {
         let img = &input[b * image..(b + 1) * image];
         let dst = &mut out[b * out_channels * plane..(b + 1) * out_channels * plane];
         for y0 in (0..ho).step_by(lines) {
             let n = lines.min(ho - y0);
-            let cols = &mut columns[..depth * n * wo];
-            fill_columns(img, &shape, (y0, n, wo), threads, cols);
             for (o, line) in dst.chunks_exact_mut(plane).enumerate() {
                 line[y0 * wo..(y0 + n) * wo].fill(bias.map_or(0.0, |b| b[o]));
             }
-            band_product(
-                &shape,
-                weight,
-                cols,
-                n * wo,
-                &mut dst[y0 * wo..],
-                plane,
-                threads,
-            );
+            let c = MatrixMut {
+                data: &mut dst[y0 * wo..],
+                rows: out_channels,
+                columns: n * wo,
+                row_stride: plane,
+                column_stride: 1,
+            };
+            // The callers' slices hold weights m x k, columns k x n and m bands of n <= plane
+            // values `plane` apart, so the views fit and the bands do not overlap.
+            let done = match weight {
+                ConvWeights::Plain(data) => {
+                    let cols = &mut columns[..depth * n * wo];
+                    fill_columns(img, &shape, (y0, n, wo), threads, cols);
+                    let a = Matrix {
+                        data,
+                        rows: out_channels,
+                        columns: depth,
+                        row_stride: depth,
+                        column_stride: 1,
+                    };
+                    let b = Matrix {
+                        data: cols,
+                        rows: depth,
+                        columns: n * wo,
+                        row_stride: n * wo,
+                        column_stride: 1,
+                    };
+                    matmul(a, b, c, true, threads.max(1))
+                }
+                ConvWeights::Packed(a) => {
+                    // The columns written straight into the panels the tiles read.
+                    let fill = |t: usize, row: &mut [f32]| {
+                        let channel = &img[(t / kk) * height * width..][..height * width];
+                        fill_tap(channel, &shape, (y0, wo), t % kk, row);
+                    };
+                    let buffer = std::mem::take(columns);
+                    let lanes = (n * wo, depth);
+                    let b = Packed::from_steps(Side::Right, lanes, buffer, threads, fill);
+                    let done = matmul_packed(
+                        Operand::Packed(a),
+                        Operand::Packed(&b),
+                        c,
+                        true,
+                        threads.max(1),
+                    );
+                    *columns = b.into_data();
+                    done
+                }
+            };
+            done.expect("conv2d checked the slices' lengths against its shape");
         }
     }
     Ok(())
@@ -195,31 +275,13 @@ fn fill_columns(
     cols: &mut [f32],
 ) {
     use rayon::prelude::*;
-    let (h, w, k, pad) = (shape.height, shape.width, shape.kernel, shape.padding);
+    let (h, w, k) = (shape.height, shape.width, shape.kernel);
     let row = n * wo;
     let per_channel = k * k * row;
     let fill = |(c, rows): (usize, &mut [f32])| {
         let channel = &img[c * h * w..(c + 1) * h * w];
         for (tap, dst) in rows.chunks_exact_mut(row).enumerate() {
-            let (dy, dx) = (tap / k, tap % k);
-            // Output columns whose input column x + dx - pad lies inside 0..w.
-            let left = pad.saturating_sub(dx).min(wo);
-            let right = (w + pad).saturating_sub(dx).clamp(left, wo);
-            for (y, line) in dst.chunks_exact_mut(wo).enumerate() {
-                let iy = (y0 + y + dy).checked_sub(pad).filter(|&iy| iy < h);
-                match iy {
-                    Some(iy) => {
-                        let src = &channel[iy * w..(iy + 1) * w];
-                        line[..left].fill(0.0);
-                        if left < right {
-                            line[left..right]
-                                .copy_from_slice(&src[left + dx - pad..right + dx - pad]);
-                        }
-                        line[right..].fill(0.0);
-                    }
-                    None => line.fill(0.0),
-                }
-            }
+            fill_tap(channel, shape, (y0, wo), tap, dst);
         }
     };
     // Below this many values a channel's fill is not worth a task of its own.
@@ -237,46 +299,35 @@ fn fill_columns(
         .for_each(fill);
 }
 
-/// `dst[o, j] += weight[o, :] . cols[:, j]` for every output channel `o` and the band's `n`
-/// output pixels `j`; output channel `o`'s band starts at `dst[o * plane]`. By
-/// [`crate::matmul()`]: with fewer output channels than [`crate::matmul::SPLIT_ROWS`] (a tiny decoder's
-/// 64), each thread takes a share of the band's pixels instead of gemm splitting the channels.
-fn band_product(
+/// Row `tap` (`dy * kernel + dx`) of one channel's columns for output lines `y0..` (as many as
+/// `dst` holds lines of `wo`): input pixel `(y + dy - padding, x + dx - padding)` of `channel`
+/// for each output pixel `(y, x)`, or 0 outside the image.
+fn fill_tap(
+    channel: &[f32],
     shape: &ConvShape,
-    weight: &[f32],
-    cols: &[f32],
-    n: usize,
+    (y0, wo): (usize, usize),
+    tap: usize,
     dst: &mut [f32],
-    plane: usize,
-    threads: usize,
 ) {
-    use crate::matmul::{Matrix, MatrixMut, matmul};
-    let (m, k) = (shape.out_channels, shape.depth());
-    let a = Matrix {
-        data: weight,
-        rows: m,
-        columns: k,
-        row_stride: k,
-        column_stride: 1,
-    };
-    let b = Matrix {
-        data: cols,
-        rows: k,
-        columns: n,
-        row_stride: n,
-        column_stride: 1,
-    };
-    let c = MatrixMut {
-        data: dst,
-        rows: m,
-        columns: n,
-        row_stride: plane,
-        column_stride: 1,
-    };
-    // The callers' slices hold weights m x k, columns k x n and m bands of n <= plane values
-    // `plane` apart, so the views fit and the bands do not overlap.
-    matmul(a, b, c, true, threads.max(1))
-        .expect("conv2d checked the slices' lengths against its shape");
+    let (h, w, k, pad) = (shape.height, shape.width, shape.kernel, shape.padding);
+    let (dy, dx) = (tap / k, tap % k);
+    // Output columns whose input column x + dx - pad lies inside 0..w.
+    let left = pad.saturating_sub(dx).min(wo);
+    let right = (w + pad).saturating_sub(dx).clamp(left, wo);
+    for (y, line) in dst.chunks_exact_mut(wo).enumerate() {
+        let iy = (y0 + y + dy).checked_sub(pad).filter(|&iy| iy < h);
+        match iy {
+            Some(iy) => {
+                let src = &channel[iy * w..(iy + 1) * w];
+                line[..left].fill(0.0);
+                if left < right {
+                    line[left..right].copy_from_slice(&src[left + dx - pad..right + dx - pad]);
+                }
+                line[right..].fill(0.0);
+            }
+            None => line.fill(0.0),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -381,20 +432,32 @@ mod tests {
             let seed = i as u64 * 10;
             let input = random(s.batch * s.channels * s.height * s.width, seed);
             let weight = random(s.out_channels * s.depth(), seed + 1);
+            let matrix = crate::Matrix {
+                data: &weight,
+                rows: s.out_channels,
+                columns: s.depth(),
+                row_stride: s.depth(),
+                column_stride: 1,
+            };
+            let packed = Packed::new(matrix, Side::Left).expect("the weights fit");
             let bias = random(s.out_channels, seed + 2);
             for with_bias in [false, true] {
                 let bias = with_bias.then_some(bias.as_slice());
                 let want = reference(&input, s, &weight, bias);
                 // One line per band, two lines, and the whole image at once; one and two threads.
                 let line = s.depth() * wo * 4;
-                for (max_bytes, threads) in [(line, 1), (2 * line + 1, 2), (usize::MAX, 2)] {
+                let runs = [(line, 1), (2 * line + 1, 2), (usize::MAX, 2)];
+                let weights = [ConvWeights::Plain(&weight), ConvWeights::Packed(&packed)];
+                for ((max_bytes, threads), w) in
+                    runs.into_iter().flat_map(|r| weights.map(|w| (r, w)))
+                {
                     let mut out = vec![f32::NAN; s.batch * s.out_channels * ho * wo];
                     let mut columns = Vec::new();
                     let bands = Bands {
                         max_columns_bytes: max_bytes,
                         threads,
                     };
-                    conv2d(&input, s, &weight, bias, &mut out, bands, &mut columns)?;
+                    conv2d_with(&input, s, w, bias, &mut out, bands, &mut columns)?;
                     let worst = out
                         .iter()
                         .zip(&want)
@@ -402,7 +465,7 @@ mod tests {
                         .fold(0.0, f64::max);
                     assert!(
                         worst < 1e-4,
-                        "{s:?} bias {with_bias} bound {max_bytes}: {worst}"
+                        "{s:?} bias {with_bias} bound {max_bytes} {w:?}: {worst}"
                     );
                 }
             }

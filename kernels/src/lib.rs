@@ -11,6 +11,8 @@
 //!   straight into the output (the gateway's 3x3 convolutions on the CPU).
 //! - [`mod@matmul`]: `c = a b` on strided views of plain slices (the kiosk's linear layers), with
 //!   every view checked against its slice before the product.
+//! - [`packed`]: `c = a b` with one operand packed once ahead of time (a layer's weights,
+//!   packed at load) into the panels of the AVX2/FMA register tile.
 //! - [`vmath`]: `exp` and the erf GELU in plain arithmetic, so that loops over them compile to
 //!   vector code, and run as AVX2 code where the CPU has it.
 //!
@@ -19,10 +21,14 @@
 pub mod attention;
 pub mod conv;
 pub mod matmul;
+pub mod packed;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, Scratch, View, ViewMut, attend, query_block};
-pub use conv::{Bands, CACHE_BAND_BYTES, ConvMismatch, ConvShape, conv2d};
+pub use conv::{
+    Bands, CACHE_BAND_BYTES, ConvMismatch, ConvShape, ConvWeights, conv2d, conv2d_with,
+};
 pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};
+pub use packed::{Operand, Packed, Side, matmul_packed};

@@ -63,6 +63,32 @@ fn reach(rows: usize, columns: usize, row_stride: usize, column_stride: usize) -
         .checked_add(1)
 }
 
+/// Whether `x`'s elements all lie inside its slice.
+pub(crate) fn check(x: &Matrix<'_>) -> Result<(), MatmulMismatch> {
+    match reach(x.rows, x.columns, x.row_stride, x.column_stride) {
+        Some(end) if end <= x.data.len() => Ok(()),
+        _ => Err(MatmulMismatch("a view reaches past its slice")),
+    }
+}
+
+/// Whether `c`'s elements are distinct: no zero stride unless that size is 1, and rows and
+/// columns that do not land on each other.
+pub(crate) fn check_distinct(c: &MatrixMut<'_>) -> Result<(), MatmulMismatch> {
+    let (m, n) = (c.rows, c.columns);
+    let distinct = |size: usize, stride: usize| size <= 1 || stride > 0;
+    let overlap = m > 1 && n > 1 && {
+        // Rows and columns of c must not land on each other: one stride must step over
+        // the whole extent of the other.
+        let row_span = (n - 1) * c.column_stride;
+        let column_span = (m - 1) * c.row_stride;
+        c.row_stride <= row_span && c.column_stride <= column_span
+    };
+    if !distinct(m, c.row_stride) || !distinct(n, c.column_stride) || overlap {
+        return Err(MatmulMismatch("the output's elements overlap"));
+    }
+    Ok(())
+}
+
 /// `c = a b`, or `c += a b` with `accumulate`, on `threads` threads of rayon's pool (1: this
 /// thread only). `c`'s elements must be distinct (no zero stride unless that size is 1).
 pub fn matmul(
@@ -76,26 +102,16 @@ pub fn matmul(
     if b.rows != k || c.rows != m || c.columns != n {
         return Err(MatmulMismatch("the operands' sizes do not fit"));
     }
-    let fits = |data: usize, rows, columns, rs, cs| {
-        reach(rows, columns, rs, cs).is_some_and(|end| end <= data)
-    };
-    if !fits(a.data.len(), m, k, a.row_stride, a.column_stride)
-        || !fits(b.data.len(), k, n, b.row_stride, b.column_stride)
-        || !fits(c.data.len(), m, n, c.row_stride, c.column_stride)
-    {
-        return Err(MatmulMismatch("a view reaches past its slice"));
-    }
-    let distinct = |size: usize, stride: usize| size <= 1 || stride > 0;
-    let overlap = m > 1 && n > 1 && {
-        // Rows and columns of c must not land on each other: one stride must step over
-        // the whole extent of the other.
-        let row_span = (n - 1) * c.column_stride;
-        let column_span = (m - 1) * c.row_stride;
-        c.row_stride <= row_span && c.column_stride <= column_span
-    };
-    if !distinct(m, c.row_stride) || !distinct(n, c.column_stride) || overlap {
-        return Err(MatmulMismatch("the output's elements overlap"));
-    }
+    check(&a)?;
+    check(&b)?;
+    check(&Matrix {
+        data: c.data,
+        rows: c.rows,
+        columns: c.columns,
+        row_stride: c.row_stride,
+        column_stride: c.column_stride,
+    })?;
+    check_distinct(&c)?;
     if m == 0 || n == 0 {
         return Ok(());
     }

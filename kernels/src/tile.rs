@@ -66,9 +66,13 @@ unsafe fn steps<const T: usize>(
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         if add {
-            for (row, acc) in acc.iter_mut().enumerate() {
-                acc[0] = _mm256_loadu_ps(dst.add(row * stride));
-                acc[1] = _mm256_loadu_ps(dst.add(row * stride + 8));
+            // The destination is read after the steps: fetched now, it arrives meanwhile
+            // (rows a page apart, as a convolution's output channels are, would otherwise
+            // stall the first steps on misses).
+            for row in 0..T {
+                let at = dst.add(row * stride).cast::<i8>();
+                _mm_prefetch::<_MM_HINT_T0>(at);
+                _mm_prefetch::<_MM_HINT_T0>(at.add(NR * size_of::<f32>() - 1));
             }
         }
         for t in 0..depth {
@@ -79,6 +83,12 @@ unsafe fn steps<const T: usize>(
                 let x = _mm256_broadcast_ss(&*at.add(row));
                 acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
                 acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+            }
+        }
+        if add {
+            for (row, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm256_add_ps(acc[0], _mm256_loadu_ps(dst.add(row * stride)));
+                acc[1] = _mm256_add_ps(acc[1], _mm256_loadu_ps(dst.add(row * stride + 8)));
             }
         }
         for (row, acc) in acc.iter().enumerate() {

@@ -13,6 +13,11 @@
 //! ([`diffusionx_kernels::ConvShape::band_bytes`]), and with fewer than 256 output channels each
 //! thread takes a share of a band's pixels.
 //!
+//! With [`crate::Products::Packed`] a constant weight is packed once, when the graph is
+//! prepared, into the panels of the kernels crate's register tile ([`diffusionx_kernels::Packed`],
+//! the op keeping only the packed copy), and each band's columns are written straight into the
+//! panels their product reads.
+//!
 //! The weights are a constant of the op, or an f32 input computed per call (a weight tract did
 //! not fold, such as a large cast). An int8 graph's weights ([`crate::DequantizeWeights`]) stay
 //! with tract's products, which convert them straight into their panels. The bias is a
@@ -27,7 +32,7 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use diffusionx_kernels::{Bands, ConvShape, conv2d};
+use diffusionx_kernels::{Bands, ConvShape, ConvWeights, Matrix, Packed, Side, conv2d_with};
 
 /// The most bytes a band's columns take: the gateway's measured bound (gateway/refine's
 /// `resnet.rs`: 32 MiB was fastest for the full-size VAE decode).
@@ -35,14 +40,16 @@ pub const MAX_COLUMNS_BYTES: usize = 32 << 20;
 
 /// Replaces every f32 convolution of `model` that [`BandedConv`] can run by one, and returns how
 /// many it replaced.
-pub fn band_convolutions(model: &mut TypedModel) -> TractResult<usize> {
+/// With `pack`, constant weights are packed once here for the register tiles
+/// ([`diffusionx_kernels::Packed`]) and tract's copy of them is dropped with their constant.
+pub fn band_convolutions(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(conv) = node.op_as::<Conv>() else {
             continue;
         };
-        let Some(op) = BandedConv::of(model, node, conv)? else {
+        let Some(op) = BandedConv::of(model, node, conv, pack)? else {
             continue;
         };
         // An int8 weight stays with tract's product, which reads it straight into its panels
@@ -73,8 +80,17 @@ pub fn band_convolutions(model: &mut TypedModel) -> TractResult<usize> {
 pub struct BandedConv {
     shape: ConvShape,
     /// The constant weights, or `None` when they are an input.
-    weight: Option<Arc<Tensor>>,
+    weight: Option<Weight>,
     bias: Bias,
+}
+
+/// A [`BandedConv`]'s constant weights.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Weight {
+    /// As tract holds them, `[out, in, k, k]`.
+    Tensor(Arc<Tensor>),
+    /// Packed at load as the left operand of the `[out, in x k x k]` product.
+    Packed(crate::rewrite::PackedWeight),
 }
 
 /// Where a [`BandedConv`]'s bias comes from.
@@ -91,7 +107,12 @@ enum Bias {
 
 impl BandedConv {
     /// The op for `conv` at `node`, or `None` when it is not one this kernel runs.
-    fn of(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Self>> {
+    fn of(
+        model: &TypedModel,
+        node: &TypedNode,
+        conv: &Conv,
+        pack: bool,
+    ) -> TractResult<Option<Self>> {
         let spec = &conv.pool_spec;
         let x = model.outlet_fact(node.inputs[0])?;
         let [kh, kw] = spec.kernel_shape[..] else {
@@ -155,6 +176,25 @@ impl BandedConv {
                 0.0 => Bias::None,
                 v => Bias::Const(Arc::new(tensor1(&vec![v; out_channels]))),
             },
+        };
+        let weight = match weight {
+            Some(w) if pack => {
+                let data = w.try_as_plain_ram()?;
+                let data = data.as_slice::<f32>()?;
+                let depth = channels * kh * kw;
+                let matrix = Matrix {
+                    data,
+                    rows: out_channels,
+                    columns: depth,
+                    row_stride: depth,
+                    column_stride: 1,
+                };
+                let packed = Packed::new(matrix, Side::Left).map_err(|e| format_err!("{e}"))?;
+                Some(Weight::Packed(crate::rewrite::PackedWeight(Arc::new(
+                    packed,
+                ))))
+            }
+            other => other.map(Weight::Tensor),
         };
         Ok(Some(Self {
             shape,
@@ -222,10 +262,13 @@ impl EvalOp for BandedConv {
             .next()
             .context("a banded convolution without images")?;
         let weight = match &self.weight {
-            Some(w) => w.as_ref(),
-            None => computed
-                .next()
-                .context("a banded convolution without weights")?,
+            Some(Weight::Tensor(w)) => Some(w.as_ref()),
+            Some(Weight::Packed(_)) => None,
+            None => Some(
+                computed
+                    .next()
+                    .context("a banded convolution without weights")?,
+            ),
         };
         let bias = match &self.bias {
             Bias::None => None,
@@ -243,8 +286,12 @@ impl EvalOp for BandedConv {
         );
         let x = x.try_as_plain_ram()?;
         let x = x.as_slice::<f32>()?;
-        let weight = weight.try_as_plain_ram()?;
-        let weight = weight.as_slice::<f32>()?;
+        let weight = weight.map(|w| w.try_as_plain_ram()).transpose()?;
+        let weight = match (&self.weight, &weight) {
+            (Some(Weight::Packed(p)), _) => ConvWeights::Packed(&p.0),
+            (_, Some(w)) => ConvWeights::Plain(w.as_slice::<f32>()?),
+            (_, None) => bail!("a banded convolution without weights"),
+        };
         let bias = bias.map(|b| b.try_as_plain_ram()).transpose()?;
         let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
         let one_for_all;
@@ -269,7 +316,7 @@ impl EvalOp for BandedConv {
                     max_columns_bytes: self.shape.band_bytes(MAX_COLUMNS_BYTES),
                     threads,
                 };
-                let done = conv2d(x, self.shape, weight, bias, out, bands, &mut columns);
+                let done = conv2d_with(x, self.shape, weight, bias, out, bands, &mut columns);
                 COLUMNS.set(columns);
                 done
             };
@@ -286,6 +333,7 @@ mod tests {
     use crate::test_support::values;
     use tract_linalg::multithread::Executor;
     use tract_onnx::tract_core::ops::cnn::PoolSpec;
+    use tract_onnx::tract_core::ops::konst::Const;
 
     /// A float NCHW `k x k` convolution `cin -> cout`, with `padding`.
     fn conv(cin: usize, cout: usize, k: usize, padding: PaddingSpec, stride: usize) -> Conv {
@@ -345,14 +393,25 @@ mod tests {
             (1, PaddingSpec::Valid, 6),
             (3, PaddingSpec::Explicit(tvec![2, 2], tvec![2, 2]), 6),
         ];
-        for (k, padding, cout) in cases {
-            for bias in [tensor1(&values(cout, 5)), tensor0(0f32), tensor0(0.5f32)] {
+        let biases = |cout| [tensor1(&values(cout, 5)), tensor0(0f32), tensor0(0.5f32)];
+        for ((k, padding, cout), pack) in cases
+            .into_iter()
+            .flat_map(|c| [(c.clone(), false), (c, true)])
+        {
+            for bias in biases(cout) {
                 let (model, input) = model(conv(4, cout, k, padding.clone(), 1), bias)?;
                 let expected = run(model.clone(), &input)?;
                 let mut ours = model;
-                assert_eq!(band_convolutions(&mut ours)?, 1, "{k} {padding:?}");
+                assert_eq!(band_convolutions(&mut ours, pack)?, 1, "{k} {padding:?}");
                 let ours = ours.into_compact()?;
                 assert_eq!(banded(&ours), 1);
+                // The weights live in the op only (packed, or tract's tensor), not in a
+                // constant of the graph.
+                let consts = ours.nodes().iter().filter(|n| n.op_is::<Const>());
+                assert_eq!(consts.filter(|n| n.outputs[0].fact.rank() == 4).count(), 0);
+                let op = ours.nodes().iter().find_map(|n| n.op_as::<BandedConv>());
+                let packed = op.is_some_and(|op| matches!(op.weight, Some(Weight::Packed(_))));
+                assert_eq!(packed, pack, "{k} {padding:?}");
                 let got = run(ours, &input)?;
                 assert_eq!(got.0, expected.0, "{k} {padding:?}");
                 let worst = crate::test_support::largest_difference(&got.1, &expected.1);
@@ -365,6 +424,18 @@ mod tests {
     /// The largest difference between `model` run by tract and with its one convolution
     /// banded, on `inputs`.
     fn banded_against_tract(model: TypedModel, inputs: &[&Tensor]) -> TractResult<f32> {
+        let mut worst = 0f32;
+        for pack in [false, true] {
+            worst = worst.max(banded_against_tract_with(model.clone(), inputs, pack)?);
+        }
+        Ok(worst)
+    }
+
+    fn banded_against_tract_with(
+        model: TypedModel,
+        inputs: &[&Tensor],
+        pack: bool,
+    ) -> TractResult<f32> {
         let values = || inputs.iter().map(|&t| t.clone().into_tvalue()).collect();
         let expected = model
             .clone()
@@ -372,7 +443,7 @@ mod tests {
             .into_runnable()?
             .run(values())?;
         let mut ours = model;
-        assert_eq!(band_convolutions(&mut ours)?, 1);
+        assert_eq!(band_convolutions(&mut ours, pack)?, 1);
         let ours = ours.into_optimized()?;
         assert_eq!(banded(&ours), 1);
         let got = ours.into_runnable()?.run(values())?;
@@ -431,7 +502,7 @@ mod tests {
             conv(8, 6, 3, PaddingSpec::SameUpper, 1),
             tensor1(&values(6, 1)),
         )?;
-        band_convolutions(&mut model)?;
+        band_convolutions(&mut model, true)?;
         let plan = model.into_optimized()?.into_runnable()?;
         let mut outputs = Vec::new();
         for threads in [1, 2] {
@@ -469,7 +540,7 @@ mod tests {
             let bias = m.add_const("bias", tensor0(0f32))?;
             let y = m.wire_node("conv", op.clone(), &[x, kernel, bias])?;
             m.select_output_outlets(&y)?;
-            assert_eq!(band_convolutions(&mut m)?, 0, "{op:?}");
+            assert_eq!(band_convolutions(&mut m, true)?, 0, "{op:?}");
         }
         Ok(())
     }

@@ -10,10 +10,17 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::EngineError;
 
-/// Whose kernels run a graph's f32 matrix products (`"gemm"` or `"tract"` in configuration).
+/// Whose kernels run a graph's f32 matrix products (`"packed"`, `"gemm"` or `"tract"` in
+/// configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Products {
+    /// The engine's own nodes as with [`Products::Gemm`], their constant f32 weights packed
+    /// once at load for the kernels crate's register tiles ([`diffusionx_kernels::Packed`], AVX2
+    /// and FMA; tract's copy of each weight dropped), so no call packs them again; products of
+    /// two activations stay with `gemm`. Faster than [`Products::Gemm`] on the 2-core AVX2 EPYC
+    /// it was measured on (docs/benchmarks.md, section "Weights packed at load").
+    Packed,
     /// The `gemm` crate's, through the engine's own nodes: stride-1 convolutions as banded
     /// products ([`crate::band_convolutions`]) and the other products on strided views
     /// ([`crate::gemm_products`]). On a 2-core AVX-512 Xeon a UNet call took 0.8x tract's time
@@ -25,14 +32,18 @@ pub enum Products {
 }
 
 impl Default for Products {
-    /// [`Products::Gemm`] on x86-64, where it was measured faster; [`Products::Tract`]
-    /// elsewhere until a board measures otherwise (tract's ARM kernels are written for the
-    /// kiosks' cores; `bench-edge --products` compares the two on the machine it runs on).
+    /// [`Products::Packed`] on x86-64 CPUs with AVX2 and FMA and [`Products::Gemm`] on other
+    /// x86-64 ones, where they were measured faster; [`Products::Tract`] elsewhere until a board
+    /// measures otherwise (tract's ARM kernels are written for the kiosks' cores; `bench-edge
+    /// --products` compares them on the machine it runs on).
     fn default() -> Self {
-        if cfg!(target_arch = "x86_64") {
-            Self::Gemm
-        } else {
-            Self::Tract
+        match (
+            cfg!(target_arch = "x86_64"),
+            diffusionx_kernels::packed::fast(),
+        ) {
+            (true, true) => Self::Packed,
+            (true, false) => Self::Gemm,
+            _ => Self::Tract,
         }
     }
 }
@@ -40,6 +51,7 @@ impl Default for Products {
 impl std::fmt::Display for Products {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Self::Packed => "packed",
             Self::Gemm => "gemm",
             Self::Tract => "tract",
         })
@@ -51,9 +63,12 @@ impl std::str::FromStr for Products {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "packed" => Ok(Self::Packed),
             "gemm" => Ok(Self::Gemm),
             "tract" => Ok(Self::Tract),
-            other => Err(format!("{other:?} is neither \"gemm\" nor \"tract\"")),
+            other => Err(format!(
+                "{other:?} is none of \"packed\", \"gemm\" and \"tract\""
+            )),
         }
     }
 }
@@ -199,9 +214,10 @@ impl Graph {
             .into_typed()
             .and_then(|m| m.into_decluttered())
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
-        let gemm = self.products == Products::Gemm;
+        let gemm = self.products != Products::Tract;
+        let pack = self.products == Products::Packed;
         if gemm {
-            crate::conv::band_convolutions(&mut typed)
+            crate::conv::band_convolutions(&mut typed, pack)
                 .map_err(|e| EngineError::tract(self.name, "banding convolutions", e))?;
         }
         crate::split::split_wide_convolutions(&mut typed, crate::split::MAX_K)
@@ -209,7 +225,7 @@ impl Graph {
         crate::attention::fuse_attention(&mut typed)
             .map_err(|e| EngineError::tract(self.name, "fusing attention", e))?;
         if gemm {
-            crate::linear::gemm_products(&mut typed)
+            crate::linear::gemm_products(&mut typed, pack)
                 .map_err(|e| EngineError::tract(self.name, "products by gemm", e))?;
         }
         let mut optimized = im2col_convolutions()

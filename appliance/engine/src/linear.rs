@@ -10,7 +10,10 @@
 //! axes contiguous in both the input and the output becomes the product's rows (a 1x1
 //! convolution's `h x w` pixels), the other input's the columns.
 //!
-//! Its inputs are the `EinSum`'s: a constant weight stays a constant node. A product of an int8
+//! Its inputs are the `EinSum`'s: a constant weight stays a constant node, or, with
+//! [`crate::Products::Packed`], is packed once when the graph is prepared into the panels of the
+//! kernels crate's register tile ([`diffusionx_kernels::Packed`]; on the side of the product
+//! that keeps the output's rows or columns contiguous) and the op takes only the other input. A product of an int8
 //! weight ([`crate::DequantizeWeights`], through slices and reshapes) stays tract's, which
 //! converts the weight straight into the panels its kernels read.
 
@@ -18,11 +21,15 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use diffusionx_kernels::{Matrix, MatrixMut, matmul};
+use diffusionx_kernels::{Matrix, MatrixMut, Operand, Packed, Side, matmul, matmul_packed};
 
 /// Replaces every f32 product of `model` that [`GemmProduct`] can run by one, and returns how
 /// many it replaced.
-pub fn gemm_products(model: &mut TypedModel) -> TractResult<usize> {
+///
+/// With `pack`, a product with a constant weight (the same matrix for every index of its loops)
+/// packs it once here for the register tiles ([`diffusionx_kernels::Packed`]) and takes only
+/// the other input; tract's copy of the weight goes with its constant.
+pub fn gemm_products(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -43,10 +50,17 @@ pub fn gemm_products(model: &mut TypedModel) -> TractResult<usize> {
             let facts = model.node_input_facts(id)?;
             GemmProduct::of(einsum, &facts, model.outlet_fact(id.into())?)
         };
-        let Some(op) = op else {
+        let Some(mut op) = op else {
             continue;
         };
-        let inputs = node.inputs.clone();
+        let mut inputs = node.inputs.clone();
+        if pack {
+            let konst = |ix: usize| model.outlet_fact(inputs[ix]).map(|f| f.konst.clone());
+            let weights = [konst(0)?, konst(1)?];
+            if let Some(kept) = op.pack(&weights)? {
+                inputs = vec![inputs[kept]];
+            }
+        }
         crate::rewrite::replace_node(model, id, op, &inputs)?;
         replaced += 1;
     }
@@ -84,6 +98,18 @@ pub struct GemmProduct {
     loops: Vec<Loop>,
     /// The einsum it replaces, for the op's description.
     expr: String,
+    /// A constant weight packed at load, and how the product reads it.
+    packed: Option<PackedOperand>,
+}
+
+/// A [`GemmProduct`]'s constant input, packed: the op then takes only the other input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PackedOperand {
+    weight: crate::rewrite::PackedWeight,
+    /// Which input it was (0: `a`, 1: `b`).
+    input: usize,
+    /// The product is run transposed (`cᵀ = bᵀ aᵀ`, for an output whose rows are contiguous).
+    transposed: bool,
 }
 
 /// Row-major strides of `shape`.
@@ -209,7 +235,87 @@ impl GemmProduct {
             columns,
             loops,
             expr: format!("{}", einsum.axes),
+            packed: None,
         })
+    }
+
+    /// Packs a constant input (`weights[i]`, `None` where the input is computed) that every
+    /// index of the loops reads whole, and returns the input the op still takes; `None` when
+    /// there is none to pack or the output's columns and rows are both strided.
+    fn pack(&mut self, weights: &[Option<Arc<Tensor>>; 2]) -> TractResult<Option<usize>> {
+        let fixed = |input: usize| {
+            self.loops
+                .iter()
+                .all(|l| if input == 0 { l.a == 0 } else { l.b == 0 })
+        };
+        let Some((input, weight)) = (0..2)
+            .rev()
+            .find_map(|i| weights[i].as_ref().filter(|_| fixed(i)).map(|w| (i, w)))
+        else {
+            return Ok(None);
+        };
+        // The output's columns contiguous: as it is; its rows contiguous: transposed.
+        let transposed = match (self.columns.second, self.rows.second) {
+            (1, _) => false,
+            (_, 1) => true,
+            _ => return Ok(None),
+        };
+        let data = weight.try_as_plain_ram()?;
+        let data = data.as_slice::<f32>()?;
+        let (matrix, side) = match (input, transposed) {
+            (0, false) => (self.lhs(data), Side::Left),
+            (0, true) => (transpose(self.lhs(data)), Side::Right),
+            (_, false) => (self.rhs(data), Side::Right),
+            (_, true) => (transpose(self.rhs(data)), Side::Left),
+        };
+        let packed = Packed::new(matrix, side).map_err(|e| format_err!("{e}"))?;
+        self.packed = Some(PackedOperand {
+            weight: crate::rewrite::PackedWeight(Arc::new(packed)),
+            input,
+            transposed,
+        });
+        Ok(Some(1 - input))
+    }
+
+    /// `a`'s matrix in `data` (from one index of the loops).
+    fn lhs<'a>(&self, data: &'a [f32]) -> Matrix<'a> {
+        Matrix {
+            data,
+            rows: self.rows.len,
+            columns: self.depth.len,
+            row_stride: self.rows.first,
+            column_stride: self.depth.first,
+        }
+    }
+
+    /// `b`'s matrix in `data`.
+    fn rhs<'a>(&self, data: &'a [f32]) -> Matrix<'a> {
+        Matrix {
+            data,
+            rows: self.depth.len,
+            columns: self.columns.len,
+            row_stride: self.depth.second,
+            column_stride: self.columns.first,
+        }
+    }
+}
+
+/// A plain operand read as its transpose (a packed one is packed for the side it is on).
+fn flip(x: Operand<'_>) -> Operand<'_> {
+    match x {
+        Operand::View(m) => Operand::View(transpose(m)),
+        packed => packed,
+    }
+}
+
+/// The same elements read as the transpose.
+fn transpose(m: Matrix<'_>) -> Matrix<'_> {
+    Matrix {
+        data: m.data,
+        rows: m.columns,
+        columns: m.rows,
+        row_stride: m.column_stride,
+        column_stride: m.row_stride,
     }
 }
 
@@ -235,12 +341,18 @@ impl Op for GemmProduct {
 
 impl TypedOp for GemmProduct {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let taken: TVec<usize> = match &self.packed {
+            None => tvec![0, 1],
+            Some(p) => tvec![1 - p.input],
+        };
         ensure!(
-            inputs.len() == 2
+            inputs.len() == taken.len()
                 && inputs.iter().all(|f| f.datum_type == f32::datum_type())
-                && inputs[0].shape.as_concrete() == Some(&self.shapes[0][..])
-                && inputs[1].shape.as_concrete() == Some(&self.shapes[1][..]),
-            "a gemm product takes two f32 inputs of its shapes"
+                && inputs
+                    .iter()
+                    .zip(&taken)
+                    .all(|(f, &ix)| f.shape.as_concrete() == Some(&self.shapes[ix][..])),
+            "a gemm product takes its f32 inputs of their shapes"
         );
         Ok(tvec!(f32::fact(&*self.shapes[2])))
     }
@@ -252,13 +364,20 @@ impl EvalOp for GemmProduct {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [a, b] = &*inputs else {
-            bail!("a gemm product with {} inputs", inputs.len());
+        let plain = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<TVec<_>>>()?;
+        let slices = plain
+            .iter()
+            .map(|t| t.as_slice::<f32>())
+            .collect::<TractResult<TVec<_>>>()?;
+        let (a, b) = match (&self.packed, &*slices) {
+            (None, &[a, b]) => (Some(a), Some(b)),
+            (Some(p), &[x]) if p.input == 0 => (None, Some(x)),
+            (Some(_), &[x]) => (Some(x), None),
+            _ => bail!("a gemm product with {} inputs", inputs.len()),
         };
-        let a = a.try_as_plain_ram()?;
-        let a = a.as_slice::<f32>()?;
-        let b = b.try_as_plain_ram()?;
-        let b = b.as_slice::<f32>()?;
         let mut output = Tensor::zero::<f32>(&self.shapes[2])?;
         {
             let mut plain = output.try_as_plain_ram_mut()?;
@@ -271,8 +390,15 @@ impl EvalOp for GemmProduct {
 }
 
 impl GemmProduct {
-    /// Every product, one per index of the loops.
-    fn products(&self, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) -> TractResult<()> {
+    /// Every product, one per index of the loops; `a` or `b` is `None` where it is packed.
+    fn products(
+        &self,
+        a: Option<&[f32]>,
+        b: Option<&[f32]>,
+        c: &mut [f32],
+        threads: usize,
+    ) -> TractResult<()> {
+        let short = || format_err!("a gemm product's input is short");
         let mut index = vec![0; self.loops.len()];
         loop {
             let (mut oa, mut ob, mut oc) = (0, 0, 0);
@@ -281,21 +407,13 @@ impl GemmProduct {
                 ob += i * l.b;
                 oc += i * l.c;
             }
-            let lhs = Matrix {
-                data: a.get(oa..).context("a gemm product's input is short")?,
-                rows: self.rows.len,
-                columns: self.depth.len,
-                row_stride: self.rows.first,
-                column_stride: self.depth.first,
-            };
-            let rhs = Matrix {
-                data: b.get(ob..).context("a gemm product's input is short")?,
-                rows: self.depth.len,
-                columns: self.columns.len,
-                row_stride: self.depth.second,
-                column_stride: self.columns.first,
-            };
-            let out = MatrixMut {
+            let lhs = a
+                .map(|a| a.get(oa..).ok_or_else(short).map(|d| self.lhs(d)))
+                .transpose()?;
+            let rhs = b
+                .map(|b| b.get(ob..).ok_or_else(short).map(|d| self.rhs(d)))
+                .transpose()?;
+            let mut out = MatrixMut {
                 data: c
                     .get_mut(oc..)
                     .context("a gemm product's output is short")?,
@@ -304,7 +422,31 @@ impl GemmProduct {
                 row_stride: self.rows.second,
                 column_stride: self.columns.second,
             };
-            matmul(lhs, rhs, out, false, threads).map_err(|e| format_err!("{e}"))?;
+            let done = match (&self.packed, lhs, rhs) {
+                (None, Some(lhs), Some(rhs)) => matmul(lhs, rhs, out, false, threads),
+                (Some(p), lhs, rhs) => {
+                    let weight = Operand::Packed(&p.weight.0);
+                    let (left, right) = match (p.input, lhs, rhs) {
+                        (0, _, Some(rhs)) => (weight, Operand::View(rhs)),
+                        (1, Some(lhs), _) => (Operand::View(lhs), weight),
+                        _ => bail!("a gemm product without its input"),
+                    };
+                    if p.transposed {
+                        out = MatrixMut {
+                            rows: out.columns,
+                            columns: out.rows,
+                            row_stride: out.column_stride,
+                            column_stride: out.row_stride,
+                            ..out
+                        };
+                        matmul_packed(flip(right), flip(left), out, false, threads)
+                    } else {
+                        matmul_packed(left, right, out, false, threads)
+                    }
+                }
+                _ => bail!("a gemm product without its inputs"),
+            };
+            done.map_err(|e| format_err!("{e}"))?;
             // The next index, last loop fastest.
             let mut ix = self.loops.len();
             loop {
@@ -327,21 +469,37 @@ mod tests {
     use super::*;
     use crate::test_support::values;
 
-    /// A model of one `expr` product of two inputs of these shapes (the second a constant with
-    /// `weight`), and its inputs.
+    /// A model of one `expr` product of two inputs of these shapes (with `weight` the second, or
+    /// with `first` the first, a constant), and its inputs.
     fn model(
         expr: &str,
         a: &[usize],
         b: &[usize],
         weight: bool,
     ) -> TractResult<(TypedModel, TVec<Tensor>)> {
+        model_with(expr, a, b, weight, false)
+    }
+
+    fn model_with(
+        expr: &str,
+        a: &[usize],
+        b: &[usize],
+        weight: bool,
+        first: bool,
+    ) -> TractResult<(TypedModel, TVec<Tensor>)> {
         let mut model = TypedModel::default();
         let ta = Tensor::from_shape(a, &values(a.iter().product(), 1))?;
         let tb = Tensor::from_shape(b, &values(b.iter().product(), 2))?;
-        let xa = model.add_source("a", f32::fact(a))?;
-        let (xb, inputs) = match weight {
-            true => (model.add_const("b", tb)?, tvec![ta]),
-            false => (model.add_source("b", f32::fact(b))?, tvec![ta, tb]),
+        let (xa, mut inputs) = match first {
+            true => (model.add_const("a", ta)?, tvec![]),
+            false => (model.add_source("a", f32::fact(a))?, tvec![ta]),
+        };
+        let xb = match weight {
+            true => model.add_const("b", tb)?,
+            false => {
+                inputs.push(tb);
+                model.add_source("b", f32::fact(b))?
+            }
         };
         let y = model.wire_node(
             "product",
@@ -393,35 +551,64 @@ mod tests {
             // A product with one column.
             ("bsk,k->bs", &[2, 13, 24], &[24], true, 1),
         ];
-        for (expr, a, b, weight, products) in cases {
+        for ((expr, a, b, weight, products), pack) in
+            cases.into_iter().flat_map(|c| [(c, false), (c, true)])
+        {
             let (model, inputs) = model(expr, a, b, weight)?;
-            let expected = run(model.clone(), &inputs)?;
-            let mut ours = model;
-            assert_eq!(gemm_products(&mut ours)?, 1, "{expr}");
-            assert_eq!(count(&ours), 1, "{expr}");
-            let op = ours
-                .nodes()
-                .iter()
-                .find_map(|n| n.op_as::<GemmProduct>())
-                .unwrap();
+            let packed = weight && pack;
+            let op = same_as_tract(model, &inputs, pack, expr)?;
             let loops: usize = op.loops.iter().map(|l| l.len).product();
             assert_eq!(loops, products, "{expr}: {op:?}");
-            let got = run(ours, &inputs)?;
-            assert_eq!(got.0, expected.0, "{expr}");
-            let worst = crate::test_support::largest_difference(&got.1, &expected.1);
-            assert!(worst < 1e-5, "{expr}: differs by {worst}");
+            assert_eq!(op.packed.is_some(), packed, "{expr}: {op:?}");
+        }
+        // A constant first input: a weight on the left (`[out, in]` by `[in, pixels]`, the
+        // output's columns contiguous), and one whose output has its rows contiguous.
+        let left: [(&str, &[usize], &[usize], bool); 2] = [
+            ("ok,bkp->bop", &[7, 12], &[2, 12, 20], false),
+            ("kn,bsk->bsn", &[12, 9], &[2, 13, 12], true),
+        ];
+        for (expr, a, b, transposed) in left {
+            let (model, inputs) = model_with(expr, a, b, false, true)?;
+            let op = same_as_tract(model, &inputs, true, expr)?;
+            let packed = op.packed.as_ref().expect("a packed weight");
+            assert_eq!((packed.input, packed.transposed), (0, transposed), "{expr}");
         }
         Ok(())
+    }
+
+    /// Replaces `model`'s product by a gemm product (`pack`: its constant packed), checks that
+    /// it computes what tract's does on `inputs`, and returns it.
+    fn same_as_tract(
+        model: TypedModel,
+        inputs: &TVec<Tensor>,
+        pack: bool,
+        expr: &str,
+    ) -> TractResult<GemmProduct> {
+        let expected = run(model.clone(), inputs)?;
+        let mut ours = model;
+        assert_eq!(gemm_products(&mut ours, pack)?, 1, "{expr}");
+        assert_eq!(count(&ours), 1, "{expr}");
+        let op = ours
+            .nodes()
+            .iter()
+            .find_map(|n| n.op_as::<GemmProduct>())
+            .cloned()
+            .context("a gemm product")?;
+        let got = run(ours, inputs)?;
+        assert_eq!(got.0, expected.0, "{expr}");
+        let worst = crate::test_support::largest_difference(&got.1, &expected.1);
+        assert!(worst < 1e-5, "{expr} (pack {pack}): differs by {worst}");
+        Ok(op)
     }
 
     #[test]
     fn sums_over_axes_that_are_not_one_run_are_left_to_tract() -> TractResult<()> {
         // k and l lie in opposite orders in the two inputs: no single depth stride.
         let (mut crossed, _) = model("akl,lkb->ab", &[3, 4, 5], &[5, 4, 2], true)?;
-        assert_eq!(gemm_products(&mut crossed)?, 0);
+        assert_eq!(gemm_products(&mut crossed, true)?, 0);
         // Broadcasting an axis of length 1 against 3.
         let (mut broadcast, _) = model("bk,bkn->bn", &[1, 4], &[3, 4, 2], false)?;
-        assert_eq!(gemm_products(&mut broadcast)?, 0);
+        assert_eq!(gemm_products(&mut broadcast, true)?, 0);
         Ok(())
     }
 }

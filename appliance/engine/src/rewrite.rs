@@ -32,3 +32,23 @@ pub(crate) fn on_tract_threads<R: Send>(work: impl FnOnce(usize) -> R + Send) ->
         Executor::RayonGlobal => work(rayon::current_num_threads()),
     }
 }
+
+/// A constant weight packed once, at load, for the kernels' register tiles
+/// ([`diffusionx_kernels::Packed`]): the op holding it replaces tract's copy of the weight. Ops
+/// compare and hash it by identity (two ops are the same only if they share the packing).
+#[derive(Debug, Clone)]
+pub(crate) struct PackedWeight(pub(crate) Arc<diffusionx_kernels::Packed>);
+
+impl PartialEq for PackedWeight {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for PackedWeight {}
+
+impl std::hash::Hash for PackedWeight {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}

@@ -885,13 +885,15 @@ mod tests {
 
     #[test]
     fn int8_weights_stay_with_tracts_products_under_the_gemm_passes() -> TractResult<()> {
-        let mut int8 = model(true)?;
-        assert_eq!(crate::band_convolutions(&mut int8)?, 0);
-        assert_eq!(crate::gemm_products(&mut int8)?, 0);
-        // The f32 graph's products are taken.
-        let mut f32_model = model(false)?;
-        assert_eq!(crate::band_convolutions(&mut f32_model)?, 1);
-        assert_eq!(crate::gemm_products(&mut f32_model)?, 1);
+        for pack in [false, true] {
+            let mut int8 = model(true)?;
+            assert_eq!(crate::band_convolutions(&mut int8, pack)?, 0);
+            assert_eq!(crate::gemm_products(&mut int8, pack)?, 0);
+            // The f32 graph's products are taken.
+            let mut f32_model = model(false)?;
+            assert_eq!(crate::band_convolutions(&mut f32_model, pack)?, 1);
+            assert_eq!(crate::gemm_products(&mut f32_model, pack)?, 1);
+        }
         Ok(())
     }
 

@@ -65,6 +65,11 @@ const IMAGE_TOLERANCE: f32 = 1e-4;
 const AMPLIFIED_LATENT_TOLERANCE: f32 = 2e-4;
 
 #[test]
+fn every_reference_case_matches_diffusers_on_packed_weights() {
+    every_reference_case_matches_diffusers(Products::Packed);
+}
+
+#[test]
 fn every_reference_case_matches_diffusers_on_gemms_kernels() {
     every_reference_case_matches_diffusers(Products::Gemm);
 }
@@ -222,7 +227,7 @@ fn the_tiny_vae_decoder_matches_diffusers_autoencoder_tiny() {
     // A 16 x 12 latent: not square, so a transposed plane would show.
     assert_eq!(latent.shape, [4, 16, 12]);
     assert_eq!(expected.shape, [3, 128, 96]);
-    for products in [Products::Gemm, Products::Tract] {
+    for products in [Products::Packed, Products::Gemm, Products::Tract] {
         let got = tiny_pipeline(products)
             .decode_tiny(&latent.data, 16, 12)
             .unwrap();

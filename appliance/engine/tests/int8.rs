@@ -154,7 +154,7 @@ fn weight_only_int8_unet_is_f32_on_its_weights_and_runs_from_int8_panels() {
     // Every weight is dequantized per call into the panels of its product; no dequantization
     // is left on its own (it would be an f32 copy of the weight) or folded into a constant.
     // With gemm's kernels too: int8 weights stay with tract's products.
-    for products in [Products::Gemm, Products::Tract] {
+    for products in [Products::Packed, Products::Gemm, Products::Tract] {
         let graph = diffusionx_engine::Graph::load(
             "unet",
             &fixtures().join(FOLDER).join("unet/model.onnx"),

@@ -171,7 +171,11 @@ fn the_tiny_vae_decoder_convolves_by_products_not_by_tract_direct_spatial_convol
     // its direct spatial convolution (2.1x slower on the 64-channel full-size decoder). All 35
     // (4 + 3 x 3 x 3 + 1 x 3 + 1) are banded gemm products, or with tract's kernels im2col
     // products.
-    for (products, banded, tracts) in [(Products::Gemm, 35, 0), (Products::Tract, 0, 35)] {
+    for (products, banded, tracts) in [
+        (Products::Packed, 35, 0),
+        (Products::Gemm, 35, 0),
+        (Products::Tract, 0, 35),
+    ] {
         let graph = Graph::load("tiny_vae_decoder", &graph("tiny_vae_decoder"))
             .unwrap()
             .with_products(products);

@@ -393,6 +393,10 @@ fn the_engines_kernels_are_the_engines_choice_unless_the_config_names_them() {
         with("products = \"gemm\"").unwrap().model.products,
         Some(Products::Gemm)
     );
+    assert_eq!(
+        with("products = \"packed\"").unwrap().model.products,
+        Some(Products::Packed)
+    );
     let err = with("products = \"fast\"").unwrap_err();
     assert!(err.contains("unknown variant `fast`"), "{err}");
 }
