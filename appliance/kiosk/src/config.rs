@@ -152,8 +152,9 @@ pub struct ModelConfig {
     /// Threads for the engine; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
-    /// Whose kernels run the engine's f32 matrix products, `"gemm"` or `"tract"`; unset, the
-    /// engine's choice for this CPU (gemm on x86-64, tract elsewhere).
+    /// Whose kernels run the engine's f32 matrix products, `"packed"`, `"gemm"` or `"tract"`;
+    /// unset, the engine's choice for this CPU (packed on x86-64 with AVX2 and FMA, gemm on
+    /// other x86-64, tract elsewhere).
     #[serde(default)]
     pub products: Option<diffusionx_engine::Products>,
     /// What decodes a preview's picture (a local refinement always uses the VAE).

@@ -33,8 +33,8 @@ struct Args {
     /// Threads for both runtimes.
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Whose kernels run the engine's f32 matrix products: `gemm` or `tract` (default: the
-    /// engine's for this CPU).
+    /// Whose kernels run the engine's f32 matrix products: `packed`, `gemm` or `tract`
+    /// (default: the engine's for this CPU).
     #[arg(long, default_value_t = Products::default(), value_parser = parse_products)]
     products: Products,
     /// Timed runs per measurement (after one untimed warm-up run).

@@ -100,8 +100,8 @@ struct Args {
     /// Threads for tract's matrix products (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Whose kernels run the f32 matrix products: `gemm` or `tract` (default: the engine's
-    /// for this CPU).
+    /// Whose kernels run the f32 matrix products: `packed`, `gemm` or `tract` (default: the
+    /// engine's for this CPU).
     #[arg(long, value_parser = |s: &str| s.parse::<diffusionx_engine::Products>())]
     products: Option<diffusionx_engine::Products>,
     /// Skip the SHA-256 check of the model files.
