@@ -204,17 +204,18 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    /// `n` values in -0.5..0.5, different for each `seed`.
+    pub(crate) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 211.0)
             .collect()
     }
 
     /// The product by the definition, in f64.
-    fn naive(a: &Matrix<'_>, b: &Matrix<'_>) -> Vec<f64> {
+    pub(crate) fn naive(a: &Matrix<'_>, b: &Matrix<'_>) -> Vec<f64> {
         let mut out = vec![0f64; a.rows * b.columns];
         for i in 0..a.rows {
             for j in 0..b.columns {
@@ -227,6 +228,38 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Runs `product` into an `m x n` output (column-major with `c_t`) that holds 0.5
+    /// everywhere, and checks it against `expected` (plus 0.5 with `accumulate`).
+    pub(crate) fn check_output(
+        expected: &[f64],
+        (m, n): (usize, usize),
+        (c_t, accumulate): (bool, bool),
+        tolerance: f64,
+        label: &str,
+        product: impl FnOnce(MatrixMut<'_>),
+    ) {
+        let (rs, cs) = if c_t { (1, m) } else { (n, 1) };
+        let mut c_data = vec![0.5f32; m * n];
+        product(MatrixMut {
+            data: &mut c_data,
+            rows: m,
+            columns: n,
+            row_stride: rs,
+            column_stride: cs,
+        });
+        let base = if accumulate { 0.5 } else { 0.0 };
+        for i in 0..m {
+            for j in 0..n {
+                let got = f64::from(c_data[i * rs + j * cs]);
+                let want = expected[i * n + j] + base;
+                assert!(
+                    (got - want).abs() < tolerance,
+                    "{label} ({i}, {j}): {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -263,28 +296,11 @@ mod tests {
                             column_stride: if b_t { k } else { 1 },
                         };
                         let expected = naive(&a, &b);
-                        let (rs, cs) = if c_t { (1, m) } else { (n, 1) };
                         for accumulate in [false, true] {
-                            let mut c_data = vec![0.5f32; m * n];
-                            let c = MatrixMut {
-                                data: &mut c_data,
-                                rows: m,
-                                columns: n,
-                                row_stride: rs,
-                                column_stride: cs,
-                            };
-                            matmul(a, b, c, accumulate, threads).unwrap();
-                            let base = if accumulate { 0.5 } else { 0.0 };
-                            for i in 0..m {
-                                for j in 0..n {
-                                    let got = f64::from(c_data[i * rs + j * cs]);
-                                    let want = expected[i * n + j] + base;
-                                    assert!(
-                                        (got - want).abs() < 1e-5,
-                                        "({i}, {j}) {a_t} {b_t} {c_t} {threads}: {got} vs {want}"
-                                    );
-                                }
-                            }
+                            let label = format!("{a_t} {b_t} {c_t} {threads}");
+                            let run =
+                                |c: MatrixMut<'_>| matmul(a, b, c, accumulate, threads).unwrap();
+                            check_output(&expected, (m, n), (c_t, accumulate), 1e-5, &label, run);
                         }
                     }
                 }

@@ -581,12 +581,7 @@ unsafe fn tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 211.0)
-            .collect()
-    }
+    use crate::matmul::tests::{check_output, naive, values};
 
     fn view(data: &[f32], rows: usize, columns: usize, transposed: bool) -> Matrix<'_> {
         Matrix {
@@ -596,22 +591,6 @@ mod tests {
             row_stride: if transposed { 1 } else { columns },
             column_stride: if transposed { rows } else { 1 },
         }
-    }
-
-    /// The product by the definition, in f64.
-    fn naive(a: &Matrix<'_>, b: &Matrix<'_>) -> Vec<f64> {
-        let mut out = vec![0f64; a.rows * b.columns];
-        for i in 0..a.rows {
-            for j in 0..b.columns {
-                out[i * b.columns + j] = (0..a.columns)
-                    .map(|l| {
-                        f64::from(a.data[i * a.row_stride + l * a.column_stride])
-                            * f64::from(b.data[l * b.row_stride + j * b.column_stride])
-                    })
-                    .sum();
-            }
-        }
-        out
     }
 
     #[test]
@@ -646,28 +625,10 @@ mod tests {
                 ];
                 for (x, y) in operands {
                     for (threads, accumulate) in [(1, false), (2, true)] {
-                        let (rs, cs) = if c_t { (1, m) } else { (n, 1) };
-                        let mut c_data = vec![0.5f32; m * n];
-                        let c = MatrixMut {
-                            data: &mut c_data,
-                            rows: m,
-                            columns: n,
-                            row_stride: rs,
-                            column_stride: cs,
-                        };
-                        matmul_packed(x, y, c, accumulate, threads).unwrap();
-                        let base = if accumulate { 0.5 } else { 0.0 };
-                        for i in 0..m {
-                            for j in 0..n {
-                                let got = f64::from(c_data[i * rs + j * cs]);
-                                let want = expected[i * n + j] + base;
-                                assert!(
-                                    (got - want).abs() < 1e-4,
-                                    "{m}x{k}x{n} ({i}, {j}) {a_t} {b_t} {c_t} {threads}: \
-                                     {got} vs {want}"
-                                );
-                            }
-                        }
+                        let label = format!("{m}x{k}x{n} {a_t} {b_t} {c_t} {threads}");
+                        let run =
+                            |c: MatrixMut<'_>| matmul_packed(x, y, c, accumulate, threads).unwrap();
+                        check_output(&expected, (m, n), (c_t, accumulate), 1e-4, &label, run);
                     }
                 }
             }
