@@ -89,6 +89,15 @@ pub(crate) fn check_distinct(c: &MatrixMut<'_>) -> Result<(), MatmulMismatch> {
     Ok(())
 }
 
+/// Zeroes every element of `c` (a product over an empty inner size), after [`check`].
+pub(crate) fn fill_zero(c: MatrixMut<'_>) {
+    for i in 0..c.rows {
+        for j in 0..c.columns {
+            c.data[i * c.row_stride + j * c.column_stride] = 0.0;
+        }
+    }
+}
+
 /// `c = a b`, or `c += a b` with `accumulate`, on `threads` threads of rayon's pool (1: this
 /// thread only). `c`'s elements must be distinct (no zero stride unless that size is 1).
 pub fn matmul(
@@ -117,11 +126,7 @@ pub fn matmul(
     }
     if k == 0 {
         if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    c.data[i * c.row_stride + j * c.column_stride] = 0.0;
-                }
-            }
+            fill_zero(c);
         }
         return Ok(());
     }

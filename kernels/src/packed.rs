@@ -184,11 +184,6 @@ impl Packed {
         self.data
     }
 
-    /// Bytes it takes.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * size_of::<f32>()
-    }
-
     /// Block `pc`'s panels for lanes `first..first + count` (`first` a multiple of the panel
     /// width).
     fn block(&self, pc: usize, first: usize, count: usize) -> &[f32] {
@@ -252,22 +247,17 @@ pub fn matmul_packed(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        if !accumulate {
+            crate::matmul::fill_zero(c);
+        }
+        return Ok(());
+    }
     let c = Raw {
         ptr: c.data.as_mut_ptr(),
         rs: c.row_stride,
         cs: c.column_stride,
     };
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    // SAFETY: (i, j) is inside c's checked extent.
-                    unsafe { *c.at(i, j).ptr = 0.0 };
-                }
-            }
-        }
-        return Ok(());
-    }
     fn source<'a>(x: Operand<'a>) -> Source<'a> {
         match x {
             Operand::View(view) => Source::Plain(raw(&view)),
