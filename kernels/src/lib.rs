@@ -13,6 +13,9 @@
 //!   every view checked against its slice before the product.
 //! - [`packed`]: `c = a b` with one operand packed once ahead of time (a layer's weights,
 //!   packed at load) into the panels of the AVX2/FMA register tile.
+//! - [`upsampled`]: a 3x3 convolution of an image upsampled 2x (nearest), as one 2x2
+//!   convolution of the image itself with the four output phases as its channels (under half
+//!   the arithmetic, no upsampled image in memory).
 //! - [`vmath`]: `exp` and the erf GELU in plain arithmetic, so that loops over them compile to
 //!   vector code, and run as AVX2 code where the CPU has it.
 //!
@@ -24,6 +27,7 @@ pub mod matmul;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
 mod tile;
+pub mod upsampled;
 pub mod vmath;
 
 pub use attention::{OutOfBounds, Scratch, View, ViewMut, attend, query_block};
@@ -32,3 +36,4 @@ pub use conv::{
 };
 pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};
 pub use packed::{Operand, Packed, Side, matmul_packed};
+pub use upsampled::{UpsampledConv, conv2d_upsampled};

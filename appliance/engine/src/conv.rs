@@ -30,9 +30,12 @@ use std::cell::Cell;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
-use tract_onnx::tract_core::ops::nn::DataFormat;
+use tract_onnx::tract_core::ops::nn::{DataFormat, NearestUpsample};
 
-use diffusionx_kernels::{Bands, ConvShape, ConvWeights, Matrix, Packed, Side, conv2d_with};
+use diffusionx_kernels::{
+    Bands, ConvShape, ConvWeights, Matrix, Packed, Side, UpsampledConv, conv2d_upsampled,
+    conv2d_with,
+};
 
 /// The most bytes a band's columns take: the gateway's measured bound (gateway/refine's
 /// `resnet.rs`: 32 MiB was fastest for the full-size VAE decode).
@@ -58,7 +61,10 @@ pub fn band_convolutions(model: &mut TypedModel, pack: bool) -> TractResult<usiz
         if op.weight.is_none() && crate::weights::dequantized(model, node.inputs[1]) {
             continue;
         }
-        let mut wired = vec![node.inputs[0]];
+        let mut wired = vec![match op.upsampled {
+            Some(_) => model.node(node.inputs[0].node).inputs[0],
+            None => node.inputs[0],
+        }];
         if op.weight.is_none() {
             wired.push(node.inputs[1]);
         }
@@ -78,10 +84,15 @@ pub fn band_convolutions(model: &mut TypedModel, pack: bool) -> TractResult<usiz
 /// graph computes it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BandedConv {
+    /// The convolution run (with `upsampled`: the 2x2 convolution of the phases).
     shape: ConvShape,
     /// The constant weights, or `None` when they are an input.
     weight: Option<Weight>,
     bias: Bias,
+    /// A 3x3 convolution of the image upsampled 2x (nearest), which the op takes before that
+    /// upsampling and runs as the 2x2 convolution of its four phases
+    /// ([`diffusionx_kernels::upsampled`]).
+    upsampled: Option<UpsampledConv>,
 }
 
 /// A [`BandedConv`]'s constant weights.
@@ -147,6 +158,16 @@ impl BandedConv {
             return Ok(None);
         };
         let out_channels = spec.output_channels;
+        let upsampled = (kh == 3 && padding == 1 && height % 2 == 0 && width % 2 == 0)
+            .then(|| upsampled_input(model, node))
+            .flatten()
+            .map(|_| UpsampledConv {
+                batch,
+                channels,
+                height: height / 2,
+                width: width / 2,
+                out_channels,
+            });
         let shape = ConvShape {
             batch,
             channels,
@@ -177,14 +198,29 @@ impl BandedConv {
                 v => Bias::Const(Arc::new(tensor1(&vec![v; out_channels]))),
             },
         };
+        // An upsampled image's convolution with constant weights runs on the image before the
+        // upsampling, with the phases' 2x2 weights.
+        let (shape, weight, upsampled) = match (upsampled, weight) {
+            (Some(up), Some(w)) => {
+                let data = w.try_as_plain_ram()?;
+                let phases = up
+                    .weights(data.as_slice::<f32>()?)
+                    .map_err(|e| format_err!("{e}"))?;
+                let s = up.phases();
+                let dims = [s.out_channels, s.channels, s.kernel, s.kernel];
+                let w = Arc::new(Tensor::from_shape(&dims, &phases)?);
+                (s, Some(w), Some(up))
+            }
+            (_, weight) => (shape, weight, None),
+        };
         let weight = match weight {
             Some(w) if pack => {
                 let data = w.try_as_plain_ram()?;
                 let data = data.as_slice::<f32>()?;
-                let depth = channels * kh * kw;
+                let depth = shape.channels * shape.kernel * shape.kernel;
                 let matrix = Matrix {
                     data,
-                    rows: out_channels,
+                    rows: shape.out_channels,
                     columns: depth,
                     row_stride: depth,
                     column_stride: 1,
@@ -200,10 +236,14 @@ impl BandedConv {
             shape,
             weight,
             bias,
+            upsampled,
         }))
     }
 
     fn out_shape(&self) -> TractResult<[usize; 4]> {
+        if let Some(up) = self.upsampled {
+            return Ok(up.output());
+        }
         let (lines, columns) = self
             .shape
             .output()
@@ -219,6 +259,12 @@ impl Op for BandedConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let s = &self.shape;
+        if let Some(u) = &self.upsampled {
+            return Ok(vec![format!(
+                "{} -> {} channels, 3x3 kernel, padding 1, {}x{} images upsampled 2x x{} (as 2x2 phases)",
+                u.channels, u.out_channels, u.height, u.width, u.batch
+            )]);
+        }
         Ok(vec![format!(
             "{} -> {} channels, {}x{} kernel, padding {}, {}x{} images x{}",
             s.channels, s.out_channels, s.kernel, s.kernel, s.padding, s.height, s.width, s.batch
@@ -251,6 +297,19 @@ impl TypedOp for BandedConv {
 thread_local! {
     /// Each thread's buffer for a band's columns, kept from call to call.
     static COLUMNS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Each thread's buffer for an upsampled convolution's phases, kept from call to call.
+    static PHASES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// The upsampling `conv`'s input comes from when it is a nearest 2x upsampling of NCHW images
+/// that only this convolution reads, else `None`.
+fn upsampled_input(model: &TypedModel, conv: &TypedNode) -> Option<OutletId> {
+    let source = model.node(conv.inputs[0].node);
+    let up = source.op_as::<NearestUpsample>()?;
+    let alone = source.outputs.len() == 1
+        && source.outputs[0].successors.len() == 1
+        && !model.output_outlets().ok()?.contains(&conv.inputs[0]);
+    (up.scales[..] == [1, 1, 2, 2] && alone).then_some(source.inputs[0])
 }
 
 impl EvalOp for BandedConv {
@@ -316,7 +375,24 @@ impl EvalOp for BandedConv {
                     max_columns_bytes: self.shape.band_bytes(MAX_COLUMNS_BYTES),
                     threads,
                 };
-                let done = conv2d_with(x, self.shape, weight, bias, out, bands, &mut columns);
+                let done = match self.upsampled {
+                    Some(up) => {
+                        let mut phases = PHASES.take();
+                        let done = conv2d_upsampled(
+                            x,
+                            up,
+                            weight,
+                            bias,
+                            out,
+                            bands,
+                            &mut columns,
+                            &mut phases,
+                        );
+                        PHASES.set(phases);
+                        done
+                    }
+                    None => conv2d_with(x, self.shape, weight, bias, out, bands, &mut columns),
+                };
                 COLUMNS.set(columns);
                 done
             };
@@ -476,6 +552,78 @@ mod tests {
             let bias = Tensor::from_shape(bias_shape, &values(n, 17))?;
             let worst = banded_against_tract(model, &[&input, &bias])?;
             assert!(worst < 1e-5, "{bias_shape:?}: differs by {worst}");
+        }
+        Ok(())
+    }
+
+    /// An upsampler's nearest 2x upsampling followed by `conv` on `[2, 4, 3, 5]` images, the
+    /// upsampling also read by a second node when `shared`; the bias a constant, or an input
+    /// of one value per channel when `None`.
+    fn upsampler(op: Conv, bias: Option<Tensor>, shared: bool) -> TractResult<TypedModel> {
+        let (cin, cout) = (op.pool_spec.input_channels, op.pool_spec.output_channels);
+        let k = op.pool_spec.kernel_shape[0];
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([2, cin, 3, 5]))?;
+        let scales = tvec![1, 1, 2, 2];
+        let up = model.wire_node("up", NearestUpsample { scales }, &[x])?;
+        let w = Tensor::from_shape(&[cout, cin, k, k], &values(cout * cin * k * k, 3))?;
+        let kernel = model.add_const("kernel", w)?;
+        let bias = match bias {
+            Some(b) => model.add_const("bias", b)?,
+            None => model.add_source("bias", f32::fact([cout]))?,
+        };
+        let mut outputs = model.wire_node("conv", op, &[up[0], kernel, bias])?;
+        if shared {
+            outputs.push(up[0]);
+        }
+        model.select_output_outlets(&outputs)?;
+        Ok(model)
+    }
+
+    #[test]
+    fn an_upsampled_images_convolution_runs_on_the_image_before_upsampling() -> TractResult<()> {
+        let input = Tensor::from_shape(&[2, 4, 3, 5], &values(2 * 4 * 15, 11))?;
+        let per_channel = tensor1(&values(6, 5));
+        // A constant bias per channel, one for all, and one the graph computes (tract folds a
+        // time embedding into it); values up to 0.5, so one left out would show.
+        let biases = [
+            (Some(per_channel.clone()), None),
+            (Some(tensor0(0.25f32)), None),
+            (None, Some(per_channel)),
+        ];
+        for ((bias_fact, computed), pack) in biases
+            .into_iter()
+            .flat_map(|c| [(c.clone(), false), (c, true)])
+        {
+            let model = upsampler(conv(4, 6, 3, PaddingSpec::SameUpper, 1), bias_fact, false)?;
+            let mut ours = model.clone();
+            assert_eq!(band_convolutions(&mut ours, pack)?, 1);
+            let ours = ours.into_optimized()?;
+            // The upsampling is gone: the op reads the image as it was.
+            let ops: Vec<_> = ours.nodes().iter().map(|n| n.op().name()).collect();
+            assert!(!ops.iter().any(|n| n == "NearestUpsample"), "{ops:?}");
+            let op = ours.nodes().iter().find_map(|n| n.op_as::<BandedConv>());
+            assert!(op.is_some_and(|op| op.upsampled.is_some()));
+            let inputs: Vec<&Tensor> = std::iter::once(&input).chain(&computed).collect();
+            let worst = banded_against_tract_with(model, &inputs, pack)?;
+            assert!(worst < 1e-5, "pack {pack}: differs by {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_upsampling_other_nodes_read_or_other_windows_stay_as_they_are() -> TractResult<()> {
+        let bias = || Some(tensor1(&values(6, 5)));
+        let cases = [
+            (conv(4, 6, 3, PaddingSpec::SameUpper, 1), true),
+            (conv(4, 6, 1, PaddingSpec::Valid, 1), false),
+            (conv(4, 6, 3, PaddingSpec::Valid, 1), false),
+        ];
+        for (op, shared) in cases {
+            let mut model = upsampler(op.clone(), bias(), shared)?;
+            assert_eq!(band_convolutions(&mut model, true)?, 1, "{op:?}");
+            let node = model.nodes().iter().find_map(|n| n.op_as::<BandedConv>());
+            assert!(node.is_some_and(|op| op.upsampled.is_none()), "{op:?}");
         }
         Ok(())
     }

@@ -170,11 +170,12 @@ fn the_tiny_vae_decoder_convolves_by_products_not_by_tract_direct_spatial_convol
     // Its 8-channel 3x3 convolutions on 128- and 256-point rows are what tract 0.23 would give
     // its direct spatial convolution (2.1x slower on the 64-channel full-size decoder). All 35
     // (4 + 3 x 3 x 3 + 1 x 3 + 1) are banded gemm products, or with tract's kernels im2col
-    // products.
-    for (products, banded, tracts) in [
-        (Products::Packed, 35, 0),
-        (Products::Gemm, 35, 0),
-        (Products::Tract, 0, 35),
+    // products. Its three nearest 2x upsamplings are gone with ours: the convolutions after
+    // them take the image before upsampling (`diffusionx_kernels::upsampled`).
+    for (products, banded, tracts, upsamplings) in [
+        (Products::Packed, 35, 0, 0),
+        (Products::Gemm, 35, 0, 0),
+        (Products::Tract, 0, 35, 3),
     ] {
         let graph = Graph::load("tiny_vae_decoder", &graph("tiny_vae_decoder"))
             .unwrap()
@@ -186,5 +187,41 @@ fn the_tiny_vae_decoder_convolves_by_products_not_by_tract_direct_spatial_convol
         assert_eq!(count("DirectSpatialConv"), 0, "{products}: {ops:?}");
         assert_eq!(count("DiffusionxBandedConv"), banded, "{products}: {ops:?}");
         assert_eq!(count("OptMatMul"), tracts, "{products}: {ops:?}");
+        assert_eq!(count("NearestUpsample"), upsamplings, "{products}: {ops:?}");
+    }
+}
+
+/// The UNet's upsamplers (a nearest 2x upsampling, then a 3x3 convolution) run as one op on the
+/// image before upsampling with our kernels, and predict what tract's graph does.
+#[test]
+fn a_unets_upsamplers_convolve_the_image_before_upsampling() {
+    let inputs = || {
+        vec![
+            ("sample", values(&[2, 4, 16, 16], 1)),
+            ("timestep", Tensor::from(501f32)),
+            ("encoder_hidden_states", values(&[2, 77, 4], 2)),
+        ]
+    };
+    let mut outputs = Vec::new();
+    for (products, upsamplings) in [
+        (Products::Tract, 2),
+        (Products::Gemm, 0),
+        (Products::Packed, 0),
+    ] {
+        let unet = Graph::load("unet", &graph("unet"))
+            .unwrap()
+            .with_products(products);
+        let ops = unet.profile(inputs(), false).unwrap();
+        let count = common::op_count(&ops, "NearestUpsample");
+        assert_eq!(count, upsamplings, "{products}: {ops:?}");
+        let (shape, out) = unet.run(inputs(), "out_sample").unwrap();
+        assert_eq!(shape, [2, 4, 16, 16]);
+        outputs.push(out);
+    }
+    let scale = outputs[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.1, "the UNet's output is degenerate ({scale})");
+    for ours in &outputs[1..] {
+        let worst = largest_difference(&outputs[0], ours);
+        assert!(worst <= 1e-5 * scale, "differs by {worst} (scale {scale})");
     }
 }
