@@ -18,7 +18,7 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Module, Result, Shape, Tensor,
 };
 use candle_nn as nn;
-use diffusionx_kernels::{Bands, ConvShape, conv2d};
+use diffusionx_kernels::{Bands, ConvShape, ConvWeights, UpsampledConv, conv2d, conv2d_upsampled};
 
 use crate::fused::{GroupNorm, Linear, add_channel_bias, add_per_channel};
 use candle_transformers::models::stable_diffusion::resnet::ResnetBlock2DConfig;
@@ -45,6 +45,9 @@ pub(crate) struct Conv2d {
     /// The weights viewed as `[out, in x kh x kw]` (the same storage).
     matrix: Tensor,
     kernel: usize,
+    /// For a 3x3 convolution of upsampled images on the CPU ([`Conv2d::forward_upsampled`]): the
+    /// four phases' 2x2 weights, `[4 x out, in x 2 x 2]`, made on first use.
+    phases: std::sync::OnceLock<Tensor>,
 }
 
 impl Conv2d {
@@ -64,7 +67,57 @@ impl Conv2d {
             bias: loaded.bias().cloned(),
             matrix,
             kernel,
+            phases: std::sync::OnceLock::new(),
         })
+    }
+
+    /// This convolution of `xs` upsampled 2x by nearest neighbour. A 3x3 convolution with
+    /// padding 1 of f32 images on the CPU runs on `xs` itself, as the 2x2 convolution of its four
+    /// phases ([`diffusionx_kernels::upsampled`]: 16 products per input pixel instead of 36, no
+    /// upsampled image); others upsample, then convolve.
+    pub(crate) fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        let config = self.inner.config();
+        let fused = self.kernel == 3
+            && config.padding == 1
+            && config.stride == 1
+            && config.dilation == 1
+            && config.groups == 1
+            && xs.device().is_cpu()
+            && xs.dtype() == DType::F32
+            && self.matrix.dtype() == DType::F32;
+        if !fused {
+            let (_, _, h, w) = xs.dims4()?;
+            return self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?);
+        }
+        let phases = match self.phases.get() {
+            Some(phases) => phases,
+            None => {
+                let (out_channels, depth) = self.matrix.dims2()?;
+                let shape = UpsampledConv {
+                    batch: 1,
+                    channels: depth / 9,
+                    height: 1,
+                    width: 1,
+                    out_channels,
+                };
+                let weights = self.matrix.flatten_all()?.to_vec1::<f32>()?;
+                let phases = shape.weights(&weights).map_err(candle_core::Error::wrap)?;
+                let phases =
+                    Tensor::from_vec(phases, (4 * out_channels, depth / 9 * 4), xs.device())?;
+                self.phases.get_or_init(|| phases)
+            }
+        };
+        let op = CpuConv {
+            kernel: 2,
+            padding: 1,
+            max_bytes: MAX_COLUMNS_BYTES,
+            upsampled: true,
+        };
+        let xs = xs.contiguous()?;
+        match &self.bias {
+            Some(bias) => xs.apply_op3_no_bwd(phases, &bias.contiguous()?, &op),
+            None => xs.apply_op2_no_bwd(phases, &op),
+        }
     }
 
     /// Whether `xs` takes the one-product path: on the CPU for 3x3 (stacked views), on a GPU for
@@ -84,6 +137,7 @@ impl Conv2d {
                 kernel: self.kernel,
                 padding: self.inner.config().padding,
                 max_bytes,
+                upsampled: false,
             };
             let (xs, weights) = (xs.contiguous()?, self.matrix.contiguous()?);
             return match &self.bias {
@@ -179,12 +233,17 @@ struct CpuConv {
     padding: usize,
     /// The most bytes a band's columns take.
     max_bytes: usize,
+    /// A 3x3 convolution (padding 1) of the images upsampled 2x, with the phases' weights
+    /// (`kernel` 2, `padding` 1: [`UpsampledConv::phases`]).
+    upsampled: bool,
 }
 
 thread_local! {
     /// The columns of the band being convolved, kept from call to call: at most
     /// [`MAX_COLUMNS_BYTES`], allocated (and its pages faulted in) once per thread.
     static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// An upsampled convolution's phases, kept from call to call.
+    static PHASES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CpuConv {
@@ -196,6 +255,32 @@ impl CpuConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, channels, height, width) = lx.shape().dims4()?;
         let (out_channels, _) = lw.shape().dims2()?;
+        if self.upsampled {
+            let shape = UpsampledConv {
+                batch,
+                channels,
+                height,
+                width,
+                out_channels: out_channels / 4,
+            };
+            let bands = Bands {
+                max_columns_bytes: shape.phases().band_bytes(self.max_bytes),
+                threads: candle_core::utils::get_num_threads(),
+            };
+            let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
+            let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
+            let dims = shape.output();
+            let mut out = vec![0f32; dims.iter().product()];
+            COLUMNS
+                .with_borrow_mut(|columns| {
+                    PHASES.with_borrow_mut(|phases| {
+                        let ws = ConvWeights::Plain(ws);
+                        conv2d_upsampled(xs, shape, ws, bias, &mut out, bands, columns, phases)
+                    })
+                })
+                .map_err(candle_core::Error::wrap)?;
+            return Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())));
+        }
         let shape = ConvShape {
             batch,
             channels,
@@ -513,14 +598,13 @@ impl Up {
         let Some(conv) = &self.upsampler else {
             return Ok(xs);
         };
-        let (h, w) = match size {
-            Some(size) => size,
-            None => {
-                let (_, _, h, w) = xs.dims4()?;
-                (2 * h, 2 * w)
+        let (_, _, h, w) = xs.dims4()?;
+        match size {
+            Some(size) if size != (2 * h, 2 * w) => {
+                conv.forward(&xs.upsample_nearest2d(size.0, size.1)?)
             }
-        };
-        conv.forward(&xs.upsample_nearest2d(h, w)?)
+            _ => conv.forward_upsampled(&xs),
+        }
     }
 
     pub(crate) fn forward(
@@ -592,6 +676,22 @@ mod tests {
             assert_eq!(ours.dims(), candles.dims());
             let worst = largest_difference(&ours, &candles)?;
             assert!(worst < 1e-5, "padding {pad}: off by {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_upsampled_images_convolution_is_the_upsampling_then_candles() -> Result<()> {
+        // The phases path (padding 1) and the fallback (padding 0: upsampled, then convolved).
+        for pad in [1, 0] {
+            let conv = conv(5, 7, padded(pad))?;
+            let xs = input((2, 5, 4, 6))?;
+            let ours = conv.forward_upsampled(&xs)?;
+            let candles = conv.forward_candle(&xs.upsample_nearest2d(8, 12)?)?;
+            assert_eq!(ours.dims(), candles.dims(), "padding {pad}");
+            let worst = largest_difference(&ours, &candles)?;
+            assert!(worst < 1e-5, "padding {pad}: off by {worst}");
+            assert_eq!(conv.phases.get().is_some(), pad == 1, "padding {pad}");
         }
         Ok(())
     }

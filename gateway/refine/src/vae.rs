@@ -190,8 +190,7 @@ impl Decoder {
                 xs = resnet.forward(&xs, None)?;
             }
             if let Some(conv) = &block.upsampler {
-                let (_, _, h, w) = xs.dims4()?;
-                xs = conv.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)?;
+                xs = conv.forward_upsampled(&xs)?;
             }
         }
         self.conv_out
