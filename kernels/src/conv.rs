@@ -185,6 +185,20 @@ pub fn conv2d_with(
         fill_bias(out, bias, plane);
         return Ok(());
     }
+    // Weights packed ahead of time, on AVX2 and FMA, output lines of whole tiles: the product
+    // reads the input where it lies, no columns (`direct`).
+    #[cfg(target_arch = "x86_64")]
+    if let ConvWeights::Packed(a) = weight
+        && crate::direct::fits(&shape, wo)
+    {
+        for b in 0..batch {
+            let img = &input[b * image..(b + 1) * image];
+            let dst = &mut out[b * out_channels * plane..(b + 1) * out_channels * plane];
+            fill_bias(dst, bias, plane);
+            crate::direct::conv(img, &shape, a, dst, threads.max(1), columns);
+        }
+        return Ok(());
+    }
     let line_bytes = depth * wo * size_of::<f32>();
     let lines = (max_columns_bytes / line_bytes).clamp(1, ho);
     if let ConvWeights::Plain(_) = weight {
@@ -426,6 +440,16 @@ mod tests {
             // 391 pixels in one band with two threads: each thread takes a share of the pixels
             // (5 output channels, fewer than SPLIT_ROWS), split in the middle of a line.
             shape(1, 3, 17, 23, 5, 3, 1),
+            // Output lines of whole tiles, which packed weights convolve where the input lies
+            // (`direct`): padding 1 and 0; over one block of steps (270 and 300 > KC); more
+            // pixels than a block (1280 > 1024); more output channels than a block of rows
+            // (150 > MC, two threads sharing the channels).
+            shape(1, 5, 6, 16, 7, 3, 1),
+            shape(2, 3, 5, 34, 9, 3, 0),
+            shape(1, 30, 4, 32, 13, 3, 1),
+            shape(1, 300, 2, 16, 7, 1, 0),
+            shape(1, 2, 40, 32, 3, 3, 1),
+            shape(1, 3, 2, 16, 150, 3, 1),
         ];
         for (i, s) in cases.into_iter().enumerate() {
             let (ho, wo) = s.output().expect("an output");

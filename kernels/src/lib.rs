@@ -23,6 +23,8 @@
 
 pub mod attention;
 pub mod conv;
+#[cfg(target_arch = "x86_64")]
+mod direct;
 pub mod matmul;
 pub mod packed;
 #[cfg(target_arch = "x86_64")]

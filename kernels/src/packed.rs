@@ -34,7 +34,7 @@ pub const NR: usize = 16;
 /// every tile of a block of rows uses it.
 pub const KC: usize = 256;
 /// Rows of `a` per block: a packed block is `MC` x `KC` f32, 144 KiB, in L2.
-const MC: usize = 144;
+pub(crate) const MC: usize = 144;
 /// Columns of a plain `b` per block: a packed block of `b` is `KC` x `NC` f32, 4 MiB, in L3,
 /// which the threads pack together and share.
 const NC: usize = 4096;
@@ -186,7 +186,7 @@ impl Packed {
 
     /// Block `pc`'s panels for lanes `first..first + count` (`first` a multiple of the panel
     /// width).
-    fn block(&self, pc: usize, first: usize, count: usize) -> &[f32] {
+    pub(crate) fn block(&self, pc: usize, first: usize, count: usize) -> &[f32] {
         let (width, kc) = (self.side.width(), KC.min(self.depth - pc));
         let padded = self.lanes.next_multiple_of(width);
         let start = pc * padded + first * kc;

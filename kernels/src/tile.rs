@@ -18,6 +18,41 @@ pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
+/// Where step `t`'s [`NR`] values of the right operand start.
+pub(crate) trait Steps: Copy {
+    /// # Safety
+    /// `t` is a step of the tile's depth.
+    unsafe fn at(self, t: usize) -> *const f32;
+}
+
+/// A packed panel: step `t` at `b[t * NR..]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Panel(pub(crate) *const f32);
+
+impl Steps for Panel {
+    #[inline(always)]
+    unsafe fn at(self, t: usize) -> *const f32 {
+        // SAFETY: the caller's step is inside the panel.
+        unsafe { self.0.add(t * NR) }
+    }
+}
+
+/// Values read where they lie: step `t` at `base + offsets[t]` (a convolution's input pixels
+/// for one tap of one channel, `NR` output pixels in a row).
+#[derive(Clone, Copy)]
+pub(crate) struct Gathered {
+    pub(crate) base: *const f32,
+    pub(crate) offsets: *const u32,
+}
+
+impl Steps for Gathered {
+    #[inline(always)]
+    unsafe fn at(self, t: usize) -> *const f32 {
+        // SAFETY: the caller's step has an offset, which keeps NR values inside the input.
+        unsafe { self.base.add(*self.offsets.add(t) as usize) }
+    }
+}
+
 /// `dst` (`rows` x [`NR`], row `r` at `dst[r * stride..]`, its 16 values contiguous) = (or
 /// `+=` if `add`) the packed tile `a` (element `(r, t)` at `a[t * MR + r]`) times the packed
 /// panel `b` (element `(t, j)` at `b[t * NR + j]`), `t < depth`.
@@ -32,31 +67,49 @@ pub(crate) unsafe fn tile(
     a: *const f32,
     b: *const f32,
     depth: usize,
+    dst: (*mut f32, usize),
+    add: bool,
+) {
+    // SAFETY: the function's contract.
+    unsafe { tile_of(rows, a, Panel(b), depth, dst, add) }
+}
+
+/// [`tile`] with the right operand's steps where `b` says ([`Steps`]).
+///
+/// # Safety
+/// As [`tile`]'s, with `b.at(t)[..NR]` in bounds for `t < depth`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn tile_of<B: Steps>(
+    rows: usize,
+    a: *const f32,
+    b: B,
+    depth: usize,
     (dst, stride): (*mut f32, usize),
     add: bool,
 ) {
     // SAFETY: the function's contract, for every T = rows.
     unsafe {
         match rows {
-            6 => steps::<6>(a, b, depth, dst, stride, add),
-            5 => steps::<5>(a, b, depth, dst, stride, add),
-            4 => steps::<4>(a, b, depth, dst, stride, add),
-            3 => steps::<3>(a, b, depth, dst, stride, add),
-            2 => steps::<2>(a, b, depth, dst, stride, add),
-            _ => steps::<1>(a, b, depth, dst, stride, add),
+            6 => steps::<6, B>(a, b, depth, dst, stride, add),
+            5 => steps::<5, B>(a, b, depth, dst, stride, add),
+            4 => steps::<4, B>(a, b, depth, dst, stride, add),
+            3 => steps::<3, B>(a, b, depth, dst, stride, add),
+            2 => steps::<2, B>(a, b, depth, dst, stride, add),
+            _ => steps::<1, B>(a, b, depth, dst, stride, add),
         }
     }
 }
 
-/// [`tile`] for `T` rows.
+/// [`tile_of`] for `T` rows.
 ///
 /// # Safety
-/// As [`tile`]'s, with `rows` = `T`.
+/// As [`tile_of`]'s, with `rows` = `T`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn steps<const T: usize>(
+unsafe fn steps<const T: usize, B: Steps>(
     a: *const f32,
-    b: *const f32,
+    b: B,
     depth: usize,
     dst: *mut f32,
     stride: usize,
@@ -76,8 +129,9 @@ unsafe fn steps<const T: usize>(
             }
         }
         for t in 0..depth {
-            let b0 = _mm256_loadu_ps(b.add(t * NR));
-            let b1 = _mm256_loadu_ps(b.add(t * NR + 8));
+            let bt = b.at(t);
+            let b0 = _mm256_loadu_ps(bt);
+            let b1 = _mm256_loadu_ps(bt.add(8));
             let at = a.add(t * MR);
             for (row, acc) in acc.iter_mut().enumerate() {
                 let x = _mm256_broadcast_ss(&*at.add(row));

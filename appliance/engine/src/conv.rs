@@ -18,6 +18,12 @@
 //! the op keeping only the packed copy), and each band's columns are written straight into the
 //! panels their product reads.
 //!
+//! A 3x3 convolution (padding 1) whose input is a nearest 2x upsampling that nothing else reads
+//! (the upsamplers of a UNet's and a VAE decoder's up blocks, and a tiny decoder's) takes the
+//! image before the upsampling and runs as one 2x2 convolution of its four output phases
+//! ([`diffusionx_kernels::upsampled`]): 16 products per input pixel and channel instead of 36,
+//! and no upsampled image; tract's upsampling node goes with it.
+//!
 //! The weights are a constant of the op, or an f32 input computed per call (a weight tract did
 //! not fold, such as a large cast). An int8 graph's weights ([`crate::DequantizeWeights`]) stay
 //! with tract's products, which convert them straight into their panels. The bias is a
