@@ -191,11 +191,14 @@ pub fn conv2d_with(
     if let ConvWeights::Packed(a) = weight
         && crate::direct::fits(&shape, wo)
     {
+        // The zero-bordered input is the call's own (a VAE decoder's at 512 px: 135 MB, which
+        // a buffer kept from call to call would hold on to).
+        let mut padded = Vec::new();
         for b in 0..batch {
             let img = &input[b * image..(b + 1) * image];
             let dst = &mut out[b * out_channels * plane..(b + 1) * out_channels * plane];
             fill_bias(dst, bias, plane);
-            crate::direct::conv(img, &shape, a, dst, threads.max(1), columns);
+            crate::direct::conv(img, &shape, a, dst, threads.max(1), &mut padded);
         }
         return Ok(());
     }

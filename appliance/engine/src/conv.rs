@@ -303,8 +303,6 @@ impl TypedOp for BandedConv {
 thread_local! {
     /// Each thread's buffer for a band's columns, kept from call to call.
     static COLUMNS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// Each thread's buffer for an upsampled convolution's phases, kept from call to call.
-    static PHASES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// The upsampling `conv`'s input comes from when it is a nearest 2x upsampling of NCHW images
@@ -383,19 +381,10 @@ impl EvalOp for BandedConv {
                 };
                 let done = match self.upsampled {
                     Some(up) => {
-                        let mut phases = PHASES.take();
-                        let done = conv2d_upsampled(
-                            x,
-                            up,
-                            weight,
-                            bias,
-                            out,
-                            bands,
-                            &mut columns,
-                            &mut phases,
-                        );
-                        PHASES.set(phases);
-                        done
+                        // The phases are the call's own: as large as the output (a VAE
+                        // decoder's last at 512 px: 270 MB), not a buffer to keep.
+                        let mut phases = Vec::new();
+                        conv2d_upsampled(x, up, weight, bias, out, bands, &mut columns, &mut phases)
                     }
                     None => conv2d_with(x, self.shape, weight, bias, out, bands, &mut columns),
                 };

@@ -242,8 +242,6 @@ thread_local! {
     /// The columns of the band being convolved, kept from call to call: at most
     /// [`MAX_COLUMNS_BYTES`], allocated (and its pages faulted in) once per thread.
     static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// An upsampled convolution's phases, kept from call to call.
-    static PHASES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CpuConv {
@@ -271,12 +269,12 @@ impl CpuConv {
             let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
             let dims = shape.output();
             let mut out = vec![0f32; dims.iter().product()];
+            // The phases are the call's own: as large as the output, not a buffer to keep.
+            let mut phases = Vec::new();
             COLUMNS
                 .with_borrow_mut(|columns| {
-                    PHASES.with_borrow_mut(|phases| {
-                        let ws = ConvWeights::Plain(ws);
-                        conv2d_upsampled(xs, shape, ws, bias, &mut out, bands, columns, phases)
-                    })
+                    let ws = ConvWeights::Plain(ws);
+                    conv2d_upsampled(xs, shape, ws, bias, &mut out, bands, columns, &mut phases)
                 })
                 .map_err(candle_core::Error::wrap)?;
             return Ok((CpuStorage::F32(out), Shape::from(dims.to_vec())));
