@@ -348,13 +348,21 @@ fn fill_tap(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
+    pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut values = vec![0f32; len];
         diffusionx_diffusion::gaussian_noise(seed, 0, &mut values);
         values
+    }
+
+    /// The largest difference between `got` and the f64 values `want`.
+    pub(crate) fn largest_difference(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(a, b)| (f64::from(*a) - b).abs())
+            .fold(0.0, f64::max)
     }
 
     /// The convolution by its definition, in f64.
@@ -485,11 +493,7 @@ mod tests {
                         threads,
                     };
                     conv2d_with(&input, s, w, bias, &mut out, bands, &mut columns)?;
-                    let worst = out
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (f64::from(*a) - b).abs())
-                        .fold(0.0, f64::max);
+                    let worst = largest_difference(&out, &want);
                     assert!(
                         worst < 1e-4,
                         "{s:?} bias {with_bias} bound {max_bytes} {w:?}: {worst}"

@@ -167,13 +167,8 @@ pub fn conv2d_upsampled(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conv::tests::{largest_difference, random};
     use crate::{Matrix, Packed, Side};
-
-    fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut values = vec![0f32; len];
-        diffusionx_diffusion::gaussian_noise(seed, 0, &mut values);
-        values
-    }
 
     /// Upsampled by nearest neighbour, then the 3x3 convolution by its definition, in f64.
     fn reference(
@@ -280,11 +275,7 @@ mod tests {
                         &mut columns,
                         &mut scratch,
                     )?;
-                    let worst = out
-                        .iter()
-                        .zip(&want)
-                        .map(|(a, b)| (f64::from(*a) - b).abs())
-                        .fold(0.0, f64::max);
+                    let worst = largest_difference(&out, &want);
                     assert!(
                         worst < 1e-4,
                         "{s:?} bias {with_bias} {w:?} threads {threads}: {worst}"
