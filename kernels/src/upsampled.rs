@@ -100,8 +100,9 @@ impl UpsampledConv {
 /// `out = bias + conv3x3(upsample2x(input))` for `shape`: `input` is `[batch, channels,
 /// height, width]`, `weight` the phases' ([`UpsampledConv::weights`], or those packed as the
 /// left operand of the `[4 x out, in x 2 x 2]` product), `out` [`UpsampledConv::output`].
-/// `columns` and `phases` are the caller's buffers (reused from call to call): the 2x2
-/// convolution's columns and its output.
+/// `columns` and `phases` are the caller's buffers: the 2x2 convolution's columns (bounded by
+/// `bands`, worth keeping from call to call) and its output (as large as `out`: the engines
+/// give each call its own).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_upsampled(
     input: &[f32],

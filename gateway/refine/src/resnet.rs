@@ -253,6 +253,13 @@ impl CpuConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, channels, height, width) = lx.shape().dims4()?;
         let (out_channels, _) = lw.shape().dims2()?;
+        let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
+        let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
+        let threads = candle_core::utils::get_num_threads();
+        let bands = |conv: ConvShape| Bands {
+            max_columns_bytes: conv.band_bytes(self.max_bytes),
+            threads,
+        };
         if self.upsampled {
             let shape = UpsampledConv {
                 batch,
@@ -261,19 +268,13 @@ impl CpuConv {
                 width,
                 out_channels: out_channels / 4,
             };
-            let bands = Bands {
-                max_columns_bytes: shape.phases().band_bytes(self.max_bytes),
-                threads: candle_core::utils::get_num_threads(),
-            };
-            let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
-            let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
             let dims = shape.output();
             let mut out = vec![0f32; dims.iter().product()];
             // The phases are the call's own: as large as the output, not a buffer to keep.
             let mut phases = Vec::new();
+            let (ws, bands) = (ConvWeights::Plain(ws), bands(shape.phases()));
             COLUMNS
                 .with_borrow_mut(|columns| {
-                    let ws = ConvWeights::Plain(ws);
                     conv2d_upsampled(xs, shape, ws, bias, &mut out, bands, columns, &mut phases)
                 })
                 .map_err(candle_core::Error::wrap)?;
@@ -291,13 +292,8 @@ impl CpuConv {
         let Some((ho, wo)) = shape.output() else {
             candle_core::bail!("convolution {shape:?}: the window is larger than the image")
         };
-        let bias = bias.map(|(s, l)| contiguous(s, l)).transpose()?;
         let mut out = vec![0f32; batch * out_channels * ho * wo];
-        let bands = Bands {
-            max_columns_bytes: shape.band_bytes(self.max_bytes),
-            threads: candle_core::utils::get_num_threads(),
-        };
-        let (xs, ws) = (contiguous(xs, lx)?, contiguous(ws, lw)?);
+        let bands = bands(shape);
         COLUMNS
             .with_borrow_mut(|columns| conv2d(xs, shape, ws, bias, &mut out, bands, columns))
             .map_err(candle_core::Error::wrap)?;
