@@ -13,6 +13,9 @@
 //!   every view checked against its slice before the product.
 //! - [`packed`]: `c = a b` with one operand packed once ahead of time (a layer's weights,
 //!   packed at load) into the panels of the AVX2/FMA register tile.
+//! - [`quantized`]: `c = a b` in 8-bit integer arithmetic, a layer's weights quantized once
+//!   (7 bits, one scale per output lane) and the activations per call (8 bits, one scale and
+//!   zero point per lane), on `vpmaddubsw` where the CPU has AVX2.
 //! - [`upsampled`]: a 3x3 convolution of an image upsampled 2x (nearest), as one 2x2
 //!   convolution of the image itself with the four output phases as its channels (under half
 //!   the arithmetic, no upsampled image in memory).
@@ -27,6 +30,7 @@ pub mod conv;
 mod direct;
 pub mod matmul;
 pub mod packed;
+pub mod quantized;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 pub mod upsampled;
@@ -38,4 +42,5 @@ pub use conv::{
 };
 pub use matmul::{MatmulMismatch, Matrix, MatrixMut, matmul};
 pub use packed::{Operand, Packed, Side, matmul_packed};
+pub use quantized::{Quantized, matmul_quantized};
 pub use upsampled::{UpsampledConv, conv2d_upsampled};
