@@ -18,6 +18,7 @@ use diffusionx_engine::{
 };
 use serde_json::{Value, json};
 
+mod kernels;
 mod machine;
 use machine::machine;
 
@@ -59,6 +60,10 @@ struct Args {
     /// With `--profile`: how many of the largest rows to print.
     #[arg(long, default_value_t = 25)]
     top: usize,
+    /// Instead of graph calls: the kernels crate's f32 product on packed weights against its
+    /// int8 product on the UNet's matrix shapes (no model folder needed).
+    #[arg(long)]
+    kernels: bool,
     /// Internal: run one measurement and print its JSON.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -162,6 +167,9 @@ fn main() -> Result<()> {
     }
     if let Some(key) = &args.profile {
         return profile(&args, key);
+    }
+    if args.kernels {
+        return kernels::run(args.threads, args.repeat, &args.out);
     }
     let exe = std::env::current_exe()?;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("ort_bench.py");
