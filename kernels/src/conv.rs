@@ -18,6 +18,7 @@
 
 use crate::matmul::{Matrix, MatrixMut, matmul};
 use crate::packed::{Operand, Packed, Side, matmul_packed};
+use crate::quantized::{Quantized, matmul_quantized};
 
 /// The sizes of a convolution: `batch` images of `channels x height x width` in, `out_channels`
 /// out, a `kernel x kernel` window with `padding` zeros on every side, stride 1.
@@ -113,6 +114,10 @@ pub enum ConvWeights<'a> {
     /// Packed ahead of time as the left operand ([`Side::Left`]) of the `[out_channels,
     /// channels x kernel x kernel]` matrix, multiplied by [`matmul_packed`].
     Packed(&'a Packed),
+    /// Quantized ahead of time as the left operand of that matrix, multiplied in integer
+    /// arithmetic by [`matmul_quantized`] (each band's columns quantized per call, one scale
+    /// and zero point per output pixel).
+    Quantized(&'a Quantized),
 }
 
 /// `out = bias + weight * input` for the stride-1 convolution `shape`: `input` is `[batch,
@@ -168,6 +173,7 @@ pub fn conv2d_with(
     let fits = match weight {
         ConvWeights::Plain(w) => w.len() == out_channels * depth,
         ConvWeights::Packed(p) => p.side() == Side::Left && p.dims() == (out_channels, depth),
+        ConvWeights::Quantized(q) => q.side() == Side::Left && q.dims() == (out_channels, depth),
     };
     if !fits {
         return Err(mismatch("the weights' length"));
@@ -204,7 +210,7 @@ pub fn conv2d_with(
     }
     let line_bytes = depth * wo * size_of::<f32>();
     let lines = (max_columns_bytes / line_bytes).clamp(1, ho);
-    if let ConvWeights::Plain(_) = weight {
+    if let ConvWeights::Plain(_) | ConvWeights::Quantized(_) = weight {
         columns.resize(depth * lines * wo, 0.0);
     }
     let kk = shape.kernel * shape.kernel;
@@ -244,6 +250,18 @@ pub fn conv2d_with(
                         column_stride: 1,
                     };
                     matmul(a, b, c, true, threads.max(1))
+                }
+                ConvWeights::Quantized(a) => {
+                    let cols = &mut columns[..depth * n * wo];
+                    fill_columns(img, &shape, (y0, n, wo), threads, cols);
+                    let b = Matrix {
+                        data: cols,
+                        rows: depth,
+                        columns: n * wo,
+                        row_stride: n * wo,
+                        column_stride: 1,
+                    };
+                    matmul_quantized(b, a, c, true, threads.max(1))
                 }
                 ConvWeights::Packed(a) => {
                     // The columns written straight into the panels the tiles read.
@@ -499,6 +517,104 @@ pub(crate) mod tests {
                         "{s:?} bias {with_bias} bound {max_bytes} {w:?}: {worst}"
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn quantized_weights_convolve_as_their_product_on_each_pixels_columns()
+    -> Result<(), ConvMismatch> {
+        // The convolution with int8 weights is the integer product of the weights and each
+        // output pixel's column of inputs (quantized per pixel), whatever the bands; and
+        // within the rounding of 7-bit weights and 8-bit inputs of the f32 convolution.
+        for (i, s) in [
+            shape(2, 5, 13, 11, 7, 3, 1),
+            shape(1, 16, 9, 17, 8, 3, 1),
+            shape(1, 3, 6, 16, 4, 1, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (ho, wo) = s.output().expect("an output");
+            let seed = 100 + i as u64 * 10;
+            let input = random(s.batch * s.channels * s.height * s.width, seed);
+            let weight = random(s.out_channels * s.depth(), seed + 1);
+            let bias = random(s.out_channels, seed + 2);
+            let matrix = crate::Matrix {
+                data: &weight,
+                rows: s.out_channels,
+                columns: s.depth(),
+                row_stride: s.depth(),
+                column_stride: 1,
+            };
+            let quantized = Quantized::new(matrix, Side::Left).expect("the weights fit");
+            // Each image's columns, built here, through the integer product, plus the bias.
+            let plane = ho * wo;
+            let mut want = Vec::new();
+            for b in 0..s.batch {
+                let mut columns = vec![0f32; s.depth() * plane];
+                for c in 0..s.channels {
+                    for dy in 0..s.kernel {
+                        for dx in 0..s.kernel {
+                            let row = (c * s.kernel + dy) * s.kernel + dx;
+                            for y in 0..ho {
+                                for x in 0..wo {
+                                    let (iy, ix) = (y + dy, x + dx);
+                                    let inside = iy >= s.padding
+                                        && ix >= s.padding
+                                        && iy - s.padding < s.height
+                                        && ix - s.padding < s.width;
+                                    if inside {
+                                        let (iy, ix) = (iy - s.padding, ix - s.padding);
+                                        columns[row * plane + y * wo + x] = input
+                                            [((b * s.channels + c) * s.height + iy) * s.width + ix];
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut out = vec![0f32; s.out_channels * plane];
+                let x = crate::Matrix {
+                    data: &columns,
+                    rows: s.depth(),
+                    columns: plane,
+                    row_stride: plane,
+                    column_stride: 1,
+                };
+                let c = MatrixMut {
+                    data: &mut out,
+                    rows: s.out_channels,
+                    columns: plane,
+                    row_stride: plane,
+                    column_stride: 1,
+                };
+                matmul_quantized(x, &quantized, c, false, 1).expect("the views fit");
+                want.extend(
+                    out.iter()
+                        .enumerate()
+                        .map(|(j, v)| f64::from(v + bias[j / plane])),
+                );
+            }
+            let exact = reference(&input, s, &weight, Some(&bias));
+            let scale = exact.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let line = s.depth() * wo * 4;
+            for (max_bytes, threads) in [(line, 1), (2 * line + 1, 2), (usize::MAX, 2)] {
+                let mut out = vec![f32::NAN; s.batch * s.out_channels * plane];
+                let bands = Bands {
+                    max_columns_bytes: max_bytes,
+                    threads,
+                };
+                let w = ConvWeights::Quantized(&quantized);
+                conv2d_with(&input, s, w, Some(&bias), &mut out, bands, &mut Vec::new())?;
+                let worst = largest_difference(&out, &want);
+                assert!(worst < 1e-5, "{s:?} bound {max_bytes}: {worst}");
+                let rounding = largest_difference(&out, &exact);
+                assert!(
+                    rounding < 0.03 * scale && rounding > 1e-4 * scale,
+                    "{s:?}: {rounding} of {scale}"
+                );
             }
         }
         Ok(())

@@ -39,8 +39,8 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
 use tract_onnx::tract_core::ops::nn::{DataFormat, NearestUpsample};
 
 use diffusionx_kernels::{
-    Bands, ConvShape, ConvWeights, Matrix, Packed, Side, UpsampledConv, conv2d_upsampled,
-    conv2d_with,
+    Bands, ConvShape, ConvWeights, Matrix, Packed, Quantized, Side, UpsampledConv,
+    conv2d_upsampled, conv2d_with,
 };
 
 /// The most bytes a band's columns take: the gateway's measured bound (gateway/refine's
@@ -51,14 +51,19 @@ pub const MAX_COLUMNS_BYTES: usize = 32 << 20;
 /// many it replaced.
 /// With `pack`, constant weights are packed once here for the register tiles
 /// ([`diffusionx_kernels::Packed`]) and tract's copy of them is dropped with their constant.
-pub fn band_convolutions(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
+///
+/// With `int8` (and `pack`), a convolution of an int8 weight ([`crate::DequantizeWeights`] of
+/// constants) is banded too, that weight quantized once here for integer products
+/// ([`diffusionx_kernels::Quantized`]; an upsampler's phases from its dequantized values);
+/// without, it stays tract's.
+pub fn band_convolutions(model: &mut TypedModel, pack: bool, int8: bool) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
         let Some(conv) = node.op_as::<Conv>() else {
             continue;
         };
-        let Some(op) = BandedConv::of(model, node, conv, pack)? else {
+        let Some(op) = BandedConv::of(model, node, conv, pack, int8 && pack)? else {
             continue;
         };
         // An int8 weight stays with tract's product, which reads it straight into its panels
@@ -108,6 +113,8 @@ enum Weight {
     Tensor(Arc<Tensor>),
     /// Packed at load as the left operand of the `[out, in x k x k]` product.
     Packed(crate::rewrite::PackedWeight),
+    /// An int8 weight quantized at load as that operand, for integer products.
+    Quantized(crate::rewrite::QuantizedWeight),
 }
 
 /// Where a [`BandedConv`]'s bias comes from.
@@ -129,6 +136,7 @@ impl BandedConv {
         node: &TypedNode,
         conv: &Conv,
         pack: bool,
+        int8: bool,
     ) -> TractResult<Option<Self>> {
         let spec = &conv.pool_spec;
         let x = model.outlet_fact(node.inputs[0])?;
@@ -204,6 +212,64 @@ impl BandedConv {
                 v => Bias::Const(Arc::new(tensor1(&vec![v; out_channels]))),
             },
         };
+        // An int8 weight: its values and each one's channel (the output channel: one scale per
+        // row of the product).
+        let int8_weight = match (&weight, int8) {
+            (None, true) => crate::weights::int8_values(model, node.inputs[1])?,
+            _ => None,
+        };
+        if let Some((q, channel, scales)) = int8_weight {
+            let q = q.try_as_plain_ram()?;
+            let q = q.as_slice::<i8>()?;
+            let channel = channel.try_as_plain_ram()?;
+            let channel = channel.as_slice::<u16>()?;
+            let depth = channels * kh * kw;
+            let mut row_scales = Vec::with_capacity(out_channels);
+            for row in channel.chunks_exact(depth) {
+                if row.iter().any(|&c| c != row[0]) {
+                    return Ok(None);
+                }
+                row_scales.push(
+                    *scales
+                        .get(usize::from(row[0]))
+                        .context("an int8 weight's channel without a scale")?,
+                );
+            }
+            let (shape, quantized) = match upsampled {
+                Some(up) => {
+                    // The phases sum the dequantized weights; they are quantized again.
+                    let values: Vec<f32> = q
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &v)| f32::from(v) * row_scales[i / depth])
+                        .collect();
+                    let phases = up.weights(&values).map_err(|e| format_err!("{e}"))?;
+                    let s = up.phases();
+                    let depth = s.channels * s.kernel * s.kernel;
+                    let matrix = Matrix {
+                        data: &phases,
+                        rows: s.out_channels,
+                        columns: depth,
+                        row_stride: depth,
+                        column_stride: 1,
+                    };
+                    (s, Quantized::new(matrix, Side::Left))
+                }
+                None => (
+                    shape,
+                    Quantized::from_int8(q, &row_scales, (out_channels, depth), Side::Left),
+                ),
+            };
+            let quantized = quantized.map_err(|e| format_err!("{e}"))?;
+            return Ok(Some(Self {
+                shape,
+                weight: Some(Weight::Quantized(crate::rewrite::QuantizedWeight(
+                    Arc::new(quantized),
+                ))),
+                bias,
+                upsampled,
+            }));
+        }
         // An upsampled image's convolution with constant weights runs on the image before the
         // upsampling, with the phases' 2x2 weights.
         let (shape, weight, upsampled) = match (upsampled, weight) {
@@ -326,7 +392,7 @@ impl EvalOp for BandedConv {
             .context("a banded convolution without images")?;
         let weight = match &self.weight {
             Some(Weight::Tensor(w)) => Some(w.as_ref()),
-            Some(Weight::Packed(_)) => None,
+            Some(Weight::Packed(_) | Weight::Quantized(_)) => None,
             None => Some(
                 computed
                     .next()
@@ -352,6 +418,7 @@ impl EvalOp for BandedConv {
         let weight = weight.map(|w| w.try_as_plain_ram()).transpose()?;
         let weight = match (&self.weight, &weight) {
             (Some(Weight::Packed(p)), _) => ConvWeights::Packed(&p.0),
+            (Some(Weight::Quantized(q)), _) => ConvWeights::Quantized(&q.0),
             (_, Some(w)) => ConvWeights::Plain(w.as_slice::<f32>()?),
             (_, None) => bail!("a banded convolution without weights"),
         };
@@ -473,7 +540,11 @@ mod tests {
                 let (model, input) = model(conv(4, cout, k, padding.clone(), 1), bias)?;
                 let expected = run(model.clone(), &input)?;
                 let mut ours = model;
-                assert_eq!(band_convolutions(&mut ours, pack)?, 1, "{k} {padding:?}");
+                assert_eq!(
+                    band_convolutions(&mut ours, pack, false)?,
+                    1,
+                    "{k} {padding:?}"
+                );
                 let ours = ours.into_compact()?;
                 assert_eq!(banded(&ours), 1);
                 // The weights live in the op only (packed, or tract's tensor), not in a
@@ -514,7 +585,7 @@ mod tests {
             .into_runnable()?
             .run(values())?;
         let mut ours = model;
-        assert_eq!(band_convolutions(&mut ours, pack)?, 1);
+        assert_eq!(band_convolutions(&mut ours, pack, false)?, 1);
         let ours = ours.into_optimized()?;
         assert_eq!(banded(&ours), 1);
         let got = ours.into_runnable()?.run(values())?;
@@ -592,7 +663,7 @@ mod tests {
         {
             let model = upsampler(conv(4, 6, 3, PaddingSpec::SameUpper, 1), bias_fact, false)?;
             let mut ours = model.clone();
-            assert_eq!(band_convolutions(&mut ours, pack)?, 1);
+            assert_eq!(band_convolutions(&mut ours, pack, false)?, 1);
             let ours = ours.into_optimized()?;
             // The upsampling is gone: the op reads the image as it was.
             let ops: Vec<_> = ours.nodes().iter().map(|n| n.op().name()).collect();
@@ -616,7 +687,7 @@ mod tests {
         ];
         for (op, shared) in cases {
             let mut model = upsampler(op.clone(), bias(), shared)?;
-            assert_eq!(band_convolutions(&mut model, true)?, 1, "{op:?}");
+            assert_eq!(band_convolutions(&mut model, true, false)?, 1, "{op:?}");
             let node = model.nodes().iter().find_map(|n| n.op_as::<BandedConv>());
             assert!(node.is_some_and(|op| op.upsampled.is_none()), "{op:?}");
         }
@@ -645,7 +716,7 @@ mod tests {
             conv(8, 6, 3, PaddingSpec::SameUpper, 1),
             tensor1(&values(6, 1)),
         )?;
-        band_convolutions(&mut model, true)?;
+        band_convolutions(&mut model, true, false)?;
         let plan = model.into_optimized()?.into_runnable()?;
         let mut outputs = Vec::new();
         for threads in [1, 2] {
@@ -683,7 +754,7 @@ mod tests {
             let bias = m.add_const("bias", tensor0(0f32))?;
             let y = m.wire_node("conv", op.clone(), &[x, kernel, bias])?;
             m.select_output_outlets(&y)?;
-            assert_eq!(band_convolutions(&mut m, true)?, 0, "{op:?}");
+            assert_eq!(band_convolutions(&mut m, true, false)?, 0, "{op:?}");
         }
         Ok(())
     }

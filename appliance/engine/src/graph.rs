@@ -10,8 +10,8 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::EngineError;
 
-/// Whose kernels run a graph's f32 matrix products (`"packed"`, `"gemm"` or `"tract"` in
-/// configuration).
+/// Whose kernels run a graph's matrix products (`"packed"`, `"int8"`, `"gemm"` or `"tract"`
+/// in configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Products {
@@ -21,6 +21,12 @@ pub enum Products {
     /// two activations stay with `gemm`. Faster than [`Products::Gemm`] on the 2-core AVX2 EPYC
     /// it was measured on (docs/benchmarks.md, section "Weights packed at load").
     Packed,
+    /// As [`Products::Packed`], and an int8 model's linear layers and 1x1 convolutions multiply
+    /// in 8-bit integer arithmetic ([`diffusionx_kernels::matmul_quantized`]: its weights
+    /// requantized to 7 bits once at load, the activations quantized per call): faster than f32
+    /// on CPUs with AVX2, at the cost of rounding every activation to 8 bits (docs/kiosk.md,
+    /// "int8 models"). The same as [`Products::Packed`] for an f32 model.
+    Int8,
     /// The `gemm` crate's, through the engine's own nodes: stride-1 convolutions as banded
     /// products ([`crate::band_convolutions`]) and the other products on strided views
     /// ([`crate::gemm_products`]). On a 2-core AVX-512 Xeon a UNet call took 0.8x tract's time
@@ -52,6 +58,7 @@ impl std::fmt::Display for Products {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Packed => "packed",
+            Self::Int8 => "int8",
             Self::Gemm => "gemm",
             Self::Tract => "tract",
         })
@@ -64,10 +71,11 @@ impl std::str::FromStr for Products {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "packed" => Ok(Self::Packed),
+            "int8" => Ok(Self::Int8),
             "gemm" => Ok(Self::Gemm),
             "tract" => Ok(Self::Tract),
             other => Err(format!(
-                "{other:?} is none of \"packed\", \"gemm\" and \"tract\""
+                "{other:?} is none of \"packed\", \"int8\", \"gemm\" and \"tract\""
             )),
         }
     }
@@ -215,9 +223,9 @@ impl Graph {
             .and_then(|m| m.into_decluttered())
             .map_err(|e| EngineError::tract(self.name, "optimizing", e))?;
         let gemm = self.products != Products::Tract;
-        let pack = self.products == Products::Packed;
+        let pack = matches!(self.products, Products::Packed | Products::Int8);
         if gemm {
-            crate::conv::band_convolutions(&mut typed, pack)
+            crate::conv::band_convolutions(&mut typed, pack, self.products == Products::Int8)
                 .map_err(|e| EngineError::tract(self.name, "banding convolutions", e))?;
         }
         crate::split::split_wide_convolutions(&mut typed, crate::split::MAX_K)
@@ -225,7 +233,7 @@ impl Graph {
         crate::attention::fuse_attention(&mut typed)
             .map_err(|e| EngineError::tract(self.name, "fusing attention", e))?;
         if gemm {
-            crate::linear::gemm_products(&mut typed, pack)
+            crate::linear::gemm_products(&mut typed, pack, self.products == Products::Int8)
                 .map_err(|e| EngineError::tract(self.name, "products by gemm", e))?;
         }
         let mut optimized = im2col_convolutions()

@@ -21,7 +21,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
-use diffusionx_kernels::{Matrix, MatrixMut, Operand, Packed, Side, matmul, matmul_packed};
+use diffusionx_kernels::{
+    Matrix, MatrixMut, Operand, Packed, Quantized, Side, matmul, matmul_packed, matmul_quantized,
+};
 
 /// Replaces every f32 product of `model` that [`GemmProduct`] can run by one, and returns how
 /// many it replaced.
@@ -29,7 +31,12 @@ use diffusionx_kernels::{Matrix, MatrixMut, Operand, Packed, Side, matmul, matmu
 /// With `pack`, a product with a constant weight (the same matrix for every index of its loops)
 /// packs it once here for the register tiles ([`diffusionx_kernels::Packed`]) and takes only
 /// the other input; tract's copy of the weight goes with its constant.
-pub fn gemm_products(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
+///
+/// With `int8` (and `pack`), a product of an int8 weight ([`crate::DequantizeWeights`] of
+/// constants, through slices and reshapes) runs in integer arithmetic on that weight quantized
+/// once here ([`diffusionx_kernels::Quantized`], 7 bits per value, the activations quantized
+/// per call); without, it stays tract's.
+pub fn gemm_products(model: &mut TypedModel, pack: bool, int8: bool) -> TractResult<usize> {
     let mut replaced = 0;
     for id in model.eval_order()? {
         let node = model.node(id);
@@ -39,11 +46,11 @@ pub fn gemm_products(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
         // An int8 weight stays with tract's product, which reads it straight into its panels
         // (`pack_dequantized_weights`): a gemm product would need it written out as f32
         // values per call first.
-        if node
+        let int8_input = node
             .inputs
             .iter()
-            .any(|&outlet| crate::weights::dequantized(model, outlet))
-        {
+            .position(|&outlet| crate::weights::dequantized(model, outlet));
+        if int8_input.is_some() && !(int8 && pack) {
             continue;
         }
         let op = {
@@ -54,6 +61,19 @@ pub fn gemm_products(model: &mut TypedModel, pack: bool) -> TractResult<usize> {
             continue;
         };
         let mut inputs = node.inputs.clone();
+        if let Some(input) = int8_input {
+            let Some((q, channel, scales)) = crate::weights::int8_values(model, inputs[input])?
+            else {
+                continue;
+            };
+            let Some(kept) = op.quantize_weight(input, &q, &channel, &scales)? else {
+                continue;
+            };
+            inputs = vec![inputs[kept]];
+            crate::rewrite::replace_node(model, id, op, &inputs)?;
+            replaced += 1;
+            continue;
+        }
         if pack {
             let konst = |ix: usize| model.outlet_fact(inputs[ix]).map(|f| f.konst.clone());
             let weights = [konst(0)?, konst(1)?];
@@ -105,11 +125,18 @@ pub struct GemmProduct {
 /// A [`GemmProduct`]'s constant input, packed: the op then takes only the other input.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PackedOperand {
-    weight: crate::rewrite::PackedWeight,
+    weight: Weight,
     /// Which input it was (0: `a`, 1: `b`).
     input: usize,
     /// The product is run transposed (`cᵀ = bᵀ aᵀ`, for an output whose rows are contiguous).
     transposed: bool,
+}
+
+/// A [`PackedOperand`]'s weight: f32 packed, or int8 quantized for integer products.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Weight {
+    F32(crate::rewrite::PackedWeight),
+    Int8(crate::rewrite::QuantizedWeight),
 }
 
 /// Row-major strides of `shape`.
@@ -270,11 +297,101 @@ impl GemmProduct {
         };
         let packed = Packed::new(matrix, side).map_err(|e| format_err!("{e}"))?;
         self.packed = Some(PackedOperand {
-            weight: crate::rewrite::PackedWeight(Arc::new(packed)),
+            weight: Weight::F32(crate::rewrite::PackedWeight(Arc::new(packed))),
             input,
             transposed,
         });
         Ok(Some(1 - input))
+    }
+
+    /// Quantizes input `input`'s int8 values `q` (shaped as the input; `channel`: each value's
+    /// channel, whose scale is `scales[channel]`) for integer products, and returns the input the
+    /// op still takes; `None` where the loops read parts of it, the output's rows and columns
+    /// are both strided, or an output lane's values do not share one channel.
+    fn quantize_weight(
+        &mut self,
+        input: usize,
+        q: &Tensor,
+        channel: &Tensor,
+        scales: &[f32],
+    ) -> TractResult<Option<usize>> {
+        let fixed = self
+            .loops
+            .iter()
+            .all(|l| if input == 0 { l.a == 0 } else { l.b == 0 });
+        let transposed = match (self.columns.second, self.rows.second) {
+            (1, _) => false,
+            (_, 1) => true,
+            _ => return Ok(None),
+        };
+        if !fixed {
+            return Ok(None);
+        }
+        let q = q.try_as_plain_ram()?;
+        let q = q.as_slice::<i8>()?;
+        let channel = channel.try_as_plain_ram()?;
+        let channel = channel.as_slice::<u16>()?;
+        // The weight as a matrix `rows x columns` (strides into `q`), and its side.
+        let (rows, columns) = match input {
+            0 => (
+                (self.rows.len, self.rows.first),
+                (self.depth.len, self.depth.first),
+            ),
+            _ => (
+                (self.depth.len, self.depth.second),
+                (self.columns.len, self.columns.first),
+            ),
+        };
+        let ((rows, row_stride), (columns, column_stride), side) = match (input, transposed) {
+            (0, false) => (rows, columns, Side::Left),
+            (0, true) => (columns, rows, Side::Right),
+            (_, false) => (rows, columns, Side::Right),
+            (_, true) => (columns, rows, Side::Left),
+        };
+        if (rows - 1) * row_stride + (columns - 1) * column_stride >= q.len() {
+            bail!("an int8 weight shorter than its product");
+        }
+        let at = |i: usize, j: usize| i * row_stride + j * column_stride;
+        let values: Vec<i8> = (0..rows)
+            .flat_map(|i| (0..columns).map(move |j| (i, j)))
+            .map(|(i, j)| q[at(i, j)])
+            .collect();
+        // One scale per output lane: its values' common channel.
+        let (lanes, depth) = match side {
+            Side::Left => (rows, columns),
+            Side::Right => (columns, rows),
+        };
+        let lane_at = |lane: usize, t: usize| match side {
+            Side::Left => at(lane, t),
+            Side::Right => at(t, lane),
+        };
+        let mut lane_scales = Vec::with_capacity(lanes);
+        for lane in 0..lanes {
+            let first = channel[lane_at(lane, 0)];
+            if (1..depth).any(|t| channel[lane_at(lane, t)] != first) {
+                return Ok(None);
+            }
+            lane_scales.push(
+                *scales
+                    .get(usize::from(first))
+                    .context("an int8 weight's channel without a scale")?,
+            );
+        }
+        let quantized = Quantized::from_int8(&values, &lane_scales, (rows, columns), side)
+            .map_err(|e| format_err!("{e}"))?;
+        self.packed = Some(PackedOperand {
+            weight: Weight::Int8(crate::rewrite::QuantizedWeight(Arc::new(quantized))),
+            input,
+            transposed,
+        });
+        Ok(Some(1 - input))
+    }
+
+    /// Whether it multiplies an int8 weight in integer arithmetic.
+    pub fn integer(&self) -> bool {
+        self.packed
+            .as_ref()
+            .is_some_and(|p| matches!(p.weight, Weight::Int8(_)))
     }
 
     /// `a`'s matrix in `data` (from one index of the loops).
@@ -424,8 +541,33 @@ impl GemmProduct {
             };
             let done = match (&self.packed, lhs, rhs) {
                 (None, Some(lhs), Some(rhs)) => matmul(lhs, rhs, out, false, threads),
+                (Some(p), lhs, rhs) if matches!(p.weight, Weight::Int8(_)) => {
+                    let Weight::Int8(weight) = &p.weight else {
+                        unreachable!("matched above")
+                    };
+                    let x = match (p.input, lhs, rhs) {
+                        (0, _, Some(rhs)) => rhs,
+                        (1, Some(lhs), _) => lhs,
+                        _ => bail!("a gemm product without its input"),
+                    };
+                    if p.transposed {
+                        out = MatrixMut {
+                            rows: out.columns,
+                            columns: out.rows,
+                            row_stride: out.column_stride,
+                            column_stride: out.row_stride,
+                            ..out
+                        };
+                        matmul_quantized(transpose(x), &weight.0, out, false, threads)
+                    } else {
+                        matmul_quantized(x, &weight.0, out, false, threads)
+                    }
+                }
                 (Some(p), lhs, rhs) => {
-                    let weight = Operand::Packed(&p.weight.0);
+                    let Weight::F32(weight) = &p.weight else {
+                        unreachable!("the int8 weights are matched above")
+                    };
+                    let weight = Operand::Packed(&weight.0);
                     let (left, right) = match (p.input, lhs, rhs) {
                         (0, _, Some(rhs)) => (weight, Operand::View(rhs)),
                         (1, Some(lhs), _) => (Operand::View(lhs), weight),
@@ -586,7 +728,7 @@ mod tests {
     ) -> TractResult<GemmProduct> {
         let expected = run(model.clone(), inputs)?;
         let mut ours = model;
-        assert_eq!(gemm_products(&mut ours, pack)?, 1, "{expr}");
+        assert_eq!(gemm_products(&mut ours, pack, false)?, 1, "{expr}");
         assert_eq!(count(&ours), 1, "{expr}");
         let op = ours
             .nodes()
@@ -605,10 +747,10 @@ mod tests {
     fn sums_over_axes_that_are_not_one_run_are_left_to_tract() -> TractResult<()> {
         // k and l lie in opposite orders in the two inputs: no single depth stride.
         let (mut crossed, _) = model("akl,lkb->ab", &[3, 4, 5], &[5, 4, 2], true)?;
-        assert_eq!(gemm_products(&mut crossed, true)?, 0);
+        assert_eq!(gemm_products(&mut crossed, true, false)?, 0);
         // Broadcasting an axis of length 1 against 3.
         let (mut broadcast, _) = model("bk,bkn->bn", &[1, 4], &[3, 4, 2], false)?;
-        assert_eq!(gemm_products(&mut broadcast, true)?, 0);
+        assert_eq!(gemm_products(&mut broadcast, true, false)?, 0);
         Ok(())
     }
 }

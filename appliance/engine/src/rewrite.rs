@@ -52,3 +52,22 @@ impl std::hash::Hash for PackedWeight {
         Arc::as_ptr(&self.0).hash(state);
     }
 }
+
+/// A constant int8 weight quantized once, at load, for the kernels' integer products
+/// ([`diffusionx_kernels::Quantized`]); compared and hashed by identity as [`PackedWeight`].
+#[derive(Debug, Clone)]
+pub(crate) struct QuantizedWeight(pub(crate) Arc<diffusionx_kernels::Quantized>);
+
+impl PartialEq for QuantizedWeight {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for QuantizedWeight {}
+
+impl std::hash::Hash for QuantizedWeight {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        Arc::as_ptr(&self.0).hash(state);
+    }
+}

@@ -152,7 +152,8 @@ pub struct ModelConfig {
     /// Threads for the engine; 0 uses every core.
     #[serde(default)]
     pub threads: usize,
-    /// Whose kernels run the engine's f32 matrix products, `"packed"`, `"gemm"` or `"tract"`;
+    /// Whose kernels run the engine's matrix products, `"packed"`, `"int8"` (as packed, and an
+    /// int8 model's weights multiplied in 8-bit integer arithmetic), `"gemm"` or `"tract"`;
     /// unset, the engine's choice for this CPU (packed on x86-64 with AVX2 and FMA, gemm on
     /// other x86-64, tract elsewhere).
     #[serde(default)]

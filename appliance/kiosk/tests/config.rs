@@ -397,6 +397,10 @@ fn the_engines_kernels_are_the_engines_choice_unless_the_config_names_them() {
         with("products = \"packed\"").unwrap().model.products,
         Some(Products::Packed)
     );
+    assert_eq!(
+        with("products = \"int8\"").unwrap().model.products,
+        Some(Products::Int8)
+    );
     let err = with("products = \"fast\"").unwrap_err();
     assert!(err.contains("unknown variant `fast`"), "{err}");
 }
