@@ -231,10 +231,23 @@ pub fn conv2d_with(
             };
             // The callers' slices hold weights m x k, columns k x n and m bands of n <= plane
             // values `plane` apart, so the views fit and the bands do not overlap.
-            let done = match weight {
-                ConvWeights::Plain(data) => {
+            // The band's columns, for the products that read them as a plain matrix.
+            let b = match weight {
+                ConvWeights::Plain(_) | ConvWeights::Quantized(_) => {
                     let cols = &mut columns[..depth * n * wo];
                     fill_columns(img, &shape, (y0, n, wo), threads, cols);
+                    Some(Matrix {
+                        data: cols,
+                        rows: depth,
+                        columns: n * wo,
+                        row_stride: n * wo,
+                        column_stride: 1,
+                    })
+                }
+                ConvWeights::Packed(_) => None,
+            };
+            let done = match (weight, b) {
+                (ConvWeights::Plain(data), Some(b)) => {
                     let a = Matrix {
                         data,
                         rows: out_channels,
@@ -242,28 +255,15 @@ pub fn conv2d_with(
                         row_stride: depth,
                         column_stride: 1,
                     };
-                    let b = Matrix {
-                        data: cols,
-                        rows: depth,
-                        columns: n * wo,
-                        row_stride: n * wo,
-                        column_stride: 1,
-                    };
                     matmul(a, b, c, true, threads.max(1))
                 }
-                ConvWeights::Quantized(a) => {
-                    let cols = &mut columns[..depth * n * wo];
-                    fill_columns(img, &shape, (y0, n, wo), threads, cols);
-                    let b = Matrix {
-                        data: cols,
-                        rows: depth,
-                        columns: n * wo,
-                        row_stride: n * wo,
-                        column_stride: 1,
-                    };
+                (ConvWeights::Quantized(a), Some(b)) => {
                     matmul_quantized(b, a, c, true, threads.max(1))
                 }
-                ConvWeights::Packed(a) => {
+                (ConvWeights::Plain(_) | ConvWeights::Quantized(_), None) => {
+                    unreachable!("the plain and quantized weights have their columns")
+                }
+                (ConvWeights::Packed(a), _) => {
                     // The columns written straight into the panels the tiles read.
                     let fill = |t: usize, row: &mut [f32]| {
                         let channel = &img[(t / kk) * height * width..][..height * width];
@@ -420,6 +420,17 @@ pub(crate) mod tests {
         out
     }
 
+    /// The `[out_channels, channels x kernel x kernel]` matrix of a convolution's weights.
+    fn weights(weight: &[f32], s: ConvShape) -> crate::Matrix<'_> {
+        crate::Matrix {
+            data: weight,
+            rows: s.out_channels,
+            columns: s.depth(),
+            row_stride: s.depth(),
+            column_stride: 1,
+        }
+    }
+
     fn shape(
         batch: usize,
         c: usize,
@@ -485,13 +496,7 @@ pub(crate) mod tests {
             let seed = i as u64 * 10;
             let input = random(s.batch * s.channels * s.height * s.width, seed);
             let weight = random(s.out_channels * s.depth(), seed + 1);
-            let matrix = crate::Matrix {
-                data: &weight,
-                rows: s.out_channels,
-                columns: s.depth(),
-                row_stride: s.depth(),
-                column_stride: 1,
-            };
+            let matrix = weights(&weight, s);
             let packed = Packed::new(matrix, Side::Left).expect("the weights fit");
             let bias = random(s.out_channels, seed + 2);
             for with_bias in [false, true] {
@@ -541,13 +546,7 @@ pub(crate) mod tests {
             let input = random(s.batch * s.channels * s.height * s.width, seed);
             let weight = random(s.out_channels * s.depth(), seed + 1);
             let bias = random(s.out_channels, seed + 2);
-            let matrix = crate::Matrix {
-                data: &weight,
-                rows: s.out_channels,
-                columns: s.depth(),
-                row_stride: s.depth(),
-                column_stride: 1,
-            };
+            let matrix = weights(&weight, s);
             let quantized = Quantized::new(matrix, Side::Left).expect("the weights fit");
             // Each image's columns, built here, through the integer product, plus the bias.
             let plane = ho * wo;

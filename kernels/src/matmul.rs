@@ -89,6 +89,35 @@ pub(crate) fn check_distinct(c: &MatrixMut<'_>) -> Result<(), MatmulMismatch> {
     Ok(())
 }
 
+/// `c` checked as the output of an `m x k` by `k x n` product (`m`, `n` its sizes): inside its
+/// slice, its elements distinct. `None` when the product is done already: nothing to write, or
+/// (an empty inner size) `c` zeroed unless `accumulate`.
+pub(crate) fn output_to_write(
+    c: MatrixMut<'_>,
+    k: usize,
+    accumulate: bool,
+) -> Result<Option<MatrixMut<'_>>, MatmulMismatch> {
+    let view = Matrix {
+        data: c.data,
+        rows: c.rows,
+        columns: c.columns,
+        row_stride: c.row_stride,
+        column_stride: c.column_stride,
+    };
+    check(&view)?;
+    check_distinct(&c)?;
+    if c.rows == 0 || c.columns == 0 {
+        return Ok(None);
+    }
+    if k == 0 {
+        if !accumulate {
+            fill_zero(c);
+        }
+        return Ok(None);
+    }
+    Ok(Some(c))
+}
+
 /// Zeroes every element of `c` (a product over an empty inner size), after [`check`].
 pub(crate) fn fill_zero(c: MatrixMut<'_>) {
     for i in 0..c.rows {
@@ -217,6 +246,17 @@ pub(crate) mod tests {
         (0..n)
             .map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 211.0)
             .collect()
+    }
+
+    /// A `rows x columns` view of `data`, row-major or (`transposed`) column-major.
+    pub(crate) fn view(data: &[f32], rows: usize, columns: usize, transposed: bool) -> Matrix<'_> {
+        Matrix {
+            data,
+            rows,
+            columns,
+            row_stride: if transposed { 1 } else { columns },
+            column_stride: if transposed { rows } else { 1 },
+        }
     }
 
     /// The product by the definition, in f64.

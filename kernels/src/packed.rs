@@ -52,6 +52,15 @@ pub enum Side {
 }
 
 impl Side {
+    /// `(rows, columns)` of a matrix of `lanes` (rows on the left, columns on the right) over
+    /// `depth` steps of the inner size.
+    pub(crate) fn dims(self, lanes: usize, depth: usize) -> (usize, usize) {
+        match self {
+            Side::Left => (lanes, depth),
+            Side::Right => (depth, lanes),
+        }
+    }
+
     /// Lanes per panel.
     fn width(self) -> usize {
         match self {
@@ -126,10 +135,7 @@ impl Packed {
 
     /// `(rows, columns)` of the matrix it holds.
     pub fn dims(&self) -> (usize, usize) {
-        match self.side {
-            Side::Left => (self.lanes, self.depth),
-            Side::Right => (self.depth, self.lanes),
-        }
+        self.side.dims(self.lanes, self.depth)
     }
 
     /// A matrix of `lanes` x `depth` (rows x columns for [`Side::Left`], columns x rows for
@@ -232,27 +238,12 @@ pub fn matmul_packed(
         Operand::Packed(_) => Err(MatmulMismatch("a packed operand on the other side")),
     };
     let ((m, k), (kb, n)) = (dims(a, Side::Left)?, dims(b, Side::Right)?);
-    let out = Matrix {
-        data: c.data,
-        rows: c.rows,
-        columns: c.columns,
-        row_stride: c.row_stride,
-        column_stride: c.column_stride,
-    };
     if kb != k || c.rows != m || c.columns != n {
         return Err(MatmulMismatch("the operands' sizes do not fit"));
     }
-    check(&out)?;
-    crate::matmul::check_distinct(&c)?;
-    if m == 0 || n == 0 {
+    let Some(c) = crate::matmul::output_to_write(c, k, accumulate)? else {
         return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            crate::matmul::fill_zero(c);
-        }
-        return Ok(());
-    }
+    };
     let c = Raw {
         ptr: c.data.as_mut_ptr(),
         rs: c.row_stride,
@@ -571,17 +562,7 @@ unsafe fn tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::tests::{check_output, naive, values};
-
-    fn view(data: &[f32], rows: usize, columns: usize, transposed: bool) -> Matrix<'_> {
-        Matrix {
-            data,
-            rows,
-            columns,
-            row_stride: if transposed { 1 } else { columns },
-            column_stride: if transposed { rows } else { 1 },
-        }
-    }
+    use crate::matmul::tests::{check_output, naive, values, view};
 
     #[test]
     fn packed_products_are_the_definitions() {

@@ -169,10 +169,7 @@ impl Quantized {
 
     /// `(rows, columns)` of the matrix it holds.
     pub fn dims(&self) -> (usize, usize) {
-        match self.side {
-            Side::Left => (self.lanes, self.depth),
-            Side::Right => (self.depth, self.lanes),
-        }
+        self.side.dims(self.lanes, self.depth)
     }
 
     /// Bytes it holds in memory.
@@ -458,24 +455,9 @@ pub fn matmul_quantized(
     if x_depth != k || c.rows != m || c.columns != n {
         return Err(MatmulMismatch("the operands' sizes do not fit"));
     }
-    let out = Matrix {
-        data: c.data,
-        rows: c.rows,
-        columns: c.columns,
-        row_stride: c.row_stride,
-        column_stride: c.column_stride,
+    let Some(c) = crate::matmul::output_to_write(c, k, accumulate)? else {
+        return Ok(());
     };
-    check(&out)?;
-    crate::matmul::check_distinct(&c)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            crate::matmul::fill_zero(c);
-        }
-        return Ok(());
-    }
     let threads = threads.max(1);
     let x_side = match w.side {
         Side::Left => Side::Right,
@@ -838,15 +820,16 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matmul::tests::{check_output, values};
+    use crate::matmul::tests::{check_output, values, view};
 
-    fn view(data: &[f32], rows: usize, columns: usize, transposed: bool) -> Matrix<'_> {
-        Matrix {
-            data,
-            rows,
-            columns,
-            row_stride: if transposed { 1 } else { columns },
-            column_stride: if transposed { rows } else { 1 },
+    /// `c` (`m x n`, row-major) as a product's output.
+    fn output(c: &mut [f32], m: usize, n: usize) -> MatrixMut<'_> {
+        MatrixMut {
+            data: c,
+            rows: m,
+            columns: n,
+            row_stride: n,
+            column_stride: 1,
         }
     }
 
@@ -987,13 +970,7 @@ mod tests {
         let (_, sa) = dequantized_activations(&a, Side::Left);
         let sw: Vec<f64> = (0..n).map(|j| f64::from(w.scales[j])).collect();
         let mut c = vec![0f32; m * n];
-        let out = MatrixMut {
-            data: &mut c,
-            rows: m,
-            columns: n,
-            row_stride: n,
-            column_stride: 1,
-        };
+        let out = output(&mut c, m, n);
         matmul_quantized(a, &w, out, false, 2).unwrap();
         let mut worst = 0f64;
         for i in 0..m {
@@ -1029,13 +1006,7 @@ mod tests {
             .collect();
         let w = Quantized::new(view(&w_data, k, n, false), Side::Right).unwrap();
         let mut c = vec![0f32; m * n];
-        let out = MatrixMut {
-            data: &mut c,
-            rows: m,
-            columns: n,
-            row_stride: n,
-            column_stride: 1,
-        };
+        let out = output(&mut c, m, n);
         matmul_quantized(x, &w, out, false, 1).unwrap();
         for (i, v) in c.iter().enumerate() {
             let want = if i % n < 8 { k as f32 } else { -(k as f32) };
@@ -1103,24 +1074,12 @@ mod tests {
         let w_data = values(k * n, 2);
         let w = Quantized::new(view(&w_data, k, n, false), Side::Right).unwrap();
         let mut c = vec![0f32; m * n];
-        let out = MatrixMut {
-            data: &mut c,
-            rows: m,
-            columns: n,
-            row_stride: n,
-            column_stride: 1,
-        };
+        let out = output(&mut c, m, n);
         matmul_quantized(view(&a_data, m, k, false), &w, out, false, 1).unwrap();
         let nan: Vec<bool> = c.iter().map(|v| v.is_nan()).collect();
         let want: Vec<bool> = (0..m * n).map(|i| i / n == 1).collect();
         assert_eq!(nan, want);
-        let out = MatrixMut {
-            data: &mut c,
-            rows: m,
-            columns: n,
-            row_stride: n,
-            column_stride: 1,
-        };
+        let out = output(&mut c, m, n);
         let short = view(&a_data[..m * (k - 1)], m, k - 1, false);
         assert_eq!(
             matmul_quantized(short, &w, out, false, 1),

@@ -263,9 +263,7 @@ impl BandedConv {
             let quantized = quantized.map_err(|e| format_err!("{e}"))?;
             return Ok(Some(Self {
                 shape,
-                weight: Some(Weight::Quantized(crate::rewrite::QuantizedWeight(
-                    Arc::new(quantized),
-                ))),
+                weight: Some(Weight::Quantized(crate::rewrite::Prepared::new(quantized))),
                 bias,
                 upsampled,
             }));
@@ -298,9 +296,7 @@ impl BandedConv {
                     column_stride: 1,
                 };
                 let packed = Packed::new(matrix, Side::Left).map_err(|e| format_err!("{e}"))?;
-                Some(Weight::Packed(crate::rewrite::PackedWeight(Arc::new(
-                    packed,
-                ))))
+                Some(Weight::Packed(crate::rewrite::Prepared::new(packed)))
             }
             other => other.map(Weight::Tensor),
         };

@@ -25,7 +25,8 @@ pub enum Products {
     /// in 8-bit integer arithmetic ([`diffusionx_kernels::matmul_quantized`]: its weights
     /// requantized to 7 bits once at load, the activations quantized per call): faster than f32
     /// on CPUs with AVX2, at the cost of rounding every activation to 8 bits (docs/kiosk.md,
-    /// "int8 models"). The same as [`Products::Packed`] for an f32 model.
+    /// "int8 models"). The same as [`Products::Packed`] for an f32 model. For x86-64 CPUs with
+    /// AVX2: elsewhere the integer tile runs in plain code (correct, not fast).
     Int8,
     /// The `gemm` crate's, through the engine's own nodes: stride-1 convolutions as banded
     /// products ([`crate::band_convolutions`]) and the other products on strided views

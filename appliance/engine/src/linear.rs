@@ -297,7 +297,7 @@ impl GemmProduct {
         };
         let packed = Packed::new(matrix, side).map_err(|e| format_err!("{e}"))?;
         self.packed = Some(PackedOperand {
-            weight: Weight::F32(crate::rewrite::PackedWeight(Arc::new(packed))),
+            weight: Weight::F32(crate::rewrite::Prepared::new(packed)),
             input,
             transposed,
         });
@@ -380,7 +380,7 @@ impl GemmProduct {
         let quantized = Quantized::from_int8(&values, &lane_scales, (rows, columns), side)
             .map_err(|e| format_err!("{e}"))?;
         self.packed = Some(PackedOperand {
-            weight: Weight::Int8(crate::rewrite::QuantizedWeight(Arc::new(quantized))),
+            weight: Weight::Int8(crate::rewrite::Prepared::new(quantized)),
             input,
             transposed,
         });
@@ -417,11 +417,14 @@ impl GemmProduct {
     }
 }
 
-/// A plain operand read as its transpose (a packed one is packed for the side it is on).
-fn flip(x: Operand<'_>) -> Operand<'_> {
-    match x {
-        Operand::View(m) => Operand::View(transpose(m)),
-        packed => packed,
+/// The same elements of an output written as the transpose.
+fn transpose_mut(m: MatrixMut<'_>) -> MatrixMut<'_> {
+    MatrixMut {
+        rows: m.columns,
+        columns: m.rows,
+        row_stride: m.column_stride,
+        column_stride: m.row_stride,
+        ..m
     }
 }
 
@@ -530,7 +533,7 @@ impl GemmProduct {
             let rhs = b
                 .map(|b| b.get(ob..).ok_or_else(short).map(|d| self.rhs(d)))
                 .transpose()?;
-            let mut out = MatrixMut {
+            let out = MatrixMut {
                 data: c
                     .get_mut(oc..)
                     .context("a gemm product's output is short")?,
@@ -541,49 +544,32 @@ impl GemmProduct {
             };
             let done = match (&self.packed, lhs, rhs) {
                 (None, Some(lhs), Some(rhs)) => matmul(lhs, rhs, out, false, threads),
-                (Some(p), lhs, rhs) if matches!(p.weight, Weight::Int8(_)) => {
-                    let Weight::Int8(weight) = &p.weight else {
-                        unreachable!("matched above")
-                    };
+                (Some(p), lhs, rhs) => {
+                    // The other input: `b` for a weight `a`, `a` for a weight `b`.
                     let x = match (p.input, lhs, rhs) {
                         (0, _, Some(rhs)) => rhs,
                         (1, Some(lhs), _) => lhs,
                         _ => bail!("a gemm product without its input"),
                     };
-                    if p.transposed {
-                        out = MatrixMut {
-                            rows: out.columns,
-                            columns: out.rows,
-                            row_stride: out.column_stride,
-                            column_stride: out.row_stride,
-                            ..out
-                        };
-                        matmul_quantized(transpose(x), &weight.0, out, false, threads)
-                    } else {
-                        matmul_quantized(x, &weight.0, out, false, threads)
-                    }
-                }
-                (Some(p), lhs, rhs) => {
-                    let Weight::F32(weight) = &p.weight else {
-                        unreachable!("the int8 weights are matched above")
+                    // Run transposed, `cᵀ = bᵀ aᵀ`: the weight was prepared for that side.
+                    let (x, out) = match p.transposed {
+                        true => (transpose(x), transpose_mut(out)),
+                        false => (x, out),
                     };
-                    let weight = Operand::Packed(&weight.0);
-                    let (left, right) = match (p.input, lhs, rhs) {
-                        (0, _, Some(rhs)) => (weight, Operand::View(rhs)),
-                        (1, Some(lhs), _) => (Operand::View(lhs), weight),
-                        _ => bail!("a gemm product without its input"),
-                    };
-                    if p.transposed {
-                        out = MatrixMut {
-                            rows: out.columns,
-                            columns: out.rows,
-                            row_stride: out.column_stride,
-                            column_stride: out.row_stride,
-                            ..out
-                        };
-                        matmul_packed(flip(right), flip(left), out, false, threads)
-                    } else {
-                        matmul_packed(left, right, out, false, threads)
+                    match &p.weight {
+                        Weight::Int8(weight) => matmul_quantized(x, &weight.0, out, false, threads),
+                        Weight::F32(weight) => {
+                            let weight = Operand::Packed(&weight.0);
+                            let weight_left = (p.input == 0) != p.transposed;
+                            match weight_left {
+                                true => {
+                                    matmul_packed(weight, Operand::View(x), out, false, threads)
+                                }
+                                false => {
+                                    matmul_packed(Operand::View(x), weight, out, false, threads)
+                                }
+                            }
+                        }
                     }
                 }
                 _ => bail!("a gemm product without its inputs"),

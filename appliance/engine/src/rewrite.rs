@@ -33,40 +33,39 @@ pub(crate) fn on_tract_threads<R: Send>(work: impl FnOnce(usize) -> R + Send) ->
     }
 }
 
-/// A constant weight packed once, at load, for the kernels' register tiles
-/// ([`diffusionx_kernels::Packed`]): the op holding it replaces tract's copy of the weight. Ops
-/// compare and hash it by identity (two ops are the same only if they share the packing).
-#[derive(Debug, Clone)]
-pub(crate) struct PackedWeight(pub(crate) Arc<diffusionx_kernels::Packed>);
+/// A constant weight prepared once, at load, for the kernels: packed for the register tiles
+/// ([`diffusionx_kernels::Packed`]) or an int8 weight quantized for integer products
+/// ([`diffusionx_kernels::Quantized`]). The op holding it replaces tract's copy of the weight.
+/// Ops compare and hash it by identity (two ops are the same only if they share the weight).
+#[derive(Debug)]
+pub(crate) struct Prepared<T>(pub(crate) Arc<T>);
 
-impl PartialEq for PackedWeight {
+/// A weight packed for the register tiles.
+pub(crate) type PackedWeight = Prepared<diffusionx_kernels::Packed>;
+/// An int8 weight quantized for integer products.
+pub(crate) type QuantizedWeight = Prepared<diffusionx_kernels::Quantized>;
+
+impl<T> Prepared<T> {
+    pub(crate) fn new(weight: T) -> Self {
+        Self(Arc::new(weight))
+    }
+}
+
+impl<T> Clone for Prepared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> PartialEq for Prepared<T> {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
-impl Eq for PackedWeight {}
+impl<T> Eq for Prepared<T> {}
 
-impl std::hash::Hash for PackedWeight {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        Arc::as_ptr(&self.0).hash(state);
-    }
-}
-
-/// A constant int8 weight quantized once, at load, for the kernels' integer products
-/// ([`diffusionx_kernels::Quantized`]); compared and hashed by identity as [`PackedWeight`].
-#[derive(Debug, Clone)]
-pub(crate) struct QuantizedWeight(pub(crate) Arc<diffusionx_kernels::Quantized>);
-
-impl PartialEq for QuantizedWeight {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for QuantizedWeight {}
-
-impl std::hash::Hash for QuantizedWeight {
+impl<T> std::hash::Hash for Prepared<T> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         Arc::as_ptr(&self.0).hash(state);
     }

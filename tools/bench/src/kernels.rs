@@ -55,6 +55,16 @@ fn values(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+fn output(data: &mut [f32], rows: usize, columns: usize) -> MatrixMut<'_> {
+    MatrixMut {
+        data,
+        rows,
+        columns,
+        row_stride: columns,
+        column_stride: 1,
+    }
+}
+
 fn view(data: &[f32], rows: usize, columns: usize) -> Matrix<'_> {
     Matrix {
         data,
@@ -88,13 +98,7 @@ pub(crate) fn run(threads: usize, repeat: usize, out: &Path) -> Result<()> {
         let mut c = vec![0f32; m * n];
         let (mut f32_s, mut int8_s) = (f64::MAX, f64::MAX);
         for _ in 0..repeat.max(3) {
-            let out = MatrixMut {
-                data: &mut c,
-                rows: m,
-                columns: n,
-                row_stride: n,
-                column_stride: 1,
-            };
+            let out = output(&mut c, m, n);
             let (l, r) = match side {
                 Side::Left => (Operand::Packed(&packed), Operand::View(x)),
                 Side::Right => (Operand::View(x), Operand::Packed(&packed)),
@@ -102,13 +106,7 @@ pub(crate) fn run(threads: usize, repeat: usize, out: &Path) -> Result<()> {
             let start = Instant::now();
             matmul_packed(l, r, out, false, threads)?;
             f32_s = f32_s.min(start.elapsed().as_secs_f64());
-            let out = MatrixMut {
-                data: &mut c,
-                rows: m,
-                columns: n,
-                row_stride: n,
-                column_stride: 1,
-            };
+            let out = output(&mut c, m, n);
             let start = Instant::now();
             matmul_quantized(x, &quantized, out, false, threads)?;
             int8_s = int8_s.min(start.elapsed().as_secs_f64());
