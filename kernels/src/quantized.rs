@@ -88,8 +88,8 @@ impl Quantized {
 
     /// Weights already quantized to 8 bits (an int8 model's: `values` row-major, `rows x
     /// columns` as the product reads them, one `scales` entry per output lane), requantized to
-    /// the 7 bits of [`WEIGHT_LEVELS`]: per lane `round(q * 64 / max |q|)`, scale
-    /// `scale * max |q| / 64`.
+    /// the 7 bits of [`WEIGHT_LEVELS`]: per lane `round(q * 64 / max |q|)` (halves away from
+    /// zero), scale `scale * max |q| / 64`.
     pub fn from_int8(
         values: &[i8],
         scales: &[f32],
@@ -120,15 +120,14 @@ impl Quantized {
             .zip(&largest)
             .map(|(s, &q)| s * q as f32 / 64.0)
             .collect();
-        Ok(Quantized::pack(
-            side,
-            (lanes, depth),
-            new_scales,
-            |l, t| match largest[l] {
+        Ok(Quantized::pack(side, (lanes, depth), new_scales, |l, t| {
+            // round(q * 64 / max), halves away from zero, in integers (exact).
+            let (max, q) = (largest[l], i32::from(value(l, t)) * WEIGHT_LEVELS);
+            match max {
                 0 => 0,
-                q => (f64::from(value(l, t)) * 64.0 / f64::from(q)).round_ties_even() as i8,
-            },
-        ))
+                _ => ((2 * q + q.signum() * max) / (2 * max)) as i8,
+            }
+        }))
     }
 
     fn pack(
@@ -1045,23 +1044,28 @@ mod tests {
     #[test]
     fn int8_weights_are_requantized_to_seven_bits() {
         // Row-major [2, 3] as a left operand: lanes are rows.
-        let q = [127i8, -64, 1, 0, 0, 0];
+        let q = [127i8, -64, 1, -128, 1, -3];
         let w = Quantized::from_int8(&q, &[0.5, 2.0], (2, 3), Side::Left).unwrap();
         assert_eq!(w.dims(), (2, 3));
         // Lane 0: max 127, scale 0.5 * 127 / 64; codes 64, -32, round(0.504) = 1.
         let s = 0.5 * 127.0 / 64.0;
         let got: Vec<f32> = (0..3).map(|t| w.value(0, t)).collect();
         assert_eq!(got, vec![64.0 * s, -32.0 * s, s]);
+        // Lane 1: max 128, scale 2 * 128 / 64 = 4; halves away from zero: 0.5 -> 1, -1.5 -> -2.
         assert_eq!(
             (0..3).map(|t| w.value(1, t)).collect::<Vec<_>>(),
-            vec![0.0; 3]
+            vec![-256.0, 4.0, -8.0]
         );
-        // As a right operand, lanes are columns: [2, 3] has three.
+        // As a right operand, lanes are columns: [2, 3] has three. Column 0 is [127, -128]:
+        // 63.5 -> 64 at scale 2; column 1 [-64, 1]: -64 at scale 1.
         let w = Quantized::from_int8(&q, &[1.0, 1.0, 1.0], (2, 3), Side::Right).unwrap();
         assert_eq!(
-            (w.dims(), w.value(0, 0), w.value(1, 0)),
-            ((2, 3), 64.0 * 127.0 / 64.0, -64.0)
+            (w.dims(), w.value(0, 0), w.value(0, 1), w.value(1, 0)),
+            ((2, 3), 128.0, -128.0, -64.0)
         );
+        // A lane of zeros stays zero.
+        let zeros = Quantized::from_int8(&[0, 0], &[1.0], (1, 2), Side::Left).unwrap();
+        assert_eq!((zeros.value(0, 0), zeros.value(0, 1)), (0.0, 0.0));
         assert!(Quantized::from_int8(&q, &[1.0], (2, 3), Side::Left).is_err());
         assert!(Quantized::from_int8(&q, &[1.0; 2], (2, 2), Side::Left).is_err());
     }
