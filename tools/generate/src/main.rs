@@ -100,7 +100,8 @@ struct Args {
     /// Threads for tract's matrix products (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Whose kernels run the f32 matrix products: `packed`, `gemm` or `tract` (default: the
+    /// Whose kernels run the matrix products: `packed`, `int8` (as packed, and an int8 model's
+    /// weights multiplied in 8-bit integer arithmetic), `gemm` or `tract` (default: the
     /// engine's for this CPU).
     #[arg(long, value_parser = |s: &str| s.parse::<diffusionx_engine::Products>())]
     products: Option<diffusionx_engine::Products>,
