@@ -271,6 +271,32 @@ fn quantize_lanes(values: &[f32], (inverses, zeros): (&[f32], &[i32]), out: &mut
     }
 }
 
+/// `dst[4 j + s] = rows[s][j]`: four steps of sixteen lanes as each lane's four codes in a row.
+fn interleave16(rows: [&[u8; NR]; GROUP], dst: &mut [u8; NR * GROUP]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of x86-64; the loads read 16 bytes of each row and the stores
+        // write the 64 bytes of `dst`.
+        unsafe {
+            let [r0, r1, r2, r3] = rows.map(|r| _mm_loadu_si128(r.as_ptr().cast()));
+            let (a_lo, a_hi) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (b_lo, b_hi) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let out = dst.as_mut_ptr().cast::<__m128i>();
+            _mm_storeu_si128(out, _mm_unpacklo_epi16(a_lo, b_lo));
+            _mm_storeu_si128(out.add(1), _mm_unpackhi_epi16(a_lo, b_lo));
+            _mm_storeu_si128(out.add(2), _mm_unpacklo_epi16(a_hi, b_hi));
+            _mm_storeu_si128(out.add(3), _mm_unpackhi_epi16(a_hi, b_hi));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    for (j, four) in dst.chunks_exact_mut(GROUP).enumerate() {
+        for (s, code) in four.iter_mut().enumerate() {
+            *code = rows[s][j];
+        }
+    }
+}
+
 /// The quantization's coefficients: one pair for all values, or one per value.
 #[derive(Clone, Copy)]
 enum Coefficients<'a> {
@@ -407,13 +433,19 @@ fn pack_lanes(x: &Matrix<'_>, side: Side, first: usize, count: usize, out: Lanes
                     line.fill(0);
                 }
             }
-            for w in 0..count {
-                let four = [
-                    lines[w],
-                    lines[count + w],
-                    lines[2 * count + w],
-                    lines[3 * count + w],
-                ];
+            let rows = [0, 1, 2, 3].map(|s| &lines[s * count..(s + 1) * count]);
+            let mut w = 0;
+            // Whole panels of 16 lanes: their four steps are 64 bytes in a row.
+            while width == NR && w + NR <= count {
+                let lanes = rows.map(|r| <&[u8; NR]>::try_from(&r[w..w + NR]).expect("16 lanes"));
+                let at = slot(w, g);
+                let dst = <&mut [u8; NR * GROUP]>::try_from(&mut out.data[at..at + NR * GROUP])
+                    .expect("64 bytes");
+                interleave16(lanes, dst);
+                w += NR;
+            }
+            for w in w..count {
+                let four = rows.map(|r| r[w]);
                 out.data[slot(w, g)..][..GROUP].copy_from_slice(&four);
             }
         }
