@@ -664,6 +664,98 @@ mod tests {
         usize,
     );
 
+    /// A product of `x` (`x_shape`, an input) and an int8 weight (`w_shape`, one scale per
+    /// channel of `axis`; first with `first`), behind a [`crate::DequantizeWeights`], or (without
+    /// `int8`) its dequantized f32 values as a constant; and the input.
+    fn int8_model(
+        (expr, x_shape, w_shape): (&str, &[usize], &[usize]),
+        (first, axis): (bool, usize),
+        int8: bool,
+    ) -> TractResult<(TypedModel, TVec<Tensor>)> {
+        let len: usize = w_shape.iter().product();
+        let q: Vec<i8> = (0..len)
+            .map(|i| ((i * 7919 % 255) as i32 - 127) as i8)
+            .collect();
+        let scales: Vec<f32> = (0..w_shape[axis])
+            .map(|c| 0.01 + 0.002 * (c % 7) as f32)
+            .collect();
+        let inner: usize = w_shape[axis + 1..].iter().product();
+        let mut model = TypedModel::default();
+        let w = if int8 {
+            let q = model.add_const("w.q", Tensor::from_shape(w_shape, &q)?)?;
+            let s = model.add_const("w.s", tensor1(&scales))?;
+            model.wire_node("w", crate::DequantizeWeights { axis }, &[q, s])?[0]
+        } else {
+            let values: Vec<f32> = q
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| f32::from(v) * scales[i / inner % scales.len()])
+                .collect();
+            model.add_const("w", Tensor::from_shape(w_shape, &values)?)?
+        };
+        let input = Tensor::from_shape(x_shape, &values(x_shape.iter().product(), 3))?;
+        let x = model.add_source("x", f32::fact(x_shape))?;
+        let operands = if first { [w, x] } else { [x, w] };
+        let y = model.wire_node(
+            "product",
+            EinSum::new(expr.parse()?, f32::datum_type()),
+            &operands,
+        )?;
+        model.select_output_outlets(&y)?;
+        Ok((model, tvec![input]))
+    }
+
+    #[test]
+    fn int8_weights_multiply_in_integers_on_either_side_and_transposed() -> TractResult<()> {
+        // A linear layer's weight as stored by onnx ([in, out]) and by torch ([out, in]), a 1x1
+        // convolution's (the output's rows contiguous: run transposed), and weights first.
+        // (expression, input shape, weight shape, weight first, its channel axis, transposed)
+        type Case = (
+            &'static str,
+            &'static [usize],
+            &'static [usize],
+            bool,
+            usize,
+            bool,
+        );
+        let cases: [Case; 5] = [
+            ("bsk,kn->bsn", &[2, 13, 24], &[24, 9], false, 1, false),
+            ("bsk,nk->bsn", &[1, 13, 24], &[9, 24], false, 0, false),
+            ("bchw,oc->bohw", &[2, 12, 5, 7], &[10, 12], false, 0, true),
+            ("ok,bkp->bop", &[2, 12, 20], &[7, 12], true, 0, false),
+            ("kn,bsk->bsn", &[2, 13, 12], &[12, 9], true, 1, true),
+        ];
+        for (expr, x, w, first, axis, transposed) in cases {
+            let (f32_model, inputs) = int8_model((expr, x, w), (first, axis), false)?;
+            let (_, expected) = run(f32_model, &inputs)?;
+            let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (mut int8, _) = int8_model((expr, x, w), (first, axis), true)?;
+            // Without the int8 switch the product stays tract's.
+            assert_eq!(gemm_products(&mut int8.clone(), true, false)?, 0, "{expr}");
+            assert_eq!(gemm_products(&mut int8, true, true)?, 1, "{expr}");
+            let op = int8
+                .nodes()
+                .iter()
+                .find_map(|n| n.op_as::<GemmProduct>())
+                .expect("a gemm product")
+                .clone();
+            let packed = op.packed.as_ref().expect("a quantized weight");
+            assert!(op.integer(), "{expr}: {op:?}");
+            assert_eq!(
+                (packed.input, packed.transposed),
+                (usize::from(!first), transposed),
+                "{expr}"
+            );
+            let (_, got) = run(int8, &inputs)?;
+            let worst = crate::test_support::largest_difference(&got, &expected);
+            assert!(
+                worst < 0.03 * scale && worst > 1e-4 * scale,
+                "{expr}: {worst} of {scale}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn gemm_products_compute_what_tracts_einsums_do() -> TractResult<()> {
         let cases: [Case; 7] = [
