@@ -217,7 +217,7 @@ fn lanes_of(x: &Matrix<'_>, side: Side) -> (usize, usize, usize, usize) {
 /// lane's range widened to hold 0 (so that 0 is exact) and `scale = (max - min) / 255`
 /// (1 for a lane of zeros). Values that are not finite make the scale NaN or infinite, which
 /// carries into the lane's outputs.
-pub fn activation_scale(min: f32, max: f32) -> (f32, i32) {
+pub(crate) fn activation_scale(min: f32, max: f32) -> (f32, i32) {
     let (min, max) = (min.min(0.0), max.max(0.0));
     let scale = (max - min) / 255.0;
     if scale == 0.0 {
@@ -389,22 +389,12 @@ fn pack_lanes(x: &Matrix<'_>, side: Side, first: usize, count: usize, out: Lanes
     let panel_len = depth.div_ceil(GROUP) * width * GROUP;
     // Where lane w's four steps of group g go in `out.data`.
     let slot = |w: usize, g: usize| w / width * panel_len + g * width * GROUP + w % width * GROUP;
-    let finish = |_: usize, (min, max, finite): (f32, f32, bool)| {
+    let finish = |(min, max, finite): (f32, f32, bool)| {
         let (scale, zero) = activation_scale(min, max);
         // A lane with a value that is not finite gives NaN outputs, not a silent zero.
         (if finite { scale } else { f32::NAN }, zero)
     };
-    if step_stride == 1 && count > 0 {
-        // Each lane's steps contiguous (a row-major left operand): lane by lane.
-        let mut line = vec![0u8; depth];
-        for w in 0..count {
-            let lane = &x.data[(first + w) * lane_stride..][..depth];
-            let (scale, zero) = finish(w, range(lane));
-            (out.scales[w], out.zeros[w]) = (scale, zero);
-            quantize_line(lane, (1.0 / scale, zero), &mut line);
-            scatter(&line, |g| slot(w, g), out.data);
-        }
-    } else if lane_stride == 1 && count > 0 {
+    if step_stride != 1 && lane_stride == 1 && count > 0 {
         // Each step's lanes contiguous (a row-major right operand): step by step, four at a
         // time, each lane's four codes written together.
         let step = |t: usize| &x.data[t * step_stride + first..][..count];
@@ -419,7 +409,7 @@ fn pack_lanes(x: &Matrix<'_>, side: Side, first: usize, count: usize, out: Lanes
         }
         let mut inverses = vec![0f32; count];
         for w in 0..count {
-            let (scale, zero) = finish(w, (lo[w], hi[w], bad[w] == 0.0));
+            let (scale, zero) = finish((lo[w], hi[w], bad[w] == 0.0));
             (out.scales[w], out.zeros[w], inverses[w]) = (scale, zero, 1.0 / scale);
         }
         let zeros = &out.zeros[..count];
@@ -450,15 +440,23 @@ fn pack_lanes(x: &Matrix<'_>, side: Side, first: usize, count: usize, out: Lanes
             }
         }
     } else {
+        // Lane by lane: each lane's steps where they lie when contiguous (a row-major left
+        // operand), else gathered first.
         let mut line = vec![0u8; depth];
-        let mut lane = vec![0f32; depth];
+        let mut gathered = vec![0f32; if step_stride == 1 { 0 } else { depth }];
         for w in 0..count {
-            for (t, v) in lane.iter_mut().enumerate() {
-                *v = x.data[(first + w) * lane_stride + t * step_stride];
-            }
-            let (scale, zero) = finish(w, range(&lane));
+            let start = (first + w) * lane_stride;
+            let lane = if step_stride == 1 {
+                &x.data[start..][..depth]
+            } else {
+                for (t, v) in gathered.iter_mut().enumerate() {
+                    *v = x.data[start + t * step_stride];
+                }
+                &gathered[..]
+            };
+            let (scale, zero) = finish(range(lane));
             (out.scales[w], out.zeros[w]) = (scale, zero);
-            quantize_line(&lane, (1.0 / scale, zero), &mut line);
+            quantize_line(lane, (1.0 / scale, zero), &mut line);
             scatter(&line, |g| slot(w, g), out.data);
         }
     }

@@ -215,7 +215,7 @@ impl BandedConv {
         // An int8 weight: its values and each one's channel (the output channel: one scale per
         // row of the product).
         let int8_weight = match (&weight, int8) {
-            (None, true) => crate::weights::int8_values(model, node.inputs[1])?,
+            (None, true) => crate::weights::int8_values(model, node.inputs[1], false)?,
             _ => None,
         };
         if let Some((q, channel, scales)) = int8_weight {
@@ -224,17 +224,12 @@ impl BandedConv {
             let channel = channel.try_as_plain_ram()?;
             let channel = channel.as_slice::<u16>()?;
             let depth = channels * kh * kw;
-            let mut row_scales = Vec::with_capacity(out_channels);
-            for row in channel.chunks_exact(depth) {
-                if row.iter().any(|&c| c != row[0]) {
-                    return Ok(None);
-                }
-                row_scales.push(
-                    *scales
-                        .get(usize::from(row[0]))
-                        .context("an int8 weight's channel without a scale")?,
-                );
-            }
+            let at = |row: usize, t: usize| row * depth + t;
+            let lanes = (out_channels, depth);
+            let Some(row_scales) = crate::weights::scale_per_lane(channel, &scales, lanes, at)?
+            else {
+                return Ok(None);
+            };
             let (shape, quantized) = match upsampled {
                 Some(up) => {
                     // The phases sum the dequantized weights; they are quantized again.

@@ -62,7 +62,8 @@ pub fn gemm_products(model: &mut TypedModel, pack: bool, int8: bool) -> TractRes
         };
         let mut inputs = node.inputs.clone();
         if let Some(input) = int8_input {
-            let Some((q, channel, scales)) = crate::weights::int8_values(model, inputs[input])?
+            let Some((q, channel, scales)) =
+                crate::weights::int8_values(model, inputs[input], false)?
             else {
                 continue;
             };
@@ -266,26 +267,37 @@ impl GemmProduct {
         })
     }
 
+    /// Whether every index of the loops reads input `input` whole (a weight to prepare once).
+    fn fixed(&self, input: usize) -> bool {
+        self.loops
+            .iter()
+            .all(|l| if input == 0 { l.a == 0 } else { l.b == 0 })
+    }
+
+    /// How a prepared weight's product runs: as it is where the output's columns are
+    /// contiguous (`false`), transposed where its rows are (`true`); `None` where neither is.
+    fn transposed(&self) -> Option<bool> {
+        match (self.columns.second, self.rows.second) {
+            (1, _) => Some(false),
+            (_, 1) => Some(true),
+            _ => None,
+        }
+    }
+
     /// Packs a constant input (`weights[i]`, `None` where the input is computed) that every
     /// index of the loops reads whole, and returns the input the op still takes; `None` when
     /// there is none to pack or the output's columns and rows are both strided.
     fn pack(&mut self, weights: &[Option<Arc<Tensor>>; 2]) -> TractResult<Option<usize>> {
-        let fixed = |input: usize| {
-            self.loops
-                .iter()
-                .all(|l| if input == 0 { l.a == 0 } else { l.b == 0 })
-        };
-        let Some((input, weight)) = (0..2)
-            .rev()
-            .find_map(|i| weights[i].as_ref().filter(|_| fixed(i)).map(|w| (i, w)))
-        else {
+        let Some((input, weight)) = (0..2).rev().find_map(|i| {
+            weights[i]
+                .as_ref()
+                .filter(|_| self.fixed(i))
+                .map(|w| (i, w))
+        }) else {
             return Ok(None);
         };
-        // The output's columns contiguous: as it is; its rows contiguous: transposed.
-        let transposed = match (self.columns.second, self.rows.second) {
-            (1, _) => false,
-            (_, 1) => true,
-            _ => return Ok(None),
+        let Some(transposed) = self.transposed() else {
+            return Ok(None);
         };
         let data = weight.try_as_plain_ram()?;
         let data = data.as_slice::<f32>()?;
@@ -315,18 +327,9 @@ impl GemmProduct {
         channel: &Tensor,
         scales: &[f32],
     ) -> TractResult<Option<usize>> {
-        let fixed = self
-            .loops
-            .iter()
-            .all(|l| if input == 0 { l.a == 0 } else { l.b == 0 });
-        let transposed = match (self.columns.second, self.rows.second) {
-            (1, _) => false,
-            (_, 1) => true,
-            _ => return Ok(None),
-        };
-        if !fixed {
+        let (true, Some(transposed)) = (self.fixed(input), self.transposed()) else {
             return Ok(None);
-        }
+        };
         let q = q.try_as_plain_ram()?;
         let q = q.as_slice::<i8>()?;
         let channel = channel.try_as_plain_ram()?;
@@ -365,18 +368,11 @@ impl GemmProduct {
             Side::Left => at(lane, t),
             Side::Right => at(t, lane),
         };
-        let mut lane_scales = Vec::with_capacity(lanes);
-        for lane in 0..lanes {
-            let first = channel[lane_at(lane, 0)];
-            if (1..depth).any(|t| channel[lane_at(lane, t)] != first) {
-                return Ok(None);
-            }
-            lane_scales.push(
-                *scales
-                    .get(usize::from(first))
-                    .context("an int8 weight's channel without a scale")?,
-            );
-        }
+        let Some(lane_scales) =
+            crate::weights::scale_per_lane(channel, scales, (lanes, depth), lane_at)?
+        else {
+            return Ok(None);
+        };
         let quantized = Quantized::from_int8(&values, &lane_scales, (rows, columns), side)
             .map_err(|e| format_err!("{e}"))?;
         self.packed = Some(PackedOperand {
@@ -710,7 +706,7 @@ mod tests {
         // A linear layer's weight as stored by onnx ([in, out]) and by torch ([out, in]), a 1x1
         // convolution's (the output's rows contiguous: run transposed), and weights first.
         // (expression, input shape, weight shape, weight first, its channel axis, transposed)
-        type Case = (
+        type Int8Case = (
             &'static str,
             &'static [usize],
             &'static [usize],
@@ -718,7 +714,7 @@ mod tests {
             usize,
             bool,
         );
-        let cases: [Case; 5] = [
+        let cases: [Int8Case; 5] = [
             ("bsk,kn->bsn", &[2, 13, 24], &[24, 9], false, 1, false),
             ("bsk,nk->bsn", &[1, 13, 24], &[9, 24], false, 0, false),
             ("bchw,oc->bohw", &[2, 12, 5, 7], &[10, 12], false, 0, true),

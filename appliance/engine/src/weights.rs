@@ -298,12 +298,39 @@ fn spawn_parts<'s, T: Send, W: Fn(usize, &mut [T]) + Sync>(
     }
 }
 
+/// Each output lane's scale, where all of a lane's values share one channel (`channel[at(lane,
+/// t)]` for steps `t < depth`): `scales[that channel]`; `None` where a lane mixes channels.
+pub(crate) fn scale_per_lane(
+    channel: &[u16],
+    scales: &[f32],
+    (lanes, depth): (usize, usize),
+    at: impl Fn(usize, usize) -> usize,
+) -> TractResult<Option<Vec<f32>>> {
+    let mut out = Vec::with_capacity(lanes);
+    for lane in 0..lanes {
+        let first = channel[at(lane, 0)];
+        if (1..depth).any(|t| channel[at(lane, t)] != first) {
+            return Ok(None);
+        }
+        out.push(
+            *scales
+                .get(usize::from(first))
+                .context("an int8 weight's channel without a scale")?,
+        );
+    }
+    Ok(Some(out))
+}
+
 /// The int8 values `outlet` reads when it is a [`DequantizeWeights`] of constants, directly or
 /// through slices and reshapes: the values shaped as `outlet`, each one's channel (u16, the
 /// same shape), and the scales per channel. `None` for any other outlet.
+///
+/// With `only_reader`, each slice or reshape on the way must have no other reader (a fusion that
+/// takes the values' place removes them).
 pub(crate) fn int8_values(
     model: &TypedModel,
     mut outlet: OutletId,
+    only_reader: bool,
 ) -> TractResult<Option<(Tensor, Tensor, Vec<f32>)>> {
     let mut chain: Vec<Box<dyn TypedOp>> = Vec::new();
     loop {
@@ -328,8 +355,9 @@ pub(crate) fn int8_values(
             || node
                 .op_as::<IntoShape>()
                 .is_some_and(|op| op.strides == row_major(&op.dims));
-        match (&*node.inputs, reshape || node.op_is::<Slice>()) {
-            ([input], true) if chain.len() < 8 => {
+        let alone = !only_reader || node.outputs[outlet.slot].successors.len() == 1;
+        match (&*node.inputs, alone && (reshape || node.op_is::<Slice>())) {
+            ([input], true) if chain.len() < 16 => {
                 chain.push(node.op.clone());
                 outlet = *input;
             }
@@ -348,49 +376,20 @@ pub fn pack_dequantized_weights(model: &mut TypedModel) -> TractResult<usize> {
         if !node.op_is::<OptMatMulPack>() {
             continue;
         }
-        // Walk up through slices and reshapes to the dequantization.
-        let mut chain: Vec<Box<dyn TypedOp>> = Vec::new();
-        let mut source = node.inputs[0];
-        loop {
-            let up = model.node(source.node);
-            let reshape = up.op_as::<AxisOp>().is_some_and(|op| {
-                matches!(op, AxisOp::Add(_) | AxisOp::Rm(_) | AxisOp::Reshape(..))
-            }) || up
-                .op_as::<IntoShape>()
-                .is_some_and(|op| op.strides == row_major(&op.dims));
-            if up.outputs[source.slot].successors.len() == 1 && (reshape || up.op_is::<Slice>()) {
-                chain.push(up.op.clone());
-                source = up.inputs[0];
-            } else {
-                break;
-            }
-        }
-        let up = model.node(source.node);
-        if !up.op_is::<DequantizeWeights>() {
-            continue;
-        }
-        let dequantize = up.op_as::<DequantizeWeights>().expect("checked above");
-        let [q, scales] = [0, 1].map(|i| model.outlet_fact(up.inputs[i]).ok()?.konst.clone());
-        let (Some(q), Some(scales)) = (q, scales) else {
+        // The int8 values this packing reads through slices and reshapes of the weight, and
+        // each one's channel.
+        let Some((q, channel, scales)) = int8_values(model, node.inputs[0], true)? else {
             continue;
         };
-        // The int8 values this packing reads, and each one's channel, through the same ops.
-        let channel = channel_of_each(&q, dequantize.axis)?;
-        let (mut q, mut channel) = (q.into_tensor(), channel);
-        for op in chain.iter().rev() {
-            q = eval_one(&**op, q)?;
-            channel = eval_one(&**op, channel)?;
-        }
         let input_fact = model.outlet_fact(node.inputs[0])?;
         let output_fact = model.outlet_fact(id.into())?;
         let mapping = node.op.axes_mapping(&[input_fact], &[output_fact])?;
         let k_axis = mapping.axis('K')?.inputs[0][0];
         let mn_axis = mapping.axis('M')?.inputs[0][0];
-        let scales = scales.try_as_plain_ram()?;
         let Some((fused_op, q_panels, scale_records)) = DequantizePack::new(
             &q,
             &channel,
-            scales.as_slice::<f32>()?,
+            &scales,
             input_fact,
             output_fact,
             k_axis,
@@ -527,12 +526,12 @@ impl DequantizePack {
         // dequantizes by one pass over both in order.
         let mut q_panels = vec![0i8; panels * panel_len];
         let mut scale_records = vec![0f32; panels * r];
+        let at = |row: usize, kk: usize| row * mn_stride + kk * k_stride;
+        let Some(row_scales) = scale_per_lane(channel, scales, (mn, k), at)? else {
+            return Ok(None);
+        };
+        scale_records[..mn].copy_from_slice(&row_scales);
         for row in 0..mn {
-            let first = channel[row * mn_stride];
-            if (1..k).any(|kk| channel[row * mn_stride + kk * k_stride] != first) {
-                return Ok(None);
-            }
-            scale_records[row] = scales[usize::from(first)];
             let (panel, lane) = (row / r, row % r);
             let out = &mut q_panels[panel * panel_len..(panel + 1) * panel_len];
             for kk in 0..k {
